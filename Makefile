@@ -1,0 +1,30 @@
+# Quick start: `make demo` (set up, then profile the embedded default data) and
+# `make test` (set up, then run the test suite). Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.paramsal-installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch/torchvision are pinned to the releases these machines serve from local files.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet --no-deps animal-mnist==0.4
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/paramsal demo
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q -m bench --benchmark-enable tests/benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .benchmarks

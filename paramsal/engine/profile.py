@@ -1,0 +1,167 @@
+"""The entry point: a batch of samples in, a batch of raw saliency profiles out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from paramsal.engine.backends import BACKENDS, BatchResult, LossFn, hooks_supported
+from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
+from paramsal.errors import InputError, NonFiniteError
+from paramsal.kernels.reduce import Aggregation, check_aggregation
+
+BACKEND_NAMES = ("auto", "hooks", "vmap", "loop")
+
+
+def cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The default loss: cross-entropy of each sample, ``[N, C], [N] -> [N]``."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+class Profiler:
+    """Computes raw parameter-saliency profiles, configured once and called per batch.
+
+    Row n of the result is ``s_k = agg_{i in unit k} dL_n/dθ_i`` where ``L_n``
+    is the loss of sample n alone: the numbers of the paper's one-sample
+    reference code, whatever the backend. The model is switched to eval mode
+    for each call (BatchNorm on running statistics, dropout off, so samples are
+    independent) and restored afterwards; ``.grad`` of the parameters is never
+    touched and no hook outlives a call, even when the forward pass raises.
+
+    Args:
+        model: the network; its parameters' dtype is the profiles' dtype.
+        units: see :func:`paramsal.units_of`, or a prebuilt :class:`UnitIndex`.
+        backend: "auto" (hooks when every unit's module has a reducer, else
+            vmap), "hooks", "vmap" or "loop" (the slow oracle).
+        aggregation: "mean_abs" (the paper) or "abs_mean" (the authors'
+            released statistics).
+        loss: ``loss(outputs, targets) -> [N]`` per-sample losses; default
+            cross-entropy (targets are class indices, checked against the
+            number of outputs).
+        chunk_size: samples per chunk of per-sample work (bounds memory);
+            None chooses automatically.
+    """
+
+    def __init__(self, model: nn.Module, *, units: UnitsSpec | UnitIndex = "filters", backend: str = "auto",
+                 aggregation: Aggregation = "mean_abs", loss: LossFn | None = None,
+                 chunk_size: int | None = None):
+        check_aggregation(aggregation)
+        if backend not in BACKEND_NAMES:
+            raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}")
+        if chunk_size is not None and chunk_size < 1:
+            raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.model = model
+        self.index = units if isinstance(units, UnitIndex) else units_of(model, units)
+        if backend == "auto":
+            backend = "hooks" if hooks_supported(model, self.index) else "vmap"
+        self.backend = backend
+        self.aggregation = aggregation
+        self.loss = loss
+        self.chunk_size = chunk_size
+        self._run = BACKENDS[backend]
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> BatchResult:
+        """Profiles one batch.
+
+        Args:
+            inputs: ``[N, ...]`` a batch the model accepts; moved to the model's device.
+            targets: ``[N, ...]``; class indices ``[N]`` for the default loss.
+
+        Returns:
+            A :class:`BatchResult` with profiles ``[N, F]``, outputs and losses.
+        """
+        device = next(iter(self.model.parameters())).device
+        inputs, targets = self._checked(inputs, targets, device)
+        with eval_mode(self.model):
+            if self.loss is None:
+                self._check_labels(inputs, targets)
+            try:
+                result = self._run(self.model, inputs, targets, self.index, self.loss or cross_entropy_per_sample,
+                                   self.aggregation, self.chunk_size)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:
+                raise InputError(f"the {self.backend} backend failed on inputs of shape {tuple(inputs.shape)} "
+                                 f"({type(self.model).__name__}): {exc}") from exc
+        self._check_finite(result)
+        return result
+
+    def _checked(self, inputs: torch.Tensor, targets: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            raise InputError(f"inputs and targets must be tensors, got {type(inputs).__name__} "
+                             f"and {type(targets).__name__}")
+        if inputs.dim() == 0 or len(inputs) == 0:
+            raise InputError(f"inputs must be a non-empty batch [N, ...], got shape {tuple(inputs.shape)}")
+        if targets.dim() == 0 or len(targets) != len(inputs):
+            raise InputError(f"targets {tuple(targets.shape)} do not match inputs {tuple(inputs.shape)}: "
+                             "one target per sample expected")
+        if self.loss is None and (targets.dim() != 1 or targets.is_floating_point()):
+            raise InputError(f"cross-entropy needs integer class indices of shape [N], got {targets.dtype} "
+                             f"{tuple(targets.shape)}; pass loss= for other targets")
+        return inputs.to(device), targets.to(device)
+
+    def _check_labels(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        with torch.no_grad():
+            classes = self.model(inputs[:1]).shape[-1]
+        bad = ((targets < 0) | (targets >= classes)).nonzero().flatten()
+        if len(bad):
+            first = int(bad[0])
+            raise InputError(f"label {int(targets[first])} at position {first} is outside the model's "
+                             f"{classes} classes (0..{classes - 1}); {len(bad)} label(s) out of range")
+
+    def _check_finite(self, result: BatchResult) -> None:
+        bad_loss = (~torch.isfinite(result.losses)).nonzero().flatten()
+        if len(bad_loss):
+            raise NonFiniteError(f"non-finite loss for sample(s) at positions {bad_loss[:10].tolist()} "
+                                 f"(values {result.losses[bad_loss[:3]].tolist()})")
+        bad = (~torch.isfinite(result.profiles)).nonzero()
+        if len(bad):
+            sample, unit = (int(v) for v in bad[0])
+            group = next(g for g in self.index if g.offset <= unit < g.stop)
+            raise NonFiniteError(f"non-finite gradient for sample at position {sample} in parameter "
+                                 f"{group.param_name!r} (unit {unit}); {len(bad)} entries affected")
+
+
+def profile_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, backend: str = "auto",
+                  units: UnitsSpec | UnitIndex = "filters", aggregation: Aggregation = "mean_abs",
+                  loss: LossFn | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """Raw parameter-saliency profiles of a batch, one row per sample.
+
+    Row n is ``s_k = mean_{i in unit k} |dL_n/dθ_i|`` (``aggregation="mean_abs"``),
+    the gradient of sample n's *own* loss, exactly as the paper's
+    one-sample-at-a-time reference code, computed in eval mode.
+
+    Args:
+        model: the network (left in the mode it was in; ``.grad`` untouched).
+        inputs: ``[N, ...]``, e.g. images ``[N, C, H, W]``.
+        targets: ``[N]`` class indices for the default cross-entropy loss.
+        backend: "auto", "hooks", "vmap" or "loop"; all give the same numbers.
+        units: "filters" (default), "conv", "conv+linear", "linear-columns",
+            a callable, or a :class:`UnitIndex`.
+        aggregation: "mean_abs" or "abs_mean".
+        loss: per-sample loss ``loss(outputs, targets) -> [N]``.
+        chunk_size: samples per chunk of per-sample work.
+
+    Returns:
+        ``[N, F]`` in the dtype of the model's parameters.
+    """
+    profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, loss=loss,
+                        chunk_size=chunk_size)
+    return profiler(inputs, targets).profiles
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration; every submodule's own flag is restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training

@@ -1,0 +1,212 @@
+"""Units: the partition of parameter elements that a saliency profile is reported on.
+
+The paper calls units "filters": by default every parameter with 4 dims
+contributes one unit per index of its first dim (a conv weight's output
+channel), in ``model.named_parameters()`` order. That default is what the
+authors' reference code computes and what their released statistics index, so
+it never changes silently; every other partition is an explicit option.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from paramsal.errors import InputError
+
+Partition = Literal["rows", "columns", "custom"]
+
+#: A user partition: ``fn(param_name, param) -> LongTensor | None``. The tensor
+#: has the parameter's shape and gives each element its unit, numbered from 0
+#: within that parameter; -1 leaves an element out. ``None`` skips the parameter.
+UnitAssigner = Callable[[str, torch.Tensor], Union[torch.Tensor, None]]
+
+UnitsSpec = Union[str, UnitAssigner]
+
+SCHEMES = ("filters", "conv", "conv+linear", "linear-columns")
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True, eq=False)
+class UnitGroup:
+    """The units carved out of one parameter.
+
+    Attributes:
+        param_name: name in ``model.named_parameters()``.
+        module_name: path of the module owning the parameter ("" for the root).
+        attr: attribute of the parameter on its module ("weight", "bias", ...).
+        layer: position of this group among the index's groups.
+        shape: the parameter's shape.
+        partition: "rows" (one unit per index of dim 0), "columns" (one unit
+            per index of dim 1 of a 2-D weight) or "custom" (``assignment``).
+        num_units: number of units of this parameter.
+        offset: position of the first unit in the concatenated profile.
+        assignment: for "custom", the unit of each element, -1 for none.
+        sizes: number of elements of each unit, ``[num_units]``.
+    """
+
+    param_name: str
+    module_name: str
+    attr: str
+    layer: int
+    shape: tuple[int, ...]
+    partition: Partition
+    num_units: int
+    offset: int
+    sizes: torch.Tensor
+    assignment: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.num_units
+
+
+@dataclass(frozen=True, eq=False)
+class UnitIndex:
+    """An ordered partition of (some of) a model's parameters into units.
+
+    ``len(index)`` is the profile length F; ``index.groups`` lists the
+    parameters in profile order. ``index.table`` is one row per unit.
+    """
+
+    scheme: str
+    groups: tuple[UnitGroup, ...]
+
+    def __len__(self) -> int:
+        return self.groups[-1].stop if self.groups else 0
+
+    def __iter__(self) -> Iterator[UnitGroup]:
+        return iter(self.groups)
+
+    @property
+    def param_names(self) -> list[str]:
+        return [g.param_name for g in self.groups]
+
+    @property
+    def table(self) -> pa.Table:
+        """One row per unit: unit_id, param, module, layer, channel, size."""
+        columns: dict[str, list] = {k: [] for k in ("unit_id", "param", "module", "layer", "channel", "size")}
+        for g in self.groups:
+            columns["unit_id"].extend(range(g.offset, g.stop))
+            columns["param"].extend([g.param_name] * g.num_units)
+            columns["module"].extend([g.module_name] * g.num_units)
+            columns["layer"].extend([g.layer] * g.num_units)
+            columns["channel"].extend(range(g.num_units))
+            columns["size"].extend(g.sizes.tolist())
+        types = {"unit_id": pa.int64(), "param": pa.string(), "module": pa.string(),
+                 "layer": pa.int32(), "channel": pa.int64(), "size": pa.int64()}
+        return pa.table({k: pa.array(v, type=types[k]) for k, v in columns.items()})
+
+    def fingerprint(self) -> str:
+        """A short hash of the partition, to tell runs made with other units apart."""
+        desc = [(g.param_name, g.shape, g.partition, g.num_units, _digest(g.assignment)) for g in self.groups]
+        return hashlib.sha256(json.dumps([self.scheme, desc]).encode()).hexdigest()[:16]
+
+
+def units_of(model: nn.Module, units: UnitsSpec = "filters") -> UnitIndex:
+    """Partitions a model's parameters into saliency units.
+
+    Args:
+        model: the network; only ``named_parameters()`` and module types are read.
+        units: "filters" (default: every 4-dim parameter, one unit per output
+            channel, exactly the paper's reference code), "conv" (Conv1d/2d/3d
+            weights, per output channel), "conv+linear" (plus Linear weight
+            rows), "linear-columns" (Linear weight columns, the paper's
+            column-wise variant for transformers), or a callable
+            ``fn(param_name, param) -> LongTensor | None`` giving each element's
+            unit (the general scatter path).
+
+    Returns:
+        The unit index; ``len()`` is the profile length.
+    """
+    select = _scheme(units)
+    groups: list[UnitGroup] = []
+    offset = 0
+    for name, param in model.named_parameters():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        chosen = select(name, param, module)
+        if chosen is None:
+            continue
+        partition, assignment = chosen
+        group = _make_group(name, module_name, attr, len(groups), tuple(param.shape), partition, assignment, offset)
+        groups.append(group)
+        offset = group.stop
+    if not groups:
+        raise InputError(f"units={units!r} selects no parameter of {type(model).__name__}; "
+                         f"choose another scheme ({', '.join(SCHEMES)}) or pass a callable")
+    return UnitIndex(scheme=units if isinstance(units, str) else getattr(units, "__name__", "custom"),
+                     groups=tuple(groups))
+
+
+_Choice = Union[tuple[Partition, Union[torch.Tensor, None]], None]
+
+
+def _scheme(units: UnitsSpec) -> Callable[[str, torch.Tensor, nn.Module], _Choice]:
+    if callable(units):
+        def custom(name: str, param: torch.Tensor, module: nn.Module) -> _Choice:
+            assignment = units(name, param)
+            return None if assignment is None else ("custom", assignment)
+        return custom
+    if units == "filters":
+        return lambda name, p, m: ("rows", None) if p.dim() == 4 else None
+    if units == "conv":
+        return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, _CONV_TYPES) else None
+    if units == "conv+linear":
+        return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, _CONV_TYPES + (nn.Linear,)) else None
+    if units == "linear-columns":
+        return lambda name, p, m: ("columns", None) if _is_weight_of(name, m, (nn.Linear,)) else None
+    raise InputError(f"unknown units {units!r}; expected one of {', '.join(SCHEMES)} or a callable")
+
+
+def _is_weight_of(name: str, module: nn.Module, types: tuple[type, ...]) -> bool:
+    return isinstance(module, types) and name.rpartition(".")[2] == "weight"
+
+
+def _make_group(name: str, module_name: str, attr: str, layer: int, shape: tuple[int, ...],
+                partition: Partition, assignment: torch.Tensor | None, offset: int) -> UnitGroup:
+    numel = int(torch.Size(shape).numel())
+    if partition == "rows":
+        num_units = shape[0]
+        sizes = torch.full((num_units,), numel // num_units, dtype=torch.long)
+    elif partition == "columns":
+        num_units = shape[1]
+        sizes = torch.full((num_units,), shape[0], dtype=torch.long)
+    else:
+        assignment = _check_assignment(name, shape, assignment)
+        kept = assignment[assignment >= 0]
+        num_units = int(kept.max()) + 1 if kept.numel() else 0
+        sizes = torch.bincount(kept, minlength=num_units)
+        if num_units == 0 or bool((sizes == 0).any()):
+            empty = (sizes == 0).nonzero().flatten().tolist()[:5]
+            raise InputError(f"unit assignment of {name!r} has empty units {empty} "
+                             "(units must be numbered 0..m-1 with at least one element each)")
+    return UnitGroup(param_name=name, module_name=module_name, attr=attr, layer=layer, shape=shape,
+                     partition=partition, num_units=num_units, offset=offset, sizes=sizes,
+                     assignment=assignment)
+
+
+def _check_assignment(name: str, shape: tuple[int, ...], assignment: object) -> torch.Tensor:
+    if not isinstance(assignment, torch.Tensor) or assignment.dtype not in (torch.int32, torch.int64):
+        raise InputError(f"the unit callable must return an integer tensor (or None) for {name!r}, "
+                         f"got {type(assignment).__name__}")
+    if tuple(assignment.shape) != shape:
+        raise InputError(f"unit assignment of {name!r} has shape {tuple(assignment.shape)}, "
+                         f"the parameter has {shape}")
+    if bool((assignment < -1).any()):
+        raise InputError(f"unit assignment of {name!r} has values below -1")
+    return assignment.detach().to("cpu", torch.long)
+
+
+def _digest(tensor: torch.Tensor | None) -> str | None:
+    if tensor is None:
+        return None
+    return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()[:16]

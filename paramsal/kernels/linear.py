@@ -1,0 +1,63 @@
+"""Per-sample reductions for Linear layers on 2-D and N-D inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from paramsal.kernels.chunks import auto_chunk, chunk_slices
+from paramsal.kernels.reduce import Aggregation, reduce_grad
+
+if TYPE_CHECKING:
+    from paramsal.engine.units import UnitGroup
+
+
+def reduce_linear(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor,
+                  groups: Sequence[UnitGroup], aggregation: Aggregation,
+                  chunk_size: int | None = None) -> list[torch.Tensor]:
+    """Per-sample, per-unit saliency of a Linear layer's weight and bias.
+
+    Args:
+        layer: a ``nn.Linear``.
+        activations: the layer's input ``[B, *, in]``.
+        backprops: gradient of the summed per-sample losses w.r.t. the output
+            ``[B, *, out]`` (row n: sample n's own loss, samples being independent).
+        groups: the units of the layer's parameters.
+        aggregation: "mean_abs" or "abs_mean".
+        chunk_size: samples per chunk when per-sample weight gradients must be
+            formed (N-D inputs, custom partitions); None picks one automatically.
+
+    Returns:
+        One ``[B, group.num_units]`` tensor per group, in order.
+    """
+    batch = activations.shape[0]
+    x = activations.reshape(batch, -1, activations.shape[-1])  # [B, T, in]
+    gy = backprops.reshape(batch, -1, backprops.shape[-1])  # [B, T, out]
+    results = []
+    for group in groups:
+        if group.attr == "bias":
+            results.append(reduce_grad(gy.sum(1), group, aggregation))
+        elif x.shape[1] == 1 and group.partition == "rows":
+            results.append(_outer_reduce(gy[:, 0], x[:, 0], aggregation))
+        elif x.shape[1] == 1 and group.partition == "columns":
+            results.append(_outer_reduce(x[:, 0], gy[:, 0], aggregation))
+        else:
+            chunk = chunk_size or auto_chunk(layer.weight.numel(), batch)
+            results.append(torch.cat([
+                reduce_grad(torch.bmm(gy[s].transpose(1, 2), x[s]), group, aggregation)
+                for s in chunk_slices(batch, chunk)
+            ]))
+    return results
+
+
+def _outer_reduce(kept: torch.Tensor, reduced: torch.Tensor, aggregation: Aggregation) -> torch.Tensor:
+    """Aggregates the rank-1 gradient ``kept[:, u] * reduced[:, i]`` over i without forming it.
+
+    ``mean_i |a_u b_i| = |a_u| mean_i |b_i|`` and ``|mean_i a_u b_i| = |a_u mean_i b_i|``.
+    """
+    if aggregation == "mean_abs":
+        return kept.abs() * reduced.abs().mean(1, keepdim=True)
+    return (kept * reduced.mean(1, keepdim=True)).abs()

@@ -1,0 +1,120 @@
+"""Every backend equals the one-sample-at-a-time reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from nets import SMALL_CASES, TORCHVISION_CASES, Case, batch, build
+from paramsal import profile_batch, units_of
+from paramsal.kernels.reference import reference_profiles
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+AGGREGATIONS = ["mean_abs", "abs_mean"]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error of each row relative to that row's largest entry."""
+    scale = want.abs().amax(1, keepdim=True).clamp_min(torch.finfo(want.dtype).tiny)
+    return ((got - want).abs() / scale).max().item()
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.name)
+def test_loop_backend_equals_reference(case: Case, aggregation: str):
+    model = build(case, torch.float64)
+    x, y = batch(case, 3, torch.float64)
+    want = reference_profiles(model, x, y, units_of(model, case.units), aggregation)
+    got = profile_batch(model, x, y, backend="loop", units=case.units, aggregation=aggregation)
+    assert want.abs().max() > 0
+    assert relative_error(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("backend", ["hooks", "vmap"])
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.name)
+def test_batched_backends_equal_loop(case: Case, backend: str, aggregation: str, dtype: torch.dtype):
+    model = build(case, dtype)
+    x, y = batch(case, 5, dtype)
+    want = profile_batch(model, x, y, backend="loop", units=case.units, aggregation=aggregation)
+    got = profile_batch(model, x, y, backend=backend, units=case.units, aggregation=aggregation, chunk_size=2)
+    assert got.dtype == dtype and got.shape == (5, len(units_of(model, case.units)))
+    assert relative_error(got, want) <= TOLERANCE[dtype]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["hooks", "vmap"])
+@pytest.mark.parametrize("case", TORCHVISION_CASES, ids=lambda c: c.name)
+def test_torchvision_architectures_equal_loop(case: Case, backend: str):
+    model = build(case, torch.float64)
+    x, y = batch(case, 3, torch.float64)
+    want = profile_batch(model, x, y, backend="loop")
+    got = profile_batch(model, x, y, backend=backend)
+    assert relative_error(got, want) <= TOLERANCE[torch.float64]
+
+
+def test_auto_picks_hooks_when_every_module_has_a_reducer_else_vmap():
+    from paramsal import Profiler
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 2, 2, 2))
+
+        def forward(self, x):
+            return nn.functional.conv2d(x, self.weight).mean((2, 3))
+
+    assert Profiler(nn.Sequential(nn.Conv2d(2, 3, 2), nn.Flatten())).backend == "hooks"
+    assert Profiler(Scaled()).backend == "vmap"
+
+
+def test_custom_unit_callable_uses_scatter_path_on_every_backend():
+    case = SMALL_CASES[0]
+    model = build(case, torch.float64)
+    x, y = batch(case, 4, torch.float64)
+
+    def checkerboard(name, param):
+        if param.dim() != 4:
+            return None
+        ids = torch.arange(param.numel()).reshape(param.shape) % 3
+        ids[0, 0, 0, 0] = -1  # an element in no unit
+        return ids
+
+    index = units_of(model, checkerboard)
+    want = reference_profiles(model, x, y, index)
+    for backend in ("loop", "vmap", "hooks"):
+        assert relative_error(profile_batch(model, x, y, backend=backend, units=index), want) <= 1e-12
+
+
+def test_hooks_on_integer_inputs_follow_output_edges():
+    model = nn.Sequential(nn.Embedding(7, 6), nn.Linear(6, 5)).double()
+
+    def last_token_loss(out, y):
+        return nn.functional.cross_entropy(out[:, -1], y, reduction="none")
+
+    x = torch.randint(0, 7, (4, 3))
+    y = torch.randint(0, 5, (4,))
+    want = profile_batch(model, x, y, backend="loop", units="conv+linear", loss=last_token_loss)
+    got = profile_batch(model, x, y, backend="hooks", units="conv+linear", loss=last_token_loss)
+    assert relative_error(got, want) <= 1e-12
+
+
+@settings(max_examples=30, deadline=None)
+@given(groups=st.sampled_from([1, 2, 3]), cin_per=st.integers(1, 3), cout_per=st.integers(1, 3),
+       kh=st.integers(1, 3), kw=st.integers(1, 3), stride=st.integers(1, 3), dilation=st.integers(1, 2),
+       padding=st.integers(0, 2), bias=st.booleans(), h=st.integers(5, 9), w=st.integers(5, 9),
+       aggregation=st.sampled_from(AGGREGATIONS))
+def test_random_conv2d_shapes(groups, cin_per, cout_per, kh, kw, stride, dilation, padding, bias, h, w,
+                              aggregation):
+    conv = nn.Conv2d(cin_per * groups, cout_per * groups, (kh, kw), stride=stride, padding=padding,
+                     dilation=dilation, groups=groups, bias=bias)
+    model = nn.Sequential(conv, nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(cout_per * groups * 4, 3)).double()
+    x = torch.randn(3, cin_per * groups, h, w, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    index = units_of(model, "conv+linear")
+    want = reference_profiles(model, x, y, index, aggregation)
+    got = profile_batch(model, x, y, backend="hooks", units=index, aggregation=aggregation)
+    assert relative_error(got, want) <= 1e-9
