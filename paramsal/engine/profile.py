@@ -77,9 +77,9 @@ class Profiler:
         device = next(iter(self.model.parameters())).device
         inputs, targets = self._checked(inputs, targets, device)
         with eval_mode(self.model):
-            if self.loss is None:
-                self._check_labels(inputs, targets)
             try:
+                if self.loss is None:
+                    self._check_labels(inputs, targets)
                 result = self._run(self.model, inputs, targets, self.index, self.loss or cross_entropy_per_sample,
                                    self.aggregation, self.chunk_size)
             except torch.OutOfMemoryError:

@@ -11,10 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
+from paramsal.kernels.cpu import abs_row_sums
 from paramsal.kernels.reduce import Aggregation, reduce_grad
 
 if TYPE_CHECKING:
     from paramsal.engine.units import UnitGroup
+
+
+#: Below this many output positions the fused CPU kernel beats a grouped
+#: weight-gradient convolution followed by ``abs().sum()`` (measured on
+#: resnet18 layers: 8x8 outputs 2.5x faster fused, 16x16 2x slower).
+FUSED_MAX_POSITIONS = 128
 
 
 def reduce_conv(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor,
@@ -37,21 +44,32 @@ def reduce_conv(layer: nn.Module, activations: torch.Tensor, backprops: torch.Te
         One ``[B, group.num_units]`` tensor per group, in order.
     """
     results = []
+    batch = activations.shape[0]
+    positions = math.prod(backprops.shape[2:])
     for group in groups:
         if group.attr == "bias":
             results.append(reduce_grad(backprops.flatten(2).sum(2), group, aggregation))
-            continue
-        batch = activations.shape[0]
-        chunk = chunk_size or auto_chunk(_work_per_sample(layer, backprops), batch)
-        results.append(torch.cat([
-            reduce_grad(conv_weight_grad_sample(layer, activations[s], backprops[s]), group, aggregation)
-            for s in chunk_slices(batch, chunk)
-        ]))
+        elif (positions < FUSED_MAX_POSITIONS and group.partition == "rows" and aggregation == "mean_abs"
+              and activations.device.type == "cpu"):
+            patch = layer.in_channels * math.prod(layer.kernel_size) * positions
+            chunk = chunk_size or auto_chunk(patch, batch)
+            results.append(torch.cat([_fused_mean_abs(layer, activations[s], backprops[s])
+                                      for s in chunk_slices(batch, chunk)]))
+        else:
+            chunk = chunk_size or auto_chunk(2 * layer.weight.numel(), batch)
+            results.append(torch.cat([
+                reduce_grad(conv_weight_grad_sample(layer, activations[s], backprops[s]), group, aggregation)
+                for s in chunk_slices(batch, chunk)
+            ]))
     return results
 
 
 def conv_weight_grad_sample(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
     """Per-sample weight gradients of a convolution.
+
+    The batch is folded into the channels and the weight gradient of a conv
+    with ``batch * groups`` groups is asked for: each sample's gradient is then
+    one group's, computed by the library's own weight-gradient kernel.
 
     Args:
         layer: a ``nn.Conv1d``/``Conv2d``/``Conv3d``.
@@ -61,37 +79,53 @@ def conv_weight_grad_sample(layer: nn.Module, activations: torch.Tensor, backpro
     Returns:
         ``[b, K, C / groups, *kernel_size]``: each sample's gradient of the weight.
     """
+    b = activations.shape[0]
+    x, padding = _padded(layer, activations)
+    weight = layer.weight
+    folded_weight = weight.new_empty(b * weight.shape[0], *weight.shape[1:])
+    _, grads, _ = torch.ops.aten.convolution_backward(
+        backprops.reshape(1, -1, *backprops.shape[2:]), x.reshape(1, -1, *x.shape[2:]), folded_weight,
+        None, layer.stride, padding, layer.dilation, False, (0,) * len(padding), b * layer.groups,
+        [False, True, False])
+    return grads.view(b, *weight.shape)
+
+
+def _padded(layer: nn.Module, activations: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The input with any padding the conv kernel cannot express applied: (input, remaining padding)."""
+    if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        return activations, tuple(layer.padding)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    return F.pad(activations, layer._reversed_padding_repeated_twice, mode=mode), (0,) * (activations.dim() - 2)
+
+
+def _fused_mean_abs(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """``[b, K]`` mean ``|G|`` per output channel with the fused CPU kernel."""
     b, k = backprops.shape[:2]
     g = layer.groups
-    patches = conv_patches(layer, activations)  # [b, C * prod(kernel), L]
-    patches = patches.reshape(b, g, patches.shape[1] // g, patches.shape[2])
-    grad_out = backprops.reshape(b, g, k // g, -1)
-    grads = torch.matmul(grad_out, patches.transpose(-1, -2))  # [b, g, K/g, C/g * prod(kernel)]
-    return grads.reshape(b, *layer.weight.shape)
+    patches = conv_patch_rows(layer, activations)  # [b, L, C * prod(kernel)]
+    positions = patches.shape[1]
+    patches_t = patches.view(b, positions, g, -1).transpose(1, 2).contiguous()  # [b, g, L, J]
+    grad_out = backprops.reshape(b, g, k // g, positions).contiguous()
+    out = torch.empty(b, g, k // g, dtype=backprops.dtype)
+    abs_row_sums(grad_out.numpy(), patches_t.numpy(), out.numpy())
+    return out.view(b, k) / patches_t.shape[3]
 
 
-def conv_patches(layer: nn.Module, activations: torch.Tensor) -> torch.Tensor:
-    """im2col for any number of spatial dims: ``[b, C, *in] -> [b, C * prod(kernel), L]``."""
-    dims = activations.dim() - 2
+def conv_patch_rows(layer: nn.Module, activations: torch.Tensor) -> torch.Tensor:
+    """im2col for any number of spatial dims, one row per output position: ``[b, L, C * prod(kernel)]``.
+
+    Built from strided windows of the padded input and a single copy; much
+    faster on CPU than ``F.unfold`` for the small maps where it is used.
+    """
+    x, padding = _padded(layer, activations)
+    dims = x.dim() - 2
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)])
     kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
-    if dims == 2 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
-        return F.unfold(activations, kernel, dilation=dilation, padding=layer.padding, stride=stride)
-    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-    x = F.pad(activations, layer._reversed_padding_repeated_twice, mode=mode)
-    if dims == 2:
-        return F.unfold(x, kernel, dilation=dilation, stride=stride)
-    if dims == 1:
-        return F.unfold(x.unsqueeze(2), (1, kernel[0]), dilation=(1, dilation[0]), stride=(1, stride[0]))
     for d in range(dims):
         x = x.unfold(2 + d, dilation[d] * (kernel[d] - 1) + 1, stride[d])
     # x: [b, C, *out, *window]; keep every dilation-th element of each window
     x = x[(...,) + tuple(slice(None, None, step) for step in dilation)]
-    order = (0, 1) + tuple(range(2 + dims, 2 + 2 * dims)) + tuple(range(2, 2 + dims))
+    order = (0,) + tuple(range(2, 2 + dims)) + (1,) + tuple(range(2 + dims, 2 + 2 * dims))
     b, c = x.shape[:2]
-    return x.permute(order).reshape(b, c * math.prod(kernel), -1)
-
-
-def _work_per_sample(layer: nn.Module, backprops: torch.Tensor) -> int:
-    positions = math.prod(backprops.shape[2:])
-    patch = layer.in_channels * math.prod(layer.kernel_size)
-    return layer.weight.numel() + patch * positions
+    return x.permute(order).reshape(b, -1, c * math.prod(kernel))

@@ -1,0 +1,14 @@
+"""Models the benchmarks are run on."""
+
+from __future__ import annotations
+
+import torchvision
+from torch import nn
+
+
+def cifar_resnet18(num_classes: int = 10) -> nn.Module:
+    """torchvision's resnet18 in its usual CIFAR form: 3x3 stride-1 stem, no max-pool (32x32 inputs)."""
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model

@@ -1,0 +1,97 @@
+"""Bad input gets an error that names the problem."""
+
+import pytest
+import torch
+from torch import nn
+
+from nets import PlainCNN
+from paramsal import InputError, NonFiniteError, UnsupportedModuleError, profile_batch
+from paramsal.kernels import register_reducer, unregister_reducer
+from paramsal.kernels.conv import reduce_conv
+
+X = torch.randn(3, 3, 14, 14)
+
+
+def test_labels_out_of_range_are_named():
+    with pytest.raises(InputError, match=r"label 9 at position 1 is outside the model's 5 classes"):
+        profile_batch(PlainCNN(), X, torch.tensor([0, 9, 1]))
+    with pytest.raises(InputError, match="label -1"):
+        profile_batch(PlainCNN(), X, torch.tensor([-1, 0, 1]))
+
+
+def test_shape_mismatches_are_named():
+    with pytest.raises(InputError, match=r"targets \(2,\) do not match inputs \(3, 3, 14, 14\)"):
+        profile_batch(PlainCNN(), X, torch.tensor([0, 1]))
+    with pytest.raises(InputError, match="integer class indices"):
+        profile_batch(PlainCNN(), X, torch.zeros(3))
+    with pytest.raises(InputError, match=r"inputs of shape \(3, 3, 5, 5\)"):
+        profile_batch(PlainCNN(), torch.randn(3, 3, 5, 5), torch.tensor([0, 1, 2]), backend="hooks")
+    with pytest.raises(InputError, match="non-empty batch"):
+        profile_batch(PlainCNN(), torch.randn(0, 3, 14, 14), torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", ["loop", "vmap", "hooks"])
+def test_non_finite_loss_names_the_sample(backend):
+    x = X.clone()
+    x[2, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"positions \[2\]"):
+        profile_batch(PlainCNN(), x, torch.tensor([0, 1, 2]), backend=backend)
+
+
+def test_loss_without_per_sample_values_is_rejected():
+    with pytest.raises(InputError, match="one value per sample"):
+        profile_batch(PlainCNN(), X, torch.tensor([0, 1, 2]), backend="hooks",
+                      loss=lambda out, y: nn.functional.cross_entropy(out, y))
+
+
+def test_unsupported_module_names_path_type_and_ways_out():
+    class Odd(nn.Conv2d):
+        def forward(self, x):  # a different computation: the conv rule would be wrong
+            return super().forward(x * 2)
+
+    model = nn.Sequential(nn.Sequential(Odd(3, 2, 3)), nn.Flatten(), nn.LazyLinear(2))
+    model(X)
+    with pytest.raises(UnsupportedModuleError, match=r"'0\.0' \(.*Odd\).*register_reducer.*backend='vmap'"):
+        profile_batch(model, X, torch.tensor([0, 1, 0]), backend="hooks")
+    assert profile_batch(model, X, torch.tensor([0, 1, 0])).shape == (3, 2)  # auto falls back to vmap
+
+
+def test_subclass_keeping_forward_uses_parent_reducer_and_registry_guards_overrides():
+    class Named(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(Named(3, 2, 3), nn.Flatten(), nn.Linear(2 * 12 * 12, 2)).double()
+    x, y = X.double(), torch.tensor([0, 1, 0])
+    assert torch.allclose(profile_batch(model, x, y, backend="hooks"), profile_batch(model, x, y, backend="loop"),
+                          rtol=1e-10, atol=0)
+    with pytest.raises(InputError, match="already registered"):
+        register_reducer(nn.Conv2d, reduce_conv)
+    register_reducer(Named, reduce_conv)
+    try:
+        register_reducer(Named, reduce_conv, override=True)
+    finally:
+        unregister_reducer(Named)
+
+
+def test_module_called_twice_is_refused_by_hooks_but_exact_with_vmap():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.conv(x))).mean((2, 3))
+
+    model = Shared().double()
+    x, y = X.double(), torch.tensor([0, 1, 2])
+    with pytest.raises(UnsupportedModuleError, match="called more than once"):
+        profile_batch(model, x, y, backend="hooks")
+    assert torch.allclose(profile_batch(model, x, y, backend="vmap"), profile_batch(model, x, y, backend="loop"),
+                          rtol=1e-10, atol=0)
+
+
+def test_unknown_options_are_named():
+    with pytest.raises(InputError, match="unknown backend 'fast'"):
+        profile_batch(PlainCNN(), X, torch.tensor([0, 1, 2]), backend="fast")
+    with pytest.raises(InputError, match="unknown aggregation 'max'"):
+        profile_batch(PlainCNN(), X, torch.tensor([0, 1, 2]), aggregation="max")
