@@ -129,7 +129,7 @@ class Case:
 
 
 def _mobilenet():
-    return torchvision.models.mobilenet_v3_small(num_classes=5)
+    return torchvision.models.mobilenet_v3_small(num_classes=5, width_mult=0.5)
 
 
 def _densenet():

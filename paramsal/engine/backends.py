@@ -36,11 +36,13 @@ class BatchResult:
         profiles: ``[N, F]`` raw profiles in the parameters' dtype.
         outputs: ``[N, ...]`` the model's outputs (logits), detached.
         losses: ``[N]`` each sample's own loss, detached.
+        features: ``[N, D]`` the input of the features module, when asked for.
     """
 
     profiles: torch.Tensor
     outputs: torch.Tensor
     losses: torch.Tensor
+    features: torch.Tensor | None = None
 
 
 Backend = Callable[[nn.Module, torch.Tensor, torch.Tensor, UnitIndex, LossFn, Aggregation, "int | None"],

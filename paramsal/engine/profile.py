@@ -44,11 +44,14 @@ class Profiler:
             number of outputs).
         chunk_size: samples per chunk of per-sample work (bounds memory);
             None chooses automatically.
+        features: name of a module whose input is returned as each sample's
+            features (e.g. "fc", the classifier, for penultimate features);
+            True picks the model's last ``nn.Linear``; None records none.
     """
 
     def __init__(self, model: nn.Module, *, units: UnitsSpec | UnitIndex = "filters", backend: str = "auto",
                  aggregation: Aggregation = "mean_abs", loss: LossFn | None = None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, features: str | bool | None = None):
         check_aggregation(aggregation)
         if backend not in BACKEND_NAMES:
             raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}")
@@ -62,6 +65,7 @@ class Profiler:
         self.aggregation = aggregation
         self.loss = loss
         self.chunk_size = chunk_size
+        self.features = _features_module(model, features)
         self._run = BACKENDS[backend]
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> BatchResult:
@@ -82,6 +86,8 @@ class Profiler:
                     self._check_labels(inputs, targets)
                 result = self._run(self.model, inputs, targets, self.index, self.loss or cross_entropy_per_sample,
                                    self.aggregation, self.chunk_size)
+                if self.features is not None:
+                    result.features = self._features_of(inputs)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as exc:
@@ -89,6 +95,18 @@ class Profiler:
                                  f"({type(self.model).__name__}): {exc}") from exc
         self._check_finite(result)
         return result
+
+    def _features_of(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The features module's input ``[N, D]`` from a gradient-free forward pass."""
+        captured = []
+        module = self.model.get_submodule(self.features)
+        handle = module.register_forward_hook(lambda m, args, out: captured.append(args[0].detach().flatten(1)))
+        try:
+            with torch.no_grad():
+                self.model(inputs)
+        finally:
+            handle.remove()
+        return captured[0]
 
     def _checked(self, inputs: torch.Tensor, targets: torch.Tensor,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +171,22 @@ def profile_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, loss=loss,
                         chunk_size=chunk_size)
     return profiler(inputs, targets).profiles
+
+
+def _features_module(model: nn.Module, features: str | bool | None) -> str | None:
+    if features is None or features is False:
+        return None
+    if features is True:
+        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise InputError(f"features=True needs an nn.Linear classifier in {type(model).__name__}; "
+                             "name the module whose input is the feature vector instead")
+        return linears[-1]
+    try:
+        model.get_submodule(features)
+    except AttributeError as exc:
+        raise InputError(f"features={features!r}: no such module in {type(model).__name__}") from exc
+    return features
 
 
 @contextmanager

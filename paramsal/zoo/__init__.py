@@ -8,7 +8,7 @@ PyPI wheel, so nothing is downloaded at run time:
 * :func:`demo_dataset` -- the Animal-MNIST silhouettes (10 classes, 28x28
   grayscale) read from the ``animal-mnist`` wheel
   (``pip install --no-deps animal-mnist==0.4``), split deterministically into
-  ``"train"`` (7,716) and held-out ``"test"`` (2,000) images.
+  ``"train"`` (6,716) and held-out ``"test"`` (3,000) images.
 
 This subpackage imports nothing from the rest of :mod:`paramsal`.
 
@@ -80,8 +80,8 @@ def demo_dataset(split: str = "test") -> torch.utils.data.Dataset:
     """Return a split of the demo dataset.
 
     Args:
-        split: ``"test"`` (2,000 held-out images, 200 per class; default) or
-            ``"train"`` (7,716 images the demo model was trained on).
+        split: ``"test"`` (3,000 held-out images, 300 per class; default) or
+            ``"train"`` (6,716 images the demo model was trained on).
 
     Returns:
         An in-memory :class:`ArrayDataset`; items are ``(image, label)`` with

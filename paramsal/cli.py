@@ -1,0 +1,127 @@
+"""The ``paramsal`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from paramsal.errors import ParamsalError
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from paramsal.bench.harness import CASES, run, table
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    for name in args.case:
+        case = CASES[name]
+        if args.batch:
+            case = type(case)(**{**case.__dict__, "batch": args.batch})
+        print(table(run(case, tuple(args.methods.split(",")), args.repeats)))
+        print()
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from paramsal.engine.dataset import profile_dataset
+    from paramsal.specs import load_data, load_model
+
+    model = load_model(args.model, args.weights, args.num_classes)
+    data = load_data(args.data, args.transform)
+    if args.limit:
+        from torch.utils.data import Subset
+
+        data = Subset(data, range(min(args.limit, len(data))))
+    run = profile_dataset(model, data, args.out, batch_size=args.batch_size, backend=args.backend,
+                          units=args.units, aggregation=args.aggregation, device=args.device,
+                          num_workers=args.num_workers, features=args.features, resume=not args.restart,
+                          overwrite=args.overwrite or args.restart, progress=not args.quiet,
+                          part_size=args.part_size, model_name=args.model, data_name=args.data)
+    print(run.summary())
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from paramsal.engine.rundir import open_run
+
+    print(open_run(args.run).summary())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from paramsal.engine.dataset import profile_dataset
+    from paramsal.engine.rundir import open_run
+    from paramsal.specs import load_data, load_model
+
+    run = profile_dataset(load_model("demo"), load_data("demo:test"), args.out, batch_size=64, features=True,
+                          overwrite=True, progress=not args.quiet, model_name="demo", data_name="demo:test")
+    run = open_run(run.path)
+    z = run.profiles()
+    wrong = ~run.table().column("correct").to_numpy(zero_copy_only=False)
+    print(run.summary())
+    print(f"mean standardized saliency: misclassified {z[wrong].mean():+.4f}, "
+          f"correct {z[~wrong].mean():+.4f}")
+    print(f"\nThe run is in {run.path}/ (profiles/part-*.parquet, stats.parquet, units.parquet, manifest.json).")
+    print("Next: `paramsal stats %s`, or in Python: `paramsal.open_run(%r).profiles(only='misclassified')`"
+          % (run.path, str(run.path)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paramsal", description="Parameter-space saliency, a batch at a time.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="time the backends against a plain forward+backward and the loop")
+    bench.add_argument("--case", nargs="+", default=["resnet18-cifar"], choices=["resnet18-cifar", "small-cnn"])
+    bench.add_argument("--methods", default="plain,loop,hooks,vmap", help="comma-separated: plain,loop,hooks,vmap")
+    bench.add_argument("--batch", type=int, default=None, help="batch size (default: the case's, 64)")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--threads", type=int, default=None)
+    bench.set_defaults(func=_cmd_bench)
+
+    profile = sub.add_parser("profile", help="profile a whole data set into a run directory (resumable)")
+    profile.add_argument("--model", required=True, help="demo | torchvision:NAME | module.path:factory")
+    profile.add_argument("--weights", help="state dict file for the model (loaded with weights_only=True)")
+    profile.add_argument("--num-classes", type=int, help="classes of a torchvision model (default: its own)")
+    profile.add_argument("--data", required=True, help="demo[:SPLIT] | imagefolder:DIR | module.path:factory")
+    profile.add_argument("--transform", default="imagenet", choices=["imagenet", "inception", "tensor"],
+                         help="image transform for imagefolder data")
+    profile.add_argument("--out", required=True, help="run directory")
+    profile.add_argument("--batch-size", type=int, default=64)
+    profile.add_argument("--backend", default="auto", choices=["auto", "hooks", "vmap", "loop"])
+    profile.add_argument("--units", default="filters", choices=["filters", "conv", "conv+linear", "linear-columns"])
+    profile.add_argument("--aggregation", default="mean_abs", choices=["mean_abs", "abs_mean"])
+    profile.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    profile.add_argument("--num-workers", type=int, default=0)
+    profile.add_argument("--features", action="store_true", help="also record penultimate features")
+    profile.add_argument("--part-size", type=int, default=None, help="rows per Parquet part")
+    profile.add_argument("--limit", type=int, default=None, help="profile only the first N samples")
+    profile.add_argument("--overwrite", action="store_true", help="replace a run made with other model/data/units")
+    profile.add_argument("--restart", action="store_true", help="start over instead of resuming")
+    profile.add_argument("--quiet", action="store_true", help="no progress bar")
+    profile.set_defaults(func=_cmd_profile)
+
+    stats = sub.add_parser("stats", help="summarize a run directory")
+    stats.add_argument("run")
+    stats.set_defaults(func=_cmd_stats)
+
+    demo = sub.add_parser("demo", help="profile the embedded demo model on its held-out split")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ParamsalError as exc:
+        print(f"paramsal: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Model and data specs of the command line: strings that name a model or a data set.
+
+Models: ``demo`` (the embedded trained SmallResNet), ``torchvision:NAME``
+(architecture only; weights from ``--weights FILE``) and ``module.path:factory``
+(a callable returning an ``nn.Module``). Data: ``demo`` / ``demo:SPLIT`` (the
+embedded Animal-MNIST split), ``imagefolder:DIR`` and ``module.path:factory``
+(a callable returning a Dataset of ``(input, class index)``). Nothing is
+downloaded: weights and images come from local files only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from paramsal.errors import InputError
+
+TRANSFORMS = ("imagenet", "inception", "tensor")
+
+
+def load_model(spec: str, weights: str | None = None, num_classes: int | None = None) -> nn.Module:
+    """The model a spec names, in eval mode, with ``weights`` (a state dict file) loaded if given."""
+    if spec == "demo":
+        from paramsal.zoo import demo_model
+
+        model = demo_model(pretrained=weights is None)
+    elif spec.startswith("torchvision:"):
+        import torchvision
+
+        name = spec.partition(":")[2]
+        if name not in torchvision.models.list_models():
+            raise InputError(f"model spec {spec!r}: torchvision has no model {name!r}")
+        kwargs = {"weights": None} | ({"num_classes": num_classes} if num_classes else {})
+        if name == "inception_v3":
+            kwargs["init_weights"] = False
+        model = torchvision.models.get_model(name, **kwargs)
+    else:
+        model = _call_factory(spec, "model")
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model spec {spec!r} returned {type(model).__name__}, not an nn.Module")
+    if weights is not None:
+        _load_weights(model, weights)
+    elif spec.startswith("torchvision:"):
+        raise InputError(f"{spec} needs --weights FILE: nothing is downloaded, and random weights "
+                         "explain no mistakes")
+    return model.eval()
+
+
+def load_data(spec: str, transform: str = "imagenet") -> Dataset:
+    """The data set a spec names."""
+    if spec == "demo" or spec.startswith("demo:"):
+        from paramsal.zoo import demo_dataset
+
+        return demo_dataset(spec.partition(":")[2] or "test")
+    if spec.startswith("imagefolder:"):
+        from torchvision.datasets import ImageFolder
+
+        root = Path(spec.partition(":")[2])
+        if not root.is_dir():
+            raise InputError(f"data spec {spec!r}: {root} is not a directory")
+        try:
+            return ImageFolder(str(root), transform=image_transform(transform))
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise InputError(f"data spec {spec!r}: {exc}") from exc
+    return _call_factory(spec, "data")
+
+
+def image_transform(name: str):
+    """The usual evaluation transforms: ImageNet (256 -> 224), Inception (342 -> 299), or tensor only."""
+    from torchvision import transforms as T
+
+    normalize = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    if name == "imagenet":
+        return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
+    if name == "inception":
+        return T.Compose([T.Resize(342), T.CenterCrop(299), T.ToTensor(), normalize])
+    if name == "tensor":
+        return T.ToTensor()
+    raise InputError(f"unknown transform {name!r}; expected one of {', '.join(TRANSFORMS)}")
+
+
+def _call_factory(spec: str, what: str):
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise InputError(f"{what} spec {spec!r} is not understood; expected "
+                         + ("demo, torchvision:NAME or module.path:factory" if what == "model"
+                            else "demo[:SPLIT], imagefolder:DIR or module.path:factory"))
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"{what} spec {spec!r}: cannot import {attr} from {module_name} ({exc})") from exc
+    return factory()
+
+
+def _load_weights(model: nn.Module, path: str) -> None:
+    if not Path(path).is_file():
+        raise InputError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for files that are not state dicts
+        raise InputError(f"weights file {path} could not be read as a state dict: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise InputError(f"weights file {path} does not fit the model: {exc}") from exc
