@@ -15,6 +15,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from paramsal.bench.harness import CASES, run, table
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.dataset:
+        from paramsal.bench.harness import dataset_overhead
+
+        print(dataset_overhead(args.batch or 64, args.repeats))
+        return 0
     for name in args.case:
         case = CASES[name]
         if args.batch:
@@ -79,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=None, help="batch size (default: the case's, 64)")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--dataset", action="store_true",
+                       help="instead: profile_dataset end to end on the demo data vs the engine alone")
     bench.set_defaults(func=_cmd_bench)
 
     profile = sub.add_parser("profile", help="profile a whole data set into a run directory (resumable)")

@@ -113,3 +113,39 @@ def table(timings: list[Timing]) -> str:
         lines.append(f"| {t.method} | {t.samples_per_s:.1f} | {t.samples_per_s / plain:.2f} | "
                      f"{t.samples_per_s / loop:.2f} |")
     return "\n".join(lines)
+
+
+def dataset_overhead(batch_size: int = 64, repeats: int = 3, out_dir: str | None = None) -> str:
+    """End-to-end ``profile_dataset`` on the demo split vs the engine alone on the same batches.
+
+    The difference is what the DataLoader, the Parquet writes and the
+    statistics cost; the table reports it as a share of the engine's time.
+    """
+    import tempfile
+
+    from paramsal.engine.dataset import profile_dataset
+    from paramsal.zoo import demo_dataset, demo_model
+
+    model, data = demo_model(), demo_dataset("test")
+    profiler = Profiler(model)
+    batches = [(data.images[s:s + batch_size], data.labels[s:s + batch_size])
+               for s in range(0, len(data), batch_size)]
+
+    def engine() -> None:
+        for x, y in batches:
+            profiler(x, y)
+
+    def end_to_end() -> None:
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            profile_dataset(model, data, tmp, batch_size=batch_size, progress=False)
+
+    engine_s = statistics.median(time_method(engine, repeats))
+    full_s = statistics.median(time_method(end_to_end, repeats))
+    n = len(data)
+    return "\n".join([
+        f"demo data ({n} samples, batch {batch_size}), torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "", "| what | seconds (median) | samples/s |", "| --- | ---: | ---: |",
+        f"| engine alone (Profiler on in-memory batches) | {engine_s:.2f} | {n / engine_s:.0f} |",
+        f"| profile_dataset end to end (DataLoader, Parquet, statistics) | {full_s:.2f} | {n / full_s:.0f} |",
+        "", f"overhead: {100 * (full_s - engine_s) / engine_s:.1f}% of the engine's time",
+    ])
