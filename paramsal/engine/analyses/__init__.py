@@ -1,0 +1,1 @@
+"""Analyses that read a run directory: neighbours, pruning and perturbation, plots."""
