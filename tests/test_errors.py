@@ -95,3 +95,14 @@ def test_unknown_options_are_named():
         profile_batch(PlainCNN(), X, torch.tensor([0, 1, 2]), backend="fast")
     with pytest.raises(InputError, match="unknown aggregation 'max'"):
         profile_batch(PlainCNN(), X, torch.tensor([0, 1, 2]), aggregation="max")
+
+
+def test_batch_statistics_batchnorm_is_refused_by_hooks_and_exact_otherwise():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(),
+                          nn.LazyLinear(3)).double()
+    x, y = X.double(), torch.tensor([0, 1, 2])
+    model(x)
+    with pytest.raises(UnsupportedModuleError, match=r"'1' \(BatchNorm2d\).*batch statistics"):
+        profile_batch(model, x, y, backend="hooks")
+    want = torch.cat([profile_batch(model, x[i:i + 1], y[i:i + 1], backend="loop") for i in range(3)])
+    assert torch.allclose(profile_batch(model, x, y), want, rtol=1e-10, atol=0)  # auto -> vmap

@@ -133,6 +133,12 @@ def hook_plan(model: nn.Module, index: UnitIndex) -> dict[str, _Layer]:
     by_module: dict[str, list[UnitGroup]] = {}
     for group in index:
         by_module.setdefault(group.module_name, []).append(group)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+            raise UnsupportedModuleError(
+                f"module {name!r} ({type(module).__qualname__}) normalizes with batch statistics even in eval "
+                "mode (track_running_stats=False), so a sample's output depends on the rest of its batch; "
+                "use backend='vmap' or 'loop', which see one sample at a time")
     plan = {}
     for name, groups in by_module.items():
         module = model.get_submodule(name)

@@ -273,8 +273,8 @@ class Run:
         for part in self.parts:
             table = pq.read_table(self.path / part.file, columns=["sample_id", "correct", column])
             mask = self._row_mask(table, only)
-            flat = table.column(column).combine_chunks()
-            values = flat.values.to_numpy().reshape(len(flat), -1)[mask]
+            vectors = table.column(column).combine_chunks()
+            values = vectors.flatten().to_numpy().reshape(len(vectors), -1)[mask]
             if unit_columns is not None:
                 values = values[:, unit_columns]
             if standardizer is not None:
