@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -12,7 +13,7 @@ from paramsal.errors import ParamsalError
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from paramsal.bench.harness import CASES, run, table
+    from paramsal.bench.harness import CASES, available_peers, records, run, table
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if args.dataset:
@@ -20,12 +21,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         print(dataset_overhead(args.batch or 64, args.repeats))
         return 0
+    methods = tuple(args.methods.split(",")) + (tuple(available_peers()) if args.peers else ())
+    results = []
     for name in args.case:
         case = CASES[name]
         if args.batch:
-            case = type(case)(**{**case.__dict__, "batch": args.batch})
-        print(table(run(case, tuple(args.methods.split(",")), args.repeats)))
+            case = dataclasses.replace(case, batch=args.batch)
+        timings = run(case, methods, args.repeats)
+        results.extend(records(timings))
+        print(table(timings))
         print()
+    if args.save:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(results), args.save)
+        print(f"results written to {args.save}")
     return 0
 
 
@@ -80,10 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time the backends against a plain forward+backward and the loop")
     bench.add_argument("--case", nargs="+", default=["resnet18-cifar"], choices=["resnet18-cifar", "small-cnn"])
-    bench.add_argument("--methods", default="plain,loop,hooks,vmap", help="comma-separated: plain,loop,hooks,vmap")
+    bench.add_argument("--methods", default="plain,loop,hooks,vmap",
+                       help="comma-separated: plain,loop,hooks,vmap,opacus,backpack")
     bench.add_argument("--batch", type=int, default=None, help="batch size (default: the case's, 64)")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--peers", action="store_true", help="add the installed peers (Opacus, BackPACK)")
+    bench.add_argument("--save", help="also write the results (with device, versions, date) to this Parquet file")
     bench.add_argument("--dataset", action="store_true",
                        help="instead: profile_dataset end to end on the demo data vs the engine alone")
     bench.set_defaults(func=_cmd_bench)

@@ -53,6 +53,8 @@ CASES = {
 }
 
 METHODS = ("plain", "loop", "hooks", "vmap")
+#: Other libraries' per-sample gradients, reduced to the same units (``pip install paramsal[peers]``).
+PEERS = ("opacus", "backpack")
 
 
 def method(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
@@ -62,8 +64,55 @@ def method(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Cal
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
         return plain
+    if name in PEERS:
+        return _peer(name, model, x, y)
     profiler = Profiler(model, backend=name)
     return lambda: profiler(x, y)
+
+
+def available_peers() -> list[str]:
+    import importlib.util
+
+    modules = {"opacus": "opacus", "backpack": "backpack"}
+    return [p for p in PEERS if importlib.util.find_spec(modules[p]) is not None]
+
+
+def _peer(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """Per-sample gradients from a peer library, reduced to filter units like paramsal's default."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for p in model.parameters():  # only the filter weights' gradients are needed, as in paramsal's run
+        p.requires_grad_(p.dim() == 4)
+    # Opacus records activations only in train mode; normalization and dropout stay in eval mode so that
+    # samples remain independent.
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
+            m.eval()
+    if name == "opacus":
+        from opacus import GradSampleModule
+
+        wrapped = GradSampleModule(model, loss_reduction="sum", strict=False)
+
+        def per_sample_grads() -> list[torch.Tensor]:
+            wrapped.zero_grad(set_to_none=True)
+            F.cross_entropy(wrapped(x), y, reduction="sum").backward()
+            return [p.grad_sample for p in model.parameters() if p.dim() == 4]
+    else:
+        from backpack import backpack, extend
+        from backpack.extensions import BatchGrad
+
+        model = extend(model, use_converter=True)
+        loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
+
+        def per_sample_grads() -> list[torch.Tensor]:
+            model.zero_grad(set_to_none=True)
+            with backpack(BatchGrad()):
+                loss_fn(model(x), y).backward()
+            return [p.grad_batch for p in model.parameters() if p.dim() == 4]
+
+    return lambda: torch.cat([g.abs().flatten(2).mean(2) for g in per_sample_grads()], 1)
 
 
 @dataclass
@@ -72,6 +121,7 @@ class Timing:
     method: str
     batch: int
     seconds: list[float]
+    peak_mb: float = float("nan")
 
     @property
     def median(self) -> float:
@@ -95,24 +145,113 @@ def time_method(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list
     return seconds
 
 
-def run(case: Case, methods: tuple[str, ...] = METHODS, repeats: int = 3) -> list[Timing]:
-    """Times each method on the case in this process; the baselines are always included."""
+def peak_memory_mb(fn: Callable[[], object]) -> float:
+    """Extra memory one call needs at its peak: CUDA allocations on GPU, resident set size on CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    import gc
+    import threading
+
+    gc.collect()
+    before = _rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            done.wait(0.002)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        watcher.join()
+    return (max(peak[0], _rss_bytes()) - before) / 2**20
+
+
+def _rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run(case: Case, methods: tuple[str, ...] = METHODS, repeats: int = 3, memory: bool = True) -> list[Timing]:
+    """Times each method on the case in this process; the baselines are always included.
+
+    Peak memory is measured on a first call in a fresh process per method: in
+    a warm process the allocator reuses freed memory and hides the peak.
+    """
     model, x, y = case.build()
     wanted = ["plain", "loop"] + [m for m in methods if m not in ("plain", "loop")]
-    return [Timing(case.name, m, case.batch, time_method(method(m, model, x, y), repeats)) for m in wanted]
+    timings = []
+    for name in wanted:
+        timing = Timing(case.name, name, case.batch, time_method(method(name, model, x, y), repeats))
+        if memory:
+            timing.peak_mb = isolated_peak_memory_mb(case, name)
+        timings.append(timing)
+    return timings
+
+
+def isolated_peak_memory_mb(case: Case, name: str) -> float:
+    """:func:`peak_memory_mb` of a method's first call, in a fresh process."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_first_call_peak, (case.name, case.batch, name, torch.get_num_threads()))
+
+
+def _first_call_peak(case_name: str, batch: int, name: str, threads: int) -> float:
+    import dataclasses
+
+    torch.set_num_threads(threads)
+    model, x, y = dataclasses.replace(CASES[case_name], batch=batch).build()
+    method(name, model, x[:1], y[:1])()  # one-time costs (kernel compilation, caches) are not the batch's
+    return peak_memory_mb(method(name, model, x, y))
 
 
 def table(timings: list[Timing]) -> str:
     """A Markdown table: samples/s (median), ratio to plain forward+backward and to the loop."""
     by_method = {t.method: t for t in timings}
     plain, loop = by_method["plain"].samples_per_s, by_method["loop"].samples_per_s
+    peers = [t for t in timings if t.method in PEERS]
     lines = [f"case {timings[0].case}, batch {timings[0].batch}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
-             "", "| method | samples/s | x plain | x loop |", "| --- | ---: | ---: | ---: |"]
+             f"{torch.get_num_threads()} threads, {device_name()}",
+             "", "| method | samples/s | x plain | x loop |" + "".join(f" x {p.method} |" for p in peers)
+             + " peak extra MB |",
+             "| --- | ---: | ---: | ---: |" + " ---: |" * len(peers) + " ---: |"]
     for t in timings:
+        ratios = "".join(f" {t.samples_per_s / p.samples_per_s:.2f} |" for p in peers)
         lines.append(f"| {t.method} | {t.samples_per_s:.1f} | {t.samples_per_s / plain:.2f} | "
-                     f"{t.samples_per_s / loop:.2f} |")
+                     f"{t.samples_per_s / loop:.2f} |{ratios} {t.peak_mb:.0f} |")
     return "\n".join(lines)
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def records(timings: list[Timing]) -> list[dict]:
+    """Rows for Parquet/JSON, with the device, versions and date."""
+    import datetime
+
+    import paramsal
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return [{"case": t.case, "method": t.method, "batch": t.batch, "median_s": t.median,
+             "samples_per_s": t.samples_per_s, "peak_extra_mb": t.peak_mb, "repeats": len(t.seconds),
+             "device": device_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+             "paramsal": paramsal.__version__, "date": stamp} for t in timings]
 
 
 def dataset_overhead(batch_size: int = 64, repeats: int = 3, out_dir: str | None = None) -> str:
