@@ -72,7 +72,7 @@ def test_std_floor_standardize_and_errors():
     assert z.dtype == torch.float64
     np.testing.assert_allclose(z.numpy(), [[1.0, 2.0]])
     with pytest.raises(InputError, match="at least 2 samples"):
-        SaliencyStats(2).update(np.ones((1, 2))).std
+        _ = SaliencyStats(2).update(np.ones((1, 2))).std
     with pytest.raises(InputError, match="do not fit"):
         stats.update(np.ones((2, 3)))
     with pytest.raises(InputError, match="cannot merge"):
