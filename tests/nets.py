@@ -180,3 +180,9 @@ def batch(case: Case, n: int, dtype: torch.dtype, seed: int = 1) -> tuple[torch.
     x = torch.randn(n, *case.input_shape, generator=g, dtype=dtype)
     y = torch.randint(0, case.classes, (n,), generator=g)
     return x, y
+
+
+def rgb32_classifier() -> nn.Module:
+    """A factory for the ``module.path:factory`` model spec: 3x32x32 images, 2 classes."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
