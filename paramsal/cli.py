@@ -128,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("run")
     stats.set_defaults(func=_cmd_stats)
 
+    from paramsal.engine.analyses.neighbors import add_neighbors_arguments, run_neighbors_command
+    from paramsal.engine.analyses.plots import add_plots_arguments, run_plots_command
+
+    neighbors = sub.add_parser("neighbors", help="k nearest neighbours in saliency vs feature space")
+    add_neighbors_arguments(neighbors)
+    neighbors.set_defaults(func=run_neighbors_command)
+
+    plots = sub.add_parser("plots", help="the paper's Figures 1-2 (PNG) under RUN/figures")
+    add_plots_arguments(plots)
+    plots.set_defaults(func=run_plots_command)
+
     demo = sub.add_parser("demo", help="profile the embedded demo model on its held-out split")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quiet", action="store_true")

@@ -155,7 +155,8 @@ class Run:
         if manifest is None:
             raise InputError(f"{self.path} is not a paramsal run directory (no {MANIFEST})")
         self.manifest = manifest
-        self.parts = [Part(p["index"], p["start"], p["stop"]) for p in manifest["parts"]]
+        self.parts = sorted((Part(p["index"], p["start"], p["stop"]) for p in manifest["parts"]),
+                            key=lambda part: part.start)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, samples={self.num_samples}, units={self.num_units})"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,43 +36,55 @@ from paramsal.errors import InputError
 
 SPACES = ("saliency", "features")
 POOLS = ("all", "misclassified")
+PRECISIONS = ("float32", "float64")
 ANALYSES_DIR = "analyses"
 
 Layers = slice | Sequence[int] | None
 
 
-def cosine_top_k(candidates: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
-                 block_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by dot product, computed block by block.
+def unit_rows(values: np.ndarray) -> np.ndarray:
+    """Rows ``[n, f]`` scaled to unit norm in float64; rows of norm 0 stay 0 (similarity 0 to everything)."""
+    values = np.asarray(values, np.float64)
+    norms = np.linalg.norm(values, axis=1, keepdims=True)
+    return np.divide(values, norms, out=np.zeros_like(values), where=norms > 0)
 
-    With unit-norm rows the dot product is the cosine similarity. At most
-    ``block_size x block_size`` similarities exist at any time: queries and
-    candidates are both cut into blocks, and each query block keeps a running
-    top-k while the candidate blocks go by.
+
+def cosine_top_k(candidates: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
+                 block_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by dot product of unit rows (cosine similarity), block by block.
+
+    Queries and candidates are both cut into blocks of ``block_size`` rows;
+    each query block keeps a running top-k while the candidate blocks go by,
+    so at most ``block_size x block_size`` similarities exist at any time.
+    Products are taken in float64 (one block converted at a time): standardized
+    profiles of confidently correct samples are nearly parallel, their cosines
+    differ in the 8th digit, and a float32 product (resolution 6e-8 near 1)
+    would rank them by rounding noise.
 
     Args:
-        candidates: ``[N, F]`` float32 rows (unit norm for cosine similarity).
-        queries: ``[Q, F]`` float32 rows.
+        candidates: ``[N, F]`` unit rows (float32 to save memory, or float64).
+        queries: ``[Q, F]`` unit rows.
         k: neighbours per query, ``1 <= k <= N`` (``N - 1`` when queries exclude themselves).
         exclude: ``[Q]`` candidate row that each query must not return (itself), or -1.
         block_size: rows per query block and per candidate block.
 
     Returns:
-        ``(index [Q, k] int64, similarity [Q, k] float32)``: candidate rows by
+        ``(index [Q, k] int64, similarity [Q, k] float64)``: candidate rows by
         decreasing similarity; equal similarities are ordered by row, so the
         result is deterministic.
     """
-    num_queries = len(queries)
+    num_queries, num_candidates = len(queries), len(candidates)
     exclude = np.full(num_queries, -1, np.int64) if exclude is None else np.asarray(exclude, np.int64)
     index = np.empty((num_queries, k), np.int64)
-    similarity = np.empty((num_queries, k), np.float32)
+    similarity = np.empty((num_queries, k), np.float64)
     for q0 in range(0, num_queries, block_size):
         q1 = min(q0 + block_size, num_queries)
+        query_block = np.asarray(queries[q0:q1], np.float64)
         best_index = np.empty((q1 - q0, 0), np.int64)
-        best_sim = np.empty((q1 - q0, 0), np.float32)
-        for c0 in range(0, len(candidates), block_size):
-            c1 = min(c0 + block_size, len(candidates))
-            sim = queries[q0:q1] @ candidates[c0:c1].T
+        best_sim = np.empty((q1 - q0, 0), np.float64)
+        for c0 in range(0, num_candidates, block_size):
+            c1 = min(c0 + block_size, num_candidates)
+            sim = query_block @ np.asarray(candidates[c0:c1], np.float64).T
             _hide_self(sim, exclude[q0:q1] - c0)
             chosen = _top_k_unordered(sim, min(k, c1 - c0))
             best_index, best_sim = _keep_best(np.concatenate([best_index, chosen + c0], axis=1),
@@ -137,12 +149,11 @@ def unit_columns(run: Run, layers: Layers) -> np.ndarray | None:
     return columns
 
 
-def read_unit_rows(run: Run, column: str, ids: np.ndarray, columns: np.ndarray | None,
-                   standardize: bool) -> np.ndarray:
-    """Reads the vectors of some samples as unit-norm float32 rows, one part at a time.
+def iter_unit_rows(run: Run, column: str, ids: np.ndarray, columns: np.ndarray | None,
+                   standardize: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The vectors of some samples as float64 unit rows, one part at a time.
 
-    Only the result and one part are in memory, never a second copy of the
-    whole matrix. Rows of norm 0 stay 0 (cosine similarity 0 with everything).
+    Parts holding none of ``ids`` are not read.
 
     Args:
         run: the run to read.
@@ -151,10 +162,10 @@ def read_unit_rows(run: Run, column: str, ids: np.ndarray, columns: np.ndarray |
         columns: ``[f]`` profile columns to keep (see :func:`unit_columns`), or None.
         standardize: ``(s - mean) / std`` with the run's statistics first (profiles).
 
-    Returns:
-        ``[n, f]`` float32, row i for ``ids[i]``.
+    Yields:
+        ``(positions [m], rows [m, f])``: rows of unit norm (0 for a zero
+        vector) of the samples ``ids[positions]``.
     """
-    out: np.ndarray | None = None
     if standardize:
         stats = run.stats
         mean, std = stats.mean, stats.std
@@ -163,7 +174,7 @@ def read_unit_rows(run: Run, column: str, ids: np.ndarray, columns: np.ndarray |
     for part in run.parts:
         lo, hi = np.searchsorted(ids, [part.start, part.stop])
         if lo == hi:
-            continue  # no wanted sample in this part: do not read it
+            continue
         table = pq.read_table(run.path / part.file, columns=["sample_id", column])
         part_ids = table.column("sample_id").to_numpy()
         where = np.searchsorted(ids, part_ids)
@@ -176,14 +187,7 @@ def read_unit_rows(run: Run, column: str, ids: np.ndarray, columns: np.ndarray |
         if standardize:
             values = (values - mean) / std
         _check_finite(values, part_ids[wanted], column, run)
-        norms = np.linalg.norm(values, axis=1, keepdims=True)
-        values = np.divide(values, norms, out=np.zeros_like(values), where=norms > 0)
-        if out is None:
-            out = np.empty((len(ids), values.shape[1]), np.float32)
-        out[where[wanted]] = values
-    if out is None:
-        return np.zeros((0, 0 if columns is None else len(columns)), np.float32)
-    return out
+        yield where[wanted], unit_rows(values)
 
 
 def _check_finite(values: np.ndarray, ids: np.ndarray, column: str, run: Run) -> None:
@@ -196,7 +200,9 @@ class Neighbors:
     """Exact cosine k-nearest neighbours of samples of a run.
 
     Configure once, then call :meth:`nn` with query sample ids. The candidate
-    matrix is read on the first call and kept.
+    matrix (``n_pool x f`` unit rows) is read on the first call and kept; each
+    call then multiplies query blocks by candidate blocks, never holding more
+    than ``block_size x block_size`` similarities.
 
     Args:
         run: a run directory or an opened :class:`Run`.
@@ -210,8 +216,16 @@ class Neighbors:
             ones (a slice over the distinct layers, or a list of
             ``units.layer`` values).
         among: candidates: "all" samples or only "misclassified" ones.
-        block_size: queries and candidates per block; peak extra memory is
-            about ``block_size**2 * 16`` bytes.
+        precision: how the candidate matrix is kept. "float32" (half the
+            memory): similarities are within about 1e-8 of a float64
+            computation, so samples whose similarities to a query differ by
+            less (near-duplicates among confidently correct samples) may swap
+            ranks. "float64": ranks exactly as a float64 computation.
+            Products are taken in float64 either way.
+        block_size: queries and candidates per block; besides the candidate
+            matrix (``n_pool * f * 4`` bytes in float32), memory peaks at about
+            ``block_size * (16 * f + 32 * block_size)`` bytes (1 GiB for
+            2048 rows of 26,560 units).
 
     Example:
         >>> nn = Neighbors(run, k=10, among="misclassified", layers=slice(10, None))
@@ -220,7 +234,7 @@ class Neighbors:
     """
 
     def __init__(self, run: Run | str | os.PathLike, k: int = 10, space: str = "saliency", layers: Layers = None,
-                 among: str = "all", block_size: int = 4096):
+                 among: str = "all", block_size: int = 2048, precision: str = "float32"):
         self.run = run if isinstance(run, Run) else open_run(run)
         if space not in SPACES:
             raise InputError(f"space={space!r}: expected one of {', '.join(SPACES)}")
@@ -231,15 +245,18 @@ class Neighbors:
                              "features=True (--features)")
         if space == "features" and layers is not None:
             raise InputError("layers applies to space='saliency' only (features have no layers)")
+        if precision not in PRECISIONS:
+            raise InputError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
         if not isinstance(block_size, (int, np.integer)) or block_size < 1:
             raise InputError(f"block_size={block_size!r}: expected a positive integer")
         self.space, self.among, self.layers, self.block_size = space, among, layers, int(block_size)
+        self.precision = precision
         self._columns = unit_columns(self.run, layers) if space == "saliency" else None
         table = self.run.table()
         self._all_ids = np.sort(table.column("sample_id").to_numpy())
         self.pool_ids = np.sort(self.run.sample_ids(None if among == "all" else "misclassified"))
         self.k = _checked_k(k, len(self.pool_ids), among)
-        self._candidates: np.ndarray | None = None
+        self._pool: np.ndarray | None = None
 
     def __repr__(self) -> str:
         return (f"Neighbors({str(self.run.path)!r}, k={self.k}, space={self.space!r}, "
@@ -257,27 +274,43 @@ class Neighbors:
         Returns:
             ``Q * k`` rows, query by query in the given order: ``query_id``,
             ``rank`` (1 = nearest), ``neighbor_id``, ``similarity`` (cosine,
-            float32). A query is never its own neighbour; equal similarities
-            are ranked by smaller sample id. The configuration is in the
-            schema metadata (``paramsal.neighbors``).
+            float64, of the unit rows as kept in ``precision``). A query is
+            never its own neighbour (a duplicate of it may be); equal
+            similarities are ranked by smaller sample id. The configuration
+            is in the schema metadata (``paramsal.neighbors``).
         """
         queries = self.pool_ids if query_ids is None else self._checked_queries(query_ids)
-        candidates = self.candidates()
+        pool = self._pool_rows()
         in_pool, position = _positions(self.pool_ids, queries)
-        vectors = np.empty((len(queries), candidates.shape[1]), np.float32)
-        vectors[in_pool] = candidates[position[in_pool]]
-        if not in_pool.all():
-            outside = np.unique(queries[~in_pool])
-            vectors[~in_pool] = self._read(outside)[np.searchsorted(outside, queries[~in_pool])]
+        query_rows = pool[position] if in_pool.all() else self._query_rows(queries, in_pool, position)
         exclude = np.where(in_pool, position, -1)
-        index, similarity = cosine_top_k(candidates, vectors, self.k, exclude, self.block_size)
+        index, similarity = cosine_top_k(pool, query_rows, self.k, exclude, self.block_size)
         return self._table(queries, self.pool_ids[index], similarity)
 
-    def candidates(self) -> np.ndarray:
-        """The candidate matrix ``[n_pool, f]``: unit-norm float32 rows in ``pool_ids`` order."""
-        if self._candidates is None:
-            self._candidates = self._read(self.pool_ids)
-        return self._candidates
+    def _pool_rows(self) -> np.ndarray:
+        """The candidates ``[n_pool, f]``: unit rows in ``pool_ids`` order, read once."""
+        if self._pool is None:
+            pool = None
+            for positions, rows in self._iter_rows(self.pool_ids):
+                if pool is None:
+                    pool = np.empty((len(self.pool_ids), rows.shape[1]), self.precision)
+                pool[positions] = rows
+            self._pool = pool
+        return self._pool
+
+    def _query_rows(self, queries: np.ndarray, in_pool: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """Rows ``[Q, f]`` of the queries: copied from the pool, or read for those outside it."""
+        pool = self._pool_rows()
+        rows = np.empty((len(queries), pool.shape[1]), pool.dtype)
+        rows[in_pool] = pool[position[in_pool]]
+        outside = np.unique(queries[~in_pool])
+        slot = np.flatnonzero(~in_pool)
+        wanted = np.searchsorted(outside, queries[slot])  # a query id may repeat: several slots, one sample
+        for positions, unit in self._iter_rows(outside):
+            here = np.isin(wanted, positions)
+            order = np.argsort(positions)
+            rows[slot[here]] = unit[order[np.searchsorted(positions[order], wanted[here])]]
+        return rows
 
     def write(self, table: pa.Table | None = None, path: str | os.PathLike | None = None) -> Path:
         """Writes a neighbours table (default: :meth:`nn` of the pool) as Parquet, atomically.
@@ -299,13 +332,13 @@ class Neighbors:
     def config(self) -> dict[str, Any]:
         return {"run": str(self.run.path), "k": self.k, "space": self.space,
                 "layers": _describe_layers(self.layers), "among": self.among,
-                "pool_size": int(len(self.pool_ids)), "metric": "cosine",
+                "pool_size": len(self.pool_ids), "metric": "cosine", "precision": self.precision,
                 "vectors": "standardized profiles (run's statistics)" if self.space == "saliency"
                 else "penultimate features (raw)"}
 
-    def _read(self, ids: np.ndarray) -> np.ndarray:
+    def _iter_rows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         column = "profile" if self.space == "saliency" else "features"
-        return read_unit_rows(self.run, column, ids, self._columns, standardize=self.space == "saliency")
+        return iter_unit_rows(self.run, column, ids, self._columns, standardize=self.space == "saliency")
 
     def _checked_queries(self, query_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         queries = np.asarray(query_ids)
@@ -325,7 +358,7 @@ class Neighbors:
             "query_id": pa.array(np.repeat(queries, k), pa.int64()),
             "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), len(queries)), pa.int32()),
             "neighbor_id": pa.array(neighbor_ids.reshape(-1), pa.int64()),
-            "similarity": pa.array(similarity.reshape(-1), pa.float32()),
+            "similarity": pa.array(np.clip(similarity, -1.0, 1.0).reshape(-1), pa.float64()),
         })
         return table.replace_schema_metadata({"paramsal.neighbors": json.dumps(self.config())})
 
@@ -407,7 +440,8 @@ def chance_pair_sharing_rate(run: Run, query_ids: np.ndarray, pool_ids: np.ndarr
 
 
 def pair_sharing(run: Run | str | os.PathLike, k: int = 10, layers: Layers = None, among: str = "misclassified",
-                 spaces: Sequence[str] = SPACES, block_size: int = 4096) -> dict[str, Any]:
+                 spaces: Sequence[str] = SPACES, block_size: int = 2048, precision: str = "float32"
+                 ) -> dict[str, Any]:
     """The (true, predicted)-pair sharing rate of misclassified samples' neighbours, per space.
 
     Every misclassified sample is a query; its k nearest neighbours are taken
@@ -421,22 +455,32 @@ def pair_sharing(run: Run | str | os.PathLike, k: int = 10, layers: Layers = Non
         layers: saliency space only, as in :class:`Neighbors`.
         among: the pool, "misclassified" (as in the paper) or "all".
         spaces: which of "saliency", "features" to compute.
-        block_size: as in :class:`Neighbors`.
+        block_size, precision: as in :class:`Neighbors`.
 
     Returns:
         ``{"k", "among", "layers", "queries", "pool", "chance", and one rate per space}``.
     """
     run = run if isinstance(run, Run) else open_run(run)
+    if among not in POOLS:
+        raise InputError(f"among={among!r}: expected one of {', '.join(POOLS)}")
     queries = run.sample_ids("misclassified")
     if len(queries) == 0:
         raise InputError(f"{run.path} has no misclassified sample")
+    tables = {}
+    for space in spaces:
+        finder = Neighbors(run, k=k, space=space, layers=layers if space == "saliency" else None, among=among,
+                           block_size=block_size, precision=precision)
+        tables[space] = finder.nn(queries)
+    return _summary(run, k, layers, among, tables)
+
+
+def _summary(run: Run, k: int, layers: Layers, among: str, tables: dict[str, pa.Table]) -> dict[str, Any]:
+    """The rates of neighbours tables (one per space) whose queries include every misclassified sample."""
+    queries = run.sample_ids("misclassified")
     pool_ids = np.sort(run.sample_ids(None if among == "all" else "misclassified"))
     result: dict[str, Any] = {"k": k, "among": among, "layers": _describe_layers(layers), "queries": len(queries),
                               "pool": len(pool_ids)}
-    for space in spaces:
-        finder = Neighbors(run, k=k, space=space, layers=layers if space == "saliency" else None, among=among,
-                           block_size=block_size)
-        result[space] = pair_sharing_rate(run, finder.nn(queries))
+    result.update({space: pair_sharing_rate(run, table) for space, table in tables.items()})
     result["chance"] = chance_pair_sharing_rate(run, queries, pool_ids)
     return result
 
@@ -487,7 +531,9 @@ def add_neighbors_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--among", default="misclassified", choices=POOLS,
                         help="candidates and default queries (default: misclassified, as in the paper)")
     parser.add_argument("--space", default="saliency", choices=SPACES, help="the space whose table is written")
-    parser.add_argument("--block-size", type=int, default=4096, help="rows per block of the similarity products")
+    parser.add_argument("--block-size", type=int, default=2048, help="rows per block of the similarity products")
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
+                        help="candidate matrix in memory: float32 (half the memory) or float64 (exact ranks)")
     parser.add_argument("--out", default=None, help="Parquet file (default RUN/analyses/neighbors-SPACE.parquet)")
 
 
@@ -495,13 +541,22 @@ def run_neighbors_command(args: argparse.Namespace) -> int:
     """``paramsal neighbors``: writes the table of one space, prints the pair-sharing rate of both."""
     run = open_run(args.run)
     layers = parse_layers(args.layers)
-    finder = Neighbors(run, k=args.k, space=args.space, layers=layers if args.space == "saliency" else None,
-                       among=args.among, block_size=args.block_size)
-    table = finder.nn()
-    path = finder.write(table, args.out)
-    spaces = [s for s in SPACES if s == "saliency" or run.manifest.get("features")]
-    summary = pair_sharing(run, k=args.k, layers=layers, among=args.among, spaces=spaces,
-                           block_size=args.block_size)
+    wrong = run.sample_ids("misclassified")
+    if len(wrong) == 0:
+        raise InputError(f"{run.path} has no misclassified sample: nothing to explain")
+    tables, path = {}, None
+    for space in SPACES:
+        if space != args.space and space == "features" and not run.manifest.get("features"):
+            continue  # the baseline is optional; the requested space is not
+        finder = Neighbors(run, k=args.k, space=space, layers=layers if space == "saliency" else None,
+                           among=args.among, block_size=args.block_size, precision=args.precision)
+        if space == args.space:
+            # every pool sample is a query, so the misclassified ones the summary needs are in it
+            tables[space] = table = finder.nn()
+            path = finder.write(table, args.out)
+        else:
+            tables[space] = finder.nn(wrong)
+    summary = _summary(run, args.k, layers, args.among, tables)
     print(f"neighbours  {run.path}: k={args.k}, among {args.among} ({summary['pool']} samples), "
           f"layers {summary['layers']} (saliency space)")
     print(f"(true, predicted) pair shared with the query, {summary['queries']} misclassified queries:")

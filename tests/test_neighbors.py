@@ -1,0 +1,286 @@
+"""Nearest neighbours in saliency and feature space: exact against a float64 brute force."""
+
+import argparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from torch.utils.data import Subset
+
+from paramsal import InputError, SaliencyStats, open_run, profile_dataset
+from paramsal.engine.analyses.neighbors import (Neighbors, add_neighbors_arguments, chance_pair_sharing_rate,
+                                                cosine_top_k, pair_sharing, pair_sharing_rate, parse_layers,
+                                                run_neighbors_command)
+from paramsal.engine.rundir import FORMAT, UNITS, Part, profile_table, write_manifest, write_part
+from paramsal.zoo import demo_dataset, demo_model
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """200 demo images spread over all classes, 4 parts, with features."""
+    data = Subset(demo_dataset("test"), range(0, 3000, 15))
+    return profile_dataset(demo_model(), data, tmp_path_factory.mktemp("demo") / "run", batch_size=50,
+                           part_size=50, features=True, progress=False)
+
+
+def make_run(root, profiles, targets, preds, layer_of_unit, features=None, part_rows=37, reverse_parts=False):
+    """Writes a run directory holding exactly these rows (sample ids 0..n-1)."""
+    root.mkdir(parents=True)
+    n, num_units = profiles.shape
+    logits = np.zeros((n, int(max(targets.max(), preds.max())) + 1))
+    logits[np.arange(n), preds] = 5.0
+    parts = []
+    for index, start in enumerate(range(0, n, part_rows)):
+        rows = slice(start, min(start + part_rows, n))
+        part = Part(index, start, rows.stop)
+        table = profile_table(np.arange(n)[rows], targets[rows], logits[rows], np.ones(rows.stop - start),
+                              profiles[rows], None if features is None else features[rows])
+        write_part(root, part, table, SaliencyStats(num_units).update(profiles[rows]))
+        parts.append(part)
+    pq.write_table(pa.table({"unit_id": np.arange(num_units), "param": ["w"] * num_units,
+                             "module": ["m"] * num_units, "layer": layer_of_unit,
+                             "channel": np.arange(num_units), "size": np.ones(num_units, np.int64)}), root / UNITS)
+    write_manifest(root, {"format": FORMAT, "parts": [p.to_json() for p in (parts[::-1] if reverse_parts else parts)],
+                          "num_units": num_units, "num_samples": n, "complete": False,
+                          "features": features is not None, "config": {}, "aggregation": "mean_abs"})
+    return open_run(root)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """150 samples, a third misclassified, profiles clustered by (true, predicted) pair; parts listed backwards."""
+    rng = np.random.default_rng(0)
+    n, num_units = 150, 24
+    targets = rng.integers(0, 4, n)
+    preds = np.where(rng.random(n) < 0.35, rng.integers(0, 4, n), targets)
+    centres = rng.normal(size=(4, 4, num_units))
+    profiles = np.abs(centres[targets, preds] + rng.normal(scale=0.3, size=(n, num_units))).astype(np.float32)
+    features = rng.normal(size=(n, 6)).astype(np.float32)
+    layer_of_unit = np.repeat(np.arange(6), 4)
+    return make_run(tmp_path_factory.mktemp("syn") / "run", profiles, targets, preds, layer_of_unit, features,
+                    reverse_parts=True)
+
+
+def standardized(run, layers=None):
+    """Float64 standardized profiles ``[N, f]`` in sample-id order, from the raw values."""
+    # Run.profiles keeps the manifest's part order; the synthetic run lists its parts backwards.
+    raw = run.profiles(standardized=False).astype(np.float64)[np.argsort(run.sample_ids())]
+    z = (raw - run.stats.mean) / run.stats.std
+    if layers is not None:
+        layer_of_unit = run.units.column("layer").to_numpy()
+        chosen = np.unique(layer_of_unit)[layers] if isinstance(layers, slice) else layers
+        z = z[:, np.isin(layer_of_unit, chosen)]
+    return z
+
+
+def brute_force(vectors, pool, queries, k, stored=True):
+    """Float64 top-k by cosine over the full similarity matrix; ``vectors`` row i = sample i.
+
+    ``stored``: from unit rows rounded to float32, as Neighbors keeps them;
+    else from the float64 unit rows themselves.
+    """
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    if stored:
+        unit = unit.astype(np.float32).astype(np.float64)
+    sim = unit[queries] @ unit[pool].T
+    sim[queries[:, None] == pool[None, :]] = -np.inf
+    order = np.lexsort((np.broadcast_to(pool, sim.shape), -sim), axis=1)[:, :k]
+    return pool[order], np.take_along_axis(sim, order, 1), sim
+
+
+def check_against(table, vectors, pool, queries, k):
+    assert table.column_names == ["query_id", "rank", "neighbor_id", "similarity"]
+    assert table.column("query_id").to_numpy().tolist() == np.repeat(queries, k).tolist()
+    assert table.column("rank").to_numpy().tolist() == np.tile(np.arange(1, k + 1), len(queries)).tolist()
+    got = table.column("neighbor_id").to_numpy().reshape(-1, k)
+    similarity = table.column("similarity").to_numpy().reshape(-1, k)
+    ids, sims, _ = brute_force(vectors, pool, queries, k)
+    np.testing.assert_array_equal(got, ids)
+    np.testing.assert_allclose(similarity, sims, rtol=0, atol=1e-12)
+    # Against unit rows never rounded to float32: the same similarities to 1e-7, and the
+    # same neighbours except where two candidates are that close (near-duplicate samples).
+    _, sims64, full64 = brute_force(vectors, pool, queries, k, stored=False)
+    np.testing.assert_allclose(similarity, sims64, rtol=0, atol=1e-7)
+    where = np.searchsorted(pool, got)
+    np.testing.assert_allclose(np.take_along_axis(full64, where, 1), sims64, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("layers, among, block_size, k", [
+    (None, "all", 4096, 10),
+    (None, "all", 7, 10),                    # 29 x 29 blocks: blocking and merging exercised
+    (slice(0, 5), "all", 16, 5),             # shallow layers
+    (slice(10, None), "misclassified", 2, 3),
+    ([1, 7, 14], "misclassified", 3, 6),
+], ids=["all", "blocked", "shallow", "deep-misclassified", "layer-list"])
+def test_saliency_neighbors_equal_brute_force(demo_run, layers, among, block_size, k):
+    finder = Neighbors(demo_run, k=k, layers=layers, among=among, block_size=block_size)
+    pool = np.sort(demo_run.sample_ids(None if among == "all" else "misclassified"))
+    check_against(finder.nn(), standardized(demo_run, layers), pool, pool, k)
+
+
+@pytest.mark.parametrize("among", ["all", "misclassified"])
+def test_float64_precision_ranks_exactly_as_float64(demo_run, among):
+    """Kept in float64, even the near-duplicate correct samples rank as in a float64 computation."""
+    pool = np.sort(demo_run.sample_ids(None if among == "all" else "misclassified"))
+    table = Neighbors(demo_run, k=6, among=among, block_size=64, precision="float64").nn()
+    ids, sims, _ = brute_force(standardized(demo_run), pool, pool, 6, stored=False)
+    np.testing.assert_array_equal(table.column("neighbor_id").to_numpy().reshape(-1, 6), ids)
+    np.testing.assert_allclose(table.column("similarity").to_numpy().reshape(-1, 6), sims, rtol=0, atol=1e-12)
+
+
+def test_feature_neighbors_equal_brute_force(demo_run):
+    finder = Neighbors(demo_run, k=8, space="features", block_size=33)
+    pool = np.sort(demo_run.sample_ids())
+    check_against(finder.nn(), demo_run.features().astype(np.float64), pool, pool, 8)
+
+
+def test_queries_outside_the_pool_and_in_given_order(demo_run):
+    """Correct samples asked about among misclassified ones: no self to exclude, order kept, repeats kept."""
+    pool = np.sort(demo_run.sample_ids("misclassified"))
+    queries = np.array([150, 3, int(pool[0]), 3, 77])
+    table = Neighbors(demo_run, k=4, among="misclassified", block_size=3).nn(queries)
+    check_against(table, standardized(demo_run), pool, queries, 4)
+
+
+def test_synthetic_run_with_parts_listed_out_of_order(synthetic):
+    for among, layers in (("all", None), ("misclassified", slice(2, 4))):
+        pool = np.sort(synthetic.sample_ids(None if among == "all" else "misclassified"))
+        table = Neighbors(synthetic, k=9, among=among, layers=layers, block_size=11).nn()
+        check_against(table, standardized(synthetic, layers), pool, pool, 9)
+
+
+def test_block_size_does_not_change_the_answer(demo_run):
+    tables = [Neighbors(demo_run, k=7, block_size=size).nn() for size in (1, 5, 64, 4096)]
+    for table in tables[1:]:
+        assert table.column("neighbor_id").equals(tables[0].column("neighbor_id"))
+        np.testing.assert_allclose(table.column("similarity").to_numpy(),
+                                   tables[0].column("similarity").to_numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 5, 100])
+def test_ties_go_to_the_smaller_id_whatever_the_blocks(block_size):
+    # One-hot rows, each twice: the centre is 1/4 everywhere and every product is
+    # exact in binary floating point, so the similarities 0 and 1 are real ties.
+    eye = np.eye(4, dtype=np.float32)
+    candidates = eye[[2, 0, 1, 0, 3, 1, 2, 3]]
+    queries = eye[[0, 1, 3]]
+    index, sim = cosine_top_k(candidates, queries, k=6, exclude=np.array([3, -1, 4]), block_size=block_size)
+    # query 0 is row 3 (excluded): its copy first, then the zeros by row.
+    assert index.tolist() == [[1, 0, 2, 4, 5, 6], [2, 5, 0, 1, 3, 4], [7, 0, 1, 2, 3, 5]]
+    assert sim.tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+
+
+def test_a_query_is_never_its_own_neighbour_but_its_duplicate_is(tmp_path):
+    rng = np.random.default_rng(1)
+    profiles = rng.random((30, 8)).astype(np.float32)
+    profiles[17] = profiles[4]
+    run = make_run(tmp_path / "run", profiles, np.zeros(30, np.int64), np.zeros(30, np.int64), np.arange(8) // 4)
+    table = Neighbors(run, k=29, block_size=4).nn().to_pandas()
+    assert not (table.query_id == table.neighbor_id).any()
+    assert table.groupby("query_id").size().eq(29).all()
+    first = table[table["rank"] == 1].set_index("query_id").neighbor_id
+    assert first[4] == 17 and first[17] == 4
+
+
+def direct_pair_sharing(run, neighbors_of):
+    """A plain loop: for each misclassified query, count neighbours with pair (t, p) or (p, t)."""
+    rows = {r["sample_id"]: (r["target"], r["pred"]) for r in run.table().to_pylist()}
+    shared = total = 0
+    for query, neighbours in neighbors_of.items():
+        t, p = rows[query]
+        if t == p:
+            continue
+        for neighbour in neighbours:
+            shared += rows[neighbour] in ((t, p), (p, t))
+            total += 1
+    return shared / total
+
+
+@pytest.mark.parametrize("among", ["misclassified", "all"])
+def test_pair_sharing_equals_a_direct_loop(synthetic, among):
+    k = 5
+    result = pair_sharing(synthetic, k=k, among=among, block_size=16)
+    wrong = np.sort(synthetic.sample_ids("misclassified"))
+    pool = np.sort(synthetic.sample_ids(None if among == "all" else "misclassified"))
+    for space, vectors in (("saliency", standardized(synthetic)),
+                           ("features", synthetic.features()[np.argsort(synthetic.sample_ids())].astype(np.float64))):
+        ids, _, _ = brute_force(vectors, pool, wrong, k)
+        assert result[space] == pytest.approx(direct_pair_sharing(synthetic, dict(zip(wrong, ids))), abs=1e-12)
+    # chance: every other pool member counted as a neighbour
+    everyone = {q: [c for c in pool if c != q] for q in wrong}
+    assert result["chance"] == pytest.approx(np.mean([direct_pair_sharing(synthetic, {q: n})
+                                                      for q, n in everyone.items()]), abs=1e-12)
+    assert (result["queries"], result["pool"], result["k"]) == (len(wrong), len(pool), k)
+    # the clusters follow the pair: saliency neighbours share it far more than chance
+    assert result["saliency"] > 2 * result["chance"]
+
+
+def test_pair_sharing_rate_ignores_correct_queries(demo_run):
+    table = Neighbors(demo_run, k=5).nn()
+    wrong = demo_run.sample_ids("misclassified")
+    only_wrong = table.filter(pc.is_in(table.column("query_id"), pa.array(wrong)))
+    assert pair_sharing_rate(demo_run, table) == pair_sharing_rate(demo_run, only_wrong)
+    correct_only = table.filter(pc.invert(pc.is_in(table.column("query_id"), pa.array(wrong))))
+    with pytest.raises(InputError, match="no misclassified query"):
+        pair_sharing_rate(demo_run, correct_only)
+    assert 0 <= chance_pair_sharing_rate(demo_run, wrong, demo_run.sample_ids()) <= 1
+
+
+def test_write_next_to_the_run_and_read_back(demo_run, tmp_path):
+    finder = Neighbors(demo_run, k=3, among="misclassified", layers=slice(0, 5))
+    table = finder.nn()
+    path = finder.write(table)
+    assert path == demo_run.path / "analyses" / "neighbors-saliency.parquet"
+    back = pq.read_table(path)
+    assert back.equals(table)
+    assert b'"layers": "0:5"' in back.schema.metadata[b"paramsal.neighbors"]
+    assert finder.write(path=tmp_path / "x" / "nn.parquet").is_file()
+
+
+def test_command_line(demo_run, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_neighbors_arguments(parser)
+    out = tmp_path / "nn.parquet"
+    args = parser.parse_args([str(demo_run.path), "--k", "3", "--layers", "5:", "--out", str(out)])
+    assert run_neighbors_command(args) == 0
+    printed = capsys.readouterr().out
+    assert "saliency space" in printed and "feature space" in printed and "chance" in printed
+    assert pq.read_table(out).num_rows == 3 * len(demo_run.sample_ids("misclassified"))
+    assert parse_layers("0:10") == slice(0, 10) and parse_layers(":4") == slice(None, 4)
+    assert parse_layers("3,5") == [3, 5] and parse_layers(None) is None
+    with pytest.raises(InputError, match="--layers 'a:b'"):
+        parse_layers("a:b")
+
+
+def test_errors_name_the_problem(demo_run, tmp_path):
+    no_features = make_run(tmp_path / "plain", np.ones((5, 4), np.float32), np.zeros(5, np.int64),
+                           np.zeros(5, np.int64), np.zeros(4, np.int64))
+    with pytest.raises(InputError, match="has no features.*features=True"):
+        Neighbors(no_features, space="features")
+    with pytest.raises(InputError, match="no misclassified"):
+        Neighbors(no_features, k=1, among="misclassified")
+    wrong = len(demo_run.sample_ids("misclassified"))
+    with pytest.raises(InputError, match=f"k={wrong} is too large.*has {wrong} samples"):
+        Neighbors(demo_run, k=wrong, among="misclassified")
+    with pytest.raises(InputError, match="k=0"):
+        Neighbors(demo_run, k=0)
+    with pytest.raises(InputError, match=r"query ids \[200, 5000\] are not samples"):
+        Neighbors(demo_run, k=3).nn([1, 200, 5000])
+    with pytest.raises(InputError, match="integer sample ids"):
+        Neighbors(demo_run, k=3).nn([0.5])
+    with pytest.raises(InputError, match="space='pixels'"):
+        Neighbors(demo_run, space="pixels")
+    with pytest.raises(InputError, match="among='wrong'"):
+        Neighbors(demo_run, among="wrong")
+    with pytest.raises(InputError, match="among='wrong'"):
+        pair_sharing(demo_run, among="wrong")
+    with pytest.raises(InputError, match="precision='float16'"):
+        Neighbors(demo_run, precision="float16")
+    with pytest.raises(InputError, match=r"layers \[99\] are not in"):
+        Neighbors(demo_run, layers=[99])
+    with pytest.raises(InputError, match="selects no units"):
+        Neighbors(demo_run, layers=slice(20, 30))
+    with pytest.raises(InputError, match="space='saliency' only"):
+        Neighbors(demo_run, space="features", layers=slice(0, 3))

@@ -1,0 +1,121 @@
+"""The paper's Figures 1 and 2: the plotted numbers equal direct numpy computations, the PNGs are real."""
+
+import argparse
+
+import matplotlib.image
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from torch.utils.data import Subset
+
+from paramsal import InputError, SaliencyStats, open_run, profile_dataset
+from paramsal.engine.analyses.plots import (add_plots_arguments, layer_layout, plot_correct_vs_incorrect,
+                                            plot_mean_profile, run_plots_command)
+from paramsal.engine.rundir import FORMAT, UNITS, Part, profile_table, write_manifest, write_part
+from paramsal.zoo import demo_dataset, demo_model
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """150 demo images over all classes, 3 parts."""
+    data = Subset(demo_dataset("test"), range(0, 3000, 20))
+    return profile_dataset(demo_model(), data, tmp_path_factory.mktemp("plots") / "run", batch_size=50,
+                           part_size=50, progress=False)
+
+
+def per_layer_sorted(values, layer_of_unit):
+    """Direct computation: layer by layer in increasing order, values sorted descending."""
+    return np.concatenate([np.sort(values[layer_of_unit == layer])[::-1] for layer in np.unique(layer_of_unit)])
+
+
+def check_png(path):
+    assert path.is_file() and path.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 800
+
+
+def test_mean_profile_is_the_per_layer_sorted_mean(run, tmp_path):
+    data = plot_mean_profile(run, tmp_path / "fig" / "mean.png")
+    raw = run.profiles(standardized=False).astype(np.float64)
+    layer_of_unit = run.units.column("layer").to_numpy()
+    np.testing.assert_allclose(data.values["mean"], per_layer_sorted(raw.mean(axis=0), layer_of_unit), rtol=1e-12)
+    np.testing.assert_allclose(data.values["mean"], raw.mean(axis=0)[data.unit_ids["mean"]], rtol=1e-12)
+    assert sorted(data.unit_ids["mean"]) == list(range(run.num_units))
+    assert data.counts == {"mean": run.num_samples}
+    check_png(data.path)
+    check_equal_width_layout(data, layer_of_unit)
+
+
+def check_equal_width_layout(data, layer_of_unit):
+    np.testing.assert_array_equal(data.layers, np.unique(layer_of_unit))
+    np.testing.assert_array_equal(data.layer, np.sort(layer_of_unit, kind="stable"))
+    for j, layer in enumerate(data.layers):
+        x = data.x[data.layer == layer]
+        n = len(x)
+        np.testing.assert_allclose(x, j + (np.arange(n) + 0.5) / n)
+    assert np.all(np.diff(data.x) > 0)
+
+
+def test_correct_vs_incorrect_are_the_standardized_group_means(run, tmp_path):
+    data = plot_correct_vs_incorrect(run, tmp_path / "versus.png")
+    raw = run.profiles(standardized=False).astype(np.float64)
+    z = (raw - run.stats.mean) / run.stats.std
+    correct = run.table().column("correct").to_numpy(zero_copy_only=False)
+    layer_of_unit = run.units.column("layer").to_numpy()
+    for name, rows in (("correct", correct), ("misclassified", ~correct)):
+        expected = z[rows].mean(axis=0)
+        np.testing.assert_allclose(data.values[name], per_layer_sorted(expected, layer_of_unit), rtol=1e-9,
+                                   atol=1e-12)
+        np.testing.assert_allclose(data.values[name], expected[data.unit_ids[name]], rtol=1e-9, atol=1e-12)
+        # the run's own standardized reader (float32) agrees
+        np.testing.assert_allclose(np.sort(data.values[name]),
+                                   np.sort(run.profiles(only=name).astype(np.float64).mean(axis=0)), atol=1e-5)
+        assert data.counts[name] == rows.sum()
+    assert data.values["misclassified"].mean() > data.values["correct"].mean()  # the paper's Figure 2
+    check_png(data.path)
+    check_equal_width_layout(data, layer_of_unit)
+
+
+def test_data_only_without_a_path(run):
+    data = plot_mean_profile(run)
+    assert data.path is None and len(data.x) == run.num_units
+
+
+def test_layout_of_unequal_interleaved_layers():
+    layer_of_unit = np.array([5, 2, 5, 2, 2, 9])
+    values = np.array([1.0, 3.0, 4.0, 3.0, 7.0, 0.5])
+    x, layer, layers, sorted_values, unit_ids = layer_layout(layer_of_unit, {"v": values})
+    assert layers.tolist() == [2, 5, 9]
+    assert layer.tolist() == [2, 2, 2, 5, 5, 9]
+    assert unit_ids["v"].tolist() == [4, 1, 3, 2, 0, 5]  # the tie 3.0/3.0 keeps unit order
+    assert sorted_values["v"].tolist() == [7.0, 3.0, 3.0, 4.0, 1.0, 0.5]
+    np.testing.assert_allclose(x, [1 / 6, 3 / 6, 5 / 6, 1.25, 1.75, 2.5])
+
+
+def test_command_line_writes_both_figures(run, capsys):
+    parser = argparse.ArgumentParser()
+    add_plots_arguments(parser)
+    assert run_plots_command(parser.parse_args([str(run.path)])) == 0
+    check_png(run.path / "figures" / "mean-profile.png")
+    check_png(run.path / "figures" / "correct-vs-incorrect.png")
+    assert "Figure 2" in capsys.readouterr().out
+
+
+def test_no_misclassified_sample_is_named(tmp_path):
+    root = tmp_path / "all-correct"
+    root.mkdir()
+    profiles = np.random.default_rng(0).random((6, 4)).astype(np.float32)
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    logits = np.eye(2)[labels] * 5
+    write_part(root, Part(0, 0, 6), profile_table(np.arange(6), labels, logits, np.ones(6), profiles, None),
+               SaliencyStats(4).update(profiles))
+    pq.write_table(pa.table({"unit_id": np.arange(4), "param": ["w"] * 4, "module": ["m"] * 4,
+                             "layer": [0, 0, 1, 1], "channel": [0, 1, 0, 1], "size": [1] * 4}), root / UNITS)
+    write_manifest(root, {"format": FORMAT, "parts": [Part(0, 0, 6).to_json()], "num_units": 4, "num_samples": 6,
+                          "complete": False, "features": False, "config": {}, "aggregation": "mean_abs"})
+    with pytest.raises(InputError, match="has no misclassified samples"):
+        plot_correct_vs_incorrect(open_run(root))
+    assert len(plot_mean_profile(open_run(root)).x) == 4
