@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from paramsal._io import atomic_path
+from paramsal.engine.backends import BatchResult
 from paramsal.engine.profile import Profiler
 from paramsal.engine.rundir import (FORMAT, STATS, UNITS, Part, Run, check_same_run, clear_run, merge_part_stats,
-                                    profile_table, read_manifest, write_manifest, write_part)
+                                    mismatches, profile_table, read_manifest, write_manifest, write_part)
 from paramsal.engine.units import UnitsSpec
-from paramsal.errors import InputError, RunMismatchError
+from paramsal.errors import InputError
 from paramsal.kernels.reduce import Aggregation
 from paramsal.kernels.stats import SaliencyStats
 
@@ -80,7 +81,7 @@ def profile_dataset(model: nn.Module, data: Dataset, out_dir: str | os.PathLike,
     wanted = _manifest(model, data, profiler, batch_size, batches_per_part, model_name, data_name)
 
     existing = read_manifest(root)
-    if existing is not None and (overwrite and not (resume and _same_identity(existing, wanted))):
+    if existing is not None and overwrite and not (resume and not mismatches(existing, wanted)):
         clear_run(root)
         existing = None
     if existing is not None and not resume:
@@ -102,18 +103,15 @@ def profile_dataset(model: nn.Module, data: Dataset, out_dir: str | os.PathLike,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     bar = tqdm(total=len(data), initial=start, unit="samples", disable=not progress, desc="profiling",
                dynamic_ncols=True)
-    pending: list[Any] = []
+    buffer = _PartBuffer(start)
     try:
-        next_id = start
         for inputs, targets in loader:
-            result = profiler(inputs, torch.as_tensor(targets))
-            ids = np.arange(next_id, next_id + len(inputs))
-            next_id += len(inputs)
-            pending.append((ids, torch.as_tensor(targets), result))
+            targets = torch.as_tensor(targets)
+            buffer.add(targets, profiler(inputs, targets))
             bar.update(len(inputs))
-            if sum(len(p[0]) for p in pending) >= rows_per_part or next_id == len(data):
-                parts.append(_flush(root, wanted, parts, pending, len(profiler.index)))
-                pending = []
+            if buffer.rows >= rows_per_part or buffer.stop == len(data):
+                parts.append(_flush(root, wanted, parts, buffer, len(profiler.index)))
+                buffer = _PartBuffer(buffer.stop)
     finally:
         bar.close()
 
@@ -121,18 +119,39 @@ def profile_dataset(model: nn.Module, data: Dataset, out_dir: str | os.PathLike,
     return Run(root)
 
 
-def _flush(root: Path, manifest: dict[str, Any], parts: list[Part], pending: list, num_units: int) -> Part:
-    ids = np.concatenate([p[0] for p in pending])
-    targets = torch.cat([p[1] for p in pending]).numpy()
-    results = [p[2] for p in pending]
-    profiles = torch.cat([r.profiles for r in results]).float().cpu().numpy()
-    outputs = torch.cat([r.outputs for r in results]).float().cpu().numpy()
-    losses = torch.cat([r.losses for r in results]).float().cpu().numpy()
-    features = (torch.cat([r.features for r in results]).float().cpu().numpy()
-                if results[0].features is not None else None)
-    part = Part(len(parts), int(ids[0]), int(ids[-1]) + 1)
-    stats = SaliencyStats(num_units, manifest["aggregation"]).update(torch.cat([r.profiles for r in results]))
-    write_part(root, part, profile_table(ids, targets, outputs, losses, profiles, features), stats)
+class _PartBuffer:
+    """The batches of the part being filled, moved off the device as they arrive."""
+
+    def __init__(self, start: int):
+        self.start = self.stop = start
+        self.columns: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                                       ("targets", "profiles", "outputs", "losses", "features")}
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    def add(self, targets: torch.Tensor, result: BatchResult) -> None:
+        for name, values in (("targets", targets), ("profiles", result.profiles), ("outputs", result.outputs),
+                             ("losses", result.losses), ("features", result.features)):
+            if values is not None:
+                self.columns[name].append(values.detach().cpu())
+        self.stop += len(targets)
+
+    def cat(self, name: str) -> torch.Tensor | None:
+        return torch.cat(self.columns[name]) if self.columns[name] else None
+
+
+def _flush(root: Path, manifest: dict[str, Any], parts: list[Part], buffer: _PartBuffer, num_units: int) -> Part:
+    """Writes the buffered rows as the next part, then lists it in the manifest."""
+    profiles = buffer.cat("profiles")
+    features = buffer.cat("features")
+    part = Part(len(parts), buffer.start, buffer.stop)
+    table = profile_table(np.arange(buffer.start, buffer.stop), buffer.cat("targets").numpy(),
+                          buffer.cat("outputs").float().numpy(), buffer.cat("losses").float().numpy(),
+                          profiles.float().numpy(), None if features is None else features.float().numpy())
+    stats = SaliencyStats(num_units, manifest["aggregation"]).update(profiles)
+    write_part(root, part, table, stats)
     manifest["parts"] = [p.to_json() for p in parts + [part]]
     manifest["updated"] = _now()
     write_manifest(root, manifest)
@@ -176,14 +195,6 @@ def _manifest(model: nn.Module, data: Dataset, profiler: Profiler, batch_size: i
                      "python": platform.python_version()},
         "parts": [],
     }
-
-
-def _same_identity(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    try:
-        check_same_run(Path("."), existing, wanted)
-    except RunMismatchError:
-        return False
-    return True
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -82,9 +82,14 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(manifest, indent=1))
 
 
+def mismatches(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The identity keys on which two manifests differ."""
+    return [k for k in IDENTITY_KEYS if existing.get(k) != wanted.get(k)]
+
+
 def check_same_run(root: Path, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
     """Raises :class:`RunMismatchError` naming every identity key that differs."""
-    differ = [k for k in IDENTITY_KEYS if existing.get(k) != wanted.get(k)]
+    differ = mismatches(existing, wanted)
     if differ:
         details = "; ".join(f"{k}: run has {existing.get(k)!r}, this job {wanted.get(k)!r}" for k in differ)
         raise RunMismatchError(f"{root} holds a run made with another {', '.join(differ)} ({details}). "
