@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_neighbors_arguments(neighbors)
     neighbors.set_defaults(func=run_neighbors_command)
 
+    from paramsal.engine.analyses.pruning import add_prune_arguments, run_prune_command
+
+    prune = sub.add_parser("prune", help="pruning / perturbation curves of misclassified samples (paper 3.1, A.5)")
+    add_prune_arguments(prune)
+    prune.set_defaults(func=run_prune_command)
+
     plots = sub.add_parser("plots", help="the paper's Figures 1-2 (PNG) under RUN/figures")
     add_plots_arguments(plots)
     plots.set_defaults(func=run_plots_command)

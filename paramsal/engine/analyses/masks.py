@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from paramsal.engine.profile import eval_mode
 from paramsal.engine.units import UnitGroup, UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError
 
@@ -124,6 +126,7 @@ class UnitEditor:
         self.index = index
         self.sites = tuple(sites)
         self._by_param = {s.group.param_name: s for s in self.sites}
+        self._open_blocks = 0  # hooks are on the model while > 0
 
     @classmethod
     def locate(cls, model: nn.Module, example_inputs: torch.Tensor,
@@ -131,8 +134,8 @@ class UnitEditor:
         """Finds each unit's layer and following BatchNorm with one probe forward pass.
 
         Args:
-            model: the network, best in eval mode (the probe runs without
-                gradients and changes nothing).
+            model: the network (the probe runs in eval mode, without
+                gradients, and changes nothing).
             example_inputs: ``[N, ...]`` any batch the model accepts (one
                 sample is enough).
             units: the units (see :func:`paramsal.units_of`); every group must
@@ -174,7 +177,7 @@ class UnitEditor:
             for module in (site.module,) + site.followers:
                 masks.setdefault(module, []).append((site_off, site.channel_dim if module == site.module else 1))
         hooks = {name: _zeroing_hook(name, entries) for name, entries in masks.items()}
-        with _hooked(self.model, hooks):
+        with self._hooked(hooks):
             yield self.model
 
     @contextmanager
@@ -196,10 +199,22 @@ class UnitEditor:
             if site is None:
                 raise InputError(f"weight deltas for {delta.param!r}, which holds no units of this editor")
             by_module.setdefault(site.module, []).append(delta)
-        hooks = {name: _perturbing_hook(name, entries)
-                 for name, entries in by_module.items()}
-        with _hooked(self.model, hooks):
+        hooks = {name: _perturbing_hook(name, entries) for name, entries in by_module.items()}
+        with self._hooked(hooks):
             yield self.model
+
+    @contextmanager
+    def _hooked(self, hooks: Mapping[str, object]) -> Iterator[None]:
+        handles = []
+        self._open_blocks += 1
+        try:
+            for name, hook in hooks.items():
+                handles.append(self.model.get_submodule(name).register_forward_hook(hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._open_blocks -= 1
 
 
 def unit_mask(unit_ids: np.ndarray | torch.Tensor | Sequence[Sequence[int]], num_units: int) -> torch.Tensor:
@@ -209,13 +224,49 @@ def unit_mask(unit_ids: np.ndarray | torch.Tensor | Sequence[Sequence[int]], num
         unit_ids: ``[N, k]`` unit ids (or N lists of possibly different lengths).
         num_units: F.
     """
-    off = torch.zeros(len(unit_ids), num_units, dtype=torch.bool)
-    for row, ids in enumerate(unit_ids):
-        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_units):
-            raise InputError(f"unit ids of sample {row} out of range [0, {num_units})")
-        off[row, ids] = True
+    rows = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in unit_ids]
+    flat = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= num_units):
+        bad = next(i for i, ids in enumerate(rows) if ids.size and (ids.min() < 0 or ids.max() >= num_units))
+        raise InputError(f"unit ids of sample {bad} out of range [0, {num_units})")
+    off = torch.zeros(len(rows), num_units, dtype=torch.bool)
+    sample_of = np.repeat(np.arange(len(rows)), [len(ids) for ids in rows])
+    off[torch.from_numpy(sample_of), torch.from_numpy(flat)] = True
     return off
+
+
+def pruned_copy(editor: UnitEditor, unit_ids: Sequence[int] | np.ndarray) -> nn.Module:
+    """A deep copy of the editor's model with ``unit_ids`` really turned off, in its parameters.
+
+    What :meth:`UnitEditor.switched_off` does for one sample, written into
+    weights: for unit c of a layer, the layer's ``weight[c]`` and ``bias[c]``
+    and, of each BatchNorm following it, ``weight[c]`` and ``bias[c]`` are set
+    to 0. The slow, obviously correct way (one copy per sample), for checks
+    and for users who want the pruned model itself.
+
+    Raises:
+        InputError: a following BatchNorm without affine parameters (its
+            output channel cannot be zeroed through parameters), or a call
+            inside a ``switched_off``/``perturbed`` block.
+    """
+    if editor._open_blocks:
+        # A deep copy would take the block's hooks along and apply this batch's edits to it.
+        raise InputError("pruned_copy inside a switched_off/perturbed block would copy its hooks; call it outside")
+    copy = deepcopy(editor.model)
+    ids = np.asarray(unit_ids, dtype=np.int64).reshape(-1)
+    with torch.no_grad():
+        for site in editor.sites:
+            channels = torch.as_tensor(ids[(ids >= site.group.offset) & (ids < site.group.stop)] - site.group.offset)
+            if not len(channels):
+                continue
+            for name in (site.module,) + site.followers:
+                module = copy.get_submodule(name)
+                if getattr(module, "weight", None) is None:
+                    raise InputError(f"{name} has no affine parameters to zero; use UnitEditor.switched_off")
+                module.weight[channels] = 0
+                if module.bias is not None:
+                    module.bias[channels] = 0
+    return copy
 
 
 def gaussian_deltas(index: UnitIndex, unit_ids: Sequence[Sequence[int]] | np.ndarray, std: float,
@@ -223,9 +274,9 @@ def gaussian_deltas(index: UnitIndex, unit_ids: Sequence[Sequence[int]] | np.nda
                     device: torch.device | str | None = None) -> list[WeightDeltas]:
     """Gaussian noise ``N(0, std**2)`` on the chosen output channels of each sample.
 
-    Sample n's noise is drawn from a generator seeded with ``seeds[n]``, for
-    its units in the order given, so it does not depend on the batch it is
-    computed in.
+    Sample n's noise is one float32 draw from a generator seeded with
+    ``seeds[n]``, split over its units in the order given, so it depends
+    neither on the batch it is computed in nor on ``dtype``.
 
     Args:
         index: the units; each must be a whole output channel ("rows").
@@ -240,28 +291,29 @@ def gaussian_deltas(index: UnitIndex, unit_ids: Sequence[Sequence[int]] | np.nda
     if len(seeds) != len(unit_ids):
         raise InputError(f"{len(seeds)} seeds for {len(unit_ids)} samples")
     group_of = np.repeat(np.arange(len(index.groups)), [g.num_units for g in index.groups])
+    unit_size = np.repeat([int(np.prod(g.shape[1:])) for g in index.groups], [g.num_units for g in index.groups])
+    offsets = np.array([g.offset for g in index.groups])
     collected: dict[int, tuple[list[int], list[int], list[torch.Tensor]]] = {}
     for row, (ids, seed) in enumerate(zip(unit_ids, seeds)):
-        ids = [int(u) for u in ids]
-        if not ids:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not len(ids):
             continue
-        if min(ids) < 0 or max(ids) >= len(index):
+        if ids.min() < 0 or ids.max() >= len(index):
             raise InputError(f"unit ids of sample {row} out of range [0, {len(index)})")
-        groups = [index.groups[group_of[u]] for u in ids]
-        shapes = [g.shape[1:] for g in groups]
-        sizes = [int(np.prod(s)) for s in shapes]
+        sizes = unit_size[ids]
         generator = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn(sum(sizes), generator=generator, dtype=torch.float64) * std
-        for unit, g, shape, piece in zip(ids, groups, shapes, noise.split(sizes)):
-            samples, channels, values = collected.setdefault(g.layer, ([], [], []))
+        noise = torch.randn(int(sizes.sum()), generator=generator).mul_(std)
+        for group, unit, piece in zip(group_of[ids].tolist(), (ids - offsets[group_of[ids]]).tolist(),
+                                      noise.split(sizes.tolist())):
+            samples, channels, values = collected.setdefault(group, ([], [], []))
             samples.append(row)
-            channels.append(unit - g.offset)
-            values.append(piece.reshape(shape))
-    return [WeightDeltas(param=index.groups[layer].param_name,
+            channels.append(unit)
+            values.append(piece)
+    return [WeightDeltas(param=index.groups[group].param_name,
                          samples=torch.tensor(s, dtype=torch.long, device=device),
                          channels=torch.tensor(c, dtype=torch.long, device=device),
-                         values=torch.stack(v).to(device=device, dtype=dtype))
-            for layer, (s, c, v) in sorted(collected.items())]
+                         values=torch.cat(v).view(len(v), *index.groups[group].shape[1:]).to(device, dtype))
+            for group, (s, c, v) in sorted(collected.items())]
 
 
 def _check_editable(model: nn.Module, group: UnitGroup) -> nn.Module:
@@ -313,7 +365,8 @@ def _observe_followers(model: nn.Module, layers: Mapping[str, nn.Module],
         for name, module in model.named_modules():
             if isinstance(module, _BatchNorm):
                 handles.append(module.register_forward_pre_hook(record_input(name)))
-        with torch.no_grad():
+        # Eval mode: a probe in train mode would move the BatchNorm running statistics.
+        with eval_mode(model), torch.no_grad():
             model(example_inputs)
     finally:
         for handle in handles:
@@ -331,29 +384,20 @@ def _normalizes_channels(layer: nn.Module, x: torch.Tensor) -> bool:
     return isinstance(layer, _CONV_TYPES) or x.dim() == 2
 
 
-@contextmanager
-def _hooked(model: nn.Module, hooks: Mapping[str, object]) -> Iterator[None]:
-    handles = []
-    try:
-        for name, hook in hooks.items():
-            handles.append(model.get_submodule(name).register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _zeroing_hook(name: str, entries: list[tuple[torch.Tensor, int]]):
     """A forward hook zeroing, per sample, the output channels of ``entries`` ([N, C] masks, channel dims)."""
+    # Writing zeros at the (sample, channel) pairs that are off costs in proportion to them, far less than
+    # a masked_fill over the whole output, and gives exact zeros even where the output held inf/NaN.
+    pairs = [(off.shape, off.nonzero(as_tuple=True), channel_dim) for off, channel_dim in entries]
 
     def hook(module, inputs, output):
-        for off, channel_dim in entries:
-            _check_output(name, output, off.shape, channel_dim)
-            shape = [1] * output.dim()
-            shape[0] = off.shape[0]
-            shape[channel_dim] = off.shape[1]
-            # masked_fill rather than a product: a channel that is off is exactly 0 even if it held inf/NaN.
-            output = output.masked_fill(off.to(output.device).view(shape), 0)
+        for i, (shape, index, channel_dim) in enumerate(pairs):
+            _check_output(name, output, shape, channel_dim)
+            if index[0].device != output.device:  # moved once, on the first call
+                index = tuple(t.to(output.device) for t in index)
+                pairs[i] = (shape, index, channel_dim)
+            zero = torch.zeros((), dtype=output.dtype, device=output.device)
+            output = output.movedim(channel_dim, 1).index_put(index, zero).movedim(1, channel_dim)
         return output
 
     return hook
