@@ -54,9 +54,19 @@ def _cmd_profile(args: argparse.Namespace) -> int:
                           units=args.units, aggregation=args.aggregation, device=args.device,
                           num_workers=args.num_workers, features=args.features, resume=not args.restart,
                           overwrite=args.overwrite or args.restart, progress=not args.quiet,
-                          part_size=args.part_size, model_name=args.model, data_name=args.data)
+                          part_size=args.part_size, model_name=args.model, data_name=args.data,
+                          source=_source(args))
     print(run.summary())
     return 0
+
+
+def _source(args: argparse.Namespace) -> dict:
+    """The specs that rebuild this job's model and data, for the manifest (paths made absolute)."""
+    import os
+
+    return {"model": args.model, "weights": args.weights and os.path.abspath(args.weights),
+            "num_classes": args.num_classes, "data": args.data, "transform": args.transform,
+            "limit": args.limit}
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -72,7 +82,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from paramsal.specs import load_data, load_model
 
     run = profile_dataset(load_model("demo"), load_data("demo:test"), args.out, batch_size=64, features=True,
-                          overwrite=True, progress=not args.quiet, model_name="demo", data_name="demo:test")
+                          overwrite=True, progress=not args.quiet, model_name="demo", data_name="demo:test",
+                          source={"model": "demo", "data": "demo:test"})
     run = open_run(run.path)
     z = run.profiles()
     wrong = ~run.table().column("correct").to_numpy(zero_copy_only=False)
@@ -140,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="pruning / perturbation curves of misclassified samples (paper 3.1, A.5)")
     add_prune_arguments(prune)
     prune.set_defaults(func=run_prune_command)
+
+    from paramsal.engine.analyses.input_saliency import add_explain_arguments, run_explain_command
+    from paramsal.engine.analyses.sanity import add_sanity_arguments, run_sanity_command
+
+    explain = sub.add_parser("explain", help="input-space saliency maps of samples (salient vs random units)")
+    add_explain_arguments(explain)
+    explain.set_defaults(func=run_explain_command)
+
+    sanity = sub.add_parser("sanity", help="cascading-randomization sanity check of input-space saliency (A.10)")
+    add_sanity_arguments(sanity)
+    sanity.set_defaults(func=run_sanity_command)
 
     plots = sub.add_parser("plots", help="the paper's Figures 1-2 (PNG) under RUN/figures")
     add_plots_arguments(plots)

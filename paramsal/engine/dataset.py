@@ -35,7 +35,8 @@ def profile_dataset(model: nn.Module, data: Dataset, out_dir: str | os.PathLike,
                     device: str | torch.device | None = None, num_workers: int = 0, features: bool | str = False,
                     resume: bool = True, overwrite: bool = False, progress: bool = True,
                     part_size: int | None = None, chunk_size: int | None = None,
-                    model_name: str | None = None, data_name: str | None = None) -> Run:
+                    model_name: str | None = None, data_name: str | None = None,
+                    source: dict[str, Any] | None = None) -> Run:
     """Profiles every sample of a classification data set and writes a run directory.
 
     Each sample's raw profile (the gradient of its own cross-entropy loss,
@@ -66,6 +67,9 @@ def profile_dataset(model: nn.Module, data: Dataset, out_dir: str | os.PathLike,
             (default about 2,048).
         chunk_size: samples per chunk of per-sample work (memory bound).
         model_name, data_name: descriptions stored in the manifest.
+        source: how to load the model and data again (the command line's
+            specs: model, weights, num_classes, data, transform), stored in the
+            manifest so that analyses can rebuild them from the run alone.
 
     Returns:
         The finished run, opened for reading.
@@ -79,6 +83,7 @@ def profile_dataset(model: nn.Module, data: Dataset, out_dir: str | os.PathLike,
                         features=features or None)
     batches_per_part = max(1, (part_size or DEFAULT_PART_ROWS) // batch_size)
     wanted = _manifest(model, data, profiler, batch_size, batches_per_part, model_name, data_name)
+    wanted["source"] = dict(source or {})
 
     existing = read_manifest(root)
     if existing is not None and overwrite and not (resume and not mismatches(existing, wanted)):

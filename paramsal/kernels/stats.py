@@ -64,8 +64,8 @@ class SaliencyStats:
     m2: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        self.mean = np.zeros(self.num_units) if self.mean is None else np.asarray(self.mean, np.float64)
-        self.m2 = np.zeros(self.num_units) if self.m2 is None else np.asarray(self.m2, np.float64)
+        self.mean = np.zeros(self.num_units) if self.mean is None else np.array(self.mean, np.float64)
+        self.m2 = np.zeros(self.num_units) if self.m2 is None else np.array(self.m2, np.float64)
         if self.mean.shape != (self.num_units,) or self.m2.shape != (self.num_units,):
             raise InputError(f"mean {self.mean.shape} and m2 {self.m2.shape} must both have shape "
                              f"({self.num_units},)")

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from paramsal._io import atomic_path
 from paramsal.engine.analyses.bootstrap import bootstrap_mean_ci
+from paramsal.engine.analyses.common import add_source_arguments, load_source
 from paramsal.engine.analyses.masks import UnitEditor, gaussian_deltas, unit_mask
 from paramsal.engine.dataset import model_fingerprint
 from paramsal.engine.profile import eval_mode
@@ -407,13 +408,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds random units, noise and bootstrap")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    parser.add_argument("--model", help="model spec (default: the run's)")
-    parser.add_argument("--weights", help="state dict file for the model")
-    parser.add_argument("--num-classes", type=int, help="classes of a torchvision model")
-    parser.add_argument("--data", help="data spec (default: the run's)")
-    parser.add_argument("--transform", default="imagenet", choices=["imagenet", "inception", "tensor"],
-                        help="image transform for imagefolder data")
-    parser.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    add_source_arguments(parser)
     parser.add_argument("--out", help="output directory (default RUN/analyses)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -421,15 +416,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 def run_prune_command(args: argparse.Namespace) -> int:
     """``paramsal prune``: loads the run's model and data, writes the tables and the figure, prints the summary."""
     from paramsal.engine.rundir import open_run
-    from paramsal.specs import load_data, load_model
 
     run = open_run(args.run)
-    config = run.manifest.get("config", {})
-    model_spec, data_spec = args.model or config.get("model"), args.data or config.get("data")
-    model = load_model(model_spec, args.weights, args.num_classes)
-    data = load_data(data_spec, args.transform)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pruning = Pruning(model.to(device), ks=args.ks, select=[s.strip() for s in args.select.split(",") if s.strip()],
+    model, data, _ = load_source(run, args)
+    pruning = Pruning(model, ks=args.ks, select=[s.strip() for s in args.select.split(",") if s.strip()],
                       mode=args.mode, noise_std=args.noise_std, seed=args.seed, batch_size=args.batch_size,
                       num_resamples=args.resamples, progress=not args.quiet)
     started = time.perf_counter()

@@ -1,0 +1,252 @@
+"""Input-space saliency: the double-backward gradient against finite differences, the picture, masking."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import paramsal
+from paramsal.engine.analyses.input_saliency import (InputSaliency, Masking, boosted_profile, channel_max,
+                                                     choose_units, confidence_raised, cosine_distance,
+                                                     gaussian_kernel, mask_pixels, pixel_count,
+                                                     plot_explanations, random_pixels, summarize_masking,
+                                                     top_pixels, visual_map)
+
+
+class SmoothCNN(nn.Module):
+    """Smooth activations (Tanh, Softplus) so that finite differences of the double gradient are valid."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4 * 2 * 2, classes)
+
+    def forward(self, x):
+        x = torch.tanh(self.bn(self.conv1(x)))
+        x = F.softplus(self.conv2(x))
+        return self.fc(x.flatten(1))
+
+
+def _model_and_stats(dtype=torch.float64, seed: int = 0):
+    torch.manual_seed(seed)
+    model = SmoothCNN().to(dtype)
+    with torch.no_grad():  # running statistics that are not the identity, so eval-mode BN matters
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    reference = torch.randn(12, 2, 6, 6, dtype=dtype)
+    stats = paramsal.SaliencyStats(len(paramsal.units_of(model))).update(
+        paramsal.profile_batch(model, reference, torch.randint(0, 4, (12,))))
+    return model, stats
+
+
+def _distance(model, stats, x, y, target):
+    """D_C(ŝ(x), target) for one sample, written out directly (the reference; the model must be in eval mode)."""
+    assert not model.training
+    params = [p for p in model.parameters() if p.dim() == 4]
+    loss = F.cross_entropy(model(x[None]), y[None])
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    raw = torch.cat([g.abs().flatten(1).mean(1) for g in grads])
+    z = (raw - torch.as_tensor(stats.mean)) / torch.as_tensor(stats.std)
+    return 1 - F.cosine_similarity(z, target, dim=0)
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_attribution_matches_finite_differences(backend):
+    model, stats = _model_and_stats()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 2, 3])
+    model.eval()
+    explainer = InputSaliency(model, stats, top=2, boost=100.0, backend=backend)
+    z = explainer.profiles(x, y)
+    units = choose_units(z, 2)
+    target = boosted_profile(z, units, 100.0)
+    attribution = explainer.attribute(x, y)
+    assert attribution.shape == x.shape and attribution.dtype == torch.float64
+    eps = 1e-6
+    rng = np.random.default_rng(0)
+    with torch.no_grad(), torch.enable_grad():
+        for n in range(3):
+            for flat in rng.choice(x[n].numel(), 6, replace=False):
+                step = torch.zeros(x[n].numel(), dtype=torch.float64)
+                step[flat] = eps
+                step = step.view_as(x[n])
+                plus = _distance(model, stats, x[n] + step, y[n], target[n])
+                minus = _distance(model, stats, x[n] - step, y[n], target[n])
+                numeric = abs(float((plus - minus).detach()) / (2 * eps))
+                assert float(attribution[n].flatten()[flat]) == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+
+
+def test_vmap_equals_loop_and_model_state_is_restored():
+    model, stats = _model_and_stats()
+    model.train()
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    y = torch.tensor([1, 0, 3, 2])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batched = InputSaliency(model, stats, top=3, chunk_size=3).attribute(x, y)
+    looped = InputSaliency(model, stats, top=3, backend="loop").attribute(x, y)
+    torch.testing.assert_close(batched, looped, rtol=1e-9, atol=1e-12)
+    assert model.training and model.bn.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN running stats untouched
+    assert all(p.grad is None for p in model.parameters())
+    assert not model._forward_hooks and not model._backward_hooks
+
+
+def test_each_sample_is_independent_of_the_batch():
+    model, stats = _model_and_stats()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    explainer = InputSaliency(model, stats, top=2)
+    torch.testing.assert_close(explainer.attribute(x, y)[1:2], explainer.attribute(x[1:2], y[1:2]))
+
+
+def test_random_selection_is_seeded_per_sample():
+    z = torch.randn(5, 30)
+    a = choose_units(z, 4, "random", seed=3, sample_ids=[10, 11, 12, 13, 14])
+    b = choose_units(z[2:], 4, "random", seed=3, sample_ids=[12, 13, 14])
+    assert torch.equal(a[2:], b)
+    assert all(len(set(row.tolist())) == 4 for row in a)
+    assert not torch.equal(a, choose_units(z, 4, "random", seed=4, sample_ids=[10, 11, 12, 13, 14]))
+    top = choose_units(z, 4)
+    assert torch.equal(top, torch.argsort(z, dim=1, descending=True)[:, :4])
+
+
+def test_boosted_profile_and_cosine_distance():
+    z = torch.tensor([[1.0, -2.0, 3.0]], requires_grad=True)
+    target = boosted_profile(z, torch.tensor([[2]]), 100.0)
+    assert not target.requires_grad
+    assert target.tolist() == [[1.0, -2.0, 300.0]]
+    assert float(cosine_distance(z.detach(), z.detach())) == pytest.approx(0.0, abs=1e-6)
+    assert float(cosine_distance(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))) == pytest.approx(1.0)
+
+
+def test_errors_name_the_problem():
+    model, stats = _model_and_stats()
+    with pytest.raises(paramsal.InputError, match="select"):
+        InputSaliency(model, stats, select="best")
+    with pytest.raises(paramsal.InputError, match="top=99"):
+        InputSaliency(model, stats, top=99)
+    with pytest.raises(paramsal.InputError, match="statistics have 5 units"):
+        InputSaliency(model, paramsal.SaliencyStats(5))
+    with pytest.raises(paramsal.InputError, match="targets"):
+        InputSaliency(model, stats, top=2).attribute(torch.randn(2, 2, 6, 6), torch.zeros(3, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------------- picture
+
+
+def test_visual_map_clips_between_percentiles_and_blurs():
+    attribution = torch.zeros(3, 10, 10)
+    attribution[1] = torch.arange(100.0).view(10, 10)  # channel max = the ramp
+    attribution[0] = -0.5                               # absolute values count, but the max wins
+    unblurred = visual_map(attribution, blur=1)
+    ramp = torch.arange(100.0).view(10, 10)
+    lo, hi = torch.quantile(ramp.flatten(), 0.9), torch.quantile(ramp.flatten(), 0.99)
+    torch.testing.assert_close(unblurred, ((ramp - lo) / (hi - lo)).clamp(0, 1))
+    assert float(unblurred.min()) == 0 and float(unblurred.max()) == 1
+    blurred = visual_map(attribution)
+    assert blurred.shape == (10, 10) and 0 <= float(blurred.min()) and float(blurred.max()) <= 1
+    assert visual_map(attribution[None].repeat(2, 1, 1, 1)).shape == (2, 10, 10)
+    assert float(gaussian_kernel(3).sum()) == pytest.approx(1.0)
+    assert torch.equal(channel_max(-attribution), channel_max(attribution))
+
+
+def test_plot_writes_png(tmp_path):
+    images = torch.randn(2, 1, 8, 8)
+    maps = torch.rand(2, 8, 8)
+    path = tmp_path / "fig.png"
+    plot_explanations(images, maps, path, random_maps=torch.rand(2, 8, 8), titles=["a", "b"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(paramsal.InputError, match="3 maps"):
+        plot_explanations(images, torch.rand(3, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize("percent", [1, 5, 10, 20])
+def test_masking_touches_exactly_the_chosen_pixels(percent):
+    inputs = torch.randn(3, 2, 7, 9) + 5  # no input pixel is 0 already
+    scores = torch.rand(3, 7, 9)
+    count = pixel_count(percent, 63)
+    assert count == max(1, round(percent / 100 * 63))
+    chosen = top_pixels(scores, count)
+    masked = mask_pixels(inputs, chosen)
+    assert masked.shape == inputs.shape
+    changed = (masked != inputs)
+    assert torch.equal(changed[:, 0], changed[:, 1])                       # all channels of a pixel
+    assert changed[:, 0].flatten(1).sum(1).tolist() == [count] * 3         # exactly that many per sample
+    threshold = torch.sort(scores.flatten(1), dim=1, descending=True).values[:, count - 1]
+    assert bool((scores.flatten(1)[changed[:, 0].flatten(1)].view(3, count) >= threshold[:, None]).all())
+    assert bool((masked[changed] == 0).all())
+    random_choice = random_pixels(3, 63, count, seed=1, sample_ids=[4, 5, 6])
+    assert (mask_pixels(inputs, random_choice) != inputs)[:, 0].flatten(1).sum(1).tolist() == [count] * 3
+    assert torch.equal(random_choice[1:], random_pixels(2, 63, count, seed=1, sample_ids=[5, 6]))
+
+
+def test_masking_table_and_selection():
+    model, stats = _model_and_stats(torch.float32)
+    x = torch.randn(4, 2, 6, 6)
+    y = torch.tensor([0, 1, 2, 3])
+    explainer = InputSaliency(model, stats, top=2)
+    table = Masking(explainer, percents=(5, 50)).evaluate(x, y, sample_ids=[7, 8, 9, 10])
+    assert table.num_rows == 4 * 2 * 2
+    frame = table.to_pandas()
+    assert set(frame["pixels"]) == {"salient", "random"}
+    assert frame.loc[frame["percent"] == 50, "num_pixels"].eq(18).all()
+    assert np.allclose(frame["units_drop"], 1 - frame["units_raw_after"] / frame["units_raw_before"])
+    assert (frame["units_raw_before"] > 0).all()
+    base = paramsal.profile_batch(model, x, y)
+    first = frame[(frame["sample_id"] == 7)].iloc[0]
+    units = choose_units(stats.standardize(base), 2)[0]
+    assert first["units_raw_before"] == pytest.approx(float(base[0, units].mean()), rel=1e-5)
+    gains = frame[(frame["pixels"] == "salient") & (frame["percent"] == 5)]
+    expected = gains.loc[gains["true_after"] - gains["true_before"] >= 0.0, "sample_id"].to_numpy()
+    assert np.array_equal(confidence_raised(table, 5, min_gain=0.0), expected)
+    summary = summarize_masking(table).to_pandas()
+    assert len(summary) == 4 and set(summary.columns) >= {"units_drop", "delta_true", "n"}
+    with pytest.raises(paramsal.InputError, match="percent"):
+        Masking(explainer, percents=(0,))
+
+
+def test_demo_model_attribution_runs_quickly():
+    """The vmap path on the real BatchNorm ResNet: shapes, finite, agrees with the loop."""
+    from paramsal.zoo import demo_dataset, demo_model
+
+    model, data = demo_model(), demo_dataset("test")
+    x, y = data.images[:1], data.labels[:1]
+    stats = paramsal.SaliencyStats(len(paramsal.units_of(model))).update(paramsal.profile_batch(
+        model, data.images[:16], data.labels[:16]))
+    a = InputSaliency(model, stats).attribute(x, y)
+    b = InputSaliency(model, stats, backend="loop").attribute(x, y)
+    assert a.shape == x.shape and bool(torch.isfinite(a).all()) and float(a.max()) > 0
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6 * float(b.max()))
+    assert not math.isnan(float(visual_map(a).sum()))
+
+
+def test_explain_command_writes_png(tmp_path):
+    """The CLI entry point end to end on the demo run (skipped where `paramsal demo` has not been run)."""
+    import argparse
+    from pathlib import Path
+
+    from paramsal.engine.analyses.input_saliency import add_explain_arguments, run_explain_command
+
+    demo = Path(__file__).resolve().parents[1] / "runs" / "demo"
+    if not (demo / "manifest.json").is_file():
+        pytest.skip("no demo run (make demo)")
+    parser = argparse.ArgumentParser()
+    add_explain_arguments(parser)
+    assert run_explain_command(parser.parse_args([str(demo), "--sample", "12", "--sample", "14", "--top", "5",
+                                                  "--out", str(tmp_path)])) == 0
+    assert [p.name for p in tmp_path.glob("*.png")] == ["explain-id12-id14.png"]
+    with pytest.raises(paramsal.InputError, match="outside the data set"):
+        run_explain_command(parser.parse_args([str(demo), "--sample", "999999", "--out", str(tmp_path)]))
+    with pytest.raises(paramsal.InputError, match="--label"):
+        torch.save(torch.zeros(1, 28, 28), tmp_path / "x.pt")
+        run_explain_command(parser.parse_args([str(demo), "--image", str(tmp_path / "x.pt")]))
