@@ -163,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_sanity_arguments(sanity)
     sanity.set_defaults(func=run_sanity_command)
 
+    from paramsal.engine.analyses.finetune import add_finetune_arguments, run_finetune_command
+    from paramsal.engine.analyses.report import add_report_arguments, run_report_command
+
+    finetune = sub.add_parser("finetune", help="one-step fine-tuning of salient filters (paper 3.3, Fig. 6)")
+    add_finetune_arguments(finetune)
+    finetune.set_defaults(func=run_finetune_command)
+
+    report = sub.add_parser("report", help="a static HTML report of a run (RUN/report/index.html)")
+    add_report_arguments(report)
+    report.set_defaults(func=run_report_command)
+
     plots = sub.add_parser("plots", help="the paper's Figures 1-2 (PNG) under RUN/figures")
     add_plots_arguments(plots)
     plots.set_defaults(func=run_plots_command)

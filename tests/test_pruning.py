@@ -14,7 +14,8 @@ from torch.utils.data import Dataset, Subset
 import paramsal
 from paramsal.engine.analyses import pruning
 from paramsal.engine.analyses.masks import UnitEditor, gaussian_deltas, pruned_copy
-from paramsal.engine.analyses.pruning import METRICS, Pruning, select_units
+from paramsal.engine.analyses.pruning import METRICS, Pruning
+from paramsal.engine.analyses.selection import select_units
 from paramsal.errors import InputError
 from paramsal.zoo import demo_dataset, demo_model
 
@@ -76,7 +77,7 @@ def test_selection_errors_are_named():
     z = np.zeros((3, 10), np.float32)
     with pytest.raises(InputError, match="k=11"):
         select_units(z, 11, "salient")
-    with pytest.raises(InputError, match="unknown selection 'top'"):
+    with pytest.raises(InputError, match="unknown unit selection 'top'"):
         select_units(z, 2, "top")
 
 

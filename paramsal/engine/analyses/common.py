@@ -13,6 +13,17 @@ from paramsal.errors import InputError
 from paramsal.specs import TRANSFORMS, load_data, load_model
 
 
+def positive_int_list(text: str) -> list[int]:
+    """An argparse type: "1,5,25" -> [1, 5, 25], all >= 1."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model/--weights/--num-classes/--data/--transform/--device``: overrides of the run's own specs."""
     parser.add_argument("--model", help="model spec (default: the one the run was profiled with)")
@@ -23,11 +34,15 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
 
 
-def load_source(run: Run, args: argparse.Namespace) -> tuple[nn.Module, Dataset, torch.device]:
+_NO_OVERRIDES = argparse.Namespace(model=None, weights=None, num_classes=None, data=None, transform=None, device=None)
+
+
+def load_source(run: Run, args: argparse.Namespace | None = None) -> tuple[nn.Module, Dataset, torch.device]:
     """The model (on its device, eval mode) and data set a run was profiled with, or the overrides in ``args``.
 
     Sample ids index the returned data set, as they index the profiled one.
     """
+    args = args or _NO_OVERRIDES
     source = {**run.manifest.get("config", {}), **{k: v for k, v in run.manifest.get("source", {}).items()
                                                     if v is not None}}
     model_spec = args.model or source.get("model")

@@ -34,6 +34,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from paramsal.engine.analyses.common import add_source_arguments, load_source
+from paramsal.engine.analyses.selection import select_units
 from paramsal.engine.profile import eval_mode, profile_batch
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError
@@ -65,19 +66,10 @@ def choose_units(z: torch.Tensor | np.ndarray, top: int, select: str = "salient"
     Returns:
         ``[N, top]`` int64 unit ids.
     """
-    z = torch.as_tensor(z)
-    n, num_units = z.shape
-    if not 1 <= top <= num_units:
-        raise InputError(f"top={top} is outside 1..{num_units} (the profile has {num_units} units)")
-    if select == "salient":
-        return torch.sort(z.detach().cpu(), dim=1, descending=True, stable=True).indices[:, :top]
-    if select == "random":
-        ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
-        if len(ids) != n:
-            raise InputError(f"{len(ids)} sample ids for {n} samples")
-        draws = [np.random.default_rng([seed, int(i)]).permutation(num_units)[:top] for i in ids]
-        return torch.as_tensor(np.stack(draws) if n else np.zeros((0, top)), dtype=torch.long)
-    raise InputError(f"unknown select {select!r}; expected one of {', '.join(SELECTIONS)}")
+    if select not in SELECTIONS:
+        raise InputError(f"unknown select {select!r}; expected one of {', '.join(SELECTIONS)}")
+    z = torch.as_tensor(z).detach().cpu()
+    return torch.as_tensor(select_units(z.numpy(), top, select, seed, sample_ids), dtype=torch.long)
 
 
 def boosted_profile(z: torch.Tensor, unit_ids: torch.Tensor, boost: float) -> torch.Tensor:

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from paramsal._io import atomic_path
 from paramsal.engine.analyses.bootstrap import bootstrap_mean_ci
-from paramsal.engine.analyses.common import add_source_arguments, load_source
+from paramsal.engine.analyses.common import add_source_arguments, load_source, positive_int_list
+from paramsal.engine.analyses.selection import UNIT_SELECTIONS, select_units
 from paramsal.engine.analyses.masks import UnitEditor, gaussian_deltas, unit_mask
 from paramsal.engine.dataset import model_fingerprint
 from paramsal.engine.profile import eval_mode
@@ -45,7 +46,7 @@ from paramsal.engine.rundir import Run
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError
 
-SELECTIONS = ("salient", "random", "least")
+SELECTIONS = UNIT_SELECTIONS
 MODES = ("zero", "noise")
 DEFAULT_KS = (1, 2, 5, 10, 20, 30, 50, 100)
 
@@ -55,38 +56,6 @@ METRICS = {
     "delta_true": ("delta_true", 1.0, "Δ true-class confidence"),
     "pct_corrected": ("corrected", 100.0, "% samples corrected"),
 }
-
-
-def select_units(profiles: np.ndarray, k: int, selection: str, seed: int = 0,
-                 sample_ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-    """Each sample's k units to turn off, in order (the first j are the choice for k = j).
-
-    Args:
-        profiles: ``[n, F]`` standardized saliency profiles.
-        k: units per sample, ``1 <= k <= F``.
-        selection: "salient" (largest standardized saliency first), "least"
-            (smallest first) or "random" (uniform over all F units, without
-            replacement; sample i's draw is seeded by ``(seed, sample_ids[i])``
-            so it does not depend on which other samples are analysed).
-        seed: seed of the random selection.
-        sample_ids: ``[n]`` ids seeding the random draws (default 0..n-1).
-
-    Returns:
-        ``[n, k]`` int64 unit ids; ties in the profile keep unit order.
-    """
-    profiles = np.asarray(profiles)
-    n, num_units = profiles.shape
-    if not 1 <= k <= num_units:
-        raise InputError(f"k={k} is outside 1..{num_units} (the run has {num_units} units)")
-    if selection == "salient":
-        return np.argsort(-profiles, axis=1, kind="stable")[:, :k]
-    if selection == "least":
-        return np.argsort(profiles, axis=1, kind="stable")[:, :k]
-    if selection == "random":
-        ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
-        return np.stack([np.random.default_rng([seed, int(i)]).permutation(num_units)[:k] for i in ids]
-                        ) if n else np.zeros((0, k), np.int64)
-    raise InputError(f"unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
 
 
 @dataclass(frozen=True)
@@ -384,20 +353,10 @@ def _append(columns: dict[str, list[np.ndarray]], values: dict[str, np.ndarray])
 # ----------------------------------------------------------------------------------------------- command line
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``paramsal prune RUN ...``."""
     parser.add_argument("run", help="run directory made by `paramsal profile`")
-    parser.add_argument("--ks", type=_int_list, default=list(DEFAULT_KS),
+    parser.add_argument("--ks", type=positive_int_list, default=list(DEFAULT_KS),
                         help="comma-separated numbers of units to turn off (default 1,2,5,10,20,30,50,100)")
     parser.add_argument("--select", default=",".join(SELECTIONS),
                         help="comma-separated selections: salient,random,least (default all three)")

@@ -1,0 +1,47 @@
+"""Which units an analysis acts on: a sample's most salient, least salient, or random units."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from paramsal.errors import InputError
+
+UNIT_SELECTIONS = ("salient", "random", "least")
+
+
+def select_units(profiles: np.ndarray, k: int, selection: str, seed: int = 0,
+                 sample_ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """Each sample's k units, in order: the first j columns are the choice for k = j.
+
+    Args:
+        profiles: ``[n, F]`` standardized saliency profiles.
+        k: units per sample, ``1 <= k <= F``.
+        selection: "salient" (largest standardized saliency first), "least"
+            (smallest first) or "random" (uniform without replacement over all
+            F units; sample i's draw is seeded by ``(seed, sample_ids[i])``, so
+            it does not depend on which other samples are analysed).
+        seed: seed of the random draws.
+        sample_ids: ``[n]`` ids that seed the draws (default ``0..n-1``).
+
+    Returns:
+        ``[n, k]`` int64 unit ids; equal saliencies keep unit order.
+    """
+    profiles = np.asarray(profiles)
+    if profiles.ndim != 2:
+        raise InputError(f"profiles must be [n, F], got shape {profiles.shape}")
+    n, num_units = profiles.shape
+    if not 1 <= k <= num_units:
+        raise InputError(f"k={k} is outside 1..{num_units} (the run has {num_units} units)")
+    if selection == "salient":
+        return np.argsort(-profiles, axis=1, kind="stable")[:, :k]
+    if selection == "least":
+        return np.argsort(profiles, axis=1, kind="stable")[:, :k]
+    if selection == "random":
+        ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
+        if len(ids) != n:
+            raise InputError(f"sample_ids has {len(ids)} entries for {n} profiles")
+        draws = [np.random.default_rng([seed, int(i)]).permutation(num_units)[:k] for i in ids]
+        return np.stack(draws).astype(np.int64) if n else np.zeros((0, k), np.int64)
+    raise InputError(f"unknown unit selection {selection!r}; expected one of {', '.join(UNIT_SELECTIONS)}")
