@@ -77,22 +77,36 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded default end to end: profile the held-out split, run every analysis, write the report."""
+    from paramsal.engine.analyses.common import load_source
+    from paramsal.engine.analyses.finetune import FineTune
+    from paramsal.engine.analyses.neighbors import pair_sharing
+    from paramsal.engine.analyses.pruning import Pruning
+    from paramsal.engine.analyses.report import build_report
     from paramsal.engine.dataset import profile_dataset
-    from paramsal.engine.rundir import open_run
     from paramsal.specs import load_data, load_model
 
     run = profile_dataset(load_model("demo"), load_data("demo:test"), args.out, batch_size=64, features=True,
                           overwrite=True, progress=not args.quiet, model_name="demo", data_name="demo:test",
                           source={"model": "demo", "data": "demo:test"})
-    run = open_run(run.path)
     z = run.profiles()
     wrong = ~run.table().column("correct").to_numpy(zero_copy_only=False)
     print(run.summary())
-    print(f"mean standardized saliency: misclassified {z[wrong].mean():+.4f}, "
-          f"correct {z[~wrong].mean():+.4f}")
-    print(f"\nThe run is in {run.path}/ (profiles/part-*.parquet, stats.parquet, units.parquet, manifest.json).")
-    print("Next: `paramsal stats %s`, or in Python: `paramsal.open_run(%r).profiles(only='misclassified')`"
-          % (run.path, str(run.path)))
+    print(f"mean standardized saliency: misclassified {z[wrong].mean():+.4f}, correct {z[~wrong].mean():+.4f}")
+    model, data, _ = load_source(run)
+    sharing = pair_sharing(run, k=10)
+    print(f"neighbours sharing the (true, predicted) pair: saliency space {sharing['saliency']:.3f}, "
+          f"feature space {sharing['features']:.3f}, chance {sharing['chance']:.3f}")
+    analyses = run.path / "analyses"
+    print("pruning salient / random / least filters of each mistake ...", flush=True)
+    Pruning(model, progress=not args.quiet).evaluate(run, data).save(analyses)
+    print("one-step fine-tuning ...", flush=True)
+    FineTune(model, progress=not args.quiet).run(run, data).save(analyses)
+    report = build_report(run, model=model, data=data)
+    print(f"\nThe run is in {run.path}/ (profiles/part-*.parquet, stats.parquet, units.parquet, manifest.json),")
+    print(f"the analyses in {analyses}/, the report in {report}: open it in a browser.")
+    print(f"Next: `paramsal stats {run.path}`, or in Python: "
+          f"`paramsal.open_run({str(run.path)!r}).profiles(only='misclassified')`")
     return 0
 
 
