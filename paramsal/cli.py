@@ -173,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_explain_arguments(explain)
     explain.set_defaults(func=run_explain_command)
 
+    from paramsal.engine.analyses.input_saliency import add_mask_arguments, run_mask_command
+
+    mask = sub.add_parser("mask", help="mask the top salient vs random pixels of mistakes (paper 3.4, A.8)")
+    add_mask_arguments(mask)
+    mask.set_defaults(func=run_mask_command)
+
     sanity = sub.add_parser("sanity", help="cascading-randomization sanity check of input-space saliency (A.10)")
     add_sanity_arguments(sanity)
     sanity.set_defaults(func=run_sanity_command)

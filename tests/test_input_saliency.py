@@ -230,23 +230,38 @@ def test_demo_model_attribution_runs_quickly():
     assert not math.isnan(float(visual_map(a).sum()))
 
 
-def test_explain_command_writes_png(tmp_path):
-    """The CLI entry point end to end on the demo run (skipped where `paramsal demo` has not been run)."""
-    import argparse
-    from pathlib import Path
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A profiled run of the first 120 demo test images that records how to reload its model and data."""
+    from torch.utils.data import Subset
 
-    from paramsal.engine.analyses.input_saliency import add_explain_arguments, run_explain_command
+    from paramsal.zoo import demo_dataset, demo_model
 
-    demo = Path(__file__).resolve().parents[1] / "runs" / "demo"
-    if not (demo / "manifest.json").is_file():
-        pytest.skip("no demo run (make demo)")
-    parser = argparse.ArgumentParser()
-    add_explain_arguments(parser)
-    assert run_explain_command(parser.parse_args([str(demo), "--sample", "12", "--sample", "14", "--top", "5",
-                                                  "--out", str(tmp_path)])) == 0
+    return paramsal.profile_dataset(demo_model(), Subset(demo_dataset("test"), range(120)),
+                                    tmp_path_factory.mktemp("explain") / "run", batch_size=60, progress=False,
+                                    source={"model": "demo", "data": "demo:test", "limit": 120})
+
+
+def test_explain_command_writes_png(tmp_path, small_run):
+    """The CLI entry point end to end on a profiled run."""
+    from paramsal.cli import main
+
+    run = str(small_run.path)
+    assert main(["explain", run, "--sample", "12", "--sample", "14", "--top", "5", "--out", str(tmp_path)]) == 0
     assert [p.name for p in tmp_path.glob("*.png")] == ["explain-id12-id14.png"]
-    with pytest.raises(paramsal.InputError, match="outside the data set"):
-        run_explain_command(parser.parse_args([str(demo), "--sample", "999999", "--out", str(tmp_path)]))
-    with pytest.raises(paramsal.InputError, match="--label"):
-        torch.save(torch.zeros(1, 28, 28), tmp_path / "x.pt")
-        run_explain_command(parser.parse_args([str(demo), "--image", str(tmp_path / "x.pt")]))
+    assert main(["explain", run, "--sample", "999999", "--out", str(tmp_path)]) == 2
+    torch.save(torch.zeros(1, 28, 28), tmp_path / "x.pt")
+    assert main(["explain", run, "--image", str(tmp_path / "x.pt")]) == 2
+
+
+def test_mask_command_writes_tables(tmp_path, small_run, capsys):
+    import pyarrow.parquet as pq
+
+    from paramsal.cli import main
+
+    assert main(["mask", str(small_run.path), "--samples", "3", "--percents", "5,10", "--out", str(tmp_path)]) == 0
+    table = pq.read_table(tmp_path / "masking.parquet")
+    wrong = small_run.sample_ids(only="misclassified")[:3]
+    assert sorted(set(table.column("sample_id").to_pylist())) == sorted(wrong.tolist())
+    assert table.num_rows == 3 * 2 * 2  # samples x (salient, random) x percents
+    assert "gain >= 25 points" in capsys.readouterr().out
