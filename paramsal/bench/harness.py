@@ -11,6 +11,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -112,7 +113,12 @@ def _peer(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Call
                 loss_fn(model(x), y).backward()
             return [p.grad_batch for p in model.parameters() if p.dim() == 4]
 
-    return lambda: torch.cat([g.abs().flatten(2).mean(2) for g in per_sample_grads()], 1)
+    def reduced() -> torch.Tensor:
+        with warnings.catch_warnings():  # the peers warn on every call about hook details we rely on
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.cat([g.abs().flatten(2).mean(2) for g in per_sample_grads()], 1)
+
+    return reduced
 
 
 @dataclass
