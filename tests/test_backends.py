@@ -118,3 +118,16 @@ def test_random_conv2d_shapes(groups, cin_per, cout_per, kh, kw, stride, dilatio
     want = reference_profiles(model, x, y, index, aggregation)
     got = profile_batch(model, x, y, backend="hooks", units=index, aggregation=aggregation)
     assert relative_error(got, want) <= 1e-9
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "tiled"])
+@pytest.mark.parametrize("case", [c for c in SMALL_CASES if c.units in ("filters", "conv")], ids=lambda c: c.name)
+def test_each_conv_strategy_equals_loop(case: Case, strategy: str):
+    from paramsal.kernels.conv import conv_strategy
+
+    model = build(case, torch.float64)
+    x, y = batch(case, 5, torch.float64)
+    want = profile_batch(model, x, y, backend="loop", units=case.units)
+    with conv_strategy(strategy):
+        got = profile_batch(model, x, y, backend="hooks", units=case.units, chunk_size=2)
+    assert relative_error(got, want) <= TOLERANCE[torch.float64]

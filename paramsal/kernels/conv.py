@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paramsal.errors import InputError
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
 
@@ -17,16 +20,12 @@ if TYPE_CHECKING:
     from paramsal.engine.units import UnitGroup
 
 
-#: Below this many output positions, tiles of the per-sample weight gradient
-#: formed by batched matmuls and reduced while they are in cache beat a
-#: grouped weight-gradient convolution followed by ``abs().sum()`` (resnet18
-#: layers, 2-core CPU, batch 64: 8x8 outputs 66 vs 92 ms, 4x4 60 vs 229 ms;
-#: 16x16 89 vs 32 ms the other way).
-TILED_MAX_POSITIONS = 128
-
 #: Elements of one gradient tile: about 1 MiB of float32, so that it is summed
 #: while it is still in the cache it was written to.
 TILE_ELEMENTS = 2**18
+
+#: Samples the kernel choice is timed on, the first time a layer shape is seen.
+_TUNING_SAMPLES = 16
 
 
 def reduce_conv(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor,
@@ -49,23 +48,88 @@ def reduce_conv(layer: nn.Module, activations: torch.Tensor, backprops: torch.Te
         One ``[B, group.num_units]`` tensor per group, in order.
     """
     results = []
-    batch = activations.shape[0]
-    positions = math.prod(backprops.shape[2:])
     for group in groups:
         if group.attr == "bias":
             results.append(reduce_grad(backprops.flatten(2).sum(2), group, aggregation))
-        elif positions < TILED_MAX_POSITIONS and group.partition == "rows" and aggregation == "mean_abs":
-            patch = layer.in_channels * math.prod(layer.kernel_size) * positions
-            chunk = chunk_size or auto_chunk(patch, batch)
-            results.append(torch.cat([_tiled_mean_abs(layer, activations[s], backprops[s])
-                                      for s in chunk_slices(batch, chunk)]))
         else:
-            chunk = chunk_size or auto_chunk(2 * layer.weight.numel(), batch)
-            results.append(torch.cat([
-                reduce_grad(conv_weight_grad_sample(layer, activations[s], backprops[s]), group, aggregation)
-                for s in chunk_slices(batch, chunk)
-            ]))
+            strategy = _strategy(layer, activations, backprops, group, aggregation)
+            results.append(strategy(layer, activations, backprops, group, aggregation, chunk_size))
     return results
+
+
+def grouped_weight_units(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor, group: UnitGroup,
+                         aggregation: Aggregation, chunk_size: int | None) -> torch.Tensor:
+    """``[B, U]`` from whole per-sample weight gradients (any partition), a chunk of samples at a time."""
+    batch = activations.shape[0]
+    chunk = chunk_size or auto_chunk(2 * layer.weight.numel(), batch)
+    return torch.cat([reduce_grad(conv_weight_grad_sample(layer, activations[s], backprops[s]), group, aggregation)
+                      for s in chunk_slices(batch, chunk)])
+
+
+def tiled_weight_units(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor, group: UnitGroup,
+                       aggregation: Aggregation, chunk_size: int | None) -> torch.Tensor:
+    """``[B, K]`` mean ``|G|`` per output channel (rows, mean_abs only) from cache-sized gradient tiles."""
+    batch = activations.shape[0]
+    patch = layer.in_channels * math.prod(layer.kernel_size) * math.prod(backprops.shape[2:])
+    chunk = chunk_size or auto_chunk(patch, batch)
+    return torch.cat([_tiled_mean_abs(layer, activations[s], backprops[s]) for s in chunk_slices(batch, chunk)])
+
+
+STRATEGIES = {"grouped": grouped_weight_units, "tiled": tiled_weight_units}
+
+_chosen: dict[tuple, str] = {}
+_forced: list[str] = []
+
+
+@contextmanager
+def conv_strategy(name: str) -> Iterator[None]:
+    """Forces one way of computing conv weight units ("grouped" or "tiled") inside the block (tests, benchmarks)."""
+    if name not in STRATEGIES:
+        raise InputError(f"unknown conv strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _strategy(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor, group: UnitGroup,
+              aggregation: Aggregation):
+    """The faster way for this layer shape, timed once on a few samples, then remembered.
+
+    Which wins depends on the shape and the machine: a grouped weight-gradient
+    convolution is best for large maps, tiles for small maps with many
+    channels, where writing whole per-sample gradients out costs more than
+    computing them.
+    """
+    if group.partition != "rows" or aggregation != "mean_abs":
+        return grouped_weight_units
+    if _forced:
+        return STRATEGIES[_forced[-1]]
+    key = (tuple(activations.shape[1:]), tuple(backprops.shape[1:]), layer.kernel_size, layer.stride,
+           str(layer.padding), layer.dilation, layer.groups, layer.padding_mode, activations.dtype,
+           activations.device.type)
+    if key not in _chosen:
+        x, gy = activations[:_TUNING_SAMPLES], backprops[:_TUNING_SAMPLES]
+        _chosen[key] = min(STRATEGIES, key=lambda name: _seconds(STRATEGIES[name], layer, x, gy, group, aggregation))
+    return STRATEGIES[_chosen[key]]
+
+
+def _seconds(strategy, layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, group: UnitGroup,
+             aggregation: Aggregation) -> float:
+    best = float("inf")
+    for _ in range(2):  # the first run pays one-time costs (allocations, library setup)
+        _synchronize(x)
+        start = time.perf_counter()
+        strategy(layer, x, gy, group, aggregation, None)
+        _synchronize(x)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _synchronize(x: torch.Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
 
 
 def conv_weight_grad_sample(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
