@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from paramsal.engine.dataset import model_fingerprint
 from paramsal.engine.rundir import Run
+from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError
 from paramsal.specs import TRANSFORMS, load_data, load_model
 
@@ -57,3 +61,47 @@ def load_source(run: Run, args: argparse.Namespace | None = None) -> tuple[nn.Mo
         data = Subset(data, range(min(int(source["limit"]), len(data))))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device), data, device
+
+
+def run_units(run: Run, model: nn.Module, units: UnitsSpec | UnitIndex | None = None,
+              check_model: bool = True) -> UnitIndex:
+    """The model's units, checked to be the run's (and the model's weights to be the profiled ones).
+
+    Raises:
+        InputError: naming what differs, since every analysis would otherwise
+            act on the wrong filters without a sign.
+    """
+    config = run.manifest.get("config", {})
+    units = units if units is not None else config.get("units", "filters")
+    index = units if isinstance(units, UnitIndex) else units_of(model, units)
+    if index.fingerprint() != run.manifest.get("units_fingerprint"):
+        raise InputError(f"the units of this model ({index.scheme}, {len(index)} units) do not match the run "
+                         f"{run.path} ({config.get('units')}, {run.num_units} units): is it the model the "
+                         "run profiled?")
+    if check_model and model_fingerprint(model) != run.manifest.get("model_fingerprint"):
+        raise InputError(f"the model's weights differ from those the run {run.path} profiled (model "
+                         f"{config.get('model')!r}); load the same weights, or pass check_model=False")
+    return index
+
+
+def chosen_samples(run: Run, samples: str | Sequence[int] | np.ndarray,
+                   purpose: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, targets, preds)`` of "misclassified" or the given sample ids, in sample-id order."""
+    table = run.table()
+    ids = table.column("sample_id").to_numpy()
+    if isinstance(samples, str):
+        if samples != "misclassified":
+            raise InputError(f"samples={samples!r}: expected 'misclassified' or sample ids")
+        keep = ~table.column("correct").to_numpy(zero_copy_only=False)
+    else:
+        wanted = np.asarray(samples, dtype=np.int64)
+        missing = np.setdiff1d(wanted, ids)
+        if len(missing):
+            raise InputError(f"sample ids {missing[:5].tolist()} are not in the run {run.path}")
+        keep = np.isin(ids, wanted)
+    if not keep.any():
+        raise InputError(f"the run {run.path} has no {samples if isinstance(samples, str) else 'selected'} "
+                         f"samples to {purpose}")
+    order = np.argsort(ids[keep], kind="stable")
+    return (ids[keep][order], table.column("target").to_numpy()[keep][order],
+            table.column("pred").to_numpy()[keep][order])

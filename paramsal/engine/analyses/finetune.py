@@ -60,15 +60,15 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from paramsal.engine.analyses.common import add_source_arguments, load_source, positive_int_list
+from paramsal.engine.analyses.common import (add_source_arguments, chosen_samples, load_source, positive_int_list,
+                                             run_units)
 from paramsal.engine.analyses.selection import UNIT_SELECTIONS, select_units
 from paramsal._io import atomic_path
 from paramsal.engine.analyses.bootstrap import bootstrap_mean_ci
 from paramsal.engine.analyses.neighbors import Neighbors
-from paramsal.engine.dataset import model_fingerprint
 from paramsal.engine.profile import eval_mode
 from paramsal.engine.rundir import Run
-from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
+from paramsal.engine.units import UnitIndex, UnitsSpec
 from paramsal.errors import InputError
 
 SELECTIONS = ("salient", "random", "least", "all")
@@ -408,7 +408,7 @@ class FineTune:
             The per-sample rows and the bootstrap summary.
         """
         index = self._check_run(run)
-        ids, targets, preds = _samples(run, samples)
+        ids, targets, preds = chosen_samples(run, samples, "fine-tune on")
         neighbors = _neighbor_ids(run, ids, self.num_neighbors)
         chosen = self._choices(run, ids, len(index))
         pool, pool_targets = _pool(run, ids, neighbors)
@@ -496,21 +496,12 @@ class FineTune:
                 for s in dict.fromkeys(["salient", *wanted])}
 
     def _check_run(self, run: Run) -> UnitIndex:
-        config = run.manifest.get("config", {})
-        units = self.units if self.units is not None else config.get("units", "filters")
-        index = units if isinstance(units, UnitIndex) else units_of(self.model, units)
-        if index.fingerprint() != run.manifest.get("units_fingerprint"):
-            raise InputError(f"the units of this model ({index.scheme}, {len(index)} units) do not match the run "
-                             f"{run.path} ({config.get('units')}, {run.num_units} units): is it the model the "
-                             "run profiled?")
+        index = run_units(run, self.model, self.units, self.check_model)
         not_rows = [g.param_name for g in index if g.partition != "rows"]
         if not_rows:
             raise InputError(f"fine-tuning updates whole filters (output channels), but the units of "
                              f"{', '.join(not_rows[:3])} are not the rows of their parameter "
                              f"(units {index.scheme!r}); profile with units 'filters', 'conv' or 'conv+linear'")
-        if self.check_model and model_fingerprint(self.model) != run.manifest.get("model_fingerprint"):
-            raise InputError(f"the model's weights differ from those the run {run.path} profiled (model "
-                             f"{config.get('model')!r}); load the same weights, or pass check_model=False")
         return index
 
     def _config(self, run: Run, num_samples: int) -> dict[str, Any]:
@@ -562,28 +553,6 @@ def _rows_table(columns: dict[str, list[np.ndarray]]) -> pa.Table:
 def _append(columns: dict[str, list[np.ndarray]], values: dict[str, np.ndarray]) -> None:
     for name, value in values.items():
         columns.setdefault(name, []).append(np.asarray(value))
-
-
-def _samples(run: Run, samples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(ids, targets, preds)`` of the samples to fine-tune on, in sample-id order."""
-    table = run.table()
-    ids = table.column("sample_id").to_numpy()
-    if isinstance(samples, str):
-        if samples != "misclassified":
-            raise InputError(f"samples={samples!r}: expected 'misclassified' or sample ids")
-        keep = ~table.column("correct").to_numpy(zero_copy_only=False)
-    else:
-        wanted = np.asarray(samples, dtype=np.int64)
-        missing = np.setdiff1d(wanted, ids)
-        if len(missing):
-            raise InputError(f"sample ids {missing[:5].tolist()} are not in the run {run.path}")
-        keep = np.isin(ids, wanted)
-    if not keep.any():
-        raise InputError(f"the run {run.path} has no {samples if isinstance(samples, str) else 'selected'} "
-                         "samples to fine-tune on")
-    order = np.argsort(ids[keep], kind="stable")
-    return (ids[keep][order], table.column("target").to_numpy()[keep][order],
-            table.column("pred").to_numpy()[keep][order])
 
 
 def _neighbor_ids(run: Run, ids: np.ndarray, k: int) -> np.ndarray:

@@ -120,6 +120,12 @@ class InputSaliency:
         >>> maps = explainer.attribute(images, labels)        # [N, C, H, W], >= 0
     """
 
+    @classmethod
+    def for_run(cls, model: nn.Module, run, **options) -> InputSaliency:
+        """An explainer with a run's statistics, units and aggregation (``options``: top, boost, select, seed...)."""
+        return cls(model, run.stats, units=run.manifest.get("config", {}).get("units", "filters"),
+                   aggregation=run.manifest.get("aggregation"), **options)
+
     def __init__(self, model: nn.Module, stats: SaliencyStats, *, top: int = 10, boost: float = 100.0,
                  select: str = "salient", seed: int = 0, units: UnitsSpec | UnitIndex = "filters",
                  aggregation: str | None = None, backend: str = "vmap", chunk_size: int | None = 8):
@@ -535,11 +541,9 @@ def run_explain_command(args: argparse.Namespace) -> int:
     run = open_run(args.run)
     model, data, device = load_source(run, args)
     inputs, targets, ids, names = load_inputs(data, args)
-    units = run.manifest.get("config", {}).get("units", "filters")
     maps = {}
     for select in (args.select, "random" if args.select == "salient" else "salient"):
-        explainer = InputSaliency(model, run.stats, top=args.top, boost=args.boost, select=select, seed=args.seed,
-                                  units=units, aggregation=run.manifest.get("aggregation"))
+        explainer = InputSaliency.for_run(model, run, top=args.top, boost=args.boost, select=select, seed=args.seed)
         maps[select] = visual_map(explainer.attribute(inputs, targets, sample_ids=ids).cpu())
     with eval_mode(model), torch.no_grad():
         preds = model(inputs.to(device)).argmax(1).cpu().tolist()
@@ -578,8 +582,7 @@ def run_mask_command(args: argparse.Namespace) -> int:
     if not len(args.sample):
         raise InputError(f"{run.path} has no misclassified samples to mask")
     inputs, targets, ids, _ = load_inputs(data, args)
-    explainer = InputSaliency(model, run.stats, top=args.top, boost=args.boost, units=run.manifest["config"]["units"],
-                              aggregation=run.manifest.get("aggregation"))
+    explainer = InputSaliency.for_run(model, run, top=args.top, boost=args.boost)
     table = Masking(explainer, args.percents, seed=args.seed).evaluate(inputs.to(device), targets.to(device), ids)
     summary = summarize_masking(table)
     out = Path(args.out or run.path / "analyses")

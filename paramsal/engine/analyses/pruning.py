@@ -37,13 +37,13 @@ from tqdm.auto import tqdm
 
 from paramsal._io import atomic_path
 from paramsal.engine.analyses.bootstrap import bootstrap_mean_ci
-from paramsal.engine.analyses.common import add_source_arguments, load_source, positive_int_list
+from paramsal.engine.analyses.common import (add_source_arguments, chosen_samples, load_source, positive_int_list,
+                                             run_units)
 from paramsal.engine.analyses.selection import UNIT_SELECTIONS, select_units
 from paramsal.engine.analyses.masks import UnitEditor, gaussian_deltas, unit_mask
-from paramsal.engine.dataset import model_fingerprint
 from paramsal.engine.profile import eval_mode
 from paramsal.engine.rundir import Run
-from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
+from paramsal.engine.units import UnitIndex, UnitsSpec
 from paramsal.errors import InputError
 
 SELECTIONS = UNIT_SELECTIONS
@@ -212,7 +212,7 @@ class Pruning:
             The per-sample rows and the bootstrap summary.
         """
         index = self._check_run(run)
-        ids, targets, preds = self._samples(run, samples)
+        ids, targets, preds = chosen_samples(run, samples, "prune")
         profiles = run.profiles(only=ids)
         if self.ks[-1] > len(index):
             raise InputError(f"k={self.ks[-1]} exceeds the run's {len(index)} units")
@@ -269,35 +269,7 @@ class Pruning:
             return _probabilities(self.model(inputs))
 
     def _check_run(self, run: Run) -> UnitIndex:
-        config = run.manifest.get("config", {})
-        units = self.units if self.units is not None else config.get("units", "filters")
-        index = units if isinstance(units, UnitIndex) else units_of(self.model, units)
-        if index.fingerprint() != run.manifest.get("units_fingerprint"):
-            raise InputError(f"the units of this model ({index.scheme}, {len(index)} units) do not match the run "
-                             f"{run.path} ({config.get('units')}, {run.num_units} units): is it the model the "
-                             "run profiled?")
-        if self.check_model and model_fingerprint(self.model) != run.manifest.get("model_fingerprint"):
-            raise InputError(f"the model's weights differ from those the run {run.path} profiled (model "
-                             f"{config.get('model')!r}); load the same weights, or pass check_model=False")
-        return index
-
-    def _samples(self, run: Run, samples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        table = run.table()
-        ids = table.column("sample_id").to_numpy()
-        if isinstance(samples, str):
-            if samples != "misclassified":
-                raise InputError(f"samples={samples!r}: expected 'misclassified' or sample ids")
-            keep = ~table.column("correct").to_numpy(zero_copy_only=False)
-        else:
-            wanted = np.asarray(samples, dtype=np.int64)
-            missing = np.setdiff1d(wanted, ids)
-            if len(missing):
-                raise InputError(f"sample ids {missing[:5].tolist()} are not in the run {run.path}")
-            keep = np.isin(ids, wanted)
-        if not keep.any():
-            raise InputError(f"the run {run.path} has no {samples if isinstance(samples, str) else 'selected'} "
-                             "samples to prune")
-        return ids[keep], table.column("target").to_numpy()[keep], table.column("pred").to_numpy()[keep]
+        return run_units(run, self.model, self.units, self.check_model)
 
     def _config(self, run: Run) -> dict:
         return {"run": str(run.path), "ks": list(self.ks), "select": list(self.select), "mode": self.mode,

@@ -134,8 +134,7 @@ def _explain_section(run: Run, model: nn.Module, data: Dataset, folder: Path, co
     device = next(model.parameters()).device
     maps = {}
     for select in ("salient", "random"):
-        explainer = InputSaliency(model, run.stats, select=select, units=run.manifest["config"].get("units"),
-                                  aggregation=run.manifest.get("aggregation"))
+        explainer = InputSaliency.for_run(model, run, select=select)
         maps[select] = visual_map(explainer.attribute(inputs.to(device), targets.to(device), sample_ids=ids).cpu())
     labels = _labels_by_id(run)
     titles = [f"id {i}: {labels[i][0]} -> {labels[i][1]}" for i in ids]

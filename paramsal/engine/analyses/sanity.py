@@ -191,9 +191,8 @@ def run_sanity_command(args: argparse.Namespace) -> int:
     run = open_run(args.run)
     model, data, _ = load_source(run, args)
     inputs, targets, ids, _ = load_inputs(data, args)
-    explainer = InputSaliency(model, run.stats, top=args.top, boost=args.boost, select=args.select, seed=args.seed,
-                              units=run.manifest.get("config", {}).get("units", "filters"),
-                              aggregation=run.manifest.get("aggregation"))
+    explainer = InputSaliency.for_run(model, run, top=args.top, boost=args.boost, select=args.select,
+                                      seed=args.seed)
     stages = [int(s) for s in args.stages.split(",")] if args.stages else None
     result = CascadingRandomization(explainer, stages, seed=args.seed).evaluate(inputs, targets, ids)
     for stage, value in zip(result.stages, result.mean):
