@@ -153,50 +153,30 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("run")
     stats.set_defaults(func=_cmd_stats)
 
-    from paramsal.engine.analyses.neighbors import add_neighbors_arguments, run_neighbors_command
-    from paramsal.engine.analyses.plots import add_plots_arguments, run_plots_command
+    from paramsal.engine.analyses import finetune, input_saliency, neighbors, plots, pruning, report, sanity
 
-    neighbors = sub.add_parser("neighbors", help="k nearest neighbours in saliency vs feature space")
-    add_neighbors_arguments(neighbors)
-    neighbors.set_defaults(func=run_neighbors_command)
-
-    from paramsal.engine.analyses.pruning import add_prune_arguments, run_prune_command
-
-    prune = sub.add_parser("prune", help="pruning / perturbation curves of misclassified samples (paper 3.1, A.5)")
-    add_prune_arguments(prune)
-    prune.set_defaults(func=run_prune_command)
-
-    from paramsal.engine.analyses.input_saliency import add_explain_arguments, run_explain_command
-    from paramsal.engine.analyses.sanity import add_sanity_arguments, run_sanity_command
-
-    explain = sub.add_parser("explain", help="input-space saliency maps of samples (salient vs random units)")
-    add_explain_arguments(explain)
-    explain.set_defaults(func=run_explain_command)
-
-    from paramsal.engine.analyses.input_saliency import add_mask_arguments, run_mask_command
-
-    mask = sub.add_parser("mask", help="mask the top salient vs random pixels of mistakes (paper 3.4, A.8)")
-    add_mask_arguments(mask)
-    mask.set_defaults(func=run_mask_command)
-
-    sanity = sub.add_parser("sanity", help="cascading-randomization sanity check of input-space saliency (A.10)")
-    add_sanity_arguments(sanity)
-    sanity.set_defaults(func=run_sanity_command)
-
-    from paramsal.engine.analyses.finetune import add_finetune_arguments, run_finetune_command
-    from paramsal.engine.analyses.report import add_report_arguments, run_report_command
-
-    finetune = sub.add_parser("finetune", help="one-step fine-tuning of salient filters (paper 3.3, Fig. 6)")
-    add_finetune_arguments(finetune)
-    finetune.set_defaults(func=run_finetune_command)
-
-    report = sub.add_parser("report", help="a static HTML report of a run (RUN/report/index.html)")
-    add_report_arguments(report)
-    report.set_defaults(func=run_report_command)
-
-    plots = sub.add_parser("plots", help="the paper's Figures 1-2 (PNG) under RUN/figures")
-    add_plots_arguments(plots)
-    plots.set_defaults(func=run_plots_command)
+    analyses = [
+        ("neighbors", "k nearest neighbours in saliency vs feature space (paper 3.2)",
+         neighbors.add_neighbors_arguments, neighbors.run_neighbors_command),
+        ("prune", "pruning / perturbation curves of misclassified samples (paper 3.1, A.5)",
+         pruning.add_prune_arguments, pruning.run_prune_command),
+        ("finetune", "one-step fine-tuning of salient filters (paper 3.3, Fig. 6)",
+         finetune.add_finetune_arguments, finetune.run_finetune_command),
+        ("explain", "input-space saliency maps of samples, salient vs random units (paper 2.2)",
+         input_saliency.add_explain_arguments, input_saliency.run_explain_command),
+        ("mask", "mask the top salient vs random pixels of mistakes (paper 3.4, A.8)",
+         input_saliency.add_mask_arguments, input_saliency.run_mask_command),
+        ("sanity", "cascading-randomization sanity check of input-space saliency (A.10)",
+         sanity.add_sanity_arguments, sanity.run_sanity_command),
+        ("plots", "the paper's Figures 1-2 (PNG) under RUN/figures",
+         plots.add_plots_arguments, plots.run_plots_command),
+        ("report", "a static HTML report of a run (RUN/report/index.html)",
+         report.add_report_arguments, report.run_report_command),
+    ]
+    for name, help_text, add_arguments, command in analyses:
+        analysis = sub.add_parser(name, help=help_text)
+        add_arguments(analysis)
+        analysis.set_defaults(func=command)
 
     demo = sub.add_parser("demo", help="profile the embedded demo model on its held-out split")
     demo.add_argument("--out", default="runs/demo")

@@ -105,3 +105,19 @@ def chosen_samples(run: Run, samples: str | Sequence[int] | np.ndarray,
     order = np.argsort(ids[keep], kind="stable")
     return (ids[keep][order], table.column("target").to_numpy()[keep][order],
             table.column("pred").to_numpy()[keep][order])
+
+
+def run_inputs(data: Dataset, ids: np.ndarray, targets: np.ndarray) -> torch.Tensor:
+    """``[n, ...]`` the inputs of samples ``ids``, whose labels in ``data`` must be the run's ``targets``."""
+    inputs, labels = zip(*(data[int(i)] for i in ids))
+    labels = np.array([int(y) for y in labels])
+    wrong = np.flatnonzero(labels != targets)
+    if len(wrong):
+        raise InputError(f"the data set does not match the run: sample {int(ids[wrong[0]])} has class "
+                         f"{labels[wrong[0]]} in the data set and {targets[wrong[0]]} in the run")
+    return torch.stack([torch.as_tensor(x) for x in inputs])
+
+
+def model_device(model: nn.Module) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")

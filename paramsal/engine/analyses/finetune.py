@@ -60,8 +60,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from paramsal.engine.analyses.common import (add_source_arguments, chosen_samples, load_source, positive_int_list,
-                                             run_units)
+from paramsal.engine.analyses.common import (add_source_arguments, chosen_samples, load_source, model_device,
+                                             positive_int_list, run_inputs, run_units)
 from paramsal.engine.analyses.selection import UNIT_SELECTIONS, select_units
 from paramsal._io import atomic_path
 from paramsal.engine.analyses.bootstrap import bootstrap_mean_ci
@@ -412,8 +412,8 @@ class FineTune:
         neighbors = _neighbor_ids(run, ids, self.num_neighbors)
         chosen = self._choices(run, ids, len(index))
         pool, pool_targets = _pool(run, ids, neighbors)
-        device = _device_of(self.model)
-        inputs = _load_inputs(data, pool, pool_targets).to(device)
+        device = model_device(self.model)
+        inputs = run_inputs(data, pool, pool_targets).to(device)
         if inputs.is_floating_point():
             inputs = inputs.to(next(iter(self.model.parameters())).dtype)
         # Row 0 of each sample's evaluation set is the sample itself, rows 1.. its neighbours.
@@ -569,22 +569,6 @@ def _pool(run: Run, ids: np.ndarray, neighbors: np.ndarray) -> tuple[np.ndarray,
     order = np.argsort(all_ids)
     targets = table.column("target").to_numpy()[order][np.searchsorted(all_ids[order], pool)]
     return pool, targets.astype(np.int64)
-
-
-def _load_inputs(data: Dataset, ids: np.ndarray, targets: np.ndarray) -> torch.Tensor:
-    """``[n, ...]`` the inputs of ``ids``; their labels must be the run's."""
-    inputs, labels = zip(*(data[int(i)] for i in ids))
-    labels = np.array([int(y) for y in labels])
-    wrong = np.flatnonzero(labels != targets)
-    if len(wrong):
-        raise InputError(f"the data set does not match the run: sample {int(ids[wrong[0]])} has class "
-                         f"{labels[wrong[0]]} in the data set and {targets[wrong[0]]} in the run")
-    return torch.stack([torch.as_tensor(x) for x in inputs])
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------- command line

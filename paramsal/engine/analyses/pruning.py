@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from paramsal._io import atomic_path
 from paramsal.engine.analyses.bootstrap import bootstrap_mean_ci
-from paramsal.engine.analyses.common import (add_source_arguments, chosen_samples, load_source, positive_int_list,
-                                             run_units)
+from paramsal.engine.analyses.common import (add_source_arguments, chosen_samples, load_source, model_device,
+                                             positive_int_list, run_inputs, run_units)
 from paramsal.engine.analyses.selection import UNIT_SELECTIONS, select_units
 from paramsal.engine.analyses.masks import UnitEditor, gaussian_deltas, unit_mask
 from paramsal.engine.profile import eval_mode
@@ -217,7 +217,7 @@ class Pruning:
         if self.ks[-1] > len(index):
             raise InputError(f"k={self.ks[-1]} exceeds the run's {len(index)} units")
         chosen = {s: select_units(profiles, self.ks[-1], s, self.seed, ids) for s in self.select}
-        device = _device_of(self.model)
+        device = model_device(self.model)
         columns: dict[str, list[np.ndarray]] = {}
         pred_changed = 0
         starts = range(0, len(ids), self.batch_size)
@@ -225,7 +225,7 @@ class Pruning:
             editor = None
             for start in tqdm(starts, desc="pruning" if self.mode == "zero" else "perturbation", unit="batch", disable=not self.progress):
                 rows = slice(start, start + self.batch_size)
-                inputs = _load_inputs(data, ids[rows], targets[rows]).to(device)
+                inputs = run_inputs(data, ids[rows], targets[rows]).to(device)
                 if editor is None:
                     editor = UnitEditor.locate(self.model, inputs[:1], index)
                 base = _probabilities(self.model(inputs))
@@ -275,21 +275,6 @@ class Pruning:
         return {"run": str(run.path), "ks": list(self.ks), "select": list(self.select), "mode": self.mode,
                 "noise_std": self.noise_std, "seed": self.seed, "num_resamples": self.num_resamples,
                 "level": self.level}
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _load_inputs(data: Dataset, ids: np.ndarray, targets: np.ndarray) -> torch.Tensor:
-    inputs, labels = zip(*(data[int(i)] for i in ids))
-    labels = np.array([int(y) for y in labels])
-    wrong = np.flatnonzero(labels != targets)
-    if len(wrong):
-        raise InputError(f"the data set does not match the run: sample {int(ids[wrong[0]])} has class "
-                         f"{labels[wrong[0]]} in the data set and {targets[wrong[0]]} in the run")
-    return torch.stack([torch.as_tensor(x) for x in inputs])
 
 
 def _probabilities(logits: torch.Tensor) -> np.ndarray:
