@@ -517,6 +517,15 @@ def summarize_masking(table: pa.Table) -> pa.Table:
 # ----------------------------------------------------------------------------------------------- command line
 
 
+def add_explainer_arguments(parser: argparse.ArgumentParser, select_help: str | None) -> None:
+    """``--top/--boost/--seed`` and, unless ``select_help`` is None, ``--select``: how the explainer is configured."""
+    parser.add_argument("--top", type=int, default=10, help="units boosted (default 10)")
+    parser.add_argument("--boost", type=float, default=100.0, help="factor on the boosted units (default 100)")
+    if select_help is not None:
+        parser.add_argument("--select", default="salient", choices=SELECTIONS, help=select_help)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random units (and random pixels)")
+
+
 def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``paramsal explain RUN ...``."""
     parser.add_argument("run", help="run directory made by `paramsal profile` (gives model, data and statistics)")
@@ -525,11 +534,7 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--image", help="an image file (read with PIL and --transform) or a .pt/.npy tensor [C, H, W] "
                                        "already in the model's input space")
     parser.add_argument("--label", type=int, help="true class of --image")
-    parser.add_argument("--top", type=int, default=10, help="units boosted (default 10)")
-    parser.add_argument("--boost", type=float, default=100.0, help="factor on the boosted units (default 100)")
-    parser.add_argument("--select", default="salient", choices=SELECTIONS,
-                        help="which units to boost; the figure always adds random units side by side")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the random units")
+    add_explainer_arguments(parser, "which units to boost; the figure always adds random units side by side")
     add_source_arguments(parser)
     parser.add_argument("--out", help="output directory (default RUN/figures)")
 
@@ -562,9 +567,7 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=50, help="first N misclassified samples (default 50)")
     parser.add_argument("--percents", type=positive_int_list, default=list(DEFAULT_PERCENTS),
                         help="comma-separated percentages of pixels to mask (default 1,5,10,20)")
-    parser.add_argument("--top", type=int, default=10, help="units boosted (default 10)")
-    parser.add_argument("--boost", type=float, default=100.0, help="factor on the boosted units (default 100)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the random pixels")
+    add_explainer_arguments(parser, None)
     add_source_arguments(parser)
     parser.add_argument("--out", help="output directory (default RUN/analyses)")
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from paramsal.engine.analyses.common import add_source_arguments, load_source
-from paramsal.engine.analyses.input_saliency import InputSaliency, channel_max, load_inputs
+from paramsal.engine.analyses.input_saliency import InputSaliency, add_explainer_arguments, channel_max, load_inputs
 from paramsal.errors import InputError
 
 
@@ -175,11 +175,8 @@ def add_sanity_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``paramsal sanity RUN --sample ID ...``."""
     parser.add_argument("run", help="run directory made by `paramsal profile`")
     parser.add_argument("--sample", type=int, action="append", required=True, help="sample id (repeatable)")
-    parser.add_argument("--top", type=int, default=10)
-    parser.add_argument("--boost", type=float, default=100.0)
-    parser.add_argument("--select", default="salient", choices=["salient", "random"])
+    add_explainer_arguments(parser, "which units the maps boost")
     parser.add_argument("--stages", help="comma-separated numbers of randomized layers (default all)")
-    parser.add_argument("--seed", type=int, default=0)
     add_source_arguments(parser)
     parser.add_argument("--out", help="output directory (default RUN/figures)")
 
