@@ -110,17 +110,7 @@ class Profiler:
 
     def _checked(self, inputs: torch.Tensor, targets: torch.Tensor,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-            raise InputError(f"inputs and targets must be tensors, got {type(inputs).__name__} "
-                             f"and {type(targets).__name__}")
-        if inputs.dim() == 0 or len(inputs) == 0:
-            raise InputError(f"inputs must be a non-empty batch [N, ...], got shape {tuple(inputs.shape)}")
-        if targets.dim() == 0 or len(targets) != len(inputs):
-            raise InputError(f"targets {tuple(targets.shape)} do not match inputs {tuple(inputs.shape)}: "
-                             "one target per sample expected")
-        if self.loss is None and (targets.dim() != 1 or targets.is_floating_point()):
-            raise InputError(f"cross-entropy needs integer class indices of shape [N], got {targets.dtype} "
-                             f"{tuple(targets.shape)}; pass loss= for other targets")
+        check_batch(inputs, targets, class_indices=self.loss is None)
         return inputs.to(device), targets.to(device)
 
     def _check_labels(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -143,6 +133,24 @@ class Profiler:
             group = next(g for g in self.index if g.offset <= unit < g.stop)
             raise NonFiniteError(f"non-finite gradient for sample at position {sample} in parameter "
                                  f"{group.param_name!r} (unit {unit}); {len(bad)} entries affected")
+
+
+def check_batch(inputs: torch.Tensor, targets: torch.Tensor, *, class_indices: bool) -> None:
+    """Raises :class:`InputError` unless ``inputs [N, ...]`` and ``targets [N, ...]`` form a batch.
+
+    With ``class_indices``, targets must be integer class indices ``[N]`` (what cross-entropy takes).
+    """
+    if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise InputError(f"inputs and targets must be tensors, got {type(inputs).__name__} "
+                         f"and {type(targets).__name__}")
+    if inputs.dim() == 0 or len(inputs) == 0:
+        raise InputError(f"inputs must be a non-empty batch [N, ...], got shape {tuple(inputs.shape)}")
+    if targets.dim() == 0 or len(targets) != len(inputs):
+        raise InputError(f"targets {tuple(targets.shape)} do not match inputs {tuple(inputs.shape)}: "
+                         "one target per sample expected")
+    if class_indices and (targets.dim() != 1 or targets.is_floating_point()):
+        raise InputError(f"cross-entropy needs integer class indices of shape [N], got {targets.dtype} "
+                         f"{tuple(targets.shape)}; pass loss= for other targets")
 
 
 def profile_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, backend: str = "auto",

@@ -35,7 +35,7 @@ from torch.func import functional_call, grad, vmap
 
 from paramsal.engine.analyses.common import add_source_arguments, load_source, positive_int_list
 from paramsal.engine.analyses.selection import select_units
-from paramsal.engine.profile import eval_mode, profile_batch
+from paramsal.engine.profile import check_batch, eval_mode, profile_batch
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError
 from paramsal.kernels.reduce import reduce_grad
@@ -192,14 +192,9 @@ class InputSaliency:
         return lambda s: (s - mean) / std
 
     def _checked(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-            raise InputError(f"inputs and targets must be tensors, got {type(inputs).__name__} "
-                             f"and {type(targets).__name__}")
-        if inputs.dim() < 2 or len(inputs) == 0:
-            raise InputError(f"inputs must be a non-empty batch [N, ...], got shape {tuple(inputs.shape)}")
-        if targets.dim() != 1 or len(targets) != len(inputs) or targets.is_floating_point():
-            raise InputError(f"targets must be [N] class indices for inputs {tuple(inputs.shape)}, got "
-                             f"{targets.dtype} {tuple(targets.shape)}")
+        check_batch(inputs, targets, class_indices=True)
+        if inputs.dim() < 2:  # a gradient w.r.t. each sample's input needs a sample dim and a feature dim
+            raise InputError(f"inputs must be a batch [N, ...] of non-scalar samples, got shape {tuple(inputs.shape)}")
         param = next(iter(self.model.parameters()))
         return inputs.to(param.device, param.dtype), targets.to(param.device)
 
