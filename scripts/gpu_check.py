@@ -1,20 +1,28 @@
-"""One-call GPU check: correctness of every backend on CUDA, then ResNet-50 throughput.
+"""One-call GPU check: correctness of the fused kernel and of every backend on CUDA, then ResNet-50 throughput.
 
 Run on a machine with a CUDA GPU (a few minutes):
 
     python scripts/gpu_check.py --out gpu-results.json
 
-Prints and saves: the largest relative error of hooks/vmap vs the loop on
-small networks (float64 and float32, on the GPU), and for torchvision
-ResNet-50 at 224x224 the samples/s of a plain forward+backward and of each
-backend (medians), their ratio, and the projected time for the 50,000
-ImageNet validation images.
+Prints and saves:
+
+* the largest relative error of the fused Triton kernel against the torch
+  path (float64 on the GPU) on random conv shapes (groups, stride, dilation,
+  padding), in float32 (TF32 off) and float16;
+* the largest relative error of hooks/vmap vs the loop on the test networks
+  (float64 and float32, TF32 off);
+* for torchvision ResNet-50 at 224x224 (float32, torch's default TF32
+  settings for every method): samples/s of a plain forward+backward and of
+  the hooks backend with the fused kernel and with the torch path (medians),
+  the ratio to plain, the projected time for the 50,000 ImageNet validation
+  images and the peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -23,10 +31,39 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from paramsal import Profiler, profile_batch  # noqa: E402
+from paramsal.kernels import fused  # noqa: E402
+from paramsal.kernels.conv import conv_weight_grad_sample  # noqa: E402
+
+
+def kernel_correctness(shapes: int, seed: int = 0) -> list[dict]:
+    """The fused kernel vs the torch path's per-sample gradients, on random conv shapes."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(shapes):
+        groups = rng.choice([1, 1, 2, 4, 32])
+        kernel = (rng.randint(1, 7), rng.randint(1, 7))
+        conv = nn.Conv2d(groups * rng.randint(1, 40), groups * rng.randint(1, 80), kernel,
+                         stride=rng.randint(1, 3), padding=rng.randint(0, 3), dilation=rng.randint(1, 3),
+                         groups=groups).cuda().double()
+        span = max(d * (k - 1) + 1 for d, k in zip(conv.dilation, kernel))
+        x = torch.randn(8, conv.in_channels, rng.randint(span, 40), rng.randint(span, 40), device="cuda",
+                        dtype=torch.float64)
+        with torch.no_grad():
+            gy = torch.randn_like(conv(x))
+        want = conv_weight_grad_sample(conv, x, gy).flatten(2).abs().mean(2)
+        geometry = fused.Geometry(conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups)
+        for dtype in (torch.float32, torch.float16):
+            got = fused.row_abs_means(x.to(dtype), gy.to(dtype), geometry).double()
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            rows.append({"shape": repr(conv), "dtype": str(dtype), "max_rel_err": err})
+        print(f"kernel shape {i:3d} {conv!r}: float32 {rows[-2]['max_rel_err']:.1e}, "
+              f"float16 {rows[-1]['max_rel_err']:.1e}", flush=True)
+    return rows
 
 
 def correctness(device: str) -> list[dict]:
@@ -71,13 +108,16 @@ def throughput(batch: int, repeats: int) -> list[dict]:
         F.cross_entropy(model(x), y).backward()
 
     rows = []
+    torch.cuda.reset_peak_memory_stats()
     plain_s = timed(plain, repeats)
-    rows.append({"method": "plain", "samples_per_s": batch / plain_s})
-    for backend in ("hooks",):
-        profiler = Profiler(model, backend=backend)
-        torch.cuda.reset_peak_memory_stats()
-        seconds = timed(lambda: profiler(x, y), repeats)
-        rows.append({"method": backend, "samples_per_s": batch / seconds, "x_plain": plain_s / seconds,
+    rows.append({"method": "plain", "samples_per_s": batch / plain_s, "projected_50k_s": 50_000 * plain_s / batch,
+                 "peak_gb": torch.cuda.max_memory_allocated() / 2**30})
+    profiler = Profiler(model, backend="hooks")
+    for label, kernel in (("hooks (fused kernel)", "auto"), ("hooks (torch path)", "off")):
+        with fused.mode(kernel):
+            torch.cuda.reset_peak_memory_stats()
+            seconds = timed(lambda: profiler(x, y), repeats)
+        rows.append({"method": label, "samples_per_s": batch / seconds, "x_plain": plain_s / seconds,
                      "projected_50k_s": 50_000 * seconds / batch,
                      "peak_gb": torch.cuda.max_memory_allocated() / 2**30})
     for row in rows:
@@ -89,14 +129,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shapes", type=int, default=40, help="random conv shapes for the kernel check")
     parser.add_argument("--out", default="gpu-results.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no CUDA device")
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "correctness": correctness("cuda"), "resnet50": throughput(args.batch, args.repeats)}
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"written {args.out}")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def stage(name: str, run) -> None:
+        """Runs one part and saves everything so far, so a run cut short keeps what it measured."""
+        result[name] = run()
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(f"{name}: written to {args.out}", flush=True)
+
+    # the correctness checks compare float32 itself, not TF32 roundings of it
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    stage("kernel", lambda: kernel_correctness(args.shapes))
+    stage("correctness", lambda: correctness("cuda"))
+    torch.backends.cudnn.allow_tf32 = True  # torch's default, for plain and hooks alike
+    stage("resnet50", lambda: throughput(args.batch, args.repeats))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paramsal.errors import InputError
+from paramsal.kernels import fused
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
 
@@ -56,6 +57,8 @@ def reduce_conv(layer: nn.Module, activations: torch.Tensor, backprops: torch.Te
     for group in groups:
         if group.attr == "bias":
             results.append(reduce_grad(backprops.flatten(2).sum(2), group, aggregation))
+        elif _fusable(layer, group, aggregation) and fused.wanted(activations):
+            results.append(fused_weight_units(layer, activations, backprops))
         else:
             strategy = _strategy(layer, activations, backprops, group, aggregation)
             results.append(strategy(layer, activations, backprops, group, aggregation, chunk_size))
@@ -107,6 +110,23 @@ def _strategy(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tens
     positions = math.prod(backprops.shape[2:])
     width = layer.weight[0].numel()
     return tiled_weight_units if positions <= TILED_MAX_POSITIONS or width <= TILED_MAX_WIDTH else grouped_weight_units
+
+
+def _fusable(layer: nn.Module, group: UnitGroup, aggregation: Aggregation) -> bool:
+    """The fused kernel computes mean ``|G|`` per filter of 1-D and 2-D convolutions."""
+    return group.partition == "rows" and aggregation == "mean_abs" and layer.weight.dim() in (3, 4)
+
+
+def fused_weight_units(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` mean ``|G|`` per filter from the fused Triton kernel; a Conv1d is a 2-D conv of height one."""
+    x, padding = _padded(layer, activations)
+    if x.dim() == 3:
+        geometry = fused.Geometry((1, *layer.kernel_size), (1, *layer.stride), (0, *padding), (1, *layer.dilation),
+                                  layer.groups)
+        return fused.row_abs_means(x.unsqueeze(2), backprops.unsqueeze(2), geometry)
+    geometry = fused.Geometry(tuple(layer.kernel_size), tuple(layer.stride), padding, tuple(layer.dilation),
+                              layer.groups)
+    return fused.row_abs_means(x, backprops, geometry)
 
 
 def conv_weight_grad_sample(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:

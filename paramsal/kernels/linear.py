@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from paramsal.kernels import fused
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
 
@@ -44,6 +45,8 @@ def reduce_linear(layer: nn.Module, activations: torch.Tensor, backprops: torch.
             results.append(_outer_reduce(gy[:, 0], x[:, 0], aggregation))
         elif x.shape[1] == 1 and group.partition == "columns":
             results.append(_outer_reduce(x[:, 0], gy[:, 0], aggregation))
+        elif group.partition in ("rows", "columns") and aggregation == "mean_abs" and fused.wanted(x):
+            results.append(_fused_reduce(x, gy, group.partition))
         else:
             chunk = chunk_size or auto_chunk(layer.weight.numel(), batch)
             results.append(torch.cat([
@@ -61,3 +64,19 @@ def _outer_reduce(kept: torch.Tensor, reduced: torch.Tensor, aggregation: Aggreg
     if aggregation == "mean_abs":
         return kept.abs() * reduced.abs().mean(1, keepdim=True)
     return (kept * reduced.mean(1, keepdim=True)).abs()
+
+
+def _fused_reduce(x: torch.Tensor, gy: torch.Tensor, partition: str) -> torch.Tensor:
+    """Mean ``|G|`` per row (or column) of ``G[n] = gy[n]^T x[n]`` from the fused kernel.
+
+    ``G[n]`` is the weight gradient of a 1x1 convolution over the T positions,
+    so ``[B, T, features]`` is handed over as an ``[B, features, T, 1]`` view;
+    columns are the rows of ``G[n]^T = x[n]^T gy[n]``.
+    """
+    rows, cols = (gy, x) if partition == "rows" else (x, gy)
+    return fused.row_abs_means(_as_map(cols), _as_map(rows), fused.Geometry((1, 1)))
+
+
+def _as_map(t: torch.Tensor) -> torch.Tensor:
+    """``[B, T, F] -> [B, F, T, 1]``, a view."""
+    return t.transpose(1, 2).unsqueeze(-1)
