@@ -23,8 +23,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     methods = tuple(args.methods.split(",")) + (tuple(available_peers()) if args.peers else ())
     results = []
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for name in args.case:
-        case = CASES[name]
+        case = dataclasses.replace(CASES[name], device=device, dtype=getattr(torch, args.dtype))
         if args.batch:
             case = dataclasses.replace(case, batch=args.batch)
         timings = run(case, methods, args.repeats)
@@ -115,10 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="time the backends against a plain forward+backward and the loop")
-    bench.add_argument("--case", nargs="+", default=["resnet18-cifar"], choices=["resnet18-cifar", "small-cnn"])
+    bench.add_argument("--case", nargs="+", default=["resnet18-cifar"],
+                       choices=["resnet18-cifar", "small-cnn", "resnet50-imagenet"])
     bench.add_argument("--methods", default="plain,loop,hooks,vmap",
-                       help="comma-separated: plain,loop,hooks,vmap,opacus,backpack")
-    bench.add_argument("--batch", type=int, default=None, help="batch size (default: the case's, 64)")
+                       help="comma-separated: plain,loop,hooks,vmap,opacus,backpack; also vmap-whole "
+                            "(vmap over the whole batch at once) and hooks-torch (hooks without the fused "
+                            "GPU kernel)")
+    bench.add_argument("--batch", type=int, default=None, help="batch size (default: the case's)")
+    bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--peers", action="store_true", help="add the installed peers (Opacus, BackPACK)")

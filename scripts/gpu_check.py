@@ -12,30 +12,29 @@ Prints and saves:
 * the largest relative error of hooks/vmap vs the loop on the test networks
   (float64 and float32, TF32 off);
 * for torchvision ResNet-50 at 224x224 (float32, torch's default TF32
-  settings for every method): samples/s of a plain forward+backward and of
-  the hooks backend with the fused kernel and with the torch path (medians),
-  the ratio to plain, the projected time for the 50,000 ImageNet validation
-  images and the peak memory.
+  settings for every method), through the benchmark harness: samples/s of a
+  plain forward+backward, the one-sample loop, and the hooks backend with the
+  fused kernel and with the torch path (medians), the ratio to plain, the
+  projected time for the 50,000 ImageNet validation images and the peak
+  memory of a first call.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from paramsal import Profiler, profile_batch  # noqa: E402
+from paramsal import profile_batch  # noqa: E402
+from paramsal.bench.harness import CASES, HOOKS_TORCH, records, run, table  # noqa: E402
 from paramsal.kernels import fused  # noqa: E402
 from paramsal.kernels.conv import conv_weight_grad_sample  # noqa: E402
 
@@ -85,44 +84,15 @@ def correctness(device: str) -> list[dict]:
     return rows
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
-
-
 def throughput(batch: int, repeats: int) -> list[dict]:
+    """The benchmark harness on ResNet-50: plain, loop, hooks with the fused kernel and on the torch path."""
     torch.backends.cudnn.benchmark = True
-    model = torchvision.models.resnet50().cuda().eval()
-    x = torch.randn(batch, 3, 224, 224, device="cuda")
-    y = torch.randint(0, 1000, (batch,), device="cuda")
-
-    def plain():
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-
-    rows = []
-    torch.cuda.reset_peak_memory_stats()
-    plain_s = timed(plain, repeats)
-    rows.append({"method": "plain", "samples_per_s": batch / plain_s, "projected_50k_s": 50_000 * plain_s / batch,
-                 "peak_gb": torch.cuda.max_memory_allocated() / 2**30})
-    profiler = Profiler(model, backend="hooks")
-    for label, kernel in (("hooks (fused kernel)", "auto"), ("hooks (torch path)", "off")):
-        with fused.mode(kernel):
-            torch.cuda.reset_peak_memory_stats()
-            seconds = timed(lambda: profiler(x, y), repeats)
-        rows.append({"method": label, "samples_per_s": batch / seconds, "x_plain": plain_s / seconds,
-                     "projected_50k_s": 50_000 * seconds / batch,
-                     "peak_gb": torch.cuda.max_memory_allocated() / 2**30})
-    for row in rows:
-        print(row, flush=True)
-    return rows
+    case = dataclasses.replace(CASES["resnet50-imagenet"], batch=batch, device="cuda")
+    timings = run(case, ("hooks", HOOKS_TORCH), repeats)
+    print(table(timings), flush=True)
+    plain = next(t for t in timings if t.method == "plain")
+    return [{**row, "x_plain": plain.median / row["median_s"], "projected_50k_s": 50_000 * row["median_s"] / batch}
+            for row in records(timings)]
 
 
 def main() -> None:

@@ -9,9 +9,11 @@ from paramsal.bench.harness import Case, run, table
 def test_harness_reports_every_method_with_baselines():
     case = Case("tiny", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)),
                 (1, 8, 8), 3, batch=4)
-    timings = run(case, ("hooks", "vmap"), repeats=2, memory=False)
-    assert [t.method for t in timings] == ["plain", "loop", "hooks", "vmap"]
+    methods = ("hooks", "vmap", "hooks-torch", "vmap-whole")
+    timings = run(case, methods, repeats=2, memory=False)
+    assert [t.method for t in timings] == ["plain", "loop", *methods]
     assert all(len(t.seconds) == 2 and t.samples_per_s > 0 for t in timings)
     text = table(timings)
-    assert "| plain |" in text and "| 1.00 |" in text and "| hooks |" in text
+    assert "| plain |" in text and "| 1.00 |" in text and "| hooks |" in text and "| vmap-whole |" in text
+    assert text.splitlines()[0].endswith("float32")
     assert torch.get_num_threads() >= 1

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paramsal.bench.models import cifar_resnet18
+from paramsal.bench.models import cifar_resnet18, imagenet_resnet50
 from paramsal.engine.profile import Profiler
+from paramsal.kernels import fused
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,16 @@ def _small_cnn() -> nn.Module:
 CASES = {
     "resnet18-cifar": Case("resnet18-cifar", cifar_resnet18, (3, 32, 32), 10),
     "small-cnn": Case("small-cnn", _small_cnn, (1, 28, 28), 10),
+    # the GPU case of the performance targets; on a CPU it takes minutes per method
+    "resnet50-imagenet": Case("resnet50-imagenet", imagenet_resnet50, (3, 224, 224), 1000, batch=128),
 }
 
 METHODS = ("plain", "loop", "hooks", "vmap")
+#: The hooks backend with the fused GPU kernel switched off (the torch path), to measure what the kernel brings.
+HOOKS_TORCH = "hooks-torch"
+#: ``torch.func.vmap(grad)`` over the whole batch at once, as a user would first write it; the vmap
+#: backend itself goes a memory-bounded chunk of samples at a time.
+VMAP_WHOLE = "vmap-whole"
 #: Other libraries' per-sample gradients, reduced to the same units (``pip install paramsal[peers]``).
 PEERS = ("opacus", "backpack")
 
@@ -67,7 +75,17 @@ def method(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Cal
         return plain
     if name in PEERS:
         return _peer(name, model, x, y)
-    profiler = Profiler(model, backend=name)
+    if name == HOOKS_TORCH:
+        profiler = Profiler(model, backend="hooks")
+
+        def torch_path() -> object:
+            with fused.mode("off"):
+                return profiler(x, y)
+        return torch_path
+    if name == VMAP_WHOLE:
+        profiler = Profiler(model, backend="vmap", chunk_size=len(x))
+    else:
+        profiler = Profiler(model, backend=name)
     return lambda: profiler(x, y)
 
 
@@ -128,6 +146,8 @@ class Timing:
     batch: int
     seconds: list[float]
     peak_mb: float = float("nan")
+    device: str = "cpu"
+    dtype: str = "float32"
 
     @property
     def median(self) -> float:
@@ -138,22 +158,24 @@ class Timing:
         return self.batch / self.median
 
 
-def time_method(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+def time_method(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> list[float]:
+    """Wall seconds of each of ``repeats`` calls after ``warmup`` untimed ones (waiting for the GPU's work)."""
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     for _ in range(warmup):
         fn()
+    synchronize()
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         seconds.append(time.perf_counter() - start)
     return seconds
 
 
-def peak_memory_mb(fn: Callable[[], object]) -> float:
+def peak_memory_mb(fn: Callable[[], object], device: str = "cpu") -> float:
     """Extra memory one call needs at its peak: CUDA allocations on GPU, resident set size on CPU."""
-    if torch.cuda.is_available():
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -200,7 +222,9 @@ def run(case: Case, methods: tuple[str, ...] = METHODS, repeats: int = 3, memory
     wanted = ["plain", "loop"] + [m for m in methods if m not in ("plain", "loop")]
     timings = []
     for name in wanted:
-        timing = Timing(case.name, name, case.batch, time_method(method(name, model, x, y), repeats))
+        seconds = time_method(method(name, model, x, y), repeats, device=case.device)
+        timing = Timing(case.name, name, case.batch, seconds, device=case.device,
+                        dtype=str(case.dtype).removeprefix("torch."))
         if memory:
             timing.peak_mb = isolated_peak_memory_mb(case, name)
         timings.append(timing)
@@ -212,16 +236,14 @@ def isolated_peak_memory_mb(case: Case, name: str) -> float:
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_first_call_peak, (case.name, case.batch, name, torch.get_num_threads()))
+        return pool.apply(_first_call_peak, (case, name, torch.get_num_threads()))
 
 
-def _first_call_peak(case_name: str, batch: int, name: str, threads: int) -> float:
-    import dataclasses
-
+def _first_call_peak(case: Case, name: str, threads: int) -> float:
     torch.set_num_threads(threads)
-    model, x, y = dataclasses.replace(CASES[case_name], batch=batch).build()
+    model, x, y = case.build()
     method(name, model, x[:1], y[:1])()  # one-time costs (kernel compilation, caches) are not the batch's
-    return peak_memory_mb(method(name, model, x, y))
+    return peak_memory_mb(method(name, model, x, y), case.device)
 
 
 def table(timings: list[Timing]) -> str:
@@ -230,7 +252,7 @@ def table(timings: list[Timing]) -> str:
     plain, loop = by_method["plain"].samples_per_s, by_method["loop"].samples_per_s
     peers = [t for t in timings if t.method in PEERS]
     lines = [f"case {timings[0].case}, batch {timings[0].batch}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, {device_name()}",
+             f"{torch.get_num_threads()} threads, {device_name(timings[0].device)}, {timings[0].dtype}",
              "", "| method | samples/s | x plain | x loop |" + "".join(f" x {p.method} |" for p in peers)
              + " peak extra MB |",
              "| --- | ---: | ---: | ---: |" + " ---: |" * len(peers) + " ---: |"]
@@ -241,9 +263,9 @@ def table(timings: list[Timing]) -> str:
     return "\n".join(lines)
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+def device_name(device: str = "cpu") -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine()
 
 
@@ -256,7 +278,7 @@ def records(timings: list[Timing]) -> list[dict]:
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return [{"case": t.case, "method": t.method, "batch": t.batch, "median_s": t.median,
              "samples_per_s": t.samples_per_s, "peak_extra_mb": t.peak_mb, "repeats": len(t.seconds),
-             "device": device_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+             "device": device_name(t.device), "dtype": t.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
              "paramsal": paramsal.__version__, "date": stamp} for t in timings]
 
 

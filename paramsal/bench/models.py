@@ -12,3 +12,8 @@ def cifar_resnet18(num_classes: int = 10) -> nn.Module:
     model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     model.maxpool = nn.Identity()
     return model
+
+
+def imagenet_resnet50(num_classes: int = 1000) -> nn.Module:
+    """torchvision's resnet50 as is (224x224 inputs), randomly initialized: timings do not depend on the weights."""
+    return torchvision.models.resnet50(num_classes=num_classes)
