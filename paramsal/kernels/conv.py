@@ -20,16 +20,23 @@ if TYPE_CHECKING:
     from paramsal.engine.units import UnitGroup
 
 
-#: Elements of one gradient tile: about 1 MiB of float32, so that it is summed
-#: while it is still in the cache it was written to.
-TILE_ELEMENTS = 2**18
+#: Elements of one gradient tile (4 MiB of float32) and its width in weight
+#: columns. Measured on resnet18-CIFAR at batch 64 on a 2-core CPU (1 MiB L2
+#: per core): 2**20-element tiles of 256 columns, several samples per batched
+#: matmul, reduce layer4's 3x3 convs from 60 to 47 ms and layer3's from 58 to
+#: 36 ms; tiles of 2**18 (one sample each, what fits L2) leave the cores idle
+#: between the many small products.
+TILE_ELEMENTS = 2**20
+TILE_COLUMNS = 256
 
 #: A layer goes the tiled way when its maps have at most this many output
 #: positions, or its filters at most this many weights per output channel:
 #: then writing whole per-sample gradients out costs more than computing them.
-#: Measured on resnet18-CIFAR and the demo CNN (2-core CPU, batch 64): timing
-#: both ways per layer picks the same split, up to ties, and a fixed rule keeps
-#: every run's numbers identical to the last bit.
+#: Measured on resnet18-CIFAR and the demo CNN (2-core CPU, batch 64), per
+#: layer, tiled vs grouped in ms: resnet 1x32x32 stem 3.6 vs 9.3, 16x16 maps
+#: (256 positions) 33 vs 32, 8x8 maps 35 vs 64, 4x4 maps 47 vs 190; demo CNN
+#: 14x14 maps 3.1 vs 1.6, 7x7 maps 2.9 vs 3.0. A fixed rule keeps every
+#: run's numbers identical to the last bit.
 TILED_MAX_POSITIONS = 64
 TILED_MAX_WIDTH = 64
 
@@ -164,33 +171,38 @@ def _padded(layer: nn.Module, activations: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def _tiled_mean_abs(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
-    """``[b, K]`` mean ``|G|`` per output channel, G formed one cache-sized tile at a time.
+    """``[b, K]`` mean ``|G|`` per output channel, G formed one tile of samples x columns at a time.
 
     With few output positions L, each per-sample gradient ``G[n] = gy[n] @ P[n]``
     costs only L multiply-adds per element, so writing all of G out and
-    reading it back would cost more than computing it; a tile of samples x
-    columns is reduced right after its matmul instead.
+    reading it back would cost more than computing it; each tile is reduced
+    right after its batched matmul instead. Tiles span several samples so that
+    the batched matmul splits its work by sample rather than inside one small
+    product.
     """
     b, k = backprops.shape[:2]
     g = layer.groups
-    patches = conv_patch_rows(layer, activations)  # [b, L, C * prod(kernel)]
-    positions = patches.shape[1]
-    patches = patches.view(b, positions, g, -1).transpose(1, 2)  # [b, g, L, J]
+    columns = conv_patch_columns(layer, activations)  # [b, C * prod(kernel), L]
+    positions = columns.shape[2]
+    columns = columns.view(b, g, -1, positions)  # [b, g, J, L]
     grad_out = backprops.reshape(b, g, k // g, positions)
-    width, rows = patches.shape[3], k // g
-    cols = min(width, max(64, TILE_ELEMENTS // rows))
+    width, rows = columns.shape[2], k // g
+    cols = min(width, TILE_COLUMNS)
     sums = backprops.new_zeros(b, g, rows)
     for s in chunk_slices(b, max(1, TILE_ELEMENTS // (g * rows * cols))):
-        for start in range(0, width, cols):
-            sums[s] += torch.matmul(grad_out[s], patches[s, :, :, start:start + cols]).abs_().sum(-1)
+        grad_tile = grad_out[s]
+        for patch_tile in columns[s].split(cols, dim=2):
+            sums[s] += torch.matmul(grad_tile, patch_tile.transpose(2, 3)).abs_().sum(-1)
     return sums.view(b, k) / width
 
 
-def conv_patch_rows(layer: nn.Module, activations: torch.Tensor) -> torch.Tensor:
-    """im2col for any number of spatial dims, one row per output position: ``[b, L, C * prod(kernel)]``.
+def conv_patch_columns(layer: nn.Module, activations: torch.Tensor) -> torch.Tensor:
+    """im2col for any number of spatial dims, one column per output position: ``[b, C * prod(kernel), L]``.
 
-    Built from strided windows of the padded input and a single copy; much
-    faster on CPU than ``F.unfold`` for the small maps where it is used.
+    Built from strided windows of the padded input and a single copy. The copy
+    runs along output positions, contiguous in the input: for resnet18-CIFAR's
+    8x8 maps at batch 64 it takes 14 ms, against 17 ms for ``F.unfold`` and
+    25 ms for the same copy with the window innermost (any dims, dilation).
     """
     x, padding = _padded(layer, activations)
     dims = x.dim() - 2
@@ -201,6 +213,6 @@ def conv_patch_rows(layer: nn.Module, activations: torch.Tensor) -> torch.Tensor
         x = x.unfold(2 + d, dilation[d] * (kernel[d] - 1) + 1, stride[d])
     # x: [b, C, *out, *window]; keep every dilation-th element of each window
     x = x[(...,) + tuple(slice(None, None, step) for step in dilation)]
-    order = (0,) + tuple(range(2, 2 + dims)) + (1,) + tuple(range(2 + dims, 2 + 2 * dims))
+    order = (0, 1) + tuple(range(2 + dims, 2 + 2 * dims)) + tuple(range(2, 2 + dims))
     b, c = x.shape[:2]
-    return x.permute(order).reshape(b, -1, c * math.prod(kernel))
+    return x.permute(order).reshape(b, c * math.prod(kernel), -1)
