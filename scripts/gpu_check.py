@@ -34,12 +34,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from paramsal import profile_batch  # noqa: E402
-from paramsal.bench.harness import CASES, HOOKS_TORCH, records, run, table  # noqa: E402
+from paramsal.bench.harness import CASES, HOOKS_TORCH, device_name, records, run, table  # noqa: E402
 from paramsal.kernels import fused  # noqa: E402
 from paramsal.kernels.conv import conv_weight_grad_sample  # noqa: E402
 
 
-def kernel_correctness(shapes: int, seed: int = 0) -> list[dict]:
+def kernel_correctness(shapes: int, device: str, seed: int = 0) -> list[dict]:
     """The fused kernel vs the torch path's per-sample gradients, on random conv shapes."""
     rng = random.Random(seed)
     rows = []
@@ -48,9 +48,9 @@ def kernel_correctness(shapes: int, seed: int = 0) -> list[dict]:
         kernel = (rng.randint(1, 7), rng.randint(1, 7))
         conv = nn.Conv2d(groups * rng.randint(1, 40), groups * rng.randint(1, 80), kernel,
                          stride=rng.randint(1, 3), padding=rng.randint(0, 3), dilation=rng.randint(1, 3),
-                         groups=groups).cuda().double()
+                         groups=groups).to(device).double()
         span = max(d * (k - 1) + 1 for d, k in zip(conv.dilation, kernel))
-        x = torch.randn(8, conv.in_channels, rng.randint(span, 40), rng.randint(span, 40), device="cuda",
+        x = torch.randn(8, conv.in_channels, rng.randint(span, 40), rng.randint(span, 40), device=device,
                         dtype=torch.float64)
         with torch.no_grad():
             gy = torch.randn_like(conv(x))
@@ -84,10 +84,10 @@ def correctness(device: str) -> list[dict]:
     return rows
 
 
-def throughput(batch: int, repeats: int) -> list[dict]:
+def throughput(batch: int, repeats: int, device: str) -> list[dict]:
     """The benchmark harness on ResNet-50: plain, loop, hooks with the fused kernel and on the torch path."""
     torch.backends.cudnn.benchmark = True
-    case = dataclasses.replace(CASES["resnet50-imagenet"], batch=batch, device="cuda")
+    case = dataclasses.replace(CASES["resnet50-imagenet"], batch=batch, device=device)
     timings = run(case, ("hooks", HOOKS_TORCH), repeats)
     print(table(timings), flush=True)
     plain = next(t for t in timings if t.method == "plain")
@@ -101,10 +101,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", type=int, default=40, help="random conv shapes for the kernel check")
     parser.add_argument("--out", default="gpu-results.json")
+    parser.add_argument("--device", default="cuda",
+                        help="cpu only to try the script itself out (with TRITON_INTERPRET=1 and tiny sizes)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("no CUDA device")
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    result = {"device": device_name(args.device), "torch": torch.__version__}
 
     def stage(name: str, run) -> None:
         """Runs one part and saves everything so far, so a run cut short keeps what it measured."""
@@ -114,10 +116,10 @@ def main() -> None:
 
     # the correctness checks compare float32 itself, not TF32 roundings of it
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    stage("kernel", lambda: kernel_correctness(args.shapes))
-    stage("correctness", lambda: correctness("cuda"))
+    stage("kernel", lambda: kernel_correctness(args.shapes, args.device))
+    stage("correctness", lambda: correctness(args.device))
     torch.backends.cudnn.allow_tf32 = True  # torch's default, for plain and hooks alike
-    stage("resnet50", lambda: throughput(args.batch, args.repeats))
+    stage("resnet50", lambda: throughput(args.batch, args.repeats, args.device))
 
 
 if __name__ == "__main__":
