@@ -19,7 +19,7 @@ from torch.func import functional_call, grad, vmap
 
 from paramsal.engine.units import UnitGroup, UnitIndex
 from paramsal.errors import InputError, UnsupportedModuleError
-from paramsal.kernels.chunks import DEFAULT_BUDGET, auto_chunk, chunk_slices
+from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
 from paramsal.kernels.registry import ReducerEntry, find_reducer
 
@@ -73,8 +73,9 @@ def vmap_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     """``vmap(grad(...))`` over a functional copy of the model, reduced to units chunk by chunk.
 
     ``chunk_size`` bounds memory: each chunk holds its samples' full gradients
-    of the unit-bearing parameters. None picks a chunk of about
-    ``DEFAULT_BUDGET * 16`` elements (the activations under vmap scale alike).
+    of the unit-bearing parameters. None picks one that fits the vmap share
+    of :func:`paramsal.kernels.chunks.memory_budget` (the activations under
+    vmap scale alike).
     """
     unit_params = {g.param_name: model.get_parameter(g.param_name).detach() for g in index}
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in unit_params}
@@ -86,8 +87,8 @@ def vmap_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
         return loss.sum(), (out.squeeze(0), loss)
 
     per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))
-    chunk = chunk_size or auto_chunk(sum(p.numel() for p in unit_params.values()), len(inputs),
-                                     DEFAULT_BUDGET * 16)
+    like = next(iter(unit_params.values()))
+    chunk = chunk_size or auto_chunk(sum(p.numel() for p in unit_params.values()), len(inputs), like, "vmap")
     profiles, outputs, losses = [], [], []
     for s in chunk_slices(len(inputs), chunk):
         grads, (out, loss) = per_sample(unit_params, inputs[s], targets[s])

@@ -76,7 +76,7 @@ def grouped_weight_units(layer: nn.Module, activations: torch.Tensor, backprops:
                          aggregation: Aggregation, chunk_size: int | None) -> torch.Tensor:
     """``[B, U]`` from whole per-sample weight gradients (any partition), a chunk of samples at a time."""
     batch = activations.shape[0]
-    chunk = chunk_size or auto_chunk(2 * layer.weight.numel(), batch)
+    chunk = chunk_size or auto_chunk(2 * layer.weight.numel(), batch, activations)
     return torch.cat([reduce_grad(conv_weight_grad_sample(layer, activations[s], backprops[s]), group, aggregation)
                       for s in chunk_slices(batch, chunk)])
 
@@ -86,7 +86,7 @@ def tiled_weight_units(layer: nn.Module, activations: torch.Tensor, backprops: t
     """``[B, K]`` mean ``|G|`` per output channel (rows, mean_abs only) from cache-sized gradient tiles."""
     batch = activations.shape[0]
     patch = layer.in_channels * math.prod(layer.kernel_size) * math.prod(backprops.shape[2:])
-    chunk = chunk_size or auto_chunk(patch, batch)
+    chunk = chunk_size or auto_chunk(patch, batch, activations)
     return torch.cat([_tiled_mean_abs(layer, activations[s], backprops[s]) for s in chunk_slices(batch, chunk)])
 
 

@@ -48,7 +48,7 @@ def reduce_linear(layer: nn.Module, activations: torch.Tensor, backprops: torch.
         elif group.partition in ("rows", "columns") and aggregation == "mean_abs" and fused.wanted(x):
             results.append(_fused_reduce(x, gy, group.partition))
         else:
-            chunk = chunk_size or auto_chunk(layer.weight.numel(), batch)
+            chunk = chunk_size or auto_chunk(layer.weight.numel(), batch, x)
             results.append(torch.cat([
                 reduce_grad(torch.bmm(gy[s].transpose(1, 2), x[s]), group, aggregation)
                 for s in chunk_slices(batch, chunk)
