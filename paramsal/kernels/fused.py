@@ -35,12 +35,12 @@ try:
 except ImportError:  # CPU-only builds of torch come without Triton
     triton = None
 
-#: The input dtypes the kernel handles; it accumulates in float32, or float64 for float64.
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: The dtypes the kernel takes on a GPU, accumulating in float32. float64 stays
+#: on the torch path there: most cards have no fast float64 tiles.
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-#: Dtypes for which CUDA tensors take the kernel by default. float64 stays on
-#: the torch path there: tensor cores have no fast float64 tiles on most cards.
-AUTO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Under the interpreter float64 too (accumulated in float64), for tight checks.
+INTERPRETER_DTYPES = (*GPU_DTYPES, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def mode(name: str) -> Iterator[None]:
     """Whether reducers use the kernel inside the block.
 
     ``"auto"`` (the default outside any block): on CUDA tensors of the dtypes in
-    :data:`AUTO_DTYPES`. ``"on"``: wherever the layer's shape allows, raising
+    :data:`GPU_DTYPES`. ``"on"``: wherever the layer's shape allows, raising
     where Triton cannot run (used to check the kernel under the interpreter).
     ``"off"``: never, so the torch path can be measured or compared on a GPU.
     """
@@ -94,12 +94,16 @@ def wanted(t: torch.Tensor) -> bool:
 
 def available(t: torch.Tensor) -> bool:
     """True where the kernel can run on ``t``: Triton installed, and a CUDA tensor or the interpreter on."""
-    return triton is not None and t.dtype in KERNEL_DTYPES and (t.is_cuda or interpreting())
+    return triton is not None and (t.is_cuda or interpreting()) and t.dtype in _dtypes()
 
 
 def preferred(t: torch.Tensor) -> bool:
     """True where the kernel is the default: a CUDA tensor of a dtype with fast tensor-core tiles."""
-    return triton is not None and t.is_cuda and t.dtype in AUTO_DTYPES
+    return triton is not None and t.is_cuda and t.dtype in GPU_DTYPES
+
+
+def _dtypes() -> tuple[torch.dtype, ...]:
+    return INTERPRETER_DTYPES if interpreting() else GPU_DTYPES
 
 
 def row_abs_means(x: torch.Tensor, gy: torch.Tensor, geometry: Geometry) -> torch.Tensor:
@@ -142,7 +146,7 @@ def _require(t: torch.Tensor) -> None:
         raise InputError("the fused kernel needs Triton, which this build of torch does not include")
     if not available(t):
         raise InputError(f"the fused kernel runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1) of "
-                         f"{', '.join(str(d) for d in KERNEL_DTYPES)}; got a {t.dtype} tensor on {t.device}")
+                         f"{', '.join(str(d) for d in _dtypes())}; got a {t.dtype} tensor on {t.device}")
 
 
 def _block(extent: int) -> int:

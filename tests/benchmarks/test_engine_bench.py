@@ -8,7 +8,7 @@ on the same case in one session, so their medians can be compared directly;
 import pytest
 import torch
 
-from paramsal.bench.harness import CASES, METHODS, method
+from paramsal.bench.harness import CASES, METHODS, VMAP_WHOLE, method
 
 pytestmark = pytest.mark.bench
 
@@ -19,7 +19,7 @@ def resnet18_cifar_batch():
     return CASES["resnet18-cifar"].build()
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", (*METHODS, VMAP_WHOLE))
 def test_resnet18_cifar_batch64(benchmark, resnet18_cifar_batch, name):
     model, x, y = resnet18_cifar_batch
     fn = method(name, model, x, y)
