@@ -19,6 +19,15 @@ def test_labels_out_of_range_are_named():
         profile_batch(PlainCNN(), X, torch.tensor([-1, 0, 1]))
 
 
+def test_labels_are_checked_on_every_batch_of_a_reused_profiler():
+    from paramsal import Profiler
+
+    profiler = Profiler(PlainCNN())
+    profiler(X, torch.tensor([0, 1, 2]))
+    with pytest.raises(InputError, match=r"label 5 at position 2 is outside the model's 5 classes"):
+        profiler(X, torch.tensor([0, 1, 5]))
+
+
 def test_shape_mismatches_are_named():
     with pytest.raises(InputError, match=r"targets \(2,\) do not match inputs \(3, 3, 14, 14\)"):
         profile_batch(PlainCNN(), X, torch.tensor([0, 1]))

@@ -67,6 +67,7 @@ class Profiler:
         self.chunk_size = chunk_size
         self.features = _features_module(model, features)
         self._run = BACKENDS[backend]
+        self._class_counts: dict[tuple, int] = {}
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> BatchResult:
         """Profiles one batch.
@@ -114,13 +115,25 @@ class Profiler:
         return inputs.to(device), targets.to(device)
 
     def _check_labels(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        with torch.no_grad():
-            classes = self.model(inputs[:1]).shape[-1]
+        classes = self._classes(inputs)
         bad = ((targets < 0) | (targets >= classes)).nonzero().flatten()
         if len(bad):
             first = int(bad[0])
             raise InputError(f"label {int(targets[first])} at position {first} is outside the model's "
                              f"{classes} classes (0..{classes - 1}); {len(bad)} label(s) out of range")
+
+    def _classes(self, inputs: torch.Tensor) -> int:
+        """The model's number of classes, from a one-sample forward pass once per input shape.
+
+        Labels must be checked before the loss sees them (an out-of-range
+        label fails inside cross-entropy with no position); repeating the
+        probe on every batch would cost a forward pass each time.
+        """
+        key = (tuple(inputs.shape[1:]), inputs.dtype)
+        if key not in self._class_counts:
+            with torch.no_grad():
+                self._class_counts[key] = self.model(inputs[:1]).shape[-1]
+        return self._class_counts[key]
 
     def _check_finite(self, result: BatchResult) -> None:
         bad_loss = (~torch.isfinite(result.losses)).nonzero().flatten()
