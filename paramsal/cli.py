@@ -33,10 +33,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(table(timings))
         print()
     if args.save:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        from paramsal.bench.harness import save_records
 
-        pq.write_table(pa.Table.from_pylist(results), args.save)
+        save_records(results, args.save)
         print(f"results written to {args.save}")
     return 0
 
@@ -128,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--peers", action="store_true", help="add the installed peers (Opacus, BackPACK)")
-    bench.add_argument("--save", help="also write the results (with device, versions, date) to this Parquet file")
+    bench.add_argument("--save", help="also write the results (with device, versions, date) to this file: "
+                                      "JSON if it ends in .json, else Parquet")
     bench.add_argument("--dataset", action="store_true",
                        help="instead: profile_dataset end to end on the demo data vs the engine alone")
     bench.set_defaults(func=_cmd_bench)

@@ -17,3 +17,23 @@ def test_harness_reports_every_method_with_baselines():
     assert "| plain |" in text and "| 1.00 |" in text and "| hooks |" in text and "| vmap-whole |" in text
     assert text.splitlines()[0].endswith("float32")
     assert torch.get_num_threads() >= 1
+
+
+def test_saved_results_carry_device_versions_and_date_in_both_formats(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from paramsal.bench.harness import records, save_records
+
+    case = Case("tiny", lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 2 * 2, 3)),
+                (1, 4, 4), 3, batch=2)
+    rows = records(run(case, ("hooks",), repeats=1, memory=False))
+    save_records(rows, tmp_path / "r.json")
+    save_records(rows, str(tmp_path / "r.parquet"))
+    from_json = json.loads((tmp_path / "r.json").read_text())
+    from_parquet = pq.read_table(tmp_path / "r.parquet").to_pylist()
+    assert [r["method"] for r in from_json] == [r["method"] for r in from_parquet] == ["plain", "loop", "hooks"]
+    for row in from_json:
+        assert {"device", "dtype", "torch", "paramsal", "date", "samples_per_s"} <= row.keys()
+        assert row["samples_per_s"] > 0 and row["dtype"] == "float32"

@@ -282,6 +282,20 @@ def records(timings: list[Timing]) -> list[dict]:
              "paramsal": paramsal.__version__, "date": stamp} for t in timings]
 
 
+def save_records(rows: list[dict], path: str) -> None:
+    """Writes :func:`records` rows as JSON (a ``.json`` path) or Parquet (any other)."""
+    if str(path).endswith(".json"):
+        import json
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps(rows, indent=1))
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
 def dataset_overhead(batch_size: int = 64, repeats: int = 3, out_dir: str | None = None) -> str:
     """End-to-end ``profile_dataset`` on the demo split vs the engine alone on the same batches.
 
