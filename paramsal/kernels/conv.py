@@ -64,12 +64,32 @@ def reduce_conv(layer: nn.Module, activations: torch.Tensor, backprops: torch.Te
     for group in groups:
         if group.attr == "bias":
             results.append(reduce_grad(backprops.flatten(2).sum(2), group, aggregation))
+        elif group.partition == "rows" and aggregation == "abs_mean":
+            results.append(row_means(layer, activations, backprops).abs())
         elif _fusable(layer, group, aggregation) and fused.wanted(activations):
             results.append(fused_weight_units(layer, activations, backprops))
         else:
             strategy = _strategy(layer, activations, backprops, group, aggregation)
             results.append(strategy(layer, activations, backprops, group, aggregation, chunk_size))
     return results
+
+
+def row_means(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` mean of each filter's per-sample weight gradient, without forming the gradient.
+
+    Summing ``G[n] = gy[n] @ P[n]`` over a filter's weights sums each row of
+    the patches ``P[n]`` first: that is a convolution of the input with an
+    all-ones kernel (one output channel per group), so the row means cost one
+    cheap convolution and a batched matrix-vector product.
+    """
+    x, padding = _padded(layer, activations)
+    b, k = backprops.shape[:2]
+    g = layer.groups
+    ones = x.new_ones(g, layer.in_channels // g, *layer.kernel_size)
+    window_sums = torch.convolution(x, ones, None, layer.stride, padding, layer.dilation, False,
+                                    (0,) * len(padding), g)  # [B, g, *spatial_out]
+    sums = torch.matmul(backprops.reshape(b, g, k // g, -1), window_sums.reshape(b, g, -1, 1))
+    return sums.view(b, k) / layer.weight[0].numel()
 
 
 def grouped_weight_units(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor, group: UnitGroup,
