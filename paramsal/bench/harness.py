@@ -278,8 +278,8 @@ def records(timings: list[Timing]) -> list[dict]:
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return [{"case": t.case, "method": t.method, "batch": t.batch, "median_s": t.median,
              "samples_per_s": t.samples_per_s, "peak_extra_mb": t.peak_mb, "repeats": len(t.seconds),
-             "device": device_name(t.device), "dtype": t.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
-             "paramsal": paramsal.__version__, "date": stamp} for t in timings]
+             "device": device_name(t.device), "dtype": t.dtype, "threads": torch.get_num_threads(),
+             "torch": torch.__version__, "paramsal": paramsal.__version__, "date": stamp} for t in timings]
 
 
 def save_records(rows: list[dict], path: str) -> None:

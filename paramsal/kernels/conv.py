@@ -55,7 +55,8 @@ def reduce_conv(layer: nn.Module, activations: torch.Tensor, backprops: torch.Te
         groups: the units of the layer's parameters (attr "weight" or "bias").
         aggregation: "mean_abs" or "abs_mean".
         chunk_size: samples per chunk of the weight computation; None picks one
-            that keeps the chunk's intermediates within a fixed budget.
+            that keeps the chunk's intermediates within the device's
+            :func:`~paramsal.kernels.chunks.memory_budget`.
 
     Returns:
         One ``[B, group.num_units]`` tensor per group, in order.
