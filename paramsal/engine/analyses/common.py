@@ -1,9 +1,10 @@
-"""What the analyses' commands share: rebuilding a run's model and data from its manifest."""
+"""What the analyses' commands share: rebuilding a run's model and data from its manifest, and summary tables."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from paramsal.engine.rundir import Run
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError
 from paramsal.specs import TRANSFORMS, load_data, load_model
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def positive_int_list(text: str) -> list[int]:
@@ -121,3 +125,24 @@ def run_inputs(data: Dataset, ids: np.ndarray, targets: np.ndarray) -> torch.Ten
 def model_device(model: nn.Module) -> torch.device:
     param = next(iter(model.parameters()), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def ci_table(frame: pd.DataFrame, metrics: Sequence[str], percent: Sequence[str] = ()) -> list[str]:
+    """Aligned lines for a bootstrap summary: a header, then one line per (selection, k).
+
+    Each metric reads ``mean [low, high]`` from the columns ``m``, ``m_low`` and
+    ``m_high``; the metrics in ``percent`` are shown unsigned with two decimals.
+    The "all" selection has no k and shows "-".
+    """
+    lines = [f"{'selection':<9} {'k':>4}  " + "  ".join(f"{m:>27}" for m in metrics)]
+    for _, row in frame.iterrows():
+        k = "-" if row["selection"] == "all" else str(row["k"])
+        cells = [_ci_cell(row[m], row[m + "_low"], row[m + "_high"], m in percent) for m in metrics]
+        lines.append(f"{row['selection']:<9} {k:>4}  " + "  ".join(f"{c:>27}" for c in cells))
+    return lines
+
+
+def _ci_cell(mean: float, low: float, high: float, percent: bool) -> str:
+    if percent:
+        return f"{mean:9.2f} [{low:7.2f}, {high:7.2f}]"
+    return f"{mean:+9.4f} [{low:+7.4f}, {high:+7.4f}]"

@@ -60,7 +60,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from paramsal.engine.analyses.common import (add_source_arguments, chosen_samples, load_source, model_device,
+from paramsal.engine.analyses.common import (add_source_arguments, chosen_samples, ci_table, load_source, model_device,
                                              positive_int_list, run_inputs, run_units)
 from paramsal.engine.analyses.selection import UNIT_SELECTIONS, select_units
 from paramsal._io import atomic_path
@@ -619,10 +619,5 @@ def format_summary(result: FineTuneResult) -> str:
     """The summary as aligned text: one line per (selection, k), each metric as mean [low, high]."""
     frame = result.summary.to_pandas()
     lines = [f"lr={result.config.get('lr')}, n={int(frame['n'].max())} misclassified samples, "
-             f"{result.config.get('num_neighbors')} neighbours each, {result.config.get('level', 0.95):.0%} bootstrap CI",
-             f"{'selection':<9} {'k':>4}  " + "  ".join(f"{m:>27}" for m in METRICS)]
-    for _, row in frame.iterrows():
-        k = "-" if row["selection"] == "all" else str(row["k"])
-        cells = [f"{row[m]:+9.4f} [{row[m + '_low']:+7.4f}, {row[m + '_high']:+7.4f}]" for m in METRICS]
-        lines.append(f"{row['selection']:<9} {k:>4}  " + "  ".join(f"{c:>27}" for c in cells))
-    return "\n".join(lines)
+             f"{result.config.get('num_neighbors')} neighbours each, {result.config.get('level', 0.95):.0%} bootstrap CI"]
+    return "\n".join(lines + ci_table(frame, METRICS))

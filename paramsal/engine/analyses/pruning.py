@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from paramsal._io import atomic_path
 from paramsal.engine.analyses.bootstrap import bootstrap_mean_ci
-from paramsal.engine.analyses.common import (add_source_arguments, chosen_samples, load_source, model_device,
+from paramsal.engine.analyses.common import (add_source_arguments, chosen_samples, ci_table, load_source, model_device,
                                              positive_int_list, run_inputs, run_units)
 from paramsal.engine.analyses.selection import UNIT_SELECTIONS, select_units
 from paramsal.engine.analyses.masks import UnitEditor, gaussian_deltas, unit_mask
@@ -351,11 +351,4 @@ def run_prune_command(args: argparse.Namespace) -> int:
 
 def format_summary(result: PruningResult) -> str:
     """The summary as aligned text: one line per (selection, k), each metric as mean [low, high]."""
-    frame = result.summary.to_pandas()
-    lines = [f"{'selection':<9} {'k':>4}  " + "  ".join(f"{m:>27}" for m in METRICS)]
-    for _, row in frame.iterrows():
-        cells = [f"{row[m]:+9.4f} [{row[m + '_low']:+7.4f}, {row[m + '_high']:+7.4f}]"
-                 if m != "pct_corrected" else
-                 f"{row[m]:9.2f} [{row[m + '_low']:7.2f}, {row[m + '_high']:7.2f}]" for m in METRICS]
-        lines.append(f"{row['selection']:<9} {row['k']:>4}  " + "  ".join(f"{c:>27}" for c in cells))
-    return "\n".join(lines)
+    return "\n".join(ci_table(result.summary.to_pandas(), METRICS, percent=("pct_corrected",)))
