@@ -6,6 +6,8 @@ file) so the user sees what to fix without a debugger.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class ParamsalError(Exception):
     """Base class of every error paramsal raises on purpose."""
@@ -25,3 +27,9 @@ class UnsupportedModuleError(ParamsalError, TypeError):
 
 class RunMismatchError(ParamsalError):
     """A run directory was made with another model, data set or units."""
+
+
+def check_choice(what: str, value: object, choices: Iterable[str]) -> None:
+    """Raises :class:`InputError` naming ``value`` and the valid ``choices`` unless it is one of them."""
+    if value not in choices:
+        raise InputError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")

@@ -11,7 +11,7 @@ from torch import nn
 
 from paramsal.engine.backends import BACKENDS, BatchResult, LossFn, hooks_supported
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
-from paramsal.errors import InputError, NonFiniteError
+from paramsal.errors import InputError, NonFiniteError, check_choice
 from paramsal.kernels.reduce import Aggregation, check_aggregation
 
 BACKEND_NAMES = ("auto", "hooks", "vmap", "loop")
@@ -53,8 +53,7 @@ class Profiler:
                  aggregation: Aggregation = "mean_abs", loss: LossFn | None = None,
                  chunk_size: int | None = None, features: str | bool | None = None):
         check_aggregation(aggregation)
-        if backend not in BACKEND_NAMES:
-            raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}")
+        check_choice("backend", backend, BACKEND_NAMES)
         if chunk_size is not None and chunk_size < 1:
             raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model = model

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paramsal.errors import InputError
+from paramsal.errors import check_choice
 from paramsal.kernels import fused
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
@@ -119,8 +119,7 @@ _forced: list[str] = []
 @contextmanager
 def conv_strategy(name: str) -> Iterator[None]:
     """Forces one way of computing conv weight units ("grouped" or "tiled") inside the block (tests, benchmarks)."""
-    if name not in STRATEGIES:
-        raise InputError(f"unknown conv strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+    check_choice("conv strategy", name, STRATEGIES)
     _forced.append(name)
     try:
         yield

@@ -27,7 +27,7 @@ from functools import cache
 
 import torch
 
-from paramsal.errors import InputError
+from paramsal.errors import InputError, check_choice
 
 try:
     import triton
@@ -72,8 +72,7 @@ def mode(name: str) -> Iterator[None]:
     where Triton cannot run (used to check the kernel under the interpreter).
     ``"off"``: never, so the torch path can be measured or compared on a GPU.
     """
-    if name not in MODES:
-        raise InputError(f"unknown fused-kernel mode {name!r}; expected one of {', '.join(MODES)}")
+    check_choice("fused-kernel mode", name, MODES)
     _modes.append(name)
     try:
         yield

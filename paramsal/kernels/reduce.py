@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from paramsal.errors import InputError
+from paramsal.errors import check_choice
 
 if TYPE_CHECKING:
     from paramsal.engine.units import UnitGroup
@@ -22,8 +22,7 @@ AGGREGATIONS = ("mean_abs", "abs_mean")
 
 
 def check_aggregation(aggregation: str) -> None:
-    if aggregation not in AGGREGATIONS:
-        raise InputError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
+    check_choice("aggregation", aggregation, AGGREGATIONS)
 
 
 def reduce_grad(grad: torch.Tensor, group: UnitGroup, aggregation: Aggregation) -> torch.Tensor:

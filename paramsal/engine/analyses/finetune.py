@@ -69,7 +69,7 @@ from paramsal.engine.analyses.neighbors import Neighbors
 from paramsal.engine.profile import eval_mode
 from paramsal.engine.rundir import Run
 from paramsal.engine.units import UnitIndex, UnitsSpec
-from paramsal.errors import InputError
+from paramsal.errors import InputError, check_choice
 
 SELECTIONS = ("salient", "random", "least", "all")
 DEFAULT_KS = (1, 5, 25, 75, 150, 300)
@@ -286,8 +286,7 @@ class FineTuneResult:
 
     def table(self, metric: str = "corrected") -> pd.DataFrame:
         """One metric as a k x selection frame of means; "all" (k-independent) is repeated on every row."""
-        if metric not in METRICS:
-            raise InputError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+        check_choice("metric", metric, METRICS)
         frame = self.summary.to_pandas()
         per_k = frame[frame["selection"] != "all"].pivot(index="k", columns="selection", values=metric)
         columns = [s for s in UNIT_SELECTIONS if s in per_k.columns]

@@ -37,7 +37,7 @@ from paramsal.engine.analyses.common import add_source_arguments, load_source, p
 from paramsal.engine.analyses.selection import select_units
 from paramsal.engine.profile import check_batch, eval_mode, profile_batch
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
-from paramsal.errors import InputError
+from paramsal.errors import InputError, check_choice
 from paramsal.kernels.reduce import reduce_grad
 from paramsal.kernels.stats import SaliencyStats
 
@@ -66,8 +66,7 @@ def choose_units(z: torch.Tensor | np.ndarray, top: int, select: str = "salient"
     Returns:
         ``[N, top]`` int64 unit ids.
     """
-    if select not in SELECTIONS:
-        raise InputError(f"unknown select {select!r}; expected one of {', '.join(SELECTIONS)}")
+    check_choice("select", select, SELECTIONS)
     z = torch.as_tensor(z).detach().cpu()
     return torch.as_tensor(select_units(z.numpy(), top, select, seed, sample_ids), dtype=torch.long)
 
@@ -129,10 +128,8 @@ class InputSaliency:
     def __init__(self, model: nn.Module, stats: SaliencyStats, *, top: int = 10, boost: float = 100.0,
                  select: str = "salient", seed: int = 0, units: UnitsSpec | UnitIndex = "filters",
                  aggregation: str | None = None, backend: str = "vmap", chunk_size: int | None = 8):
-        if select not in SELECTIONS:
-            raise InputError(f"unknown select {select!r}; expected one of {', '.join(SELECTIONS)}")
-        if backend not in BACKENDS:
-            raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        check_choice("select", select, SELECTIONS)
+        check_choice("backend", backend, BACKENDS)
         if chunk_size is not None and chunk_size < 1:
             raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model = model

@@ -44,7 +44,7 @@ from paramsal.engine.analyses.masks import UnitEditor, gaussian_deltas, unit_mas
 from paramsal.engine.profile import eval_mode
 from paramsal.engine.rundir import Run
 from paramsal.engine.units import UnitIndex, UnitsSpec
-from paramsal.errors import InputError
+from paramsal.errors import InputError, check_choice
 
 SELECTIONS = UNIT_SELECTIONS
 MODES = ("zero", "noise")
@@ -138,8 +138,7 @@ class PruningResult:
 
     def table(self, metric: str = "delta_incorrect") -> pd.DataFrame:
         """One metric as a k x selection frame of means (e.g. to check the ordering)."""
-        if metric not in METRICS:
-            raise InputError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+        check_choice("metric", metric, METRICS)
         frame = self.summary.to_pandas()
         return frame.pivot(index="k", columns="selection", values=metric)[
             [s for s in SELECTIONS if s in set(frame["selection"])]]
@@ -183,8 +182,7 @@ class Pruning:
         unknown = [s for s in select if s not in SELECTIONS]
         if unknown or not select:
             raise InputError(f"unknown selection(s) {unknown}; expected some of {', '.join(SELECTIONS)}")
-        if mode not in MODES:
-            raise InputError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        check_choice("mode", mode, MODES)
         if batch_size < 1 or noise_std < 0:
             raise InputError(f"batch_size must be >= 1 and noise_std >= 0, got {batch_size}, {noise_std}")
         self.model = model
