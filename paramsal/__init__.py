@@ -7,14 +7,14 @@ statistics over a reference set (Levin et al., "Where do Models go Wrong?
 Parameter-Space Saliency Maps for Explainability").
 """
 
-from paramsal.engine import (BatchResult, Profiler, Run, UnitIndex, open_run, profile_batch, profile_dataset,
-                             units_of)
-from paramsal.errors import (InputError, NonFiniteError, ParamsalError, RunMismatchError,
-                             UnsupportedModuleError)
+from paramsal._version import __version__
+from paramsal.engine import (BatchResult, ParamsalWarning, Profiler, Run, UnitIndex, open_run, profile_batch,
+                             profile_dataset, units_of, verify_run)
+from paramsal.errors import (EngineError, InputError, NonFiniteError, ParamsalError, RunCorruptError, RunLockedError,
+                             RunMismatchError, StorageError, UnsupportedModuleError, UnsupportedUseError)
 from paramsal.kernels.stats import SaliencyStats, load_reference_stats
 
-__version__ = "0.1.0"
-
-__all__ = ["BatchResult", "InputError", "NonFiniteError", "ParamsalError", "Profiler", "Run", "RunMismatchError",
-           "SaliencyStats", "UnitIndex", "UnsupportedModuleError", "load_reference_stats", "open_run",
-           "profile_batch", "profile_dataset", "units_of"]
+__all__ = ["BatchResult", "EngineError", "InputError", "NonFiniteError", "ParamsalError", "ParamsalWarning",
+           "Profiler", "Run", "RunCorruptError", "RunLockedError", "RunMismatchError", "SaliencyStats",
+           "StorageError", "UnitIndex", "UnsupportedModuleError", "UnsupportedUseError", "__version__",
+           "load_reference_stats", "open_run", "profile_batch", "profile_dataset", "units_of", "verify_run"]

@@ -1,20 +1,98 @@
-"""Atomic file writes: a reader never sees a half-written file under its final name."""
+"""File handling shared by every part of paramsal: durable atomic writes, checksums, safe tensor loading.
+
+A reader never sees a half-written file under its final name: the data goes
+to a temporary sibling, is fsync'ed, renamed onto the final name, and the
+directory is fsync'ed, so that after a crash or a power cut the final name
+holds either the old file or the whole new one, never an empty or truncated
+file the rename got ahead of.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import torch
+
+from paramsal.errors import InputError
+
+#: Temporary names start with a dot, which pandas, pyarrow and duckdb skip when they read a folder.
+TMP_MARK = ".tmp-"
+
+_HASH_BLOCK = 1 << 20
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary sibling of ``path``; renames it onto ``path`` only if the block succeeds."""
+    """Yields a temporary sibling of ``path``; makes it ``path``, durably, only if the block succeeds."""
     final = Path(path)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, final)
+        _fsync_dir(final.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` is a temporary file :func:`atomic_path` left behind (a job killed while writing)."""
+    return path.name.startswith(".") and TMP_MARK in path.name
+
+
+def file_record(path: str | os.PathLike) -> dict[str, int | str]:
+    """``{"bytes": size, "sha256": hex digest}`` of a file, read in blocks (memory stays small)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as file:
+        while block := file.read(_HASH_BLOCK):
+            digest.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def load_tensor_file(path: str | os.PathLike, what: str) -> Any:
+    """The content of a ``torch.save`` file, read with ``weights_only=True`` (tensors and plain containers only).
+
+    Args:
+        path: the file.
+        what: what the file should be, with its article, for the message ("a statistics file").
+
+    Raises:
+        InputError: one line naming the file when torch refuses it. Torch's own
+            message is left out on purpose: it spans many lines and advises
+            ``weights_only=False``, which would run whatever code the file holds.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise InputError(f"{path} is not {what} paramsal can read safely: torch.load(weights_only=True) refused it "
+                         f"({type(exc).__name__}); paramsal reads plain tensors only and never unpickles other "
+                         "objects, which could run code") from exc
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # some platforms cannot open a directory; the rename is still atomic there
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # and some file systems refuse fsync on directories
+    finally:
+        os.close(fd)

@@ -6,7 +6,8 @@ file) so the user sees what to fix without a debugger.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 
 class ParamsalError(Exception):
@@ -25,11 +26,67 @@ class UnsupportedModuleError(ParamsalError, TypeError):
     """A module has no per-sample reducer (or is used in a way the hooks backend cannot follow)."""
 
 
+class UnsupportedUseError(UnsupportedModuleError):
+    """A unit parameter is used in a way the hooks backend cannot serve exactly (found during a forward pass)."""
+
+
 class RunMismatchError(ParamsalError):
     """A run directory was made with another model, data set or units."""
+
+
+class RunCorruptError(ParamsalError):
+    """A run directory's files do not match its manifest (damaged, truncated, missing, stray or edited).
+
+    ``problem`` is what is wrong, without the way to repair it that the message adds.
+    """
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem or message
+
+
+class RunLockedError(ParamsalError):
+    """Another live job is writing the run directory."""
+
+
+class StorageError(ParamsalError, OSError):
+    """A file of a run could not be written (full disk, permissions); the finished parts are kept."""
 
 
 def check_choice(what: str, value: object, choices: Iterable[str]) -> None:
     """Raises :class:`InputError` naming ``value`` and the valid ``choices`` unless it is one of them."""
     if value not in choices:
         raise InputError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
+
+
+class EngineError(Exception):
+    """A failure inside paramsal's own code: a bug to report, never the user's mistake.
+
+    Deliberately not a ``RuntimeError``/``ValueError``: code that turns the
+    model's own failures into :class:`InputError` must let this one through.
+    """
+
+
+@contextmanager
+def engine_code(what: str) -> Iterator[None]:
+    """Marks paramsal's own code that runs inside the user's forward pass (hooks), so its failures read as ours."""
+    try:
+        yield
+    except ParamsalError:
+        raise
+    except Exception as exc:
+        raise EngineError(f"paramsal's {what} failed ({type(exc).__name__}: {exc}); this is a bug in paramsal, "
+                          "please report it") from exc
+
+
+@contextmanager
+def user_code(what: str, hint: str = "") -> Iterator[None]:
+    """The user's model or loss: the errors it raises on bad input become one :class:`InputError` naming ``what``."""
+    try:
+        yield
+    except (ParamsalError, EngineError):
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, a RuntimeError: the batch is too big, not wrong
+            raise
+        raise InputError(f"{what} failed: {exc}{hint}") from exc

@@ -13,13 +13,29 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from paramsal.errors import InputError
+from paramsal._io import load_tensor_file
 
 TRANSFORMS = ("imagenet", "inception", "tensor")
+
+#: The spec kinds that name no code, as (exact specs, prefixes followed by a name): the only kinds a run
+#: directory's manifest may ask for without being trusted, since loading them imports and calls nothing.
+BUILTIN_SPECS = {"model": (("demo",), ("torchvision:",)), "data": (("demo",), ("demo:", "imagefolder:"))}
+#: The same, as the messages write them.
+BUILTIN_SPEC_NAMES = {"model": "demo, torchvision:NAME", "data": "demo[:SPLIT], imagefolder:DIR"}
+
+
+def is_builtin_spec(spec: str, what: str) -> bool:
+    """Whether a ``what`` ("model" or "data") spec is built in, i.e. loading it imports and calls no user code.
+
+    Every other spec is treated as ``module.path:factory``, which
+    :func:`load_model` and :func:`load_data` import and call.
+    """
+    exact, prefixes = BUILTIN_SPECS[what]
+    return spec in exact or any(spec.startswith(p) and len(spec) > len(p) for p in prefixes)
 
 
 def load_model(spec: str, weights: str | None = None, num_classes: int | None = None) -> nn.Module:
@@ -54,8 +70,13 @@ def load_data(spec: str, transform: str = "imagenet") -> Dataset:
     """The data set a spec names."""
     if spec == "demo" or spec.startswith("demo:"):
         from paramsal.zoo import demo_dataset
+        from paramsal.zoo.datasets import SPLITS
 
-        return demo_dataset(spec.partition(":")[2] or "test")
+        split = spec.partition(":")[2] or "test"
+        if split not in SPLITS:
+            raise InputError(f"data spec {spec!r}: the demo data has no split {split!r}; expected "
+                             + " or ".join(f"demo:{name}" for name in SPLITS))
+        return demo_dataset(split)
     if spec.startswith("imagefolder:"):
         from torchvision.datasets import ImageFolder
 
@@ -99,10 +120,7 @@ def _call_factory(spec: str, what: str):
 def _load_weights(model: nn.Module, path: str) -> None:
     if not Path(path).is_file():
         raise InputError(f"weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for files that are not state dicts
-        raise InputError(f"weights file {path} could not be read as a state dict: {exc}") from exc
+    state = load_tensor_file(path, "a weights file (state dict)")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:

@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from torch.utils.data import Subset
 
-from paramsal import InputError, SaliencyStats, open_run, profile_dataset
+from paramsal import InputError, profile_dataset
 from paramsal.engine.analyses.neighbors import (Neighbors, add_neighbors_arguments, chance_pair_sharing_rate,
                                                 cosine_top_k, pair_sharing, pair_sharing_rate, parse_layers,
                                                 run_neighbors_command)
-from paramsal.engine.rundir import FORMAT, UNITS, Part, profile_table, write_manifest, write_part
+from runs import make_run
 from paramsal.zoo import demo_dataset, demo_model
 
 
@@ -23,29 +23,6 @@ def demo_run(tmp_path_factory):
     data = Subset(demo_dataset("test"), range(0, 3000, 15))
     return profile_dataset(demo_model(), data, tmp_path_factory.mktemp("demo") / "run", batch_size=50,
                            part_size=50, features=True, progress=False)
-
-
-def make_run(root, profiles, targets, preds, layer_of_unit, features=None, part_rows=37, reverse_parts=False):
-    """Writes a run directory holding exactly these rows (sample ids 0..n-1)."""
-    root.mkdir(parents=True)
-    n, num_units = profiles.shape
-    logits = np.zeros((n, int(max(targets.max(), preds.max())) + 1))
-    logits[np.arange(n), preds] = 5.0
-    parts = []
-    for index, start in enumerate(range(0, n, part_rows)):
-        rows = slice(start, min(start + part_rows, n))
-        part = Part(index, start, rows.stop)
-        table = profile_table(np.arange(n)[rows], targets[rows], logits[rows], np.ones(rows.stop - start),
-                              profiles[rows], None if features is None else features[rows])
-        write_part(root, part, table, SaliencyStats(num_units).update(profiles[rows]))
-        parts.append(part)
-    pq.write_table(pa.table({"unit_id": np.arange(num_units), "param": ["w"] * num_units,
-                             "module": ["m"] * num_units, "layer": layer_of_unit,
-                             "channel": np.arange(num_units), "size": np.ones(num_units, np.int64)}), root / UNITS)
-    write_manifest(root, {"format": FORMAT, "parts": [p.to_json() for p in (parts[::-1] if reverse_parts else parts)],
-                          "num_units": num_units, "num_samples": n, "complete": False,
-                          "features": features is not None, "config": {}, "aggregation": "mean_abs"})
-    return open_run(root)
 
 
 @pytest.fixture(scope="module")

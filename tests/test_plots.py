@@ -4,15 +4,13 @@ import argparse
 
 import matplotlib.image
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from torch.utils.data import Subset
 
-from paramsal import InputError, SaliencyStats, open_run, profile_dataset
+from paramsal import InputError, open_run, profile_dataset
 from paramsal.engine.analyses.plots import (add_plots_arguments, layer_layout, plot_correct_vs_incorrect,
                                             plot_mean_profile, run_plots_command)
-from paramsal.engine.rundir import FORMAT, UNITS, Part, profile_table, write_manifest, write_part
+from runs import make_run
 from paramsal.zoo import demo_dataset, demo_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -106,16 +104,9 @@ def test_command_line_writes_both_figures(run, capsys):
 
 def test_no_misclassified_sample_is_named(tmp_path):
     root = tmp_path / "all-correct"
-    root.mkdir()
     profiles = np.random.default_rng(0).random((6, 4)).astype(np.float32)
     labels = np.array([0, 1, 0, 1, 0, 1])
-    logits = np.eye(2)[labels] * 5
-    write_part(root, Part(0, 0, 6), profile_table(np.arange(6), labels, logits, np.ones(6), profiles, None),
-               SaliencyStats(4).update(profiles))
-    pq.write_table(pa.table({"unit_id": np.arange(4), "param": ["w"] * 4, "module": ["m"] * 4,
-                             "layer": [0, 0, 1, 1], "channel": [0, 1, 0, 1], "size": [1] * 4}), root / UNITS)
-    write_manifest(root, {"format": FORMAT, "parts": [Part(0, 0, 6).to_json()], "num_units": 4, "num_samples": 6,
-                          "complete": False, "features": False, "config": {}, "aggregation": "mean_abs"})
+    make_run(root, profiles, labels, labels, [0, 0, 1, 1], part_rows=6)
     with pytest.raises(InputError, match="has no misclassified samples"):
         plot_correct_vs_incorrect(open_run(root))
     assert len(plot_mean_profile(open_run(root)).x) == 4

@@ -11,17 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from paramsal.engine.units import UnitGroup, UnitIndex
-from paramsal.errors import InputError, UnsupportedModuleError
+from paramsal.engine.hooks import HookSession, hook_plan, parameter_edges
+from paramsal.engine.units import UnitIndex
+from paramsal.errors import InputError, UnsupportedUseError, user_code
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
-from paramsal.kernels.registry import ReducerEntry, find_reducer
 
 #: ``loss(outputs, targets) -> [N]``: one loss per sample, each depending on
 #: that sample's outputs only.
@@ -57,8 +56,8 @@ def loop_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     outputs, losses = [], []
     with _params_require_grad(params):
         for n in range(len(inputs)):
-            out = model(inputs[n:n + 1])
-            loss = checked_losses(loss_fn(out, targets[n:n + 1]), 1)
+            out = model_outputs(model, inputs[n:n + 1], 1)
+            loss = sample_losses(loss_fn, out, targets[n:n + 1])
             grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
             for group, g in zip(index, grads):
                 if g is not None:
@@ -77,7 +76,8 @@ def vmap_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     of :func:`paramsal.kernels.chunks.memory_budget` (the activations under
     vmap scale alike).
     """
-    unit_params = {g.param_name: model.get_parameter(g.param_name).detach() for g in index}
+    real = {g.param_name: model.get_parameter(g.param_name) for g in index}
+    unit_params = {name: p.detach() for name, p in real.items()}
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in unit_params}
     frozen.update(model.named_buffers())
 
@@ -90,13 +90,35 @@ def vmap_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     like = next(iter(unit_params.values()))
     chunk = chunk_size or auto_chunk(sum(p.numel() for p in unit_params.values()), len(inputs), like, "vmap")
     profiles, outputs, losses = [], [], []
-    for s in chunk_slices(len(inputs), chunk):
-        grads, (out, loss) = per_sample(unit_params, inputs[s], targets[s])
-        loss = checked_losses(loss.reshape(-1), s.stop - s.start)
-        profiles.append(torch.cat([reduce_grad(grads[g.param_name], g, aggregation) for g in index], 1))
-        outputs.append(out)
-        losses.append(loss)
+    with _params_require_grad(list(real.values())):
+        for s in chunk_slices(len(inputs), chunk):
+            with user_code(f"the model ({type(model).__name__}) under torch.func.vmap on inputs of shape "
+                           f"{tuple(inputs[s].shape)}", hint="; backend='loop' needs no vmap support"):
+                grads, (out, loss) = per_sample(unit_params, inputs[s], targets[s])
+            _check_functional(loss, real)
+            loss = checked_losses(loss.reshape(-1), s.stop - s.start)
+            profiles.append(torch.cat([reduce_grad(grads[g.param_name], g, aggregation) for g in index], 1))
+            outputs.append(out.detach())
+            losses.append(loss.detach())
     return BatchResult(torch.cat(profiles), torch.cat(outputs), torch.cat(losses))
+
+
+def _check_functional(losses: torch.Tensor, real: dict[str, nn.Parameter]) -> None:
+    """The vmapped losses must reach the real unit parameters through functional_call's copies only.
+
+    A loss that uses a parameter itself (a weight penalty), or a module that
+    keeps its own reference to another's weight, uses the real tensor, which
+    torch.func does not differentiate: regular autograd records that use.
+    """
+    if losses.grad_fn is None:
+        return
+    edges = parameter_edges(losses.grad_fn, {id(p): p for p in real.values()})
+    if edges:
+        name = next(n for n, p in real.items() if id(p) == edges[0][0])
+        raise UnsupportedUseError(
+            f"parameter {name!r} is used outside the model's parameters as torch.func.functional_call swaps "
+            "them (by the loss, or through a reference kept elsewhere), so vmap would miss that use: use "
+            "backend='loop' (backend='auto' falls back to it)")
 
 
 def hooks_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, index: UnitIndex,
@@ -107,129 +129,51 @@ def hooks_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     sample's own loss (samples are independent in eval mode), from which a
     registered reducer forms that layer's per-unit saliency at once. Autograd
     is asked for the input gradient only, so it never computes the batched
-    parameter gradients that nobody would use.
+    parameter gradients that nobody would use. Every use of a unit parameter
+    is accounted for before the backward pass (:mod:`paramsal.engine.hooks`).
+
+    Raises:
+        UnsupportedUseError: a unit parameter is used where no reducer serves it.
     """
     plan = hook_plan(model, index)
     params = [model.get_parameter(g.param_name) for g in index]
-    with _params_require_grad(params), HookSession(plan, aggregation, chunk_size) as session:
+    with _params_require_grad(params), HookSession(plan, index, aggregation, chunk_size) as session:
         leaf = inputs.detach().requires_grad_(True) if inputs.is_floating_point() else None
-        out = model(inputs if leaf is None else leaf)
-        losses = checked_losses(loss_fn(out, targets), len(inputs))
+        with session.tracking():
+            out = model_outputs(model, inputs if leaf is None else leaf, len(inputs))
+            losses = sample_losses(loss_fn, out, targets)
+        session.check(losses)
         wrt = [leaf] if leaf is not None else session.output_edges
         if wrt:
             torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
-        profiles = session.assemble(len(inputs), len(index), params[0])
+        profiles = session.assemble(len(inputs), params[0])
     return BatchResult(profiles, out.detach(), losses.detach())
 
 
-@dataclass(frozen=True)
-class _Layer:
-    module: nn.Module
-    entry: ReducerEntry
-    groups: tuple[UnitGroup, ...]
+def model_outputs(model: nn.Module, inputs: torch.Tensor, batch: int | None = None,
+                  shown: torch.Tensor | None = None) -> torch.Tensor:
+    """``model(inputs)``; the model's failures (wrong shapes, ...) become one :class:`InputError`.
 
-
-def hook_plan(model: nn.Module, index: UnitIndex) -> dict[str, _Layer]:
-    """Which module's reducer serves which unit groups; raises for modules without one."""
-    by_module: dict[str, list[UnitGroup]] = {}
-    for group in index:
-        by_module.setdefault(group.module_name, []).append(group)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
-            raise UnsupportedModuleError(
-                f"module {name!r} ({type(module).__qualname__}) normalizes with batch statistics even in eval "
-                "mode (track_running_stats=False), so a sample's output depends on the rest of its batch; "
-                "use backend='vmap' or 'loop', which see one sample at a time")
-    plan = {}
-    for name, groups in by_module.items():
-        module = model.get_submodule(name)
-        entry = find_reducer(module)
-        missing = [g.attr for g in groups if entry is None or g.attr not in entry.params]
-        if missing:
-            raise UnsupportedModuleError(
-                f"module {name or '<root>'!r} ({type(module).__qualname__}) has no per-sample reducer for "
-                f"its parameter(s) {missing}; register one with paramsal.kernels.register_reducer, "
-                "or use backend='vmap'")
-        plan[name] = _Layer(module, entry, tuple(groups))
-    return plan
-
-
-def hooks_supported(model: nn.Module, index: UnitIndex) -> bool:
-    try:
-        hook_plan(model, index)
-    except UnsupportedModuleError:
-        return False
-    return True
-
-
-class HookSession:
-    """Forward hooks that exist only inside ``with``; captured tensors live here, never on modules.
-
-    Each planned module's input is kept from its forward call until its output
-    gradient arrives; then its reducer runs and the input is dropped, so at
-    most one layer's per-sample work is alive at a time.
+    ``batch``: the number of output rows to expect; ``shown``: the batch to
+    name in messages when ``inputs`` is a probe taken from it.
     """
+    shape = tuple((inputs if shown is None else shown).shape)
+    with user_code(f"the model ({type(model).__name__}) on inputs of shape {shape}"):
+        out = model(inputs)
+    if batch is not None and (not isinstance(out, torch.Tensor) or out.dim() == 0 or len(out) != batch):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"the model returned outputs {got} for a batch of {batch} inputs of shape "
+                         f"{shape}: inputs must be a batch [N, ...] (one sample is x[None]) and the "
+                         "model must return one row of outputs per sample")
+    return out
 
-    def __init__(self, plan: dict[str, _Layer], aggregation: Aggregation, chunk_size: int | None):
-        self._plan = plan
-        self._aggregation = aggregation
-        self._chunk_size = chunk_size
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._inputs: dict[str, torch.Tensor] = {}
-        self._called: set[str] = set()
-        self._results: dict[int, torch.Tensor] = {}
-        self.output_edges: list = []
 
-    def __enter__(self) -> HookSession:
-        try:
-            for name, layer in self._plan.items():
-                self._handles.append(layer.module.register_forward_hook(partial(self._on_forward, name)))
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._inputs.clear()
-        self.output_edges.clear()
-
-    def _on_forward(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if name in self._called:
-            raise UnsupportedModuleError(
-                f"module {name!r} ({type(module).__qualname__}) is called more than once in one forward pass; "
-                "its per-sample gradient is a sum over the calls, which the hooks backend cannot split: "
-                "use backend='vmap'")
-        self._called.add(name)
-        if not isinstance(output, torch.Tensor) or not output.requires_grad:
-            return
-        self._inputs[name] = args[0].detach()
-        # A tensor hook sees the gradient w.r.t. this output as produced, even if a
-        # later in-place op (ReLU(inplace=True)) overwrites the tensor.
-        output.register_hook(partial(self._on_backprop, name))
-        self.output_edges.append(torch.autograd.graph.get_gradient_edge(output))
-
-    def _on_backprop(self, name: str, backprops: torch.Tensor) -> None:
-        layer = self._plan[name]
-        activations = self._inputs.pop(name)
-        reduced = layer.entry.reducer(layer.module, activations, backprops.detach(), layer.groups,
-                                      self._aggregation, self._chunk_size)
-        for group, values in zip(layer.groups, reduced):
-            self._results[group.layer] = values
-
-    def assemble(self, batch: int, num_units: int, like: torch.Tensor) -> torch.Tensor:
-        """``[B, F]``: each group's reduced values at its offset; zeros where no gradient flowed."""
-        profiles = like.new_zeros(batch, num_units)
-        for layer in self._plan.values():
-            for group in layer.groups:
-                if group.layer in self._results:
-                    profiles[:, group.offset:group.stop] = self._results[group.layer]
-        return profiles
+def sample_losses(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``loss_fn(outputs, targets)``, checked to give one loss per sample."""
+    with user_code(f"the loss on outputs of shape {tuple(outputs.shape)} and targets of shape "
+                   f"{tuple(targets.shape)}"):
+        losses = loss_fn(outputs, targets)
+    return checked_losses(losses, len(outputs))
 
 
 def checked_losses(losses: torch.Tensor, batch: int) -> torch.Tensor:

@@ -1,41 +1,64 @@
-"""Bulk profiling: a whole data set through the engine into a resumable run directory."""
+"""Bulk profiling: a whole data set through the engine into a resumable, checked run directory.
+
+A job holds the run's lock while it writes (:mod:`paramsal.engine.lock`),
+writes each part durably and lists it in the manifest only then, so that a
+job killed at any point (SIGKILL included) and started again with the same
+arguments ends with the same bytes as one that never stopped. A resume keeps
+the run's identity and config, checks the finished parts against the data
+set's labels, and profiles only the parts the run lacks.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import platform
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
-from paramsal._io import atomic_path
+from paramsal._version import __version__
 from paramsal.engine.backends import BatchResult
-from paramsal.engine.profile import Profiler
-from paramsal.engine.rundir import (FORMAT, STATS, UNITS, Part, Run, check_same_run, clear_run, merge_part_stats,
-                                    mismatches, profile_table, read_manifest, write_manifest, write_part)
+from paramsal.engine.devices import resolve_device
+from paramsal.engine.fingerprints import data_fingerprint, dataset_labels, model_fingerprint
+from paramsal.engine.integrity import (check_file, check_no_strays, check_part, check_part_rows, stray_files,
+                                       temporaries)
+from paramsal.engine.lock import RunLock
+from paramsal.engine.manifest import (FORMAT, STATS, UNITS, Part, check_same_run, config_mismatches, mismatches,
+                                      part_count, part_range, parts_of, read_manifest, resume_notes,
+                                      rows_per_part, write_manifest)
+from paramsal.engine.profile import ParamsalWarning, Profiler
+from paramsal.engine.rundir import Run, clear_run, profile_table, write_part, write_stats, write_units
 from paramsal.engine.units import UnitsSpec
-from paramsal.errors import InputError
+from paramsal.errors import InputError, NonFiniteError, RunCorruptError, RunMismatchError, check_choice
 from paramsal.kernels.reduce import Aggregation
 from paramsal.kernels.stats import SaliencyStats
 
 #: Rows per part aimed at when ``part_size`` is not given (rounded to whole batches).
 DEFAULT_PART_ROWS = 2048
 
+#: What ``on_nonfinite`` accepts: flag the sample and go on, or stop the job.
+NONFINITE_POLICIES = ("skip", "fail")
+
+__all__ = ["DEFAULT_PART_ROWS", "NONFINITE_POLICIES", "data_fingerprint", "model_fingerprint", "profile_dataset"]
+
 
 def profile_dataset(model: nn.Module, data: Dataset, out_dir: str | os.PathLike, *, batch_size: int = 64,
                     backend: str = "auto", units: UnitsSpec = "filters", aggregation: Aggregation = "mean_abs",
                     device: str | torch.device | None = None, num_workers: int = 0, features: bool | str = False,
-                    resume: bool = True, overwrite: bool = False, progress: bool = True,
-                    part_size: int | None = None, chunk_size: int | None = None,
-                    model_name: str | None = None, data_name: str | None = None,
+                    resume: bool = True, overwrite: bool = False, repair: bool = False,
+                    on_nonfinite: str = "skip", progress: bool = True, part_size: int | None = None,
+                    chunk_size: int | None = None, model_name: str | None = None, data_name: str | None = None,
                     source: dict[str, Any] | None = None) -> Run:
     """Profiles every sample of a classification data set and writes a run directory.
 
@@ -43,13 +66,13 @@ def profile_dataset(model: nn.Module, data: Dataset, out_dir: str | os.PathLike,
     reduced to units; see :func:`paramsal.profile_batch`) is written with its
     prediction and confidences, and the per-unit statistics are streamed. A
     job that stops part-way can be started again with the same arguments: it
-    continues after the last finished part, and the run ends with every
-    sample exactly once.
+    profiles only the parts the run lacks, and the run ends with every sample
+    exactly once, bit for bit as if it had never stopped.
 
     Args:
         model: a trained classifier; moved to ``device`` and profiled in eval mode.
-        data: a map-style data set of ``(input, class index)``, read in order.
-        out_dir: the run directory (created if needed).
+        data: a map-style data set of ``(input, class index)``.
+        out_dir: the run directory (created if needed); one job at a time may write it.
         batch_size: samples per batch.
         backend: "auto", "hooks", "vmap" or "loop".
         units: see :func:`paramsal.units_of`.
@@ -62,9 +85,16 @@ def profile_dataset(model: nn.Module, data: Dataset, out_dir: str | os.PathLike,
             with ``overwrite``.
         overwrite: replace a run in ``out_dir`` made with another model, data
             set or units (or any run, with ``resume=False``).
+        repair: check every finished part's checksum, rows and ids, and
+            profile the damaged or missing ones again (stray part files are
+            removed).
+        on_nonfinite: a sample whose loss or gradient is NaN/inf: "skip" keeps
+            its row, flagged (``nonfinite``, ``nonfinite_param``), leaves it out
+            of the statistics and warns at the end; "fail" stops, naming its
+            dataset index.
         progress: show a progress bar (samples/s, time left).
         part_size: rows per Parquet part, a multiple of ``batch_size``
-            (default about 2,048).
+            (default about 2,048); a resumed run keeps its own.
         chunk_size: samples per chunk of per-sample work (memory bound).
         model_name, data_name: descriptions stored in the manifest.
         source: how to load the model and data again (the command line's
@@ -73,122 +103,356 @@ def profile_dataset(model: nn.Module, data: Dataset, out_dir: str | os.PathLike,
 
     Returns:
         The finished run, opened for reading.
-    """
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    root = _writable_dir(out_dir)
-    device = torch.device(device) if device is not None else _default_device()
-    model = model.to(device)
-    profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, chunk_size=chunk_size,
-                        features=features or None)
-    batches_per_part = max(1, (part_size or DEFAULT_PART_ROWS) // batch_size)
-    wanted = _manifest(model, data, profiler, batch_size, batches_per_part, model_name, data_name)
-    wanted["source"] = dict(source or {})
 
-    existing = read_manifest(root)
-    if existing is not None and overwrite and not (resume and not mismatches(existing, wanted)):
-        clear_run(root)
+    Raises:
+        RunLockedError: another job is writing ``out_dir``.
+        RunMismatchError: ``out_dir`` holds a run of another model, data set,
+            units or numeric config (batch size, backend, device, ...).
+        RunCorruptError: a finished part is damaged (``repair=True`` mends it).
+    """
+    _check_arguments(data, batch_size, num_workers, part_size, on_nonfinite)
+    root = _writable_dir(out_dir)
+    with RunLock(root):
+        device = resolve_device(device)
+        model = model.to(device)
+        profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, chunk_size=chunk_size,
+                            features=features or None)
+        batches_per_part = max(1, (part_size or DEFAULT_PART_ROWS) // batch_size)
+        wanted = _manifest(model, data, profiler, backend, batch_size, batches_per_part, chunk_size, device,
+                           model_name, data_name)
+        wanted["source"] = dict(source or {})
+        manifest, notes = _prepare(root, wanted, data, profiler, resume=resume, overwrite=overwrite, repair=repair)
+        for note in notes:
+            warnings.warn(note, ParamsalWarning, stacklevel=2)
+        _profile_missing_parts(root, manifest, data, profiler, device, num_workers, on_nonfinite, progress)
+        _finish(root, manifest)
+    run = Run(root)
+    _warn_nonfinite(run)
+    return run
+
+
+def _check_arguments(data: Dataset, batch_size: int, num_workers: int, part_size: int | None,
+                     on_nonfinite: str) -> None:
+    for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                               ("part_size", part_size, 1)):
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
+    check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+    if len(data) == 0:
+        raise InputError(f"the data set ({type(data).__name__}) is empty: there is nothing to profile")
+
+
+def _prepare(root: Path, wanted: dict[str, Any], data: Dataset, profiler: Profiler, *, resume: bool,
+             overwrite: bool, repair: bool) -> tuple[dict[str, Any], list[str]]:
+    """The manifest this job continues (the run's own) or starts; and what it kept that the job asked otherwise."""
+    try:
+        existing = read_manifest(root)
+    except RunCorruptError:
+        if not overwrite:
+            raise
+        existing = None
+    if existing is not None and overwrite and (not resume or mismatches(existing, wanted)
+                                               or config_mismatches(existing, wanted)):
         existing = None
     if existing is not None and not resume:
         raise InputError(f"{root} already holds a run; pass resume=True to continue it or overwrite=True "
                          "to start over")
-    if existing is not None:
-        check_same_run(root, existing, wanted)
-        wanted["parts"] = existing["parts"]
-        batches_per_part = existing["config"]["batches_per_part"]
-        wanted["config"]["batches_per_part"] = batches_per_part
-    else:
-        _write_units(root, profiler)
+    if existing is None:
+        clear_run(root)
+        _remove_temporaries(root)
+        wanted["files"] = {UNITS: write_units(root, profiler.index.table)}
         write_manifest(root, wanted)
+        return wanted, []
+    check_same_run(root, existing, wanted)
+    notes = resume_notes(root, existing, wanted)
+    _remove_temporaries(root)
+    notes += _keep_sound_files(root, existing, profiler, repair)
+    notes += _keep_sound_parts(root, existing, data, repair)
+    return existing, notes
 
-    parts = [Part(p["index"], p["start"], p["stop"]) for p in wanted["parts"]]
-    start = parts[-1].stop if parts else 0
-    rows_per_part = batches_per_part * batch_size
-    loader = DataLoader(Subset(data, range(start, len(data))), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
-    bar = tqdm(total=len(data), initial=start, unit="samples", disable=not progress, desc="profiling",
-               dynamic_ncols=True)
-    buffer = _PartBuffer(start)
+
+def _keep_sound_files(root: Path, manifest: dict[str, Any], profiler: Profiler, repair: bool) -> list[str]:
+    """``units.parquet`` (rewritten from the model) and ``stats.parquet`` (merged again) when damaged and ``repair``."""
+    notes = []
+    for name, record in list(manifest["files"].items()):
+        try:
+            check_file(root, name, record, manifest, checksum=repair)
+        except RunCorruptError as exc:
+            if not repair:
+                raise
+            notes.append(f"{exc.problem}: " + ("written again from the model" if name == UNITS else
+                                                "merged again from the parts"))
+            if name == UNITS:
+                manifest["files"][UNITS] = write_units(root, profiler.index.table)
+            else:
+                del manifest["files"][name]
+                manifest["complete"] = False
+            write_manifest(root, manifest)
+    return notes
+
+
+def _keep_sound_parts(root: Path, manifest: dict[str, Any], data: Dataset, repair: bool) -> list[str]:
+    """Drops from the manifest the parts to profile again; checks the kept ones against the data set's labels.
+
+    A part whose files are gone is profiled again (with a note). With
+    ``repair``, so is one whose size, checksum, rows or ids are wrong, and
+    stray part files are deleted; without it, those are errors.
+    """
+    labels = dataset_labels(data)
+    if not repair:
+        check_no_strays(root, manifest)
+    kept, notes = [], []
+    for part in parts_of(manifest):
+        problem = None
+        if not (root / part.file).is_file() or not (root / part.stats_file).is_file():
+            problem = f"part {part.index}'s files are missing"
+        else:
+            try:
+                check_part(root, part, manifest, checksum=repair)
+                _check_labels(root, part, manifest, labels)
+            except RunCorruptError as exc:
+                if not repair:
+                    raise
+                problem = exc.problem
+        if problem is None:
+            kept.append(part)
+            continue
+        notes.append(f"{problem}: profiling samples {part.start}..{part.stop - 1} again")
+        for name in (part.file, part.stats_file):
+            (root / name).unlink(missing_ok=True)
+    if repair:
+        for path in stray_files(root, manifest):
+            notes.append(f"{path} was not listed in the manifest: removed")
+            path.unlink()
+    if len(kept) < len(manifest["parts"]):
+        manifest["complete"] = False
+        manifest["files"].pop(STATS, None)
+        manifest["parts"] = [p.to_json() for p in kept]
+        write_manifest(root, manifest)
+    return notes
+
+
+def _check_labels(root: Path, part: Part, manifest: dict[str, Any], labels: np.ndarray | None) -> None:
+    """The rows of a finished part are the samples it claims, with the labels this data set gives them."""
     try:
-        for inputs, targets in loader:
-            targets = torch.as_tensor(targets)
-            buffer.add(targets, profiler(inputs, targets))
-            bar.update(len(inputs))
-            if buffer.rows >= rows_per_part or buffer.stop == len(data):
-                parts.append(_flush(root, wanted, parts, buffer, len(profiler.index)))
-                buffer = _PartBuffer(buffer.stop)
+        table = pq.read_table(root / part.file, columns=["sample_id", "target"])
+    except (OSError, pa.ArrowException) as exc:
+        raise RunCorruptError(f"{root / part.file} cannot be read ({exc})") from exc
+    check_part_rows(root, part, table, manifest)
+    if labels is None:
+        return
+    recorded = table.column("target").to_numpy()
+    differ = np.flatnonzero(recorded != labels[part.start:part.stop])
+    if len(differ):
+        sample = part.start + int(differ[0])
+        raise RunMismatchError(
+            f"sample {sample} has label {int(labels[sample])} in this data set but {int(recorded[differ[0]])} "
+            f"in {root} ({len(differ)} label(s) of part {part.index} differ): it is not the data set the run "
+            "profiled; profile it into another directory, or start over with --restart")
+
+
+def _profile_missing_parts(root: Path, manifest: dict[str, Any], data: Dataset, profiler: Profiler,
+                           device: torch.device, num_workers: int, on_nonfinite: str, progress: bool) -> None:
+    finished = {p.index for p in parts_of(manifest)}
+    todo = [i for i in range(part_count(manifest)) if i not in finished]
+    batch_size = manifest["config"]["batch_size"]
+    batches = [list(range(s, min(s + batch_size, stop))) for i in todo
+               for start, stop in [part_range(manifest, i)] for s in range(start, stop, batch_size)]
+    loader = DataLoader(_Indexed(data), batch_sampler=batches, num_workers=num_workers,
+                        collate_fn=collate_samples, pin_memory=device.type == "cuda")
+    done = int(manifest["num_samples"]) - sum(len(b) for b in batches)
+    bar = tqdm(total=int(manifest["num_samples"]), initial=done, unit="samples", disable=not progress,
+               desc="profiling", dynamic_ncols=True)
+    buffer: _PartBuffer | None = None
+    try:
+        for batch in loader:
+            if isinstance(batch, BadBatch):
+                raise batch.error()
+            ids, inputs, targets = batch
+            if buffer is None:
+                buffer = _PartBuffer(int(ids[0]) // rows_per_part(manifest))
+            buffer.add(ids, targets, *_profile_batch(profiler, ids, inputs, targets, on_nonfinite))
+            bar.update(len(ids))
+            if buffer.stop == part_range(manifest, buffer.index)[1]:
+                _flush(root, manifest, buffer, profiler)
+                buffer = None
     finally:
         bar.close()
 
-    _finish(root, wanted, parts, len(profiler.index))
-    return Run(root)
+
+def _profile_batch(profiler: Profiler, ids: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                   on_nonfinite: str) -> tuple[BatchResult, list[str | None]]:
+    """The batch's results and, per sample, None or the parameter whose gradient was not finite.
+
+    The samples of a batch with a bad one are profiled again without it, so
+    that no kernel that works on several samples at once can carry its NaN
+    into theirs.
+    """
+    result = profiler(inputs, targets, check_finite=False)
+    flags = profiler.nonfinite(result)
+    bad = [row for row, flag in enumerate(flags) if flag is not None]
+    if not bad:
+        return result, flags
+    if on_nonfinite == "fail":
+        row = bad[0]
+        raise NonFiniteError(
+            f"sample {int(ids[row])} (dataset index) has a non-finite loss or gradient "
+            f"({'loss ' + str(float(result.losses[row])) if flags[row] == '(loss)' else 'in ' + repr(flags[row])}); "
+            "--on-nonfinite skip (on_nonfinite='skip', the default) flags such samples and goes on")
+    good = torch.tensor([flag is None for flag in flags])
+    if good.any():
+        clean = profiler(inputs[good], targets[good])
+        rows = good.to(result.profiles.device)
+        result.profiles[rows] = clean.profiles
+        result.outputs[rows] = clean.outputs
+        result.losses[rows] = clean.losses
+        if result.features is not None:
+            result.features[rows] = clean.features
+    return result, flags
 
 
 class _PartBuffer:
     """The batches of the part being filled, moved off the device as they arrive."""
 
-    def __init__(self, start: int):
-        self.start = self.stop = start
+    def __init__(self, index: int):
+        self.index = index
+        self.stop = -1
         self.columns: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                                       ("targets", "profiles", "outputs", "losses", "features")}
+                                                       ("ids", "targets", "profiles", "outputs", "losses", "features")}
+        self.flags: list[str | None] = []
 
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
-
-    def add(self, targets: torch.Tensor, result: BatchResult) -> None:
-        for name, values in (("targets", targets), ("profiles", result.profiles), ("outputs", result.outputs),
-                             ("losses", result.losses), ("features", result.features)):
+    def add(self, ids: torch.Tensor, targets: torch.Tensor, result: BatchResult, flags: list[str | None]) -> None:
+        for name, values in (("ids", ids), ("targets", targets), ("profiles", result.profiles),
+                             ("outputs", result.outputs), ("losses", result.losses), ("features", result.features)):
             if values is not None:
                 self.columns[name].append(values.detach().cpu())
-        self.stop += len(targets)
+        self.flags += flags
+        self.stop = int(ids[-1]) + 1
 
-    def cat(self, name: str) -> torch.Tensor | None:
-        return torch.cat(self.columns[name]) if self.columns[name] else None
+    def cat(self, name: str) -> np.ndarray | None:
+        return torch.cat(self.columns[name]).float().numpy() if self.columns[name] else None
 
 
-def _flush(root: Path, manifest: dict[str, Any], parts: list[Part], buffer: _PartBuffer, num_units: int) -> Part:
-    """Writes the buffered rows as the next part, then lists it in the manifest."""
+def _flush(root: Path, manifest: dict[str, Any], buffer: _PartBuffer, profiler: Profiler) -> None:
+    """Writes the buffered rows as their part, then lists it in the manifest."""
     profiles = buffer.cat("profiles")
-    features = buffer.cat("features")
-    part = Part(len(parts), buffer.start, buffer.stop)
-    table = profile_table(np.arange(buffer.start, buffer.stop), buffer.cat("targets").numpy(),
-                          buffer.cat("outputs").float().numpy(), buffer.cat("losses").float().numpy(),
-                          profiles.float().numpy(), None if features is None else features.float().numpy())
-    stats = SaliencyStats(num_units, manifest["aggregation"]).update(profiles)
-    write_part(root, part, table, stats)
-    manifest["parts"] = [p.to_json() for p in parts + [part]]
+    table = profile_table(torch.cat(buffer.columns["ids"]).numpy(), torch.cat(buffer.columns["targets"]).numpy(),
+                          buffer.cat("outputs"), buffer.cat("losses"), profiles, buffer.cat("features"),
+                          buffer.flags)
+    finite = np.array([flag is None for flag in buffer.flags])
+    stats = SaliencyStats(len(profiler.index), manifest["aggregation"]).update(
+        torch.cat(buffer.columns["profiles"])[torch.from_numpy(finite)])
+    part = write_part(root, buffer.index, table, stats, profiler.backend)
+    manifest["parts"] = sorted(manifest["parts"] + [part.to_json()], key=lambda p: p["index"])
     manifest["updated"] = _now()
     write_manifest(root, manifest)
-    return part
 
 
-def _finish(root: Path, manifest: dict[str, Any], parts: list[Part], num_units: int) -> None:
-    stats = merge_part_stats(root, parts, num_units)
+def _finish(root: Path, manifest: dict[str, Any]) -> None:
+    """Once every part is there: the merged statistics, then ``complete``."""
+    parts = parts_of(manifest)
+    if manifest["complete"] or len(parts) < part_count(manifest):
+        return
+    stats = SaliencyStats(int(manifest["num_units"]))
+    for part in parts:
+        check_file(root, part.stats_file, {"bytes": part.stats_bytes, "sha256": part.stats_sha256}, manifest)
+        stats = stats.merge(SaliencyStats.load(root / part.stats_file))
     stats.aggregation = manifest["aggregation"]
-    stats.save(root / STATS)
+    manifest["files"][STATS] = write_stats(root, stats)
     manifest["complete"] = True
     manifest["updated"] = _now()
     write_manifest(root, manifest)
 
 
-def _write_units(root: Path, profiler: Profiler) -> None:
-    with atomic_path(root / UNITS) as tmp:
-        pq.write_table(profiler.index.table, tmp)
+def _warn_nonfinite(run: Run) -> None:
+    skipped = run.nonfinite_ids()
+    if len(skipped):
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        warnings.warn(f"{len(skipped)} sample(s) had a non-finite loss or gradient and were skipped: their rows "
+                      f"in {run.path} are flagged (nonfinite, nonfinite_param) and left out of the statistics and "
+                      f"of the analyses' default samples; ids {shown}", ParamsalWarning, stacklevel=3)
 
 
-def _manifest(model: nn.Module, data: Dataset, profiler: Profiler, batch_size: int, batches_per_part: int,
-              model_name: str | None, data_name: str | None) -> dict[str, Any]:
-    import paramsal
+class BadBatch:
+    """A batch that could not be assembled, carried out of a worker process as data (its message intact).
 
+    ``detail``: the traceback of the data set's own failure, shown with ``--debug``.
+    """
+
+    def __init__(self, message: str, detail: str = ""):
+        self.message = message
+        self.detail = detail
+
+    def error(self) -> InputError:
+        error = InputError(self.message)
+        if self.detail:
+            error.__cause__ = RuntimeError(self.detail)
+        return error
+
+
+class _Indexed(Dataset):
+    """``(index, input, label)``: the dataset index travels with each sample, for messages and the rows' ids."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        try:
+            item = self.data[i]
+        except Exception as exc:  # the user's data set: its failure is reported with the sample's index
+            return i, BadBatch(f"reading sample {i} of the data set failed: {type(exc).__name__}: {exc}",
+                               traceback.format_exc()), None
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            return i, BadBatch(f"sample {i} of the data set is a {type(item).__name__}, not an "
+                               "(input, class index) pair"), None
+        return i, item[0], item[1]
+
+
+def collate_samples(samples: list[tuple[int, Any, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | BadBatch:
+    """Stacks ``(index, input, label)`` samples, or names the first sample that does not fit the others."""
+    for i, x, y in samples:
+        if isinstance(x, BadBatch):
+            return x
+        if not isinstance(x, (torch.Tensor, np.ndarray)):
+            return BadBatch(f"sample {i} has an input of type {type(x).__name__}, not a tensor: give the data set "
+                            "a transform that returns tensors (e.g. --transform tensor)")
+        if isinstance(y, torch.Tensor) and y.dim() == 0:
+            y = y.item()
+        if isinstance(y, bool) or not isinstance(y, (int, np.integer)):
+            return BadBatch(f"sample {i} has the label {y!r} ({type(y).__name__}); expected a class index (an int)")
+    first, shape = samples[0][0], tuple(samples[0][1].shape)
+    for i, x, _ in samples[1:]:
+        if tuple(x.shape) != shape:
+            return BadBatch(f"sample {i} has an input of shape {tuple(x.shape)} but sample {first} has {shape}: "
+                            "every sample must have the same shape (resize or crop in the data set's transform)")
+    ids = torch.tensor([i for i, _, _ in samples])
+    inputs = default_collate([torch.as_tensor(x) for _, x, _ in samples])
+    targets = torch.tensor([int(y.item() if isinstance(y, torch.Tensor) else y) for _, _, y in samples])
+    return ids, inputs, targets
+
+
+def _remove_temporaries(root: Path) -> None:
+    """Temporary files of killed jobs: nobody else writes here while this job holds the lock."""
+    for path in temporaries(root):
+        path.unlink(missing_ok=True)
+
+
+def _manifest(model: nn.Module, data: Dataset, profiler: Profiler, backend: str, batch_size: int,
+              batches_per_part: int, chunk_size: int | None, device: torch.device, model_name: str | None,
+              data_name: str | None) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "created": _now(),
         "updated": _now(),
         "complete": False,
         "config": {"model": model_name or type(model).__name__, "data": data_name or type(data).__name__,
-                   "units": profiler.index.scheme, "backend": profiler.backend, "batch_size": batch_size,
-                   "batches_per_part": batches_per_part, "features_module": profiler.features},
+                   "units": profiler.index.scheme, "backend": backend, "batch_size": batch_size,
+                   "batches_per_part": batches_per_part, "chunk_size": chunk_size, "device": device.type,
+                   "dtype": str(next(iter(model.parameters())).dtype).removeprefix("torch."),
+                   "features_module": profiler.features},
         "aggregation": profiler.aggregation,
         "features": profiler.features is not None,
         "num_units": len(profiler.index),
@@ -196,38 +460,11 @@ def _manifest(model: nn.Module, data: Dataset, profiler: Profiler, batch_size: i
         "model_fingerprint": model_fingerprint(model),
         "data_fingerprint": data_fingerprint(data),
         "units_fingerprint": profiler.index.fingerprint(),
-        "versions": {"paramsal": paramsal.__version__, "torch": torch.__version__, "numpy": np.__version__,
+        "versions": {"paramsal": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
+        "files": {},
         "parts": [],
     }
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A hash of the state dict: names, shapes, dtypes and values."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                      if tensor.numel() else b"")
-    return digest.hexdigest()[:16]
-
-
-def data_fingerprint(data: Dataset, probes: int = 8) -> str:
-    """A hash of the data set's size, order and a few samples.
-
-    Uses the list of files and labels when the data set exposes it (as
-    ImageFolder does) and otherwise reads ``probes`` evenly spaced samples, so
-    that fingerprinting never reads the whole data set.
-    """
-    digest = hashlib.sha256(f"{type(data).__name__}:{len(data)}".encode())
-    listing = getattr(data, "samples", None) or getattr(data, "targets", None)
-    if listing is not None:
-        digest.update(repr(list(listing)).encode())
-    for i in np.linspace(0, len(data) - 1, num=min(probes, len(data)), dtype=int):
-        x, y = data[int(i)]
-        digest.update(torch.as_tensor(x).cpu().contiguous().numpy().tobytes())
-        digest.update(repr(int(y)).encode())
-    return digest.hexdigest()[:16]
 
 
 def _writable_dir(out_dir: str | os.PathLike) -> Path:
@@ -240,10 +477,6 @@ def _writable_dir(out_dir: str | os.PathLike) -> Path:
     except OSError as exc:
         raise InputError(f"output directory {root} is not writable: {exc.strerror or exc}") from exc
     return root
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _now() -> str:

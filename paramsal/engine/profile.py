@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -9,12 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paramsal.engine.backends import BACKENDS, BatchResult, LossFn, hooks_supported
+from paramsal.engine.backends import BACKENDS, BatchResult, LossFn, model_outputs
+from paramsal.engine.hooks import hooks_supported
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
-from paramsal.errors import InputError, NonFiniteError, check_choice
+from paramsal.errors import InputError, NonFiniteError, UnsupportedUseError, check_choice
 from paramsal.kernels.reduce import Aggregation, check_aggregation
 
 BACKEND_NAMES = ("auto", "hooks", "vmap", "loop")
+
+#: Where ``backend="auto"`` goes when a forward pass shows that a backend would miss a use of a parameter.
+FALLBACKS = {"hooks": "vmap", "vmap": "loop"}
+
+
+class ParamsalWarning(UserWarning):
+    """Something paramsal did differently from what was asked, to keep the numbers exact (e.g. a fallback)."""
 
 
 def cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -36,7 +45,11 @@ class Profiler:
         model: the network; its parameters' dtype is the profiles' dtype.
         units: see :func:`paramsal.units_of`, or a prebuilt :class:`UnitIndex`.
         backend: "auto" (hooks when every unit's module has a reducer, else
-            vmap), "hooks", "vmap" or "loop" (the slow oracle).
+            vmap; from the first batch whose forward pass uses a unit
+            parameter where no reducer serves it, vmap, and loop where vmap
+            cannot see a use either, each with one warning),
+            "hooks" (raises :class:`UnsupportedUseError` then), "vmap" or
+            "loop" (the slow oracle).
         aggregation: "mean_abs" (the paper) or "abs_mean" (the authors'
             released statistics).
         loss: ``loss(outputs, targets) -> [N]`` per-sample losses; default
@@ -58,6 +71,7 @@ class Profiler:
             raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model = model
         self.index = units if isinstance(units, UnitIndex) else units_of(model, units)
+        self._falls_back = backend == "auto"
         if backend == "auto":
             backend = "hooks" if hooks_supported(model, self.index) else "vmap"
         self.backend = backend
@@ -68,12 +82,14 @@ class Profiler:
         self._run = BACKENDS[backend]
         self._class_counts: dict[tuple, int] = {}
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> BatchResult:
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, *, check_finite: bool = True) -> BatchResult:
         """Profiles one batch.
 
         Args:
             inputs: ``[N, ...]`` a batch the model accepts; moved to the model's device.
             targets: ``[N, ...]``; class indices ``[N]`` for the default loss.
+            check_finite: raise :class:`NonFiniteError` for a non-finite loss or
+                gradient; False returns them (see :meth:`nonfinite`).
 
         Returns:
             A :class:`BatchResult` with profiles ``[N, F]``, outputs and losses.
@@ -81,20 +97,41 @@ class Profiler:
         device = next(iter(self.model.parameters())).device
         inputs, targets = self._checked(inputs, targets, device)
         with eval_mode(self.model):
-            try:
-                if self.loss is None:
-                    self._check_labels(inputs, targets)
-                result = self._run(self.model, inputs, targets, self.index, self.loss or cross_entropy_per_sample,
-                                   self.aggregation, self.chunk_size)
-                if self.features is not None:
-                    result.features = self._features_of(inputs)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as exc:
-                raise InputError(f"the {self.backend} backend failed on inputs of shape {tuple(inputs.shape)} "
-                                 f"({type(self.model).__name__}): {exc}") from exc
-        self._check_finite(result)
+            if self.loss is None:
+                self._check_labels(inputs, targets)
+            result = self._profile(inputs, targets)
+            if self.features is not None:
+                result.features = self._features_of(inputs)
+        if check_finite:
+            self._check_finite(result)
         return result
+
+    def nonfinite(self, result: BatchResult) -> list[str | None]:
+        """Per sample: None if its loss and profile are finite, else the first parameter whose gradient is not
+        ("(loss)" when only the loss is)."""
+        bad_units = ~torch.isfinite(result.profiles)
+        bad_rows = (bad_units.any(1) | ~torch.isfinite(result.losses)).nonzero().flatten().tolist()
+        flags: list[str | None] = [None] * len(result.losses)
+        for row in bad_rows:
+            units = bad_units[row].nonzero().flatten()
+            flags[row] = self._param_of(int(units[0])) if len(units) else "(loss)"
+        return flags
+
+    def _param_of(self, unit: int) -> str:
+        return next(g.param_name for g in self.index if g.offset <= unit < g.stop)
+
+    def _profile(self, inputs: torch.Tensor, targets: torch.Tensor) -> BatchResult:
+        loss = self.loss or cross_entropy_per_sample
+        while True:
+            try:
+                return self._run(self.model, inputs, targets, self.index, loss, self.aggregation, self.chunk_size)
+            except UnsupportedUseError as exc:
+                if not self._falls_back or self.backend not in FALLBACKS:
+                    raise
+                fallback = FALLBACKS[self.backend]
+                warnings.warn(f"{exc}. Profiling {type(self.model).__name__} with the {fallback} backend instead",
+                              ParamsalWarning, stacklevel=4)
+                self.backend, self._run = fallback, BACKENDS[fallback]
 
     def _features_of(self, inputs: torch.Tensor) -> torch.Tensor:
         """The features module's input ``[N, D]`` from a gradient-free forward pass."""
@@ -131,7 +168,7 @@ class Profiler:
         key = (tuple(inputs.shape[1:]), inputs.dtype)
         if key not in self._class_counts:
             with torch.no_grad():
-                self._class_counts[key] = self.model(inputs[:1]).shape[-1]
+                self._class_counts[key] = model_outputs(self.model, inputs[:1], 1, shown=inputs).shape[-1]
         return self._class_counts[key]
 
     def _check_finite(self, result: BatchResult) -> None:
@@ -142,9 +179,8 @@ class Profiler:
         bad = (~torch.isfinite(result.profiles)).nonzero()
         if len(bad):
             sample, unit = (int(v) for v in bad[0])
-            group = next(g for g in self.index if g.offset <= unit < g.stop)
             raise NonFiniteError(f"non-finite gradient for sample at position {sample} in parameter "
-                                 f"{group.param_name!r} (unit {unit}); {len(bad)} entries affected")
+                                 f"{self._param_of(unit)!r} (unit {unit}); {len(bad)} entries affected")
 
 
 def check_batch(inputs: torch.Tensor, targets: torch.Tensor, *, class_indices: bool) -> None:

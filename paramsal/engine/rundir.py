@@ -1,26 +1,15 @@
-"""The run directory: what a profiling job leaves on disk, and how it is read back.
+"""Reading and writing a run directory's data files; the layout and manifest are in :mod:`paramsal.engine.manifest`.
 
-```
-run/
-  manifest.json            config, fingerprints, versions, finished parts
-  units.parquet            one row per unit
-  stats.parquet            per unit: count, mean, m2, std (float64), when complete
-  stats/part-*.parquet     the same moments for each finished part
-  profiles/part-*.parquet  one row per sample
-```
-
-A part is finished once the manifest lists it. Files are written to a
-temporary name and renamed, the manifest last, so a killed job leaves either
-a whole part that the manifest lists or one it does not (and that a resumed
-job rewrites with the same rows).
+Every file a reader opens is checked against the manifest first (size,
+sha256, and for parts the row count and sample ids), so a damaged, swapped or
+truncated file is an error naming it, never a wrong number. Reading is pure
+data: nothing named in a run directory is imported or called.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,85 +17,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from paramsal._io import atomic_path
-from paramsal.errors import InputError, RunMismatchError
+from paramsal._io import atomic_path, file_record
+from paramsal.engine.integrity import check_file, check_no_strays, check_part_rows
+from paramsal.engine.manifest import (MANIFEST, PART_STATS_DIR, PROFILES_DIR, STATS, UNITS, Part, part_file,
+                                      part_stats_file, parts_of, read_manifest, storage_error)
+from paramsal.errors import InputError
 from paramsal.kernels.stats import SaliencyStats
 
-FORMAT = "paramsal-run/1"
-MANIFEST = "manifest.json"
-UNITS = "units.parquet"
-STATS = "stats.parquet"
-PROFILES_DIR = "profiles"
-PART_STATS_DIR = "stats"
+#: Row selections of :meth:`Run.profiles` by name.
+ROW_SELECTIONS = ("misclassified", "correct", "nonfinite")
 
-#: Manifest keys that must agree before a job may continue a run.
-IDENTITY_KEYS = ("model_fingerprint", "data_fingerprint", "units_fingerprint", "num_units", "num_samples",
-                 "aggregation", "features")
+#: The per-sample columns of a part besides ``profile`` and ``features``.
+SAMPLE_COLUMNS = ["sample_id", "target", "pred", "loss", "target_prob", "pred_prob", "correct", "nonfinite",
+                  "nonfinite_param"]
 
-
-@dataclass(frozen=True)
-class Part:
-    """A finished part: rows for samples ``start <= sample_id < stop``."""
-
-    index: int
-    start: int
-    stop: int
-
-    @property
-    def file(self) -> str:
-        return f"{PROFILES_DIR}/part-{self.index:05d}.parquet"
-
-    @property
-    def stats_file(self) -> str:
-        return f"{PART_STATS_DIR}/part-{self.index:05d}.parquet"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "start": self.start, "stop": self.stop, "file": self.file}
-
-
-def read_manifest(root: Path) -> dict[str, Any] | None:
-    path = root / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc}); is this a paramsal run directory?") from exc
-    if manifest.get("format") != FORMAT:
-        raise InputError(f"{path} is not a {FORMAT} manifest (format {manifest.get('format')!r})")
-    return manifest
-
-
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    with atomic_path(root / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1))
-
-
-def mismatches(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """The identity keys on which two manifests differ."""
-    return [k for k in IDENTITY_KEYS if existing.get(k) != wanted.get(k)]
-
-
-def check_same_run(root: Path, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
-    """Raises :class:`RunMismatchError` naming every identity key that differs."""
-    differ = mismatches(existing, wanted)
-    if differ:
-        details = "; ".join(f"{k}: run has {existing.get(k)!r}, this job {wanted.get(k)!r}" for k in differ)
-        raise RunMismatchError(f"{root} holds a run made with another {', '.join(differ)} ({details}). "
-                               "Choose another directory, or pass overwrite=True / --overwrite to replace it")
-
-
-def clear_run(root: Path) -> None:
-    """Removes paramsal's own files from a run directory (and nothing else)."""
-    for name in (MANIFEST, UNITS, STATS):
-        (root / name).unlink(missing_ok=True)
-    for folder in (PROFILES_DIR, PART_STATS_DIR):
-        for path in (root / folder).glob("part-*.parquet"):
-            path.unlink()
+Rows = str | Sequence[int] | np.ndarray | None
 
 
 def profile_table(sample_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarray, losses: np.ndarray,
-                  profiles: np.ndarray, features: np.ndarray | None) -> pa.Table:
+                  profiles: np.ndarray, features: np.ndarray | None,
+                  nonfinite_params: Sequence[str | None] | None = None) -> pa.Table:
     """One row per sample, as in the run format.
 
     Args:
@@ -116,12 +46,17 @@ def profile_table(sample_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarr
         losses: ``[N]`` each sample's loss.
         profiles: ``[N, F]`` raw profiles.
         features: ``[N, D]`` penultimate features, or None.
+        nonfinite_params: per sample, None, or the first parameter whose
+            gradient was not finite ("" when only the loss was): the row is
+            flagged and left out of statistics and default selections.
     """
     logits = outputs.astype(np.float64)
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    pred = probs.argmax(1)
+    with np.errstate(invalid="ignore"):
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+    pred = np.nan_to_num(probs, nan=-1.0).argmax(1)
     rows = np.arange(len(pred))
+    flags = list(nonfinite_params) if nonfinite_params is not None else [None] * len(pred)
     columns = {
         "sample_id": pa.array(sample_ids, pa.int64()),
         "target": pa.array(targets, pa.int64()),
@@ -130,6 +65,8 @@ def profile_table(sample_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarr
         "target_prob": pa.array(probs[rows, targets], pa.float32()),
         "pred_prob": pa.array(probs[rows, pred], pa.float32()),
         "correct": pa.array(pred == targets),
+        "nonfinite": pa.array([flag is not None for flag in flags]),
+        "nonfinite_param": pa.array(flags, pa.string()),
         "profile": _fixed_size_list(profiles),
     }
     if features is not None:
@@ -142,26 +79,69 @@ def _fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
-def write_part(root: Path, part: Part, table: pa.Table, stats: SaliencyStats) -> None:
-    """Writes a part's moments, then its rows; the caller lists it in the manifest afterwards."""
+def write_part(root: Path, index: int, table: pa.Table, stats: SaliencyStats, backend: str) -> Part:
+    """Writes a part's moments, then its rows, durably; returns its record for the manifest (listed by the caller).
+
+    Args:
+        table: the part's rows (:func:`profile_table`), samples ``start..stop-1`` in order.
+        stats: the moments of the part's finite rows.
+        backend: the backend that computed the rows.
+    """
+    ids = table.column("sample_id").to_numpy()
     for folder in (PROFILES_DIR, PART_STATS_DIR):
         (root / folder).mkdir(exist_ok=True)
-    stats.save(root / part.stats_file)
-    with atomic_path(root / part.file) as tmp:
-        pq.write_table(table, tmp)
+    moments = _write(root / part_stats_file(index), lambda path: pq.write_table(stats.to_arrow(), path))
+    rows = _write(root / part_file(index), lambda path: pq.write_table(table, path))
+    return Part(index, int(ids[0]), int(ids[-1]) + 1, rows["bytes"], rows["sha256"], moments["bytes"],
+                moments["sha256"], backend, int(np.asarray(table.column("nonfinite")).sum()))
+
+
+def write_units(root: Path, table: pa.Table) -> dict[str, Any]:
+    """Writes ``units.parquet``; returns its record for the manifest's ``files``."""
+    return _write(root / UNITS, lambda path: pq.write_table(table, path))
+
+
+def write_stats(root: Path, stats: SaliencyStats) -> dict[str, Any]:
+    """Writes ``stats.parquet``; returns its record for the manifest's ``files``."""
+    return _write(root / STATS, lambda path: pq.write_table(stats.to_arrow(), path))
+
+
+def _write(path: Path, write) -> dict[str, Any]:
+    try:
+        with atomic_path(path) as tmp:
+            write(tmp)
+            record = file_record(tmp)
+    except OSError as exc:
+        raise storage_error(path, exc) from exc
+    return record
+
+
+def clear_run(root: Path) -> None:
+    """Removes paramsal's own files from a run directory (and nothing else; the lock stays with its holder)."""
+    for name in (MANIFEST, UNITS, STATS):
+        (root / name).unlink(missing_ok=True)
+    for folder in (PROFILES_DIR, PART_STATS_DIR):
+        for path in (root / folder).glob("part-*.parquet"):
+            path.unlink()
 
 
 class Run:
-    """A run directory opened for reading (see :func:`open_run`)."""
+    """A run directory opened for reading (see :func:`open_run`).
+
+    Raises:
+        RunCorruptError: on opening, for a damaged manifest or files it does
+            not list; on reading, for a file that is not the one it lists.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         manifest = read_manifest(self.path)
         if manifest is None:
             raise InputError(f"{self.path} is not a paramsal run directory (no {MANIFEST})")
+        check_no_strays(self.path, manifest)
         self.manifest = manifest
-        self.parts = sorted((Part(p["index"], p["start"], p["stop"]) for p in manifest["parts"]),
-                            key=lambda part: part.start)
+        self.parts = parts_of(manifest)
+        self._checked: set[tuple[str, int, int]] = set()
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, samples={self.num_samples}, units={self.num_units})"
@@ -177,46 +157,78 @@ class Run:
     @property
     def num_samples(self) -> int:
         """Samples written so far (all of the data set once the run is complete)."""
-        return sum(p.stop - p.start for p in self.parts)
+        return sum(p.rows for p in self.parts)
 
     @property
     def units(self) -> pa.Table:
         """One row per unit: unit_id, param, module, layer, channel, size."""
+        self._check(UNITS, self.manifest["files"][UNITS])
         return pq.read_table(self.path / UNITS)
 
     @property
     def stats(self) -> SaliencyStats:
-        """Statistics over every sample written (merged from the parts while the run is unfinished)."""
-        if self.complete and (self.path / STATS).is_file():
+        """Statistics over every finite sample written (merged from the parts while the run is unfinished)."""
+        if self.complete:
+            self._check(STATS, self.manifest["files"][STATS])
             return SaliencyStats.load(self.path / STATS)
-        return merge_part_stats(self.path, self.parts, self.num_units)
+        return self.merged_part_stats()
+
+    def merged_part_stats(self) -> SaliencyStats:
+        """The Chan merge of the parts' own moments, in part order."""
+        total = SaliencyStats(self.num_units)
+        for part in self.parts:
+            self._check_part(part)
+            total = total.merge(SaliencyStats.load(self.path / part.stats_file))
+        return total
+
+    def read_part(self, part: Part, columns: Sequence[str]) -> pa.Table:
+        """A part's columns (``sample_id`` always among them), after checking the file is the one listed."""
+        self._check_part(part)
+        table = pq.read_table(self.path / part.file, columns=list(dict.fromkeys(["sample_id", *columns])))
+        check_part_rows(self.path, part, table, self.manifest)
+        return table
+
+    def iter_parts(self, columns: Sequence[str]) -> Iterator[pa.Table]:
+        """The parts' checked columns, one part at a time, in sample order."""
+        for part in self.parts:
+            yield self.read_part(part, columns)
 
     def table(self) -> pa.Table:
-        """The per-sample columns (sample_id, target, pred, loss, ...), without profiles or features."""
-        columns = ["sample_id", "target", "pred", "loss", "target_prob", "pred_prob", "correct"]
-        return self._concat([pq.read_table(self.path / p.file, columns=columns) for p in self.parts], columns)
+        """The per-sample columns (sample_id, target, pred, loss, ..., nonfinite), without profiles or features."""
+        tables = list(self.iter_parts(SAMPLE_COLUMNS))
+        if tables:
+            return pa.concat_tables(tables)
+        return profile_table(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 1)), np.zeros(0),
+                             np.zeros((0, 1)), None).select(SAMPLE_COLUMNS)
 
     @property
     def accuracy(self) -> float:
-        correct = self.table().column("correct").to_numpy(zero_copy_only=False)
+        """Share of correctly classified samples among the finite ones."""
+        table = self.table()
+        correct = table.column("correct").to_numpy(zero_copy_only=False)[self.selected(table, None)]
         return float(correct.mean()) if len(correct) else float("nan")
 
-    def sample_ids(self, only: str | Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    def nonfinite_ids(self) -> np.ndarray:
+        """Ids of the samples skipped for a non-finite loss or gradient (flagged rows)."""
+        return self.sample_ids("nonfinite")
+
+    def sample_ids(self, only: Rows = None) -> np.ndarray:
         """Sample ids in row order, restricted like :meth:`profiles`."""
         table = self.table()
         ids = table.column("sample_id").to_numpy()
-        return ids[self._row_mask(table, only)]
+        return ids[self.selected(table, only)]
 
     def profiles(self, standardized: bool = True, layers: slice | Sequence[int] | None = None,
-                 only: str | Sequence[int] | np.ndarray | None = None,
-                 stats: SaliencyStats | Run | None = None) -> np.ndarray:
+                 only: Rows = None, stats: SaliencyStats | Run | None = None) -> np.ndarray:
         """Profiles ``[n, f]`` (float32), reading one part at a time.
 
         Args:
             standardized: ``(s - mean) / std`` with this run's statistics (or ``stats``).
             layers: keep the units of these layer indices (a slice or a list of
                 ``units.layer`` values), e.g. ``slice(0, 10)`` for shallow layers.
-            only: "misclassified", "correct", or sample ids; default all rows.
+            only: "misclassified", "correct", "nonfinite" or sample ids;
+                default every sample with finite numbers (flagged samples are
+                left out of every named selection but "nonfinite").
             stats: statistics of another run (e.g. a reference set) to standardize with.
 
         Returns:
@@ -225,7 +237,7 @@ class Run:
         return self._vectors("profile", self._unit_columns(layers), only,
                              self._standardizer(stats) if standardized else None)
 
-    def features(self, only: str | Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    def features(self, only: Rows = None) -> np.ndarray:
         """Penultimate features ``[n, D]`` (float32), if the run recorded them."""
         if not self.manifest.get("features"):
             raise InputError(f"{self.path} has no features: profile with features=True (--features)")
@@ -233,26 +245,54 @@ class Run:
 
     def summary(self) -> str:
         table = self.table()
-        correct = table.column("correct").to_numpy(zero_copy_only=False)
+        finite = self.selected(table, None)
+        correct = table.column("correct").to_numpy(zero_copy_only=False)[finite]
         units = self.units
         layers = len(set(units.column("layer").to_pylist()))
         status = "complete" if self.complete else f"unfinished ({self.num_samples} of {self.manifest['num_samples']})"
-        return "\n".join([
+        lines = [
             f"run        {self.path} ({status})",
             f"model      {self.manifest['config'].get('model')}",
             f"data       {self.manifest['config'].get('data')}",
-            f"samples    {len(correct)}",
+            f"samples    {table.num_rows}",
             f"accuracy   {correct.mean():.4f} ({int((~correct).sum())} misclassified)" if len(correct) else
             "accuracy   -",
             f"units      {self.num_units} ({self.manifest['config'].get('units')}, "
             f"{self.manifest['aggregation']}) in {layers} layers",
-        ])
+        ]
+        skipped = table.column("sample_id").to_numpy()[~finite]
+        if len(skipped):
+            lines.append(f"skipped    {len(skipped)} with a non-finite loss or gradient (ids "
+                         f"{', '.join(map(str, skipped[:10]))}{', ...' if len(skipped) > 10 else ''})")
+        return "\n".join(lines)
+
+    def _check(self, name: str, record: dict[str, Any]) -> None:
+        """Checks a file once per reader, again only if it changed on disk since."""
+        stat = (self.path / name).stat() if (self.path / name).is_file() else None
+        key = (name, stat.st_size, stat.st_mtime_ns) if stat else None
+        if key not in self._checked:
+            check_file(self.path, name, record, self.manifest)
+            self._checked.add(key)
+
+    def _check_part(self, part: Part) -> None:
+        self._check(part.file, {"bytes": part.bytes, "sha256": part.sha256})
+        self._check(part.stats_file, {"bytes": part.stats_bytes, "sha256": part.stats_sha256})
 
     def _unit_columns(self, layers: slice | Sequence[int] | None) -> np.ndarray | None:
         if layers is None:
             return None
         layer_of_unit = self.units.column("layer").to_numpy()
-        chosen = np.unique(layer_of_unit)[layers] if isinstance(layers, slice) else np.asarray(layers)
+        known = np.unique(layer_of_unit)
+        if isinstance(layers, slice):
+            chosen = known[layers]
+        else:
+            chosen = np.asarray(layers)
+            unknown = np.setdiff1d(chosen, known)
+            if len(unknown):
+                raise InputError(f"layers {unknown.tolist()} are not in the run {self.path} (its layers are "
+                                 f"{known.min()}..{known.max()})")
+        if not len(chosen):
+            raise InputError(f"layers={layers!r} selects none of the run's layers {known.min()}..{known.max()}")
         return np.flatnonzero(np.isin(layer_of_unit, chosen))
 
     def _standardizer(self, stats: SaliencyStats | Run | None):
@@ -262,23 +302,26 @@ class Run:
                              f"{self.num_units} units")
         return stats.mean, stats.std
 
-    def _row_mask(self, table: pa.Table, only: str | Sequence[int] | np.ndarray | None) -> np.ndarray:
+    def selected(self, table: pa.Table, only: Rows) -> np.ndarray:
+        """``[rows]`` which rows of ``table`` (from :meth:`table` or :meth:`read_part`) a selection ``only`` keeps."""
+        flagged = table.column("nonfinite").to_numpy(zero_copy_only=False)
         if only is None:
-            return np.ones(table.num_rows, dtype=bool)
+            return ~flagged
         if isinstance(only, str):
+            if only == "nonfinite":
+                return flagged
             correct = table.column("correct").to_numpy(zero_copy_only=False)
             if only == "misclassified":
-                return ~correct
+                return ~correct & ~flagged
             if only == "correct":
-                return correct
-            raise InputError(f"only={only!r}: expected 'misclassified', 'correct' or sample ids")
+                return correct & ~flagged
+            raise InputError(f"only={only!r}: expected one of {', '.join(ROW_SELECTIONS)} or sample ids")
         return np.isin(table.column("sample_id").to_numpy(), np.asarray(only))
 
-    def _vectors(self, column: str, unit_columns: np.ndarray | None, only, standardizer) -> np.ndarray:
+    def _vectors(self, column: str, unit_columns: np.ndarray | None, only: Rows, standardizer) -> np.ndarray:
         blocks = []
-        for part in self.parts:
-            table = pq.read_table(self.path / part.file, columns=["sample_id", "correct", column])
-            mask = self._row_mask(table, only)
+        for table in self.iter_parts(["correct", "nonfinite", column]):
+            mask = self.selected(table, only)
             vectors = table.column(column).combine_chunks()
             values = vectors.flatten().to_numpy().reshape(len(vectors), -1)[mask]
             if unit_columns is not None:
@@ -291,19 +334,6 @@ class Run:
             blocks.append(values)
         width = len(unit_columns) if unit_columns is not None else (self.num_units if column == "profile" else 0)
         return np.concatenate(blocks) if blocks else np.zeros((0, width), np.float32)
-
-    @staticmethod
-    def _concat(tables: list[pa.Table], columns: list[str]) -> pa.Table:
-        if tables:
-            return pa.concat_tables(tables)
-        return pa.table({c: pa.array([], pa.bool_() if c == "correct" else pa.float64()) for c in columns})
-
-
-def merge_part_stats(root: Path, parts: Sequence[Part], num_units: int) -> SaliencyStats:
-    total = SaliencyStats(num_units)
-    for part in parts:
-        total = total.merge(SaliencyStats.load(root / part.stats_file))
-    return total
 
 
 def open_run(path: str | os.PathLike) -> Run:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +42,85 @@ TILED_MAX_POSITIONS = 64
 TILED_MAX_WIDTH = 64
 
 
-def reduce_conv(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor,
+@dataclass(frozen=True)
+class ConvCall:
+    """The geometry of one ``F.conv1d/2d/3d`` call, under the attribute names of ``nn.ConvNd`` the reducers read.
+
+    A convolution's per-sample rule depends only on the call, not on the module
+    that made it, so a weight used through ``F.conv2d`` (or by a module called
+    twice, or shared between modules) is served by the same kernels.
+    """
+
+    weight: torch.Tensor
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str = "zeros"
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+
+#: A ``nn.Conv1d/2d/3d`` (its own forward) or the geometry of one functional call.
+ConvLayer = Union[nn.Module, ConvCall]
+
+
+def conv_call(args: tuple, kwargs: dict[str, Any]) -> tuple[ConvCall, torch.Tensor, dict[str, torch.Tensor | None]]:
+    """Parses ``conv{1,2,3}d(input, weight, bias, stride, padding, dilation, groups)``.
+
+    Returns:
+        The call's geometry, its input (zero-padded here when ``padding="same"``
+        needs more on one side than the other, as the module does) and its
+        parameters by role, ``{"weight": ..., "bias": ...}``.
+    """
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = {**dict(zip(names, args)), **kwargs}
+    x, weight = bound["input"], bound["weight"]
+    dims = weight.dim() - 2
+    stride, dilation = _tuple(bound.get("stride", 1), dims), _tuple(bound.get("dilation", 1), dims)
+    padding = bound.get("padding", 0)
+    if padding == "valid":
+        padding = 0
+    if padding == "same":
+        sides = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(dilation, weight.shape[2:])]
+        if any(left != right for left, right in sides):
+            x = F.pad(x, [p for side in reversed(sides) for p in side])
+            padding = 0
+        else:
+            padding = tuple(left for left, _ in sides)
+    call = ConvCall(weight, stride, _tuple(padding, dims), dilation, int(bound.get("groups", 1)))
+    return call, x, {"weight": weight, "bias": bound.get("bias")}
+
+
+def conv_grad_sample(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor,
+                     attr: str) -> torch.Tensor:
+    """Each sample's whole gradient of the conv's ``weight`` or ``bias``: ``[b, *param.shape]``.
+
+    For a parameter with several uses, whose per-sample gradients must be
+    summed before the ``|.|`` of a reduction.
+    """
+    if attr == "bias":
+        return backprops.flatten(2).sum(2)
+    return conv_weight_grad_sample(layer, activations, backprops)
+
+
+def _tuple(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+
+
+def reduce_conv(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor,
                 groups: Sequence[UnitGroup], aggregation: Aggregation,
                 chunk_size: int | None = None) -> list[torch.Tensor]:
     """Per-sample, per-unit saliency of a convolution's weight and bias.
 
     Args:
-        layer: a ``nn.Conv1d``/``Conv2d``/``Conv3d``.
+        layer: a ``nn.Conv1d``/``Conv2d``/``Conv3d`` or the :class:`ConvCall` of a functional use.
         activations: the layer's input ``[B, C, *spatial_in]``.
         backprops: gradient of the summed per-sample losses w.r.t. the layer's
             output ``[B, K, *spatial_out]``; row n is the gradient of sample n's
@@ -75,7 +148,7 @@ def reduce_conv(layer: nn.Module, activations: torch.Tensor, backprops: torch.Te
     return results
 
 
-def row_means(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+def row_means(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
     """``[B, K]`` mean of each filter's per-sample weight gradient, without forming the gradient.
 
     Summing ``G[n] = gy[n] @ P[n]`` over a filter's weights sums each row of
@@ -93,7 +166,7 @@ def row_means(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tens
     return sums.view(b, k) / layer.weight[0].numel()
 
 
-def grouped_weight_units(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor, group: UnitGroup,
+def grouped_weight_units(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor, group: UnitGroup,
                          aggregation: Aggregation, chunk_size: int | None) -> torch.Tensor:
     """``[B, U]`` from whole per-sample weight gradients (any partition), a chunk of samples at a time."""
     batch = activations.shape[0]
@@ -102,7 +175,7 @@ def grouped_weight_units(layer: nn.Module, activations: torch.Tensor, backprops:
                       for s in chunk_slices(batch, chunk)])
 
 
-def tiled_weight_units(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor, group: UnitGroup,
+def tiled_weight_units(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor, group: UnitGroup,
                        aggregation: Aggregation, chunk_size: int | None) -> torch.Tensor:
     """``[B, K]`` mean ``|G|`` per output channel (rows, mean_abs only) from cache-sized gradient tiles."""
     batch = activations.shape[0]
@@ -127,7 +200,7 @@ def conv_strategy(name: str) -> Iterator[None]:
         _forced.pop()
 
 
-def _strategy(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor, group: UnitGroup,
+def _strategy(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor, group: UnitGroup,
               aggregation: Aggregation):
     """Grouped weight-gradient convolution for large maps and wide filters, gradient tiles otherwise."""
     if group.partition != "rows" or aggregation != "mean_abs":
@@ -139,12 +212,12 @@ def _strategy(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tens
     return tiled_weight_units if positions <= TILED_MAX_POSITIONS or width <= TILED_MAX_WIDTH else grouped_weight_units
 
 
-def _fusable(layer: nn.Module, group: UnitGroup, aggregation: Aggregation) -> bool:
+def _fusable(layer: ConvLayer, group: UnitGroup, aggregation: Aggregation) -> bool:
     """The fused kernel computes mean ``|G|`` per filter of 1-D and 2-D convolutions."""
     return group.partition == "rows" and aggregation == "mean_abs" and layer.weight.dim() in (3, 4)
 
 
-def fused_weight_units(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+def fused_weight_units(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
     """``[B, K]`` mean ``|G|`` per filter from the fused Triton kernel; a Conv1d is a 2-D conv of height one."""
     x, padding = _padded(layer, activations)
     if x.dim() == 3:
@@ -156,7 +229,7 @@ def fused_weight_units(layer: nn.Module, activations: torch.Tensor, backprops: t
     return fused.row_abs_means(x, backprops, geometry)
 
 
-def conv_weight_grad_sample(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+def conv_weight_grad_sample(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
     """Per-sample weight gradients of a convolution.
 
     The batch is folded into the channels and the weight gradient of a conv
@@ -182,7 +255,7 @@ def conv_weight_grad_sample(layer: nn.Module, activations: torch.Tensor, backpro
     return grads.view(b, *weight.shape)
 
 
-def _padded(layer: nn.Module, activations: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _padded(layer: ConvLayer, activations: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The input with any padding the conv kernel cannot express applied: (input, remaining padding)."""
     if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
         return activations, tuple(layer.padding)
@@ -190,7 +263,7 @@ def _padded(layer: nn.Module, activations: torch.Tensor) -> tuple[torch.Tensor, 
     return F.pad(activations, layer._reversed_padding_repeated_twice, mode=mode), (0,) * (activations.dim() - 2)
 
 
-def _tiled_mean_abs(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+def _tiled_mean_abs(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
     """``[b, K]`` mean ``|G|`` per output channel, G formed one tile of samples x columns at a time.
 
     With few output positions L, each per-sample gradient ``G[n] = gy[n] @ P[n]``
@@ -216,7 +289,7 @@ def _tiled_mean_abs(layer: nn.Module, activations: torch.Tensor, backprops: torc
     return sums.view(b, k) / width
 
 
-def conv_patch_columns(layer: nn.Module, activations: torch.Tensor) -> torch.Tensor:
+def conv_patch_columns(layer: ConvLayer, activations: torch.Tensor) -> torch.Tensor:
     """im2col for any number of spatial dims, one column per output position: ``[b, C * prod(kernel), L]``.
 
     Built from strided windows of the padded input and a single copy. The copy

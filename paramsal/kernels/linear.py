@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import nn
@@ -16,13 +17,42 @@ if TYPE_CHECKING:
     from paramsal.engine.units import UnitGroup
 
 
-def reduce_linear(layer: nn.Module, activations: torch.Tensor, backprops: torch.Tensor,
+@dataclass(frozen=True)
+class LinearCall:
+    """One ``F.linear`` call, under the attribute name of ``nn.Linear`` the reducer reads."""
+
+    weight: torch.Tensor
+
+
+#: A ``nn.Linear`` (its own forward) or one functional call.
+LinearLayer = Union[nn.Module, LinearCall]
+
+
+def linear_call(args: tuple,
+                kwargs: dict[str, Any]) -> tuple[LinearCall, torch.Tensor, dict[str, torch.Tensor | None]]:
+    """Parses ``linear(input, weight, bias)``: the call, its input, its parameters by role."""
+    bound = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}
+    return LinearCall(bound["weight"]), bound["input"], {"weight": bound["weight"], "bias": bound.get("bias")}
+
+
+def linear_grad_sample(layer: LinearLayer, activations: torch.Tensor, backprops: torch.Tensor,
+                       attr: str) -> torch.Tensor:
+    """Each sample's whole gradient of the layer's ``weight`` ``[b, out, in]`` or ``bias`` ``[b, out]``."""
+    batch = activations.shape[0]
+    x = activations.reshape(batch, -1, activations.shape[-1])
+    gy = backprops.reshape(batch, -1, backprops.shape[-1])
+    if attr == "bias":
+        return gy.sum(1)
+    return torch.bmm(gy.transpose(1, 2), x)
+
+
+def reduce_linear(layer: LinearLayer, activations: torch.Tensor, backprops: torch.Tensor,
                   groups: Sequence[UnitGroup], aggregation: Aggregation,
                   chunk_size: int | None = None) -> list[torch.Tensor]:
     """Per-sample, per-unit saliency of a Linear layer's weight and bias.
 
     Args:
-        layer: a ``nn.Linear``.
+        layer: a ``nn.Linear`` or the :class:`LinearCall` of a functional use.
         activations: the layer's input ``[B, *, in]``.
         backprops: gradient of the summed per-sample losses w.r.t. the output
             ``[B, *, out]`` (row n: sample n's own loss, samples being independent).

@@ -6,20 +6,28 @@ units; it never returns the full per-sample gradient. Lookup walks the
 module's MRO, so subclasses are found, but only while they keep the
 registered class's ``forward``: a subclass that computes something else with
 the same weights (weight standardization, say) would make the rule wrong.
+
+The built-in layers (Conv1d/2d/3d, Linear) are served one level lower: their
+forward is one call of a torch function on their parameters, and
+:data:`OP_RULES` serves such calls wherever they happen (inside the module,
+on a weight shared with another module, in a second call, or through
+``F.conv2d(x, self.conv.weight)`` elsewhere). A user's reducer serves the
+module's own call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from paramsal.errors import InputError
-from paramsal.kernels.conv import reduce_conv
-from paramsal.kernels.linear import reduce_linear
+from paramsal.kernels.conv import conv_call, conv_grad_sample, reduce_conv
+from paramsal.kernels.linear import linear_call, linear_grad_sample, reduce_linear
 from paramsal.kernels.reduce import Aggregation
 
 if TYPE_CHECKING:
@@ -30,19 +38,56 @@ Reducer = Callable[[nn.Module, torch.Tensor, torch.Tensor, Sequence["UnitGroup"]
                    list[torch.Tensor]]
 
 
+#: ``grad_sample(layer, activations, backprops, attr) -> [B, *param.shape]``: whole per-sample gradients.
+GradSample = Callable[[Any, torch.Tensor, torch.Tensor, str], torch.Tensor]
+
+#: ``parse(args, kwargs) -> (geometry, input, {role: parameter or None})`` of one call.
+ParseCall = Callable[[tuple, dict], tuple[Any, torch.Tensor, "dict[str, torch.Tensor | None]"]]
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """How the calls of one torch function on unit parameters are served where they happen.
+
+    Attributes:
+        parse: the call's geometry (with the attribute names the reducer reads), input and parameters.
+        reducer: as for modules, given the geometry in place of the layer.
+        grad_sample: whole per-sample gradients, summed over the uses of a
+            parameter used more than once before its units are reduced.
+    """
+
+    parse: ParseCall
+    reducer: Reducer
+    grad_sample: GradSample
+
+
+OP_RULES: dict[Callable, OpRule] = {
+    **{op: OpRule(conv_call, reduce_conv, conv_grad_sample) for op in (torch.conv1d, torch.conv2d, torch.conv3d)},
+    F.linear: OpRule(linear_call, reduce_linear, linear_grad_sample),
+}
+
+
 @dataclass(frozen=True)
 class ReducerEntry:
-    """A registered reducer and the parameter attributes it handles."""
+    """A registered reducer and the parameter attributes it handles.
+
+    Attributes:
+        op: for the built-in layers, the torch function their forward applies
+            to their parameters once; the hooks backend then serves its calls
+            through :data:`OP_RULES` wherever they happen. None: the reducer
+            serves the module's own call.
+    """
 
     reducer: Reducer
     params: frozenset[str]
+    op: Callable | None = None
 
+
+_BUILT_IN = {nn.Conv1d: torch.conv1d, nn.Conv2d: torch.conv2d, nn.Conv3d: torch.conv3d, nn.Linear: F.linear}
 
 _REGISTRY: dict[type[nn.Module], ReducerEntry] = {
-    nn.Conv1d: ReducerEntry(reduce_conv, frozenset({"weight", "bias"})),
-    nn.Conv2d: ReducerEntry(reduce_conv, frozenset({"weight", "bias"})),
-    nn.Conv3d: ReducerEntry(reduce_conv, frozenset({"weight", "bias"})),
-    nn.Linear: ReducerEntry(reduce_linear, frozenset({"weight", "bias"})),
+    module_type: ReducerEntry(OP_RULES[op].reducer, frozenset({"weight", "bias"}), op)
+    for module_type, op in _BUILT_IN.items()
 }
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from paramsal._io import atomic_path
+from paramsal._io import atomic_path, load_tensor_file
 from paramsal.errors import InputError
 
 #: Standard deviations at or below this are replaced by 1, as the reference code does.
@@ -64,6 +64,11 @@ class SaliencyStats:
     m2: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        if isinstance(self.num_units, bool) or not isinstance(self.num_units, (int, np.integer)) \
+                or self.num_units < 0:
+            raise InputError(f"num_units must be a non-negative integer (the profile length), "
+                             f"got {self.num_units!r}")
+        self.num_units = int(self.num_units)
         self.mean = np.zeros(self.num_units) if self.mean is None else np.array(self.mean, np.float64)
         self.m2 = np.zeros(self.num_units) if self.m2 is None else np.array(self.m2, np.float64)
         if self.mean.shape != (self.num_units,) or self.m2.shape != (self.num_units,):
@@ -71,10 +76,17 @@ class SaliencyStats:
                              f"({self.num_units},)")
 
     def update(self, profiles: torch.Tensor | np.ndarray) -> SaliencyStats:
-        """Folds in a batch ``[N, F]`` (torch or numpy); returns self."""
+        """Folds in a batch ``[N, F]`` (torch or numpy); returns self.
+
+        Raises:
+            InputError: for a batch of another width, or one holding NaN or
+                inf (one such value would make every later mean and std of its
+                unit NaN); the statistics are left unchanged.
+        """
         values = _as_float64(profiles)
         if values.ndim != 2 or values.shape[1] != self.num_units:
             raise InputError(f"profiles of shape {values.shape} do not fit statistics of {self.num_units} units")
+        _check_finite(values)
         if len(values):
             self.count, self.mean, self.m2 = chan_merge(self._moments, batch_moments(values))
         return self
@@ -134,8 +146,19 @@ class SaliencyStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SaliencyStats:
-        """Reads statistics written by :meth:`save`."""
-        table = pq.read_table(path)
+        """Reads statistics written by :meth:`save`.
+
+        Raises:
+            InputError: naming the file when it is missing, is not Parquet or
+                lacks the count, mean and m2 columns.
+        """
+        if not Path(path).is_file():
+            raise InputError(f"no statistics file at {path}")
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{path} is not a statistics file paramsal can read ({_first_line(exc)}); "
+                             "give the stats.parquet of a run, or a file written by SaliencyStats.save") from exc
         missing = {"count", "mean", "m2"} - set(table.column_names)
         if missing:
             raise InputError(f"{path} is not a statistics file: columns {sorted(missing)} are missing")
@@ -170,12 +193,28 @@ def load_reference_stats(path_or_name: str | os.PathLike) -> SaliencyStats:
         path = Path(str(resources.files("paramsal.data").joinpath("authors_imagenet_stats", name)))
     if not path.is_file():
         raise InputError(f"no reference statistics at {path}; known names: {', '.join(REFERENCE_MODELS)}")
-    content = torch.load(path, map_location="cpu", weights_only=True)
+    content = load_tensor_file(path, "a statistics file")
     if not isinstance(content, dict) or not {"mean", "std"} <= set(content):
         raise InputError(f"{path} is not a {{'mean', 'std'}} statistics file")
     mean = content["mean"].double().numpy()
     std = content["std"].double().numpy()
     return SaliencyStats(len(mean), "abs_mean", _REFERENCE_COUNT, mean, np.square(std) * (_REFERENCE_COUNT - 1))
+
+
+def _check_finite(values: np.ndarray) -> None:
+    """Refuses ``[N, F]`` values holding NaN or inf, naming the first (row, unit)."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, unit = np.argwhere(bad)[0]
+        raise InputError(f"profiles contain a non-finite value at row {row}, unit {unit} ({values[row, unit]}); "
+                         f"{int(bad.any(axis=1).sum())} of {len(values)} rows are affected: leave those samples "
+                         "out (their loss or gradient overflowed) before updating the statistics")
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line, so that the error it becomes stays one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _as_float64(profiles: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -61,7 +61,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from paramsal.engine.analyses.common import (add_source_arguments, chosen_samples, ci_table, load_source, model_device,
-                                             positive_int_list, run_inputs, run_units)
+                                             open_analysis_run, output_folder, positive_int_list, run_inputs,
+                                             run_units)
 from paramsal.engine.analyses.selection import UNIT_SELECTIONS, select_units
 from paramsal._io import atomic_path
 from paramsal.engine.analyses.bootstrap import bootstrap_mean_ci
@@ -274,8 +275,7 @@ class FineTuneResult:
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Writes ``finetune.parquet``, ``finetune-summary.parquet`` and ``finetune.png`` into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = output_folder(directory)
         paths = {"rows": directory / "finetune.parquet", "summary": directory / "finetune-summary.parquet",
                  "figure": directory / "finetune.png"}
         for key in ("rows", "summary"):
@@ -593,17 +593,16 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_finetune_command(args: argparse.Namespace) -> int:
     """``paramsal finetune``: loads the run's model and data, writes the tables and the figure, prints the summary."""
-    from paramsal.engine.rundir import open_run
-
-    run = open_run(args.run)
+    run = open_analysis_run(args)
+    out = output_folder(args.out or run.path / "analyses")  # before the work, not after
     model, data, _ = load_source(run, args)
     tune = FineTune(model, ks=args.ks, select=args.select, lr=args.lr, seed=args.seed,
                     num_neighbors=args.neighbors, chunk_size=args.chunk_size, num_resamples=args.resamples,
-                    progress=not args.quiet)
+                    check_model=not args.allow_other_weights, progress=not args.quiet)
     started = time.perf_counter()
     result = tune.run(run, data)
     elapsed = time.perf_counter() - started
-    paths = result.save(args.out or run.path / "analyses")
+    paths = result.save(out)
     print(format_summary(result))
     samples = int(result.config["num_samples"])
     configs = result.summary.num_rows

@@ -33,13 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from paramsal.engine.analyses.common import add_source_arguments, load_source, positive_int_list
+from paramsal.engine.analyses.common import (add_source_arguments, load_source, open_analysis_run, output_folder,
+                                             positive_int_list, recorded_targets, run_inputs, run_units)
 from paramsal.engine.analyses.selection import select_units
 from paramsal.engine.profile import check_batch, eval_mode, profile_batch
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError, check_choice
 from paramsal.kernels.reduce import reduce_grad
+from paramsal._io import load_tensor_file
 from paramsal.kernels.stats import SaliencyStats
+from paramsal.specs import image_transform
 
 SELECTIONS = ("salient", "random")
 BACKENDS = ("vmap", "loop")
@@ -120,10 +123,16 @@ class InputSaliency:
     """
 
     @classmethod
-    def for_run(cls, model: nn.Module, run, **options) -> InputSaliency:
-        """An explainer with a run's statistics, units and aggregation (``options``: top, boost, select, seed...)."""
-        return cls(model, run.stats, units=run.manifest.get("config", {}).get("units", "filters"),
-                   aggregation=run.manifest.get("aggregation"), **options)
+    def for_run(cls, model: nn.Module, run, *, check_model: bool = True, **options) -> InputSaliency:
+        """An explainer with a run's statistics, units and aggregation (``options``: top, boost, select, seed...).
+
+        Raises:
+            InputError: when the model's units are not the run's, or (unless
+                ``check_model=False``) its weights are not the profiled ones:
+                the run's statistics would standardize another model's profiles.
+        """
+        index = run_units(run, model, options.pop("units", None), check_model)
+        return cls(model, run.stats, units=index, aggregation=run.manifest.get("aggregation"), **options)
 
     def __init__(self, model: nn.Module, stats: SaliencyStats, *, top: int = 10, boost: float = 100.0,
                  select: str = "salient", seed: int = 0, units: UnitsSpec | UnitIndex = "filters",
@@ -339,7 +348,7 @@ def plot_explanations(images: torch.Tensor, maps: torch.Tensor, path: str | os.P
             axes[row, 0].set_ylabel(titles[row], fontsize=8)
     fig.tight_layout()
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        output_folder(Path(path).parent)
         fig.savefig(path, dpi=100)
         plt.close(fig)
     return fig
@@ -533,19 +542,18 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_explain_command(args: argparse.Namespace) -> int:
     """``paramsal explain``: writes one PNG with image, map and overlay for each sample (salient vs random units)."""
-    from paramsal.engine.rundir import open_run
-
-    run = open_run(args.run)
+    run = open_analysis_run(args)
+    out = output_folder(args.out or run.path / "figures")
     model, data, device = load_source(run, args)
-    inputs, targets, ids, names = load_inputs(data, args)
+    inputs, targets, ids, names = load_inputs(run, data, args)
     maps = {}
     for select in (args.select, "random" if args.select == "salient" else "salient"):
-        explainer = InputSaliency.for_run(model, run, top=args.top, boost=args.boost, select=select, seed=args.seed)
+        explainer = InputSaliency.for_run(model, run, top=args.top, boost=args.boost, select=select, seed=args.seed,
+                                          check_model=not args.allow_other_weights)
         maps[select] = visual_map(explainer.attribute(inputs, targets, sample_ids=ids).cpu())
     with eval_mode(model), torch.no_grad():
         preds = model(inputs.to(device)).argmax(1).cpu().tolist()
     titles = [f"{name}: {int(y)} -> {p}" for name, y, p in zip(names, targets.tolist(), preds)]
-    out = Path(args.out or run.path / "figures")
     path = out / f"explain-{'-'.join(names)[:80]}.png"
     plot_explanations(inputs, maps[args.select], path, titles=titles,
                       random_maps=maps["random" if args.select == "salient" else "salient"])
@@ -569,19 +577,18 @@ def run_mask_command(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from paramsal._io import atomic_path
-    from paramsal.engine.rundir import open_run
 
-    run = open_run(args.run)
+    run = open_analysis_run(args)
+    out = output_folder(args.out or run.path / "analyses")
     model, data, device = load_source(run, args)
     args.sample = run.sample_ids(only="misclassified")[:args.samples]
     if not len(args.sample):
         raise InputError(f"{run.path} has no misclassified samples to mask")
-    inputs, targets, ids, _ = load_inputs(data, args)
-    explainer = InputSaliency.for_run(model, run, top=args.top, boost=args.boost)
+    inputs, targets, ids, _ = load_inputs(run, data, args)
+    explainer = InputSaliency.for_run(model, run, top=args.top, boost=args.boost,
+                                      check_model=not args.allow_other_weights)
     table = Masking(explainer, args.percents, seed=args.seed).evaluate(inputs.to(device), targets.to(device), ids)
     summary = summarize_masking(table)
-    out = Path(args.out or run.path / "analyses")
-    out.mkdir(parents=True, exist_ok=True)
     for name, content in (("masking.parquet", table), ("masking-summary.parquet", summary)):
         with atomic_path(out / name) as tmp:
             pq.write_table(content, tmp)
@@ -593,42 +600,56 @@ def run_mask_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_inputs(data, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, list[str]]:
-    """The samples the command names (``--sample`` ids of ``data``, or ``--image`` with ``--label``)."""
+def load_inputs(run, data, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, list[str]]:
+    """The samples the command names: ``--sample`` ids of the run, or ``--image`` with ``--label``.
+
+    A run's samples are read from ``data`` and their labels checked against the
+    classes the run recorded, so that another data set cannot pass for the run's.
+    """
     if getattr(args, "image", None) is not None:
         if args.label is None:
             raise InputError("--image needs --label (the true class)")
         image = _read_image(args.image, args.transform or "imagenet")
         return image[None], torch.tensor([args.label]), np.array([0]), [Path(args.image).stem]
-    ids = np.asarray(args.sample)
-    bad = [int(i) for i in ids if not 0 <= i < len(data)]
-    if bad:
-        raise InputError(f"sample id(s) {bad} outside the data set's 0..{len(data) - 1}")
-    items = [data[int(i)] for i in ids]
-    inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
-    return inputs, torch.tensor([int(y) for _, y in items]), ids, [f"id{int(i)}" for i in ids]
+    ids = np.asarray(args.sample, dtype=np.int64)
+    targets = recorded_targets(run, ids)
+    inputs = run_inputs(data, ids, targets)
+    return inputs, torch.as_tensor(targets, dtype=torch.long), ids, [f"id{int(i)}" for i in ids]
 
 
 def _read_image(path: str, transform: str) -> torch.Tensor:
     if not Path(path).is_file():
         raise InputError(f"image file {path} does not exist")
     if path.endswith(".pt"):
-        image = torch.load(path, map_location="cpu", weights_only=True)
+        image = load_tensor_file(path, "an image tensor file")
     elif path.endswith(".npy"):
-        image = torch.from_numpy(np.load(path))
+        image = _read_npy(path)
     else:
-        from PIL import Image
-
-        from paramsal.specs import image_transform
-
-        picture = Image.open(path)
-        # Grayscale files stay one-channel (for models like the demo's); anything else becomes RGB.
-        picture = picture if picture.mode in ("L", "RGB") else picture.convert("RGB")
-        image = image_transform(transform)(picture)
+        image = image_transform(transform)(_read_picture(path))
     if not isinstance(image, torch.Tensor) or image.dim() != 3:
         raise InputError(f"{path} must hold one image [C, H, W], got "
                          f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
     return image.float()
+
+
+def _read_npy(path: str) -> torch.Tensor:
+    try:
+        return torch.from_numpy(np.load(path))  # allow_pickle stays False: no objects from the file
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"image file {path} could not be read as a .npy array ({exc})") from exc
+
+
+def _read_picture(path: str):
+    """The PIL image in ``path``, grayscale kept one-channel (for models like the demo's), anything else RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        picture = Image.open(path)
+        picture.load()  # Image.open reads only the header: a truncated file fails here, not in the transform
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL raises SyntaxError for bad headers
+        raise InputError(f"image file {path} could not be read as an image ({exc}); give a PNG/JPEG picture, "
+                         "or a .pt/.npy tensor [C, H, W]") from exc
+    return picture if picture.mode in ("L", "RGB") else picture.convert("RGB")
 
 
 __all__ = ["InputSaliency", "Masking", "boosted_profile", "channel_max", "choose_units", "confidence_raised",

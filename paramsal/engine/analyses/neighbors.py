@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from paramsal._io import atomic_path
+from paramsal.engine.analyses.common import open_analysis_run, output_folder
 from paramsal.engine.rundir import Run, open_run
 from paramsal.errors import InputError
 
@@ -175,7 +176,7 @@ def iter_unit_rows(run: Run, column: str, ids: np.ndarray, columns: np.ndarray |
         lo, hi = np.searchsorted(ids, [part.start, part.stop])
         if lo == hi:
             continue
-        table = pq.read_table(run.path / part.file, columns=["sample_id", column])
+        table = run.read_part(part, [column])
         part_ids = table.column("sample_id").to_numpy()
         where = np.searchsorted(ids, part_ids)
         wanted = (where < len(ids)) & (ids[np.minimum(where, len(ids) - 1)] == part_ids)
@@ -324,7 +325,7 @@ class Neighbors:
         """
         table = self.nn() if table is None else table
         path = Path(path) if path is not None else self.run.path / ANALYSES_DIR / f"neighbors-{self.space}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        output_folder(path.parent, "--out FILE")
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
         return path
@@ -539,7 +540,9 @@ def add_neighbors_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_neighbors_command(args: argparse.Namespace) -> int:
     """``paramsal neighbors``: writes the table of one space, prints the pair-sharing rate of both."""
-    run = open_run(args.run)
+    run = open_analysis_run(args)
+    # Checked before the work, not after it: the default folder is inside the run, which may be read-only.
+    output_folder(Path(args.out).parent if args.out else run.path / ANALYSES_DIR, "--out FILE")
     layers = parse_layers(args.layers)
     wrong = run.sample_ids("misclassified")
     if len(wrong) == 0:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from paramsal._io import atomic_path
+from paramsal.engine.analyses.common import open_analysis_run, output_folder
 from paramsal.engine.rundir import Run, open_run
 from paramsal.errors import InputError
 
@@ -71,12 +71,12 @@ def group_means(run: Run) -> dict[str, tuple[np.ndarray, int]]:
     """
     sums = {name: np.zeros(run.num_units) for name in ("all", "correct", "misclassified")}
     counts = dict.fromkeys(sums, 0)
-    for part in run.parts:
-        table = pq.read_table(run.path / part.file, columns=["correct", "profile"])
+    for table in run.iter_parts(["correct", "nonfinite", "profile"]):
+        finite = ~table.column("nonfinite").to_numpy(zero_copy_only=False)
         profiles = table.column("profile").combine_chunks()
         values = profiles.flatten().to_numpy().reshape(len(profiles), -1).astype(np.float64)
         correct = table.column("correct").to_numpy(zero_copy_only=False)
-        for name, rows in (("all", slice(None)), ("correct", correct), ("misclassified", ~correct)):
+        for name, rows in (("all", finite), ("correct", correct & finite), ("misclassified", ~correct & finite)):
             sums[name] += values[rows].sum(axis=0)
             counts[name] += len(values[rows])
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -199,7 +199,7 @@ def _layer_axes(data: LayerProfile):
 
 def _saved(data: LayerProfile, fig, path: str | os.PathLike) -> LayerProfile:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(path.parent)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=150)
     return LayerProfile(data.x, data.layer, data.layers, data.values, data.unit_ids, data.counts, path)
@@ -218,8 +218,8 @@ def add_plots_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_plots_command(args: argparse.Namespace) -> int:
     """``paramsal plots``: writes the paper's Figures 1 and 2 for a run."""
-    run = open_run(args.run)
-    folder = Path(args.out) if args.out else run.path / FIGURES_DIR
+    run = open_analysis_run(args)
+    folder = output_folder(args.out or run.path / FIGURES_DIR)
     mean = plot_mean_profile(run, folder / MEAN_PROFILE_PNG, log=args.log)
     print(f"wrote {mean.path} (Figure 1: mean raw profile, {len(mean.layers)} layers, {len(mean.x)} units)")
     if run.accuracy in (0.0, 1.0):

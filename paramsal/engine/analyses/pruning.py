@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from paramsal._io import atomic_path
 from paramsal.engine.analyses.bootstrap import bootstrap_mean_ci
 from paramsal.engine.analyses.common import (add_source_arguments, chosen_samples, ci_table, load_source, model_device,
-                                             positive_int_list, run_inputs, run_units)
+                                             open_analysis_run, output_folder, positive_int_list, run_inputs,
+                                             run_units)
 from paramsal.engine.analyses.selection import UNIT_SELECTIONS, select_units
 from paramsal.engine.analyses.masks import UnitEditor, gaussian_deltas, unit_mask
 from paramsal.engine.profile import eval_mode
@@ -89,8 +90,7 @@ class PruningResult:
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Writes ``<name>.parquet``, ``<name>-summary.parquet`` and ``<name>.png`` into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = output_folder(directory)
         paths = {"rows": directory / f"{self.name}.parquet",
                  "summary": directory / f"{self.name}-summary.parquet",
                  "figure": directory / f"{self.name}.png"}
@@ -329,17 +329,17 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_prune_command(args: argparse.Namespace) -> int:
     """``paramsal prune``: loads the run's model and data, writes the tables and the figure, prints the summary."""
-    from paramsal.engine.rundir import open_run
-
-    run = open_run(args.run)
+    run = open_analysis_run(args)
+    out = output_folder(args.out or run.path / "analyses")  # before the work, not after
     model, data, _ = load_source(run, args)
     pruning = Pruning(model, ks=args.ks, select=[s.strip() for s in args.select.split(",") if s.strip()],
                       mode=args.mode, noise_std=args.noise_std, seed=args.seed, batch_size=args.batch_size,
-                      num_resamples=args.resamples, progress=not args.quiet)
+                      num_resamples=args.resamples, check_model=not args.allow_other_weights,
+                      progress=not args.quiet)
     started = time.perf_counter()
     result = pruning.evaluate(run, data)
     elapsed = time.perf_counter() - started
-    paths = result.save(args.out or run.path / "analyses")
+    paths = result.save(out)
     print(format_summary(result))
     samples = int(result.summary.column("n").to_numpy().max())
     print(f"\n{samples} samples x {len(pruning.ks)} k x {len(pruning.select)} selections in {elapsed:.1f} s")

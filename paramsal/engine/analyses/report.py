@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from paramsal._io import atomic_path
-from paramsal.engine.analyses.common import add_source_arguments, load_source
+from paramsal.engine.analyses.common import (add_source_arguments, load_source, open_analysis_run, output_folder,
+                                             run_inputs, run_units)
 from paramsal.engine.analyses.input_saliency import InputSaliency, displayable, plot_explanations, visual_map
 from paramsal.engine.analyses.neighbors import Neighbors, pair_sharing
 from paramsal.engine.analyses.plots import plot_correct_vs_incorrect, plot_mean_profile
@@ -37,7 +38,8 @@ ANALYSIS_FIGURES = (
 
 
 def build_report(run: Run | str, out: str | Path | None = None, *, model: nn.Module | None = None,
-                 data: Dataset | None = None, queries: int = 4, k: int = 5, explain: int = 4) -> Path:
+                 data: Dataset | None = None, queries: int = 4, k: int = 5, explain: int = 4,
+                 check_model: bool = True) -> Path:
     """Writes the report of a run and returns the path of its ``index.html``.
 
     Args:
@@ -47,15 +49,20 @@ def build_report(run: Run | str, out: str | Path | None = None, *, model: nn.Mod
         queries: misclassified samples shown in each neighbour gallery.
         k: neighbours per query in the galleries.
         explain: most confident mistakes shown with input-space saliency maps.
+        check_model: refuse a model whose weights differ from the run's.
+
+    Raises:
+        InputError: when the folder is not writable, or the model is not the
+            run's (its units, or its weights unless ``check_model=False``).
     """
     run = run if isinstance(run, Run) else open_run(run)
-    folder = Path(out) if out is not None else run.path / "report"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = output_folder(out if out is not None else run.path / "report")
     if model is None or data is None:
         loaded_model, loaded_data, _ = load_source(run)
         model, data = model or loaded_model, data or loaded_data
+    run_units(run, model, check_model=check_model)  # before any page is drawn, not at the last section
     sections = [_overview(run), _profiles_section(run, folder), _neighbours_section(run, data, folder, queries, k),
-                *_analysis_sections(run, folder), _explain_section(run, model, data, folder, explain)]
+                *_analysis_sections(run, folder), _explain_section(run, model, data, folder, explain, check_model)]
     page = _page(f"paramsal report: {run.path.name}", [s for s in sections if s])
     with atomic_path(folder / "index.html") as tmp:
         tmp.write_text(page)
@@ -64,7 +71,7 @@ def build_report(run: Run | str, out: str | Path | None = None, *, model: nn.Mod
 
 def _overview(run: Run) -> str:
     table = run.table()
-    correct = table.column("correct").to_numpy(zero_copy_only=False)
+    correct = table.column("correct").to_numpy(zero_copy_only=False)[run.selected(table, None)]
     config = run.manifest.get("config", {})
     rows = [("run", str(run.path)), ("model", config.get("model")), ("data", config.get("data")),
             ("samples", f"{len(correct):,}"), ("accuracy", f"{correct.mean():.4f}"),
@@ -121,20 +128,22 @@ def _analysis_sections(run: Run, folder: Path) -> list[str]:
     return sections
 
 
-def _explain_section(run: Run, model: nn.Module, data: Dataset, folder: Path, count: int) -> str:
+def _explain_section(run: Run, model: nn.Module, data: Dataset, folder: Path, count: int,
+                     check_model: bool) -> str:
     table = run.table()
-    wrong = ~table.column("correct").to_numpy(zero_copy_only=False)
+    wrong = run.selected(table, "misclassified")
     if count < 1 or not wrong.any():
         return ""
     confidence = table.column("pred_prob").to_numpy()
-    ids = table.column("sample_id").to_numpy()[wrong][np.argsort(-confidence[wrong], kind="stable")[:count]]
-    items = [data[int(i)] for i in ids]
-    inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
-    targets = torch.tensor([int(y) for _, y in items])
+    shown = np.argsort(-confidence[wrong], kind="stable")[:count]
+    ids = table.column("sample_id").to_numpy()[wrong][shown]
+    targets = table.column("target").to_numpy()[wrong][shown]
+    inputs = run_inputs(data, ids, targets)  # the data's labels must be the run's
+    targets = torch.as_tensor(targets, dtype=torch.long)
     device = next(model.parameters()).device
     maps = {}
     for select in ("salient", "random"):
-        explainer = InputSaliency.for_run(model, run, select=select)
+        explainer = InputSaliency.for_run(model, run, select=select, check_model=check_model)
         maps[select] = visual_map(explainer.attribute(inputs.to(device), targets.to(device), sample_ids=ids).cpu())
     labels = _labels_by_id(run)
     titles = [f"id {i}: {labels[i][0]} -> {labels[i][1]}" for i in ids]
@@ -199,9 +208,10 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_report_command(args: argparse.Namespace) -> int:
     """``paramsal report``: writes the page and prints its path."""
-    run = open_run(args.run)
+    run = open_analysis_run(args)
+    output_folder(args.out or run.path / "report")  # before the model and data are loaded
     model, data, _ = load_source(run, args)
     path = build_report(run, args.out, model=model, data=data, queries=args.queries, k=args.k,
-                        explain=args.explain)
+                        explain=args.explain, check_model=not args.allow_other_weights)
     print(f"wrote {path}")
     return 0

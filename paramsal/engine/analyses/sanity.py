@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from paramsal.engine.analyses.common import add_source_arguments, load_source
+from paramsal.engine.analyses.common import add_source_arguments, load_source, open_analysis_run, output_folder
 from paramsal.engine.analyses.input_saliency import InputSaliency, add_explainer_arguments, channel_max, load_inputs
 from paramsal.errors import InputError
 
@@ -103,7 +103,7 @@ class SanityResult:
         ax.legend(loc="upper right", fontsize=8)
         fig.tight_layout()
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            output_folder(Path(path).parent)
             fig.savefig(path, dpi=100)
             plt.close(fig)
         return fig
@@ -183,18 +183,17 @@ def add_sanity_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_sanity_command(args: argparse.Namespace) -> int:
     """``paramsal sanity``: prints the mean correlation per stage and writes the plot."""
-    from paramsal.engine.rundir import open_run
-
-    run = open_run(args.run)
+    run = open_analysis_run(args)
+    out = output_folder(args.out or run.path / "figures")
     model, data, _ = load_source(run, args)
-    inputs, targets, ids, _ = load_inputs(data, args)
+    inputs, targets, ids, _ = load_inputs(run, data, args)
     explainer = InputSaliency.for_run(model, run, top=args.top, boost=args.boost, select=args.select,
-                                      seed=args.seed)
+                                      seed=args.seed, check_model=not args.allow_other_weights)
     stages = [int(s) for s in args.stages.split(",")] if args.stages else None
     result = CascadingRandomization(explainer, stages, seed=args.seed).evaluate(inputs, targets, ids)
     for stage, value in zip(result.stages, result.mean):
         print(f"{stage:3d} layers randomized (down to {result.layers[-stage]}): spearman {value:+.3f}")
-    path = Path(args.out or run.path / "figures") / "sanity-randomization.png"
+    path = out / "sanity-randomization.png"
     result.plot(path)
     print(f"wrote {path}")
     return 0

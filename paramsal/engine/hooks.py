@@ -1,0 +1,394 @@
+"""The hooks backend's bookkeeping: every use of every unit parameter in a forward pass.
+
+A reducer turns one call's saved input and output gradient into that call's
+contribution to the per-sample gradient of the parameters it used. That is
+the whole gradient only if the call is the parameter's one use, so the
+session watches the forward pass (and the loss) at two levels:
+
+* a :class:`~torch.overrides.TorchFunctionMode` sees every torch function
+  call that receives a unit parameter. Calls of a function in
+  :data:`~paramsal.kernels.registry.OP_RULES` (``F.conv2d``, ``F.linear``,
+  ...) are captured where they happen: inside their module, on a weight
+  shared with another module, in a module's second call, or through
+  ``F.conv2d(x, self.conv.weight)`` anywhere;
+* module hooks serve the first call of modules with a user-registered reducer.
+
+Before the backward pass, :meth:`HookSession.check` walks the autograd graph
+from the losses and finds every edge into a unit parameter. Each edge must
+come from an autograd node created during a served call of that parameter
+(nodes are numbered in creation order, so a call owns the interval of numbers
+it used); any other edge is a use the reducers would miss, and the session
+refuses, naming the parameter and the call. A parameter with several served
+uses gets the sum of their whole per-sample gradients before its units are
+reduced (the ``|.|`` of a sum is not the sum of the ``|.|``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode, resolve_name
+
+from paramsal.engine.units import UnitGroup, UnitIndex
+from paramsal.errors import UnsupportedModuleError, UnsupportedUseError, engine_code
+from paramsal.kernels.chunks import auto_chunk, chunk_slices
+from paramsal.kernels.reduce import Aggregation, reduce_grad
+from paramsal.kernels.registry import OP_RULES, GradSample, Reducer, ReducerEntry, find_reducer
+
+_next_node = torch._C._autograd._get_sequence_nr
+
+#: Where a call is reported from: the first frame outside torch and this package.
+_SKIPPED_FILES = (str(Path(torch.__file__).parent), str(Path(__file__).parents[1]))
+
+
+@dataclass(frozen=True)
+class _Layer:
+    module: nn.Module
+    entry: ReducerEntry
+    groups: tuple[UnitGroup, ...]
+
+
+def hook_plan(model: nn.Module, index: UnitIndex) -> dict[str, _Layer]:
+    """Which module's reducer serves which unit groups; raises for modules without one."""
+    by_module: dict[str, list[UnitGroup]] = {}
+    for group in index:
+        by_module.setdefault(group.module_name, []).append(group)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+            raise UnsupportedModuleError(
+                f"module {name!r} ({type(module).__qualname__}) normalizes with batch statistics even in eval "
+                "mode (track_running_stats=False), so a sample's output depends on the rest of its batch; "
+                "use backend='vmap' or 'loop', which see one sample at a time")
+    plan = {}
+    for name, groups in by_module.items():
+        module = model.get_submodule(name)
+        entry = find_reducer(module)
+        missing = [g.attr for g in groups if entry is None or g.attr not in entry.params]
+        if missing:
+            raise UnsupportedModuleError(
+                f"module {name or '<root>'!r} ({type(module).__qualname__}) has no per-sample reducer for "
+                f"its parameter(s) {missing}; register one with paramsal.kernels.register_reducer, "
+                "or use backend='vmap'")
+        plan[name] = _Layer(module, entry, tuple(groups))
+    return plan
+
+
+def hooks_supported(model: nn.Module, index: UnitIndex) -> bool:
+    """Whether every unit's module has a reducer (the forward pass may still reveal a use none serves)."""
+    try:
+        hook_plan(model, index)
+    except UnsupportedModuleError:
+        return False
+    return True
+
+
+@dataclass(eq=False)
+class _Use:
+    """One served call: the unit parameters it used, its input, and (after backward) its output gradient.
+
+    ``groups`` carry the parameter's role in this call as ``attr``
+    ("weight", "bias"), which is what the reducer reads. The call created the
+    autograd nodes numbered ``first <= n < stop``. Once the forward pass is
+    checked, ``at_once`` are the groups this call is the only use of (reduced
+    as soon as the output gradient arrives) and ``kept`` says whether the
+    input and gradient must wait for a sum over several calls.
+    """
+
+    where: str
+    layer: Any
+    reducer: Reducer
+    grad_sample: GradSample | None
+    groups: tuple[UnitGroup, ...]
+    first: int
+    stop: int
+    activations: torch.Tensor | None = None
+    backprops: torch.Tensor | None = field(default=None, repr=False)
+    at_once: tuple[UnitGroup, ...] = ()
+    kept: bool = False
+
+    def owns(self, node: int) -> bool:
+        return self.first <= node < self.stop
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A call no rule serves that passed unit parameters and built autograd nodes: named if it is a use."""
+
+    name: str
+    params: tuple[str, ...]
+    first: int
+    stop: int
+    location: str
+
+
+class HookSession:
+    """The hooks backend's state for one batch; hooks and tracking exist only inside ``with``.
+
+    Captured tensors live here, never on modules or parameters. Usage::
+
+        with HookSession(plan, index, aggregation, chunk_size) as session:
+            with session.tracking():
+                losses = loss_fn(model(x), y)
+            session.check(losses)
+            torch.autograd.grad(losses.sum(), x_or_session.output_edges)
+            profiles = session.assemble(len(x), like)
+    """
+
+    def __init__(self, plan: dict[str, _Layer], index: UnitIndex, aggregation: Aggregation,
+                 chunk_size: int | None):
+        self._plan = plan
+        self._index = index
+        self._aggregation = aggregation
+        self._chunk_size = chunk_size
+        self._module_reducers = {name: layer for name, layer in plan.items() if layer.entry.op is None}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._stack: list[tuple[str, bool, int]] = []
+        self._calls_of: dict[str, int] = {}
+        self._params: dict[int, tuple[torch.Tensor, UnitGroup]] = {}
+        self._uses_of: dict[int, list[_Use]] = {}
+        self._unserved_calls: list[_Call] = []
+        self._results: dict[int, torch.Tensor] = {}
+        self._summed: dict[int, list[_Use]] = {}
+        self.output_edges: list = []
+
+    def __enter__(self) -> HookSession:
+        try:
+            for layer in self._plan.values():
+                for group in layer.groups:
+                    param = layer.module.get_parameter(group.attr)
+                    self._params[id(param)] = (param, group)
+            for name, layer in self._module_reducers.items():
+                self._handles.append(layer.module.register_forward_pre_hook(partial(self._before_module, name)))
+                self._handles.append(layer.module.register_forward_hook(partial(self._after_module, name),
+                                                                        prepend=True))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._uses_of.clear()
+        self._summed.clear()
+        self.output_edges.clear()
+
+    @contextmanager
+    def tracking(self) -> Iterator[None]:
+        """Around the forward pass and the loss: records every call that uses a unit parameter."""
+        with _Tracker(self):
+            yield
+
+    # ------------------------------------------------------------------ forward: what each call used
+
+    def on_call(self, func, args: tuple, kwargs: dict, found: list[int]):
+        """Runs a torch function that received unit parameters (``found``: their ids) and records the use."""
+        first = _next_node()
+        out = func(*args, **kwargs)
+        stop = _next_node()
+        if stop == first:
+            return out  # no autograd node: a metadata query or a use no gradient flows through
+        with engine_code("tracking of parameter uses"):
+            self._record(func, args, kwargs, found, first, stop, out)
+        return out
+
+    def _record(self, func, args: tuple, kwargs: dict, found: list[int], first: int, stop: int, out) -> None:
+        owner = self._stack[-1] if self._stack else None
+        if owner is not None and owner[1]:
+            owned = {id(g) for g in self._module_reducers[owner[0]].groups}
+            found = [key for key in found if id(self._params[key][1]) not in owned]
+            if not found:
+                return  # served by the module's own reducer
+        rule = OP_RULES.get(func)
+        if rule is not None and isinstance(out, torch.Tensor) and out.requires_grad:
+            with torch.no_grad():
+                layer, inputs, roles = rule.parse(args, kwargs)
+            by_role = [(role, id(p)) for role, p in roles.items() if p is not None and id(p) in self._params]
+            if sorted(key for _, key in by_role) == sorted(found):
+                groups = tuple(dataclasses.replace(self._params[key][1], attr=role) for role, key in by_role)
+                use = _Use(resolve_name(func), layer, rule.reducer, rule.grad_sample, groups, first, stop,
+                           activations=inputs.detach())
+                self._capture(use, out)
+                return
+        names = tuple(self._params[key][1].param_name for key in found)
+        self._unserved_calls.append(_Call(resolve_name(func) or repr(func), names, first, stop, _user_frame()))
+
+    def _before_module(self, name: str, module: nn.Module, args: tuple) -> None:
+        with engine_code("module hook"):
+            calls = self._calls_of[name] = self._calls_of.get(name, 0) + 1
+            self._stack.append((name, calls == 1, _next_node()))
+
+    def _after_module(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        with engine_code("module hook"):
+            _, first_call, first = self._stack.pop()
+            layer = self._module_reducers[name]
+            if first_call and not isinstance(output, torch.Tensor):
+                self._unserved_calls.append(_Call(
+                    f"module {name!r} ({type(module).__qualname__}), whose output is not one tensor", tuple(
+                        g.param_name for g in layer.groups), first, _next_node(), ""))
+            if not first_call or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return  # a second call's uses are recorded op by op; an output without gradient has no use
+            use = _Use(f"module {name!r} ({type(module).__qualname__})", module, layer.entry.reducer, None,
+                       layer.groups, first, _next_node(), activations=args[0].detach())
+            self._capture(use, output)
+
+    def _capture(self, use: _Use, output: torch.Tensor) -> None:
+        # A tensor hook sees the gradient w.r.t. this output as produced, even if a
+        # later in-place op (ReLU(inplace=True)) overwrites the tensor.
+        output.register_hook(partial(self._on_backprop, use))
+        self.output_edges.append(torch.autograd.graph.get_gradient_edge(output))
+        for group in use.groups:
+            self._uses_of.setdefault(group.layer, []).append(use)
+
+    # ------------------------------------------------------------------ between forward and backward
+
+    def check(self, losses: torch.Tensor) -> None:
+        """Proves every path from the losses into a unit parameter runs through a served call.
+
+        Raises:
+            UnsupportedUseError: naming the parameter and the call that used it
+                otherwise (or the uses that cannot be summed).
+        """
+        if losses.grad_fn is None:
+            return
+        live: dict[int, list[_Use]] = {}
+        unserved = []
+        tensors = {key: param for key, (param, _) in self._params.items()}
+        for key, node, node_name in parameter_edges(losses.grad_fn, tensors):
+            group = self._params[key][1]
+            uses = [u for u in self._uses_of.get(group.layer, ()) if u.owns(node)]
+            if not uses:
+                unserved.append((group.param_name, node, node_name))
+            for use in uses:
+                if use not in live.setdefault(group.layer, []):
+                    live[group.layer].append(use)
+        if unserved:
+            raise UnsupportedUseError(self._describe(unserved))
+        self._summed = {layer: uses for layer, uses in live.items() if len(uses) > 1}
+        for layer, uses in self._summed.items():
+            opaque = [u.where for u in uses if u.grad_sample is None]
+            if opaque:
+                name = self._index.groups[layer].param_name
+                raise UnsupportedUseError(
+                    f"parameter {name!r} is used by {len(uses)} calls ({', '.join(u.where for u in uses)}); its "
+                    f"per-sample gradient is their sum, but the reducer of {opaque[0]} gives units, not whole "
+                    "gradients: use backend='vmap' (backend='auto' falls back to it)")
+        for uses in self._uses_of.values():
+            for use in uses:
+                use.at_once = tuple(g for g in use.groups if g.layer not in self._summed)
+                use.kept = len(use.at_once) < len(use.groups)
+
+    def _describe(self, unserved: list[tuple[str, int, str]]) -> str:
+        name, node, node_name = unserved[0]
+        call = next((c for c in self._unserved_calls if c.first <= node < c.stop and name in c.params), None)
+        how = (f"passed to {call.name}{call.location}" if call is not None else
+               f"used by an operation paramsal cannot see (autograd node {node_name})")
+        others = len({n for n, _, _ in unserved}) - 1
+        more = f" ({others} more parameter(s) too)" if others > 0 else ""
+        return (f"parameter {name!r} is {how}, outside the calls the hooks backend serves (F.conv1d/2d/3d, "
+                f"F.linear, and modules with a registered reducer){more}; its per-sample gradient would miss "
+                "that use: use backend='vmap' (backend='auto' falls back to it)")
+
+    # ------------------------------------------------------------------ backward and assembly
+
+    def _on_backprop(self, use: _Use, backprops: torch.Tensor) -> None:
+        backprops = backprops.detach()
+        if use.at_once:
+            reduced = use.reducer(use.layer, use.activations, backprops, use.at_once, self._aggregation,
+                                  self._chunk_size)
+            for group, values in zip(use.at_once, reduced):
+                self._results[group.layer] = values
+        if use.kept:
+            use.backprops = backprops
+        else:
+            use.activations = None
+
+    def assemble(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """``[B, F]``: each group's reduced values at its offset; zeros where no gradient flowed."""
+        for layer, uses in self._summed.items():
+            arrived = [u for u in uses if u.backprops is not None]
+            if arrived:
+                self._results[layer] = self._summed_units(self._index.groups[layer], arrived, batch)
+        profiles = like.new_zeros(batch, len(self._index))
+        for group in self._index:
+            if group.layer in self._results:
+                profiles[:, group.offset:group.stop] = self._results[group.layer]
+        return profiles
+
+    def _summed_units(self, group: UnitGroup, uses: Sequence[_Use], batch: int) -> torch.Tensor:
+        """Units of the sum of several calls' whole per-sample gradients, a chunk of samples at a time."""
+        like = uses[0].backprops
+        numel = int(torch.Size(group.shape).numel())
+        chunk = self._chunk_size or auto_chunk(2 * numel, batch, like)
+        roles = [next(g.attr for g in u.groups if g.layer == group.layer) for u in uses]
+        reduced = []
+        for s in chunk_slices(batch, chunk):
+            total = sum(u.grad_sample(u.layer, u.activations[s], u.backprops[s], role) for u, role in zip(uses, roles))
+            reduced.append(reduce_grad(total, group, self._aggregation))
+        return torch.cat(reduced)
+
+
+class _Tracker(TorchFunctionMode):
+    """Hands every torch function call that receives a unit parameter to the session."""
+
+    def __init__(self, session: HookSession):
+        super().__init__()
+        self._session = session
+        self._ids = session._params
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        found = [id(a) for a in _tensors(args, kwargs) if id(a) in self._ids]
+        if not found:
+            return func(*args, **kwargs)
+        return self._session.on_call(func, args, kwargs, list(dict.fromkeys(found)))
+
+
+def _tensors(args: tuple, kwargs: dict) -> Iterator[Any]:
+    """The arguments and the members of list/tuple arguments (``torch.cat([a, b])``)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, (list, tuple)):
+            yield from value
+        else:
+            yield value
+
+
+def parameter_edges(root, params: dict[int, torch.Tensor]) -> list[tuple[int, int, str]]:
+    """``(id, node number, node name)`` of every edge into one of ``params`` (by id) reachable from ``root``."""
+    edges = []
+    seen = {root}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None:
+                if params.get(id(variable)) is variable:
+                    edges.append((id(variable), node._sequence_nr(), node.name()))
+            elif child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return edges
+
+
+def _user_frame() -> str:
+    """`` at file:line`` of the innermost caller outside torch and paramsal (the model's code), if any."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_SKIPPED_FILES):
+        frame = frame.f_back
+    return f" at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}" if frame is not None else ""

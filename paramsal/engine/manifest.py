@@ -1,0 +1,260 @@
+"""The run directory's layout and its manifest: what a run is, which parts are finished, and their checksums.
+
+```
+run/
+  manifest.json            identity, config, versions, every finished file with its size and sha256
+  lock                     held (flock) by the job writing the run
+  units.parquet            one row per unit
+  stats.parquet            per unit: count, mean, m2, std (float64), once complete
+  stats/part-*.parquet     the same moments for each finished part
+  profiles/part-*.parquet  one row per sample
+```
+
+Part ``i`` always holds samples ``i * R <= id < min((i + 1) * R, N)`` with
+``R = batches_per_part * batch_size``: whole batches, so a part profiled
+again (a resume, a repair) computes exactly the batches it had. The manifest
+is checked whole when read: a damaged, edited or truncated manifest is an
+error naming what is wrong, never a run read differently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from paramsal._io import atomic_path
+from paramsal.errors import RunCorruptError, RunMismatchError, StorageError
+
+FORMAT = "paramsal-run/2"
+MANIFEST = "manifest.json"
+UNITS = "units.parquet"
+STATS = "stats.parquet"
+PROFILES_DIR = "profiles"
+PART_STATS_DIR = "stats"
+
+#: Manifest keys that must agree before a job may continue a run.
+IDENTITY_KEYS = ("model_fingerprint", "data_fingerprint", "units_fingerprint", "num_units", "num_samples",
+                 "aggregation", "features")
+
+#: Config keys a resume must repeat: another value could change the numbers (rounding, batch composition).
+NUMERIC_CONFIG = ("backend", "batch_size", "chunk_size", "device", "dtype", "features_module")
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Part:
+    """A finished part: rows for samples ``start <= sample_id < stop``, and its two files' sizes and sha256."""
+
+    index: int
+    start: int
+    stop: int
+    bytes: int
+    sha256: str
+    stats_bytes: int
+    stats_sha256: str
+    backend: str
+    nonfinite: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def file(self) -> str:
+        return part_file(self.index)
+
+    @property
+    def stats_file(self) -> str:
+        return part_stats_file(self.index)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "file": self.file, "stats_file": self.stats_file}
+
+
+def part_file(index: int) -> str:
+    return f"{PROFILES_DIR}/part-{index:05d}.parquet"
+
+
+def part_stats_file(index: int) -> str:
+    return f"{PART_STATS_DIR}/part-{index:05d}.parquet"
+
+
+def rows_per_part(manifest: dict[str, Any]) -> int:
+    config = manifest["config"]
+    return int(config["batches_per_part"]) * int(config["batch_size"])
+
+
+def part_count(manifest: dict[str, Any]) -> int:
+    """How many parts the whole data set makes."""
+    return -(-int(manifest["num_samples"]) // rows_per_part(manifest))
+
+
+def part_range(manifest: dict[str, Any], index: int) -> tuple[int, int]:
+    rows = rows_per_part(manifest)
+    return index * rows, min((index + 1) * rows, int(manifest["num_samples"]))
+
+
+def parts_of(manifest: dict[str, Any]) -> list[Part]:
+    """The finished parts, in sample order (the manifest has been validated)."""
+    fields = Part.__dataclass_fields__
+    return sorted((Part(**{k: v for k, v in p.items() if k in fields}) for p in manifest["parts"]),
+                  key=lambda part: part.index)
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    """The validated manifest of ``root``, or None when there is none."""
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunCorruptError(f"{path} is not valid JSON ({exc}); restore it, or start the run over with "
+                              "--restart") from exc
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("paramsal-run/"):
+        raise RunCorruptError(f"{path} is not a paramsal run manifest; is {root} a run directory?")
+    if manifest["format"] != FORMAT:
+        raise RunCorruptError(f"{path} is a {manifest['format']} manifest, written by another version of "
+                              f"paramsal (this one reads {FORMAT}); profile the data again with --restart")
+    problem = _problem(manifest)
+    if problem:
+        raise RunCorruptError(f"{path} is damaged: {problem}; restore it, or start the run over with --restart")
+    return manifest
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    path = root / MANIFEST
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1))
+    except OSError as exc:
+        raise storage_error(path, exc) from exc
+
+
+def storage_error(path: Path, exc: OSError) -> StorageError:
+    """A write that failed (disk full, permissions), with the file's name and the way back."""
+    return StorageError(f"could not write {path}: {exc.strerror or exc}; free space (or fix the permissions) "
+                        "and run the same command again: the run resumes after its finished parts")
+
+
+def _problem(manifest: dict[str, Any]) -> str | None:
+    """What makes a manifest unusable, in words; None when it is sound."""
+    for key, kind in (("num_samples", int), ("num_units", int), ("parts", list), ("config", dict),
+                      ("complete", bool), ("aggregation", str)):
+        if not _is(manifest.get(key), kind):
+            return f"{key!r} is missing or not a {kind.__name__}"
+    config = manifest["config"]
+    for key in ("batch_size", "batches_per_part"):
+        if not _is(config.get(key), int) or config[key] < 1:
+            return f"config {key!r} is missing or not a positive integer"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or UNITS not in files or (manifest["complete"] and STATS not in files):
+        return f"'files' does not record {UNITS}" + (f" and {STATS}" if manifest["complete"] else "")
+    for name, record in files.items():
+        if name not in (UNITS, STATS) or not _is_record(record):
+            return f"'files' has a bad entry for {name!r}"
+    seen: set[int] = set()
+    for entry in manifest["parts"]:
+        problem = _part_problem(manifest, entry)
+        if problem:
+            return problem
+        if entry["index"] in seen:
+            return f"part {entry['index']} is listed twice"
+        seen.add(entry["index"])
+    if manifest["complete"] and len(seen) != part_count(manifest):
+        return f"it says complete but lists {len(seen)} of {part_count(manifest)} parts"
+    return None
+
+
+def _part_problem(manifest: dict[str, Any], entry: object) -> str | None:
+    if not isinstance(entry, dict):
+        return f"a part entry is a {type(entry).__name__}, not an object"
+    for key in ("index", "start", "stop", "bytes", "stats_bytes", "nonfinite"):
+        if not _is(entry.get(key), int) or entry[key] < 0:
+            return f"part entry {_short(entry)} has no non-negative integer {key!r}"
+    index = entry["index"]
+    if index >= part_count(manifest) or (entry["start"], entry["stop"]) != part_range(manifest, index):
+        return (f"part {index} covers samples {entry['start']}..{entry['stop'] - 1}, but a run of "
+                f"{manifest['num_samples']} samples in parts of {rows_per_part(manifest)} has no such part")
+    if not _is_record(entry) or not _is_record({"bytes": entry["stats_bytes"], "sha256": entry.get("stats_sha256")}):
+        return f"part {index} has no valid sizes and sha256"
+    if entry.get("file", part_file(index)) != part_file(index):
+        return f"part {index} names the file {entry['file']!r}, not {part_file(index)!r}"
+    return None
+
+
+def _is_record(record: object) -> bool:
+    """``{"bytes": size, "sha256": hex}``, as :func:`paramsal._io.file_record` makes."""
+    return (isinstance(record, dict) and _is(record.get("bytes"), int) and isinstance(record.get("sha256"), str)
+            and bool(_SHA256.fullmatch(record["sha256"])))
+
+
+def _is(value: object, kind: type) -> bool:
+    """``isinstance`` that does not take a bool for an int (JSON ``true`` is no index)."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _short(entry: dict[str, Any]) -> str:
+    text = json.dumps(entry)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def mismatches(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The identity keys on which two manifests differ."""
+    return [k for k in IDENTITY_KEYS if existing.get(k) != wanted.get(k)]
+
+
+def check_same_run(root: Path, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Raises :class:`RunMismatchError` naming every identity key that differs."""
+    differ = mismatches(existing, wanted)
+    if differ:
+        details = "; ".join(f"{k}: run has {existing.get(k)!r}, this job {wanted.get(k)!r}" for k in differ)
+        raise RunMismatchError(f"{root} holds a run made with another {', '.join(differ)} ({details}). "
+                               "Choose another directory, or pass overwrite=True / --overwrite to replace it")
+
+
+def config_mismatches(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The keys of :data:`NUMERIC_CONFIG` on which two manifests differ."""
+    return [k for k in NUMERIC_CONFIG if existing["config"].get(k) != wanted["config"].get(k)]
+
+
+def resume_notes(root: Path, existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What a resume keeps from the run although this job asked otherwise; raises where numbers could change.
+
+    Raises:
+        RunMismatchError: naming a config key of :data:`NUMERIC_CONFIG` that differs.
+    """
+    old, new = existing["config"], wanted["config"]
+    differ = config_mismatches(existing, wanted)
+    if differ:
+        details = "; ".join(f"{k}: run has {old.get(k)!r}, this job {new.get(k)!r}" for k in differ)
+        raise RunMismatchError(
+            f"{root} was profiled with another {', '.join(differ)} ({details}), which could change the "
+            f"numbers of the samples still to do; resume with the run's own settings, or start over with "
+            "--restart / resume=False, overwrite=True")
+    notes = []
+    for key in ("model", "data", "batches_per_part"):
+        if old.get(key) != new.get(key):
+            notes.append(f"config {key}: the run keeps {old.get(key)!r} (this job said {new.get(key)!r})")
+    if existing.get("source") != wanted.get("source") and wanted.get("source"):
+        notes.append(f"source: the run keeps {existing.get('source')!r}")
+    return notes
+
+
+def repair_hint(root: Path, manifest: dict[str, Any]) -> str:
+    """How to make the run whole again: its own profile command with ``--repair``."""
+    source = manifest.get("source") or {}
+    if not (source.get("model") and source.get("data")):
+        return "call profile_dataset(...) as the run was made, with repair=True"
+    words = ["paramsal", "profile", "--model", source["model"], "--data", source["data"], "--out", str(root),
+             "--batch-size", str(manifest["config"]["batch_size"])]
+    for flag, key in (("--weights", "weights"), ("--num-classes", "num_classes"), ("--transform", "transform"),
+                      ("--limit", "limit")):
+        if source.get(key) is not None:
+            words += [flag, str(source[key])]
+    return f"run `{' '.join(words)} --repair`"
+
