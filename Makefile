@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.paramsal-installed
 
-.PHONY: setup test demo bench browser clean
+.PHONY: setup test lint demo bench browser clean
 
 setup: $(STAMP)
 
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP) browser
+test: lint browser
 	$(BIN)/python -m pytest -q
+
+# The linter and the type checker, configured in pyproject.toml; both must be clean.
+lint: $(STAMP)
+	$(BIN)/ruff check paramsal tests scripts
+	$(BIN)/mypy
 
 # The report's browser test needs Debian's chromium; without root or a registry it is skipped, with a note.
 browser:

@@ -5,16 +5,52 @@ paramsal computes the gradient of that sample's own loss with respect to every
 parameter, reduces it to one number per filter, and standardizes it with
 statistics over a reference set (Levin et al., "Where do Models go Wrong?
 Parameter-Space Saliency Maps for Explainability").
+
+The names below are imported when first used, so that ``import paramsal``
+(and ``paramsal --help``) does not pay for torch until something needs it.
 """
 
-from paramsal._version import __version__
-from paramsal.engine import (BatchResult, ParamsalWarning, Profiler, Run, UnitIndex, open_run, profile_batch,
-                             profile_dataset, units_of, verify_run)
-from paramsal.errors import (EngineError, InputError, NonFiniteError, ParamsalError, RunCorruptError, RunLockedError,
-                             RunMismatchError, StorageError, UnsupportedModuleError, UnsupportedUseError)
-from paramsal.kernels.stats import SaliencyStats, load_reference_stats
+from __future__ import annotations
 
-__all__ = ["BatchResult", "EngineError", "InputError", "NonFiniteError", "ParamsalError", "ParamsalWarning",
-           "Profiler", "Run", "RunCorruptError", "RunLockedError", "RunMismatchError", "SaliencyStats",
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from paramsal._version import __version__
+from paramsal.errors import (EngineError, InputError, NonFiniteError, ParamsalError, ParamsalWarning,
+                             RunCorruptError, RunLockedError, RunMismatchError, StorageError, UnsupportedModuleError,
+                             UnsupportedUseError)
+
+#: Public name -> the module that defines it.
+_LAZY = {
+    **dict.fromkeys(["BatchResult", "Profiler", "Run", "SaliencyStats", "UnitIndex", "load_reference_stats",
+                     "open_run", "per_sample_gradients", "profile_batch", "profile_dataset", "units_of",
+                     "verify_run"], "paramsal.engine"),
+    **dict.fromkeys(["CascadingRandomization", "FineTune", "InputSaliency", "Masking", "Neighbors", "Pruning",
+                     "Result", "SaliencyProfiles", "load_result", "write_report"], "paramsal.analyses"),
+}
+
+__all__ = ["BatchResult", "CascadingRandomization", "EngineError", "FineTune", "InputError", "InputSaliency", "Masking",
+           "Neighbors", "NonFiniteError", "ParamsalError", "ParamsalWarning", "Profiler", "Pruning", "Result", "Run",
+           "RunCorruptError", "RunLockedError", "RunMismatchError", "SaliencyProfiles", "SaliencyStats",
            "StorageError", "UnitIndex", "UnsupportedModuleError", "UnsupportedUseError", "__version__",
-           "load_reference_stats", "open_run", "profile_batch", "profile_dataset", "units_of", "verify_run"]
+           "load_reference_stats", "load_result", "open_run", "per_sample_gradients", "profile_batch",
+           "profile_dataset", "units_of", "verify_run", "write_report"]
+
+if TYPE_CHECKING:
+    from paramsal.analyses import (CascadingRandomization, FineTune, InputSaliency, Masking, Neighbors, Pruning,
+                                   Result, SaliencyProfiles, load_result, write_report)
+    from paramsal.engine import (BatchResult, Profiler, Run, SaliencyStats, UnitIndex, load_reference_stats,
+                                 open_run, per_sample_gradients, profile_batch, profile_dataset, units_of,
+                                 verify_run)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'paramsal' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

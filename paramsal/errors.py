@@ -6,7 +6,7 @@ file) so the user sees what to fix without a debugger.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 
@@ -53,10 +53,15 @@ class StorageError(ParamsalError, OSError):
     """A file of a run could not be written (full disk, permissions); the finished parts are kept."""
 
 
-def check_choice(what: str, value: object, choices: Iterable[str]) -> None:
+def check_choice(what: str, value: object, choices: Collection[str]) -> None:
     """Raises :class:`InputError` naming ``value`` and the valid ``choices`` unless it is one of them."""
     if value not in choices:
         raise InputError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
+
+
+class ParamsalWarning(UserWarning):
+    """Something paramsal did differently from what was asked, to keep the numbers exact (a fallback, a skipped
+    sample, a k left out), said once."""
 
 
 class EngineError(Exception):

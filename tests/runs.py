@@ -8,13 +8,13 @@ import numpy as np
 import pyarrow as pa
 
 from paramsal import SaliencyStats, open_run
-from paramsal.engine.manifest import FORMAT, UNITS, write_manifest
-from paramsal.engine.rundir import Run, profile_table, write_part, write_units
+from paramsal.engine.manifest import FORMAT, STATS, UNITS, write_manifest
+from paramsal.engine.rundir import Run, profile_table, write_part, write_stats, write_units
 
 
 def make_run(root: Path, profiles: np.ndarray, targets: np.ndarray, preds: np.ndarray, layer_of_unit,
              features: np.ndarray | None = None, part_rows: int = 37, reverse_parts: bool = False) -> Run:
-    """Writes a valid, unfinished run directory holding exactly these rows (sample ids 0..n-1).
+    """Writes a valid, complete run directory holding exactly these rows (sample ids 0..n-1).
 
     ``preds`` become logits with a margin of 5; ``reverse_parts`` lists the
     parts in the manifest backwards (readers must sort them).
@@ -33,8 +33,9 @@ def make_run(root: Path, profiles: np.ndarray, targets: np.ndarray, preds: np.nd
                       "layer": np.asarray(layer_of_unit, np.int32), "channel": np.arange(num_units),
                       "size": np.ones(num_units, np.int64)})
     write_manifest(root, {"format": FORMAT, "parts": [p.to_json() for p in (parts[::-1] if reverse_parts else parts)],
-                          "num_units": num_units, "num_samples": n, "complete": False,
+                          "num_units": num_units, "num_samples": n, "complete": True,
                           "features": features is not None, "aggregation": "mean_abs",
                           "config": {"batch_size": part_rows, "batches_per_part": 1},
-                          "files": {UNITS: write_units(root, units)}})
+                          "files": {UNITS: write_units(root, units),
+                                    STATS: write_stats(root, SaliencyStats(num_units).update(profiles))}})
     return open_run(root)

@@ -8,7 +8,7 @@ from torch import nn
 
 from nets import SMALL_CASES, TORCHVISION_CASES, Case, batch, build
 from paramsal import profile_batch, units_of
-from paramsal.kernels.reference import reference_profiles
+from paramsal.reference.profiles import reference_profiles
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 AGGREGATIONS = ["mean_abs", "abs_mean"]

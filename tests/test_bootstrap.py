@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from paramsal.engine.analyses.bootstrap import bootstrap_mean_ci
+from paramsal.analyses.bootstrap import bootstrap_mean_ci
 from paramsal.errors import InputError
 
 
@@ -56,7 +56,7 @@ def test_seeded_and_chunked_alike(monkeypatch):
     one = bootstrap_mean_ci(values, seed=7)
     np.testing.assert_array_equal(one.low, bootstrap_mean_ci(values, seed=7).low)
     assert not np.array_equal(one.low, bootstrap_mean_ci(values, seed=8).low)
-    from paramsal.engine.analyses import bootstrap
+    from paramsal.analyses import bootstrap
 
     monkeypatch.setattr(bootstrap, "_COUNTS_BUDGET", 80 * 7)  # 7 resamples per chunk
     chunked = bootstrap.bootstrap_mean_ci(values, seed=7)  # the same stream of draws, in pieces

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import types
@@ -13,10 +12,14 @@ import torch
 from torch.utils.data import Subset
 
 import paramsal
-from paramsal.engine.analyses import finetune as ft
-from paramsal.engine.analyses.finetune import FineTune, stepped_copy
-from paramsal.engine.analyses.selection import select_units as choose_units
-from paramsal.errors import InputError
+import paramsal.cli
+from paramsal.analyses import finetune as ft
+from paramsal.analyses.finetune import FineTune
+from paramsal.analyses.neighbors import neighbor_ids
+from paramsal.analyses.selection import select_units as choose_units
+from paramsal.engine.functional import per_sample_gradients
+from paramsal.errors import InputError, ParamsalWarning
+from paramsal.reference import stepped_copy
 from paramsal.zoo import demo_dataset, demo_model
 
 DATA_MODULE = "finetune_test_data"
@@ -45,18 +48,18 @@ def run(tmp_path_factory, model):
 
 @pytest.fixture(scope="module")
 def tuned(run, model):
-    return FineTune(model, ks=(1, 4, 30), lr=LR, num_neighbors=NEIGHBORS, chunk_size=5,
-                    num_resamples=200).run(run, first_samples())
+    return FineTune(model, ks=(1, 4, 30), lr=LR, neighbors=NEIGHBORS, batch_size=5,
+                    num_resamples=200).evaluate(run, first_samples())
 
 
 def _reference(model, run, data, result, selection, k, dtype):
     """Per sample: a real SGD step on a deep copy, then its probabilities on the sample and its neighbours."""
     index = paramsal.units_of(model, "filters")
-    rows = result.rows.to_pandas()
+    rows = result.table
     rows = rows[(rows.selection == selection) & (rows.k == (0 if selection == "all" else k))]
     ids = rows.sample_id.to_numpy()[:4]
     profiles = run.profiles(only=ids)
-    neighbors = ft._neighbor_ids(run, ids, NEIGHBORS)
+    neighbors = neighbor_ids(run, ids, NEIGHBORS)
     salient = choose_units(profiles, k, "salient", 0, ids)
     chosen = choose_units(profiles, k, selection, 0, ids) if selection != "all" else None
     out = []
@@ -91,10 +94,10 @@ def test_batched_step_equals_a_real_sgd_step_on_a_copy(run, model, selection, k,
     data = first_samples()
     m = copy.deepcopy(model).to(dtype)
     some = run.sample_ids("misclassified")[:4]
-    result = FineTune(m, ks=(k or 1,), select=(selection,), lr=LR, num_neighbors=NEIGHBORS, chunk_size=3,
-                      num_resamples=10, check_model=False).run(run, data, samples=some)
+    result = FineTune(m, ks=(k or 1,), select=(selection,), lr=LR, neighbors=NEIGHBORS, batch_size=3,
+                      num_resamples=10, allow_other_weights=True).evaluate(run, data, samples=some)
     ids, expected, neighbors = _reference(m, run, data, result, selection, k or 1, dtype)
-    rows = result.rows.to_pandas().set_index("sample_id").loc[ids]
+    rows = result.table.set_index("sample_id").loc[ids]
     target = rows.target.to_numpy()
     np.testing.assert_allclose(rows.true_after, expected[np.arange(len(ids)), 0, target], rtol=0, atol=tol)
     np.testing.assert_array_equal(rows.new_pred, expected[:, 0].argmax(1))
@@ -114,7 +117,7 @@ def test_batched_probabilities_equal_the_copies_on_every_class(model):
     evaluated = torch.stack([x[[i, (i + 1) % 4, (i + 2) % 4]] for i in range(4)])  # [4, 3, 1, 28, 28]
     unit_ids = torch.tensor([[0, 17, 300, 559], [5, 6, 7, 8], [100, 200, 300, 400], [559, 1, 2, 3]])
     with paramsal.engine.profile.eval_mode(model):
-        grads = ft.per_sample_gradients(model, index.param_names, x, y)
+        grads = per_sample_gradients(model, index.param_names, x, y)
         scale = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
         probs = ft.updated_probabilities(model, ft.unit_step(grads, index, unit_ids, LR, scale), evaluated)
     for i in range(4):
@@ -125,7 +128,7 @@ def test_batched_probabilities_equal_the_copies_on_every_class(model):
 
 
 def test_random_and_least_steps_have_the_salient_norm(tuned):
-    rows = tuned.rows.to_pandas()
+    rows = tuned.table
     for k in (1, 4, 30):
         at_k = rows[rows.k == k].pivot(index="sample_id", columns="selection", values=["grad_norm", "step_norm"])
         salient = at_k[("grad_norm", "salient")]
@@ -163,11 +166,11 @@ def test_random_selection_is_seeded_and_depends_on_the_sample_only():
 
 
 def test_random_rows_are_reproducible(run, model, tuned):
-    again = FineTune(model, ks=(1, 4, 30), select=("random",), lr=LR, num_neighbors=NEIGHBORS, chunk_size=7,
-                     num_resamples=200).run(run, first_samples())
-    mine = tuned.rows.to_pandas()
+    again = FineTune(model, ks=(1, 4, 30), select=("random",), lr=LR, neighbors=NEIGHBORS, batch_size=7,
+                     num_resamples=200).evaluate(run, first_samples())
+    mine = tuned.table
     mine = mine[mine.selection == "random"].reset_index(drop=True)
-    other = again.rows.to_pandas()
+    other = again.table
     np.testing.assert_array_equal(mine.new_pred, other.new_pred)
     np.testing.assert_allclose(mine.true_after, other.true_after, atol=1e-6)
 
@@ -177,7 +180,7 @@ def test_all_moves_every_parameter(model):
     x, y = data[0]
     names = [n for n, _ in model.named_parameters()]
     with paramsal.engine.profile.eval_mode(model):
-        grads = ft.per_sample_gradients(model, names, x[None], torch.tensor([y]))
+        grads = per_sample_gradients(model, names, x[None], torch.tensor([y]))
     deltas = ft.full_step(grads, LR)
     assert set(deltas) == set(names)  # BatchNorm affine parameters and the classifier's bias included
     assert all(bool(d.abs().sum() > 0) for d in deltas.values())
@@ -191,11 +194,11 @@ def test_all_moves_every_parameter(model):
 
 
 def test_summary_rows_and_files(tuned, tmp_path):
-    rows = tuned.rows.to_pandas()
+    rows = tuned.table
     n = rows.sample_id.nunique()
     assert len(rows) == n * (3 * 3 + 1)
     assert set(rows[rows.selection == "all"].k) == {0}
-    summary = tuned.summary.to_pandas()
+    summary = tuned.summary
     assert list(zip(summary.selection, summary.k))[:3] == [("salient", 1), ("salient", 4), ("salient", 30)]
     for metric in ft.METRICS:
         assert (summary[f"{metric}_low"] <= summary[metric] + 1e-12).all()
@@ -203,12 +206,13 @@ def test_summary_rows_and_files(tuned, tmp_path):
     means = rows.groupby(["selection", "k"]).corrected.mean()
     for _, row in summary.iterrows():
         assert row.corrected == pytest.approx(means[(row.selection, row.k)])
-    table = tuned.table("neighbors_corrected")
+    table = tuned.metric_table("neighbors_corrected")
     assert list(table.columns) == ["salient", "random", "least", "all"] and list(table.index) == [1, 4, 30]
     assert tuned.config["pred_changed"] == 0
     paths = tuned.save(tmp_path)
     assert all(p.exists() and p.stat().st_size > 0 for p in paths.values())
-    assert paths["rows"].name == "finetune.parquet"
+    assert paths["table"].name == "finetune-lr0.05.parquet"
+    assert (summary["skipped"] == 0).all() and not rows.skipped.any()
 
 
 def test_errors_are_named(run, model):
@@ -216,23 +220,95 @@ def test_errors_are_named(run, model):
         FineTune(model, select="top")
     with pytest.raises(InputError, match="lr must be positive"):
         FineTune(model, lr=0)
-    with pytest.raises(InputError, match="k=1000 exceeds"):
-        FineTune(model, ks=(1000,), num_neighbors=NEIGHBORS).run(run, first_samples())
+    with pytest.raises(InputError, match=r"k of \[1000\] exceeds"):
+        FineTune(model, ks=(1000,), neighbors=NEIGHBORS).evaluate(run, first_samples())
+    with pytest.warns(ParamsalWarning, match=r"k=\[1000\] exceed the run's 560 units"):
+        kept = FineTune(model, ks=(1, 1000), select="salient", neighbors=NEIGHBORS, num_resamples=10).evaluate(
+            run, first_samples(), samples=run.sample_ids("misclassified")[:3])
+    assert kept.config["ks"] == [1] and list(kept.summary.k) == [1]
     other = demo_model(pretrained=False)
     with pytest.raises(InputError, match="weights differ"):
-        FineTune(other, ks=(1,), num_neighbors=NEIGHBORS).run(run, first_samples())
+        FineTune(other, ks=(1,), neighbors=NEIGHBORS).evaluate(run, first_samples())
     with pytest.raises(InputError, match="not in the run"):
-        FineTune(model, ks=(1,), num_neighbors=NEIGHBORS).run(run, first_samples(), samples=[10_000])
+        FineTune(model, ks=(1,), neighbors=NEIGHBORS).evaluate(run, first_samples(), samples=[10_000])
+    with pytest.raises(InputError, match="unknown ranking 'pot'"):
+        FineTune(model, ranking="pot")
+    with pytest.raises(InputError, match="neighbors=500 is too many"):
+        FineTune(model, ks=(1,), neighbors=500).evaluate(run, first_samples())
 
 
 def test_command_line(run, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    ft.add_finetune_arguments(parser)
     # The run names its data as module:callable, which is called only for a run its maker trusts.
-    args = parser.parse_args([str(run.path), "--ks", "2,5", "--select", "salient,all", "--neighbors", "3",
-                              "--resamples", "50", "--out", str(tmp_path), "--quiet", "--device", "cpu",
-                              "--trust-run-specs"])
-    assert ft.run_finetune_command(args) == 0
+    assert paramsal.cli.main(["finetune", str(run.path), "--ks", "2,5", "--select", "salient,all", "--neighbors",
+                              "3", "--resamples", "50", "--out", str(tmp_path), "--quiet", "--device", "cpu",
+                              "--trust-run-specs", "--batch-size", "7"]) == 0
     printed = capsys.readouterr().out
     assert "salient" in printed and "updates/s" in printed
-    assert (tmp_path / "finetune.parquet").exists() and (tmp_path / "finetune.png").exists()
+    assert (tmp_path / "finetune-lr0.001.parquet").exists() and (tmp_path / "finetune-lr0.001.png").exists()
+
+
+class HalfDead(torch.nn.Module):
+    """Two live filters (units 0-1) and six dead ones (units 2-7): their output is multiplied by 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = torch.nn.Conv2d(1, 2, 3)
+        self.dead = torch.nn.Conv2d(1, 6, 3)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        features = torch.cat([torch.tanh(self.live(x)), self.dead(x) * 0], 1)
+        return self.head(features.mean((2, 3)))
+
+
+def test_steps_without_gradient_are_counted_as_skipped(tmp_path):
+    model, data = HalfDead().eval(), Subset(demo_dataset("test"), range(60))
+    run = paramsal.profile_dataset(model, data, tmp_path / "run", batch_size=30, progress=False)
+    result = FineTune(model, ks=(1, 3), select=("salient", "random", "least", "all"), neighbors=2, batch_size=8,
+                      num_resamples=20).evaluate(run, data)
+    rows = result.table
+    ids = run.sample_ids("misclassified")
+    z = run.profiles(only=ids)
+    dead = set(range(2, 8))
+    salient = choose_units(z, 3, "salient", 0, ids)
+    for selection in ("salient", "random", "least"):
+        chosen = choose_units(z, 3, selection, 0, ids)
+        for k in (1, 3):
+            expected = np.array([set(c[:k]) <= dead or (selection != "salient" and set(s[:k]) <= dead)
+                                 for c, s in zip(chosen, salient)])
+            at = rows[(rows.selection == selection) & (rows.k == k)].set_index("sample_id").loc[ids]
+            np.testing.assert_array_equal(at.skipped.to_numpy(), expected, err_msg=f"{selection}, k={k}")
+            np.testing.assert_allclose(at.true_after[expected], at.true_before[expected], atol=1e-6)
+    assert rows.skipped.any() and not rows.skipped.all()
+    assert not rows[rows.selection == "all"].skipped.any()  # the head has a gradient
+    counts = rows.groupby(["selection", "k"]).skipped.sum()
+    summary = result.summary.set_index(["selection", "k"])
+    np.testing.assert_array_equal(summary.skipped, counts.loc[summary.index])
+    assert summary.loc[("least", 1), "skipped"] > 0
+
+
+def brier_loss(outputs, targets):
+    """Squared distance of the softmax to the one-hot target: another per-sample loss than cross-entropy."""
+    onehot = torch.zeros_like(outputs).scatter(1, targets[:, None], 1.0)  # (one_hot does not vmap)
+    return (torch.softmax(outputs, 1) - onehot).pow(2).sum(1)
+
+
+def test_a_users_loss_reaches_the_step(run, model):
+    data = first_samples()
+    some = run.sample_ids("misclassified")[:3]
+    settings = dict(ks=(4,), select=("salient", "all"), lr=LR, neighbors=NEIGHBORS, num_resamples=10)
+    mine = FineTune(model, loss=brier_loss, **settings).evaluate(run, data, samples=some)
+    default = FineTune(model, **settings).evaluate(run, data, samples=some)
+    assert mine.config["loss"] == "brier_loss" and default.config["loss"] == "cross_entropy"
+    assert not np.allclose(mine.table.true_after, default.table.true_after, atol=1e-6)
+    index = paramsal.units_of(model, "filters")
+    z = run.profiles(only=some)
+    salient = choose_units(z, 4, "salient", 0, some)
+    rows = mine.table.set_index(["selection", "sample_id"])
+    for i, sample in enumerate(some):
+        x, y = data[int(sample)]
+        for selection, units in (("salient", salient[i].tolist()), ("all", None)):
+            copy_ = stepped_copy(model, x, y, index, units, LR, loss=brier_loss)
+            with torch.no_grad():
+                expected = torch.softmax(copy_(x[None]).double(), 1)[0, y].item()
+            assert rows.loc[(selection, int(sample)), "true_after"] == pytest.approx(expected, abs=1e-5)

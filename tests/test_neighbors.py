@@ -1,7 +1,5 @@
 """Nearest neighbours in saliency and feature space: exact against a float64 brute force."""
 
-import argparse
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -10,11 +8,29 @@ import pytest
 from torch.utils.data import Subset
 
 from paramsal import InputError, profile_dataset
-from paramsal.engine.analyses.neighbors import (Neighbors, add_neighbors_arguments, chance_pair_sharing_rate,
-                                                cosine_top_k, pair_sharing, pair_sharing_rate, parse_layers,
-                                                run_neighbors_command)
-from runs import make_run
+from paramsal.analyses.base import load_result
+from paramsal.analyses.knn import cosine_top_k
+from paramsal.analyses.neighbors import Neighbors, chance_pair_sharing_rate, pair_sharing_rate, parse_layers
+from paramsal.cli import main
 from paramsal.zoo import demo_dataset, demo_model
+from runs import make_run
+
+
+def nn(run, k=10, space="saliency", layers=None, among="all", block_size=2048, precision="float32", queries=None):
+    """One space's neighbours table as these tests compare it (query_id, rank, neighbor_id, similarity); the
+    queries default to the whole pool."""
+    if queries is None:
+        queries = np.sort(run.sample_ids(None if among == "all" else "misclassified"))
+    result = Neighbors(k=k, layers=layers, among=among, spaces=(space,), block_size=block_size,
+                       precision=precision).evaluate(run, samples=queries)
+    return pa.Table.from_pandas(result.table.drop(columns="space"), preserve_index=False)
+
+
+def pair_sharing(run, k=10, among="misclassified", block_size=2048):
+    """The pair-sharing rates of the misclassified queries, per space and chance, with queries, pool and k."""
+    summary = Neighbors(k=k, among=among, block_size=block_size).evaluate(run).summary
+    rates = dict(zip(summary["space"], summary["pair_sharing"]))
+    return {**rates, "queries": int(summary["queries"].iloc[0]), "pool": int(summary["pool"].iloc[0]), "k": k}
 
 
 @pytest.fixture(scope="module")
@@ -92,44 +108,44 @@ def check_against(table, vectors, pool, queries, k):
     ([1, 7, 14], "misclassified", 3, 6),
 ], ids=["all", "blocked", "shallow", "deep-misclassified", "layer-list"])
 def test_saliency_neighbors_equal_brute_force(demo_run, layers, among, block_size, k):
-    finder = Neighbors(demo_run, k=k, layers=layers, among=among, block_size=block_size)
     pool = np.sort(demo_run.sample_ids(None if among == "all" else "misclassified"))
-    check_against(finder.nn(), standardized(demo_run, layers), pool, pool, k)
+    check_against(nn(demo_run, k=k, layers=layers, among=among, block_size=block_size), standardized(demo_run, layers),
+                  pool, pool, k)
 
 
 @pytest.mark.parametrize("among", ["all", "misclassified"])
 def test_float64_precision_ranks_exactly_as_float64(demo_run, among):
     """Kept in float64, even the near-duplicate correct samples rank as in a float64 computation."""
     pool = np.sort(demo_run.sample_ids(None if among == "all" else "misclassified"))
-    table = Neighbors(demo_run, k=6, among=among, block_size=64, precision="float64").nn()
+    table = nn(demo_run, k=6, among=among, block_size=64, precision="float64")
     ids, sims, _ = brute_force(standardized(demo_run), pool, pool, 6, stored=False)
     np.testing.assert_array_equal(table.column("neighbor_id").to_numpy().reshape(-1, 6), ids)
     np.testing.assert_allclose(table.column("similarity").to_numpy().reshape(-1, 6), sims, rtol=0, atol=1e-12)
 
 
 def test_feature_neighbors_equal_brute_force(demo_run):
-    finder = Neighbors(demo_run, k=8, space="features", block_size=33)
     pool = np.sort(demo_run.sample_ids())
-    check_against(finder.nn(), demo_run.features().astype(np.float64), pool, pool, 8)
+    check_against(nn(demo_run, k=8, space="features", block_size=33), demo_run.features().astype(np.float64), pool,
+                  pool, 8)
 
 
 def test_queries_outside_the_pool_and_in_given_order(demo_run):
     """Correct samples asked about among misclassified ones: no self to exclude, order kept, repeats kept."""
     pool = np.sort(demo_run.sample_ids("misclassified"))
     queries = np.array([150, 3, int(pool[0]), 3, 77])
-    table = Neighbors(demo_run, k=4, among="misclassified", block_size=3).nn(queries)
+    table = nn(demo_run, k=4, among="misclassified", block_size=3, queries=queries)
     check_against(table, standardized(demo_run), pool, queries, 4)
 
 
 def test_synthetic_run_with_parts_listed_out_of_order(synthetic):
     for among, layers in (("all", None), ("misclassified", slice(2, 4))):
         pool = np.sort(synthetic.sample_ids(None if among == "all" else "misclassified"))
-        table = Neighbors(synthetic, k=9, among=among, layers=layers, block_size=11).nn()
+        table = nn(synthetic, k=9, among=among, layers=layers, block_size=11)
         check_against(table, standardized(synthetic, layers), pool, pool, 9)
 
 
 def test_block_size_does_not_change_the_answer(demo_run):
-    tables = [Neighbors(demo_run, k=7, block_size=size).nn() for size in (1, 5, 64, 4096)]
+    tables = [nn(demo_run, k=7, block_size=size) for size in (1, 5, 64, 4096)]
     for table in tables[1:]:
         assert table.column("neighbor_id").equals(tables[0].column("neighbor_id"))
         np.testing.assert_allclose(table.column("similarity").to_numpy(),
@@ -154,7 +170,7 @@ def test_a_query_is_never_its_own_neighbour_but_its_duplicate_is(tmp_path):
     profiles = rng.random((30, 8)).astype(np.float32)
     profiles[17] = profiles[4]
     run = make_run(tmp_path / "run", profiles, np.zeros(30, np.int64), np.zeros(30, np.int64), np.arange(8) // 4)
-    table = Neighbors(run, k=29, block_size=4).nn().to_pandas()
+    table = nn(run, k=29, block_size=4).to_pandas()
     assert not (table.query_id == table.neighbor_id).any()
     assert table.groupby("query_id").size().eq(29).all()
     first = table[table["rank"] == 1].set_index("query_id").neighbor_id
@@ -195,7 +211,7 @@ def test_pair_sharing_equals_a_direct_loop(synthetic, among):
 
 
 def test_pair_sharing_rate_ignores_correct_queries(demo_run):
-    table = Neighbors(demo_run, k=5).nn()
+    table = nn(demo_run, k=5)
     wrong = demo_run.sample_ids("misclassified")
     only_wrong = table.filter(pc.is_in(table.column("query_id"), pa.array(wrong)))
     assert pair_sharing_rate(demo_run, table) == pair_sharing_rate(demo_run, only_wrong)
@@ -205,26 +221,23 @@ def test_pair_sharing_rate_ignores_correct_queries(demo_run):
     assert 0 <= chance_pair_sharing_rate(demo_run, wrong, demo_run.sample_ids()) <= 1
 
 
-def test_write_next_to_the_run_and_read_back(demo_run, tmp_path):
-    finder = Neighbors(demo_run, k=3, among="misclassified", layers=slice(0, 5))
-    table = finder.nn()
-    path = finder.write(table)
-    assert path == demo_run.path / "analyses" / "neighbors-saliency.parquet"
-    back = pq.read_table(path)
-    assert back.equals(table)
-    assert b'"layers": "0:5"' in back.schema.metadata[b"paramsal.neighbors"]
-    assert finder.write(path=tmp_path / "x" / "nn.parquet").is_file()
+def test_save_next_to_the_run_and_load_back(demo_run, tmp_path):
+    result = Neighbors(k=3, among="misclassified", layers=slice(0, 5)).evaluate(demo_run)
+    paths = result.save(demo_run.path / "analyses")
+    assert paths["table"] == demo_run.path / "analyses" / "neighbors-layers0-5.parquet"
+    back = load_result(demo_run.path / "analyses", result.name)
+    pd = pytest.importorskip("pandas")
+    pd.testing.assert_frame_equal(back.table, result.table)
+    assert back.config["layers"] == "0:5"
 
 
 def test_command_line(demo_run, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_neighbors_arguments(parser)
-    out = tmp_path / "nn.parquet"
-    args = parser.parse_args([str(demo_run.path), "--k", "3", "--layers", "5:", "--out", str(out)])
-    assert run_neighbors_command(args) == 0
+    out = tmp_path / "nn"
+    assert main(["neighbors", str(demo_run.path), "--k", "3", "--layers", "5:", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "saliency space" in printed and "feature space" in printed and "chance" in printed
-    assert pq.read_table(out).num_rows == 3 * len(demo_run.sample_ids("misclassified"))
+    table = pq.read_table(out / "neighbors-layers5-.parquet").to_pandas()
+    assert (table["space"] == "saliency").sum() == 3 * len(demo_run.sample_ids("misclassified"))
     assert parse_layers("0:10") == slice(0, 10) and parse_layers(":4") == slice(None, 4)
     assert parse_layers("3,5") == [3, 5] and parse_layers(None) is None
     with pytest.raises(InputError, match="--layers 'a:b'"):
@@ -235,29 +248,29 @@ def test_errors_name_the_problem(demo_run, tmp_path):
     no_features = make_run(tmp_path / "plain", np.ones((5, 4), np.float32), np.zeros(5, np.int64),
                            np.zeros(5, np.int64), np.zeros(4, np.int64))
     with pytest.raises(InputError, match="has no features.*features=True"):
-        Neighbors(no_features, space="features")
+        Neighbors(spaces=("features",)).evaluate(no_features)
     with pytest.raises(InputError, match="no misclassified"):
-        Neighbors(no_features, k=1, among="misclassified")
+        Neighbors(k=1, among="misclassified").evaluate(no_features)
     wrong = len(demo_run.sample_ids("misclassified"))
     with pytest.raises(InputError, match=f"k={wrong} is too large.*has {wrong} samples"):
-        Neighbors(demo_run, k=wrong, among="misclassified")
+        Neighbors(k=wrong, among="misclassified").evaluate(demo_run)
     with pytest.raises(InputError, match="k=0"):
-        Neighbors(demo_run, k=0)
+        Neighbors(k=0)
     with pytest.raises(InputError, match=r"query ids \[200, 5000\] are not samples"):
-        Neighbors(demo_run, k=3).nn([1, 200, 5000])
+        Neighbors(k=3).evaluate(demo_run, samples=[1, 200, 5000])
     with pytest.raises(InputError, match="integer sample ids"):
-        Neighbors(demo_run, k=3).nn([0.5])
+        Neighbors(k=3).evaluate(demo_run, samples=[0.5])
     with pytest.raises(InputError, match="space='pixels'"):
-        Neighbors(demo_run, space="pixels")
+        Neighbors(spaces=("pixels",))
     with pytest.raises(InputError, match="among='wrong'"):
-        Neighbors(demo_run, among="wrong")
+        Neighbors(among="wrong")
     with pytest.raises(InputError, match="among='wrong'"):
         pair_sharing(demo_run, among="wrong")
     with pytest.raises(InputError, match="precision='float16'"):
-        Neighbors(demo_run, precision="float16")
+        Neighbors(precision="float16")
     with pytest.raises(InputError, match=r"layers \[99\] are not in"):
-        Neighbors(demo_run, layers=[99])
+        Neighbors(layers=[99]).evaluate(demo_run)
     with pytest.raises(InputError, match="selects no units"):
-        Neighbors(demo_run, layers=slice(20, 30))
+        Neighbors(layers=slice(20, 30)).evaluate(demo_run)
     with pytest.raises(InputError, match="space='saliency' only"):
-        Neighbors(demo_run, space="features", layers=slice(0, 3))
+        Neighbors(spaces=("features",), layers=slice(0, 3))

@@ -1,17 +1,15 @@
 """The paper's Figures 1 and 2: the plotted numbers equal direct numpy computations, the PNGs are real."""
 
-import argparse
-
 import matplotlib.image
 import numpy as np
 import pytest
 from torch.utils.data import Subset
 
 from paramsal import InputError, open_run, profile_dataset
-from paramsal.engine.analyses.plots import (add_plots_arguments, layer_layout, plot_correct_vs_incorrect,
-                                            plot_mean_profile, run_plots_command)
-from runs import make_run
+from paramsal.analyses.profiles import SaliencyProfiles, layer_layout
+from paramsal.cli import main
 from paramsal.zoo import demo_dataset, demo_model
+from runs import make_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -36,14 +34,15 @@ def check_png(path):
 
 
 def test_mean_profile_is_the_per_layer_sorted_mean(run, tmp_path):
-    data = plot_mean_profile(run, tmp_path / "fig" / "mean.png")
+    result = SaliencyProfiles().evaluate(run)
+    data = result.layout("mean")
     raw = run.profiles(standardized=False).astype(np.float64)
     layer_of_unit = run.units.column("layer").to_numpy()
     np.testing.assert_allclose(data.values["mean"], per_layer_sorted(raw.mean(axis=0), layer_of_unit), rtol=1e-12)
     np.testing.assert_allclose(data.values["mean"], raw.mean(axis=0)[data.unit_ids["mean"]], rtol=1e-12)
     assert sorted(data.unit_ids["mean"]) == list(range(run.num_units))
     assert data.counts == {"mean": run.num_samples}
-    check_png(data.path)
+    check_png(result.save(tmp_path / "fig")["figure"])
     check_equal_width_layout(data, layer_of_unit)
 
 
@@ -58,7 +57,8 @@ def check_equal_width_layout(data, layer_of_unit):
 
 
 def test_correct_vs_incorrect_are_the_standardized_group_means(run, tmp_path):
-    data = plot_correct_vs_incorrect(run, tmp_path / "versus.png")
+    result = SaliencyProfiles().evaluate(run)
+    data = result.layout("correct-vs-incorrect")
     raw = run.profiles(standardized=False).astype(np.float64)
     z = (raw - run.stats.mean) / run.stats.std
     correct = run.table().column("correct").to_numpy(zero_copy_only=False)
@@ -73,13 +73,15 @@ def test_correct_vs_incorrect_are_the_standardized_group_means(run, tmp_path):
                                    np.sort(run.profiles(only=name).astype(np.float64).mean(axis=0)), atol=1e-5)
         assert data.counts[name] == rows.sum()
     assert data.values["misclassified"].mean() > data.values["correct"].mean()  # the paper's Figure 2
-    check_png(data.path)
+    check_png(result.save(tmp_path)["figure"])
     check_equal_width_layout(data, layer_of_unit)
 
 
-def test_data_only_without_a_path(run):
-    data = plot_mean_profile(run)
-    assert data.path is None and len(data.x) == run.num_units
+def test_layers_are_labelled_by_module_name(run):
+    figure = SaliencyProfiles().evaluate(run).plot()
+    labels = [t.get_text() for t in figure.axes[0].get_xticklabels()]
+    modules = run.units.column("module").to_pylist()
+    assert labels[0] == modules[0] and set(labels) <= set(modules)
 
 
 def test_layout_of_unequal_interleaved_layers():
@@ -94,11 +96,8 @@ def test_layout_of_unequal_interleaved_layers():
 
 
 def test_command_line_writes_both_figures(run, capsys):
-    parser = argparse.ArgumentParser()
-    add_plots_arguments(parser)
-    assert run_plots_command(parser.parse_args([str(run.path)])) == 0
-    check_png(run.path / "figures" / "mean-profile.png")
-    check_png(run.path / "figures" / "correct-vs-incorrect.png")
+    assert main(["plots", str(run.path)]) == 0
+    check_png(run.path / "analyses" / "profiles.png")
     assert "Figure 2" in capsys.readouterr().out
 
 
@@ -107,6 +106,8 @@ def test_no_misclassified_sample_is_named(tmp_path):
     profiles = np.random.default_rng(0).random((6, 4)).astype(np.float32)
     labels = np.array([0, 1, 0, 1, 0, 1])
     make_run(root, profiles, labels, labels, [0, 0, 1, 1], part_rows=6)
+    result = SaliencyProfiles().evaluate(open_run(root))
     with pytest.raises(InputError, match="has no misclassified samples"):
-        plot_correct_vs_incorrect(open_run(root))
-    assert len(plot_mean_profile(open_run(root)).x) == 4
+        result.layout("correct-vs-incorrect")
+    assert len(result.layout("mean").x) == 4
+    result.plot()  # Figure 2 says what it lacks instead of failing

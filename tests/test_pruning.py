@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import numpy as np
@@ -12,11 +11,14 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 import paramsal
-from paramsal.engine.analyses import pruning
-from paramsal.engine.analyses.masks import UnitEditor, gaussian_deltas, pruned_copy
-from paramsal.engine.analyses.pruning import METRICS, Pruning
-from paramsal.engine.analyses.selection import select_units
-from paramsal.errors import InputError
+import paramsal.cli
+from paramsal.analyses import pruning
+from paramsal.analyses.noise import gaussian_deltas
+from paramsal.analyses.pruning import METRICS, Pruning
+from paramsal.analyses.selection import select_units
+from paramsal.analyses.unit_editing import UnitEditor
+from paramsal.errors import InputError, ParamsalWarning
+from paramsal.reference import pruned_copy
 from paramsal.zoo import demo_dataset, demo_model
 
 DATA_MODULE = "pruning_test_data"
@@ -85,7 +87,7 @@ def test_selection_errors_are_named():
 
 
 def test_rows_are_the_misclassified_samples_edited_one_copy_at_a_time(run, model, zeroed):
-    rows = zeroed.rows.to_pandas()
+    rows = zeroed.table
     table = run.table().to_pandas().set_index("sample_id")
     wrong = table.index[~table["correct"]]
     assert len(wrong) >= 5
@@ -117,7 +119,7 @@ def test_noise_rows_equal_copies_with_that_samples_noise_and_ignore_batching(run
                     num_resamples=100).evaluate(run, data)
     large = Pruning(model, ks=(2, 8), select="salient,random", mode="noise", noise_std=0.02, batch_size=64,
                     num_resamples=100).evaluate(run, data)
-    a, b = small.rows.to_pandas(), large.rows.to_pandas()
+    a, b = small.table, large.table
     key = ["selection", "k", "sample_id"]
     a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-6, rtol=0)
@@ -127,7 +129,7 @@ def test_noise_rows_equal_copies_with_that_samples_noise_and_ignore_batching(run
     z = run.profiles(only=[sid])
     units = select_units(z, 8, "random", 0, [sid])
     editor = UnitEditor.locate(model, data[0][0][None])
-    deltas = gaussian_deltas(editor.index, units, 0.02, [pruning._noise_seed(0, sid, "random", 8)])
+    deltas = gaussian_deltas(editor.index, units, 0.02, [pruning.noise_seed(0, sid)])
     noisy = copy.deepcopy(model)
     with torch.no_grad():
         for delta in deltas:
@@ -149,8 +151,8 @@ def test_zeroing_ignores_batching_and_leaves_the_model_as_it_was(run, model, zer
         assert torch.equal(value, state[key]), key
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     key = ["selection", "k", "sample_id"]
-    pd.testing.assert_frame_equal(zeroed.rows.to_pandas().sort_values(key).reset_index(drop=True),
-                                  other.rows.to_pandas().sort_values(key).reset_index(drop=True),
+    pd.testing.assert_frame_equal(zeroed.table.sort_values(key).reset_index(drop=True),
+                                  other.table.sort_values(key).reset_index(drop=True),
                                   check_exact=False, atol=1e-6, rtol=0)
 
 
@@ -158,22 +160,24 @@ def test_zeroing_ignores_batching_and_leaves_the_model_as_it_was(run, model, zer
 
 
 def test_summary_means_and_intervals(zeroed):
-    rows = zeroed.rows.to_pandas()
-    summary = zeroed.summary.to_pandas().set_index(["selection", "k"])
+    rows = zeroed.table
+    summary = zeroed.summary.set_index(["selection", "k"])
     assert len(summary) == 9
-    for metric, (column, scale, _) in METRICS.items():
+    for metric, spec in METRICS.items():
+        column, scale = spec.column, spec.scale
         expected = rows.groupby(["selection", "k"])[column].mean() * scale
         np.testing.assert_allclose(summary[metric], expected.loc[summary.index], rtol=1e-9)
         assert (summary[f"{metric}_low"] <= summary[metric] + 1e-12).all()
         assert (summary[metric] <= summary[f"{metric}_high"] + 1e-12).all()
     assert (summary["n"] == rows.sample_id.nunique()).all()
-    assert list(zeroed.table().columns) == ["salient", "random", "least"]
+    assert list(zeroed.metric_table().columns) == ["salient", "random", "least"]
 
 
 def test_save_writes_parquet_tables_and_the_figure(tmp_path, zeroed):
     paths = zeroed.save(tmp_path / "analyses")
-    assert {p.name for p in paths.values()} == {"pruning.parquet", "pruning-summary.parquet", "pruning.png"}
-    assert len(pd.read_parquet(paths["rows"])) == zeroed.rows.num_rows
+    assert {p.name for p in paths.values()} == {"pruning.parquet", "pruning-summary.parquet", "pruning.json",
+                                                "pruning.png"}
+    assert len(pd.read_parquet(paths["table"])) == len(zeroed.table)
     assert len(pd.read_parquet(paths["summary"])) == 9
     assert paths["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -186,8 +190,13 @@ def test_options_and_mismatches_are_named(tmp_path, run, model):
         Pruning(model, select=("salient", "top"))
     with pytest.raises(InputError, match="unknown mode"):
         Pruning(model, mode="drop")
-    with pytest.raises(InputError, match="k=600"):
-        Pruning(model, ks=(1, 600)).evaluate(run, first_samples())
+    with pytest.raises(InputError, match=r"every k of \[600\] exceeds the run's 560 units"):
+        Pruning(model, ks=(600,)).evaluate(run, first_samples())
+    with pytest.warns(ParamsalWarning, match=r"k=\[600\] exceed the run's 560 units") as notes:
+        dropped = Pruning(model, ks=(1, 600), select="salient", num_resamples=10).evaluate(run, first_samples())
+    assert len(notes) == 1 and dropped.config["ks"] == [1] and dropped.config["ks_dropped"] == [600]
+    with pytest.raises(InputError, match="unknown ranking 'pot'"):
+        Pruning(model, ranking="pot")
     with pytest.raises(InputError, match="weights differ"):
         Pruning(demo_model(pretrained=False), ks=(1,)).evaluate(run, first_samples())
     from nets import TinyResNet
@@ -203,8 +212,10 @@ def test_options_and_mismatches_are_named(tmp_path, run, model):
             x, y = first_samples()[i]
             return x, (y + 1) % 10
 
-    with pytest.raises(InputError, match="data set does not match the run"):
+    with pytest.raises(InputError, match="is not the one .* profiled"):
         Pruning(model, ks=(1,)).evaluate(run, Relabelled())
+    with pytest.raises(InputError, match="data set does not match the run"):
+        Pruning(model, ks=(1,), allow_other_data=True).evaluate(run, Relabelled())
 
     correct = run.sample_ids(only="correct")[:12]
     only_correct = paramsal.profile_dataset(model, Subset(first_samples(), correct), tmp_path / "correct",
@@ -221,17 +232,53 @@ def test_prune_command_reads_the_runs_specs_and_writes_next_to_it(tmp_path, run,
         "from torch.utils.data import Subset\nfrom paramsal.zoo import demo_dataset\n\n"
         f"def first_samples():\n    return Subset(demo_dataset('test'), range({SAMPLES}))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    parser = argparse.ArgumentParser()
-    pruning.add_prune_arguments(parser)
     out = tmp_path / "out"
     # The run names its data as module:callable, which is called only for a run its maker trusts.
-    args = parser.parse_args([str(run.path), "--ks", "1,5", "--select", "salient,least", "--resamples", "200",
-                              "--device", "cpu", "--out", str(out), "--trust-run-specs"])
-    assert pruning.run_prune_command(args) == 0
+    assert paramsal.cli.main(["prune", str(run.path), "--ks", "1,5", "--select", "salient,least", "--resamples",
+                              "200", "--device", "cpu", "--out", str(out), "--trust-run-specs", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "salient" in printed and "least" in printed and "delta_incorrect" in printed
     summary = pd.read_parquet(out / "pruning-summary.parquet")
     assert list(summary["selection"]) == ["salient", "salient", "least", "least"]
     assert (out / "pruning.png").is_file()
-    with pytest.raises(SystemExit):
-        parser.parse_args([str(run.path), "--ks", "0,2"])
+    assert paramsal.cli.main(["prune", str(run.path), "--ks", "0,2"]) == 2
+    assert "--ks: expected positive integers" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- noise once per (sample, unit)
+
+
+def test_noise_of_a_unit_is_the_same_whatever_k_and_selection(run, model):
+    data = first_samples()
+    some = run.sample_ids("misclassified")[:3]
+    result = Pruning(model, ks=(4, 560), mode="noise", noise_std=0.05, batch_size=2,
+                     num_resamples=10).evaluate(run, data, samples=some)
+    assert result.name == "perturbation-std0.05"
+    rows = result.table
+    assert rows["delta_incorrect"].abs().max() > 1e-3
+    # k = all units: the three selections perturb the same units with the same noise
+    at_all = rows[rows.k == 560].set_index("sample_id")
+    measured = ["incorrect_after", "true_after", "new_pred"]
+    for selection in ("random", "least"):
+        pd.testing.assert_frame_equal(at_all[at_all.selection == selection][measured],
+                                      at_all[at_all.selection == "salient"][measured], check_exact=True)
+    index = paramsal.units_of(model, "filters")
+    seed = pruning.noise_seed(0, int(some[0]))
+    assert seed != pruning.noise_seed(0, int(some[1])) and seed != pruning.noise_seed(1, int(some[0]))
+
+    def noise_by_unit(units):
+        deltas = gaussian_deltas(index, [units], 0.05, [seed])
+        found = {}
+        for delta in deltas:
+            group = next(g for g in index if g.param_name == delta.param)
+            for channel, values in zip(delta.channels.tolist(), delta.values):
+                found[group.offset + channel] = values
+        return found
+
+    alone = noise_by_unit([500])
+    with_others = noise_by_unit([7, 500, 3, 120])
+    reordered = noise_by_unit([120, 3, 7])
+    torch.testing.assert_close(with_others[500], alone[500], rtol=0, atol=0)
+    for unit in (3, 7, 120):
+        torch.testing.assert_close(with_others[unit], reordered[unit], rtol=0, atol=0)
+    assert not torch.equal(with_others[3].flatten()[:4], with_others[7].flatten()[:4])

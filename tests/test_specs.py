@@ -8,7 +8,7 @@ from PIL import Image
 
 from paramsal import InputError, open_run
 from paramsal.cli import main
-from paramsal.specs import load_data, load_model
+from paramsal.zoo.specs import load_data, load_model
 
 
 def test_imagefolder_and_factory_specs_profile_end_to_end(tmp_path, capsys):

@@ -91,7 +91,8 @@ def test_save_load_round_trip(tmp_path):
 
 def test_reference_stats_load_by_name_and_path():
     stats = load_reference_stats("resnet50")
-    path = resources.files("paramsal.data") / "authors_imagenet_stats/ImageNet_val_saliency_stat_resnet50_filter_wise.pth"
+    path = (resources.files("paramsal.data")
+            / "authors_imagenet_stats/ImageNet_val_saliency_stat_resnet50_filter_wise.pth")
     raw = torch.load(str(path), map_location="cpu", weights_only=True)
     assert load_reference_stats(str(path)).count == 50_000
     assert stats.num_units == 26_560 and stats.count == 50_000 and stats.aggregation == "abs_mean"

@@ -4,7 +4,7 @@ import torchvision
 from torch import nn
 
 from paramsal import InputError, load_reference_stats, units_of
-from paramsal.kernels.stats import REFERENCE_MODELS
+from paramsal.engine.stats import REFERENCE_MODELS
 
 TORCHVISION_FACTORIES = {
     "resnet50": lambda: torchvision.models.resnet50(),

@@ -117,7 +117,7 @@ def _peer(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Call
         def per_sample_grads() -> list[torch.Tensor]:
             wrapped.zero_grad(set_to_none=True)
             F.cross_entropy(wrapped(x), y, reduction="sum").backward()
-            return [p.grad_sample for p in model.parameters() if p.dim() == 4]
+            return [getattr(p, "grad_sample") for p in model.parameters() if p.dim() == 4]  # set by Opacus
     else:
         from backpack import backpack, extend
         from backpack.extensions import BatchGrad
@@ -129,7 +129,7 @@ def _peer(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Call
             model.zero_grad(set_to_none=True)
             with backpack(BatchGrad()):
                 loss_fn(model(x), y).backward()
-            return [p.grad_batch for p in model.parameters() if p.dim() == 4]
+            return [getattr(p, "grad_batch") for p in model.parameters() if p.dim() == 4]  # set by BackPACK
 
     def reduced() -> torch.Tensor:
         with warnings.catch_warnings():  # the peers warn on every call about hook details we rely on
@@ -273,13 +273,13 @@ def records(timings: list[Timing]) -> list[dict]:
     """Rows for Parquet/JSON, with the device, versions and date."""
     import datetime
 
-    import paramsal
+    from paramsal._version import __version__
 
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return [{"case": t.case, "method": t.method, "batch": t.batch, "median_s": t.median,
              "samples_per_s": t.samples_per_s, "peak_extra_mb": t.peak_mb, "repeats": len(t.seconds),
              "device": device_name(t.device), "dtype": t.dtype, "threads": torch.get_num_threads(),
-             "torch": torch.__version__, "paramsal": paramsal.__version__, "date": stamp} for t in timings]
+             "torch": torch.__version__, "paramsal": __version__, "date": stamp} for t in timings]
 
 
 def save_records(rows: list[dict], path: str) -> None:

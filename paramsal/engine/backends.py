@@ -14,17 +14,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
-from paramsal.engine.hooks import HookSession, hook_plan, parameter_edges
+from paramsal.engine.functional import LossFn, SampleLoss
+from paramsal.engine.graph import parameter_edges
+from paramsal.engine.hooks import HookSession, hook_plan
 from paramsal.engine.units import UnitIndex
 from paramsal.errors import InputError, UnsupportedUseError, user_code
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
 
-#: ``loss(outputs, targets) -> [N]``: one loss per sample, each depending on
-#: that sample's outputs only.
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -77,24 +75,16 @@ def vmap_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     vmap scale alike).
     """
     real = {g.param_name: model.get_parameter(g.param_name) for g in index}
-    unit_params = {name: p.detach() for name, p in real.items()}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in unit_params}
-    frozen.update(model.named_buffers())
-
-    def sample_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-        out = functional_call(model, (params, frozen), (x.unsqueeze(0),))
-        loss = loss_fn(out, y.unsqueeze(0))
-        return loss.sum(), (out.squeeze(0), loss)
-
-    per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))
-    like = next(iter(unit_params.values()))
-    chunk = chunk_size or auto_chunk(sum(p.numel() for p in unit_params.values()), len(inputs), like, "vmap")
+    sample_loss = SampleLoss(model, list(real), loss_fn)
+    per_sample = sample_loss.per_sample()
+    like = next(iter(sample_loss.params.values()))
+    chunk = chunk_size or auto_chunk(sum(p.numel() for p in real.values()), len(inputs), like, "vmap")
     profiles, outputs, losses = [], [], []
     with _params_require_grad(list(real.values())):
         for s in chunk_slices(len(inputs), chunk):
             with user_code(f"the model ({type(model).__name__}) under torch.func.vmap on inputs of shape "
                            f"{tuple(inputs[s].shape)}", hint="; backend='loop' needs no vmap support"):
-                grads, (out, loss) = per_sample(unit_params, inputs[s], targets[s])
+                grads, (out, loss) = per_sample(inputs[s], targets[s])
             _check_functional(loss, real)
             loss = checked_losses(loss.reshape(-1), s.stop - s.start)
             profiles.append(torch.cat([reduce_grad(grads[g.param_name], g, aggregation) for g in index], 1))
@@ -198,4 +188,4 @@ def _params_require_grad(params: Sequence[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(False)
 
 
-BACKENDS: dict[str, Backend] = {"loop": loop_backend, "vmap": vmap_backend, "hooks": hooks_backend}
+BACKEND_FUNCTIONS: dict[str, Backend] = {"loop": loop_backend, "vmap": vmap_backend, "hooks": hooks_backend}

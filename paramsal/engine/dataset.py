@@ -13,47 +13,42 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from paramsal._typing import MapDataset
 from paramsal._version import __version__
 from paramsal.engine.backends import BatchResult
 from paramsal.engine.devices import resolve_device
-from paramsal.engine.fingerprints import data_fingerprint, dataset_labels, model_fingerprint
-from paramsal.engine.integrity import (check_file, check_no_strays, check_part, check_part_rows, stray_files,
-                                       temporaries)
+from paramsal.engine.fingerprints import data_fingerprint, model_fingerprint
+from paramsal.engine.integrity import check_file
+from paramsal.engine.loading import BadBatch, Indexed, collate_samples
 from paramsal.engine.lock import RunLock
-from paramsal.engine.manifest import (FORMAT, STATS, UNITS, Part, check_same_run, config_mismatches, mismatches,
-                                      part_count, part_range, parts_of, read_manifest, resume_notes,
-                                      rows_per_part, write_manifest)
-from paramsal.engine.profile import ParamsalWarning, Profiler
-from paramsal.engine.rundir import Run, clear_run, profile_table, write_part, write_stats, write_units
+from paramsal.engine.manifest import FORMAT, STATS, part_count, part_range, parts_of, rows_per_part, write_manifest
+from paramsal.engine.profile import Profiler
+from paramsal.engine.resume import prepare_run
+from paramsal.engine.rundir import Run, profile_table, write_part, write_stats
 from paramsal.engine.units import UnitsSpec
-from paramsal.errors import InputError, NonFiniteError, RunCorruptError, RunMismatchError, check_choice
+from paramsal.engine.stats import SaliencyStats
+from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, check_choice
 from paramsal.kernels.reduce import Aggregation
-from paramsal.kernels.stats import SaliencyStats
+from paramsal.options import NONFINITE_POLICIES
 
 #: Rows per part aimed at when ``part_size`` is not given (rounded to whole batches).
 DEFAULT_PART_ROWS = 2048
 
-#: What ``on_nonfinite`` accepts: flag the sample and go on, or stop the job.
-NONFINITE_POLICIES = ("skip", "fail")
 
-__all__ = ["DEFAULT_PART_ROWS", "NONFINITE_POLICIES", "data_fingerprint", "model_fingerprint", "profile_dataset"]
+__all__ = ["DEFAULT_PART_ROWS", "data_fingerprint", "model_fingerprint", "profile_dataset"]
 
 
-def profile_dataset(model: nn.Module, data: Dataset, out_dir: str | os.PathLike, *, batch_size: int = 64,
+def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLike, *, batch_size: int = 64,
                     backend: str = "auto", units: UnitsSpec = "filters", aggregation: Aggregation = "mean_abs",
                     device: str | torch.device | None = None, num_workers: int = 0, features: bool | str = False,
                     resume: bool = True, overwrite: bool = False, repair: bool = False,
@@ -121,7 +116,7 @@ def profile_dataset(model: nn.Module, data: Dataset, out_dir: str | os.PathLike,
         wanted = _manifest(model, data, profiler, backend, batch_size, batches_per_part, chunk_size, device,
                            model_name, data_name)
         wanted["source"] = dict(source or {})
-        manifest, notes = _prepare(root, wanted, data, profiler, resume=resume, overwrite=overwrite, repair=repair)
+        manifest, notes = prepare_run(root, wanted, data, profiler, resume=resume, overwrite=overwrite, repair=repair)
         for note in notes:
             warnings.warn(note, ParamsalWarning, stacklevel=2)
         _profile_missing_parts(root, manifest, data, profiler, device, num_workers, on_nonfinite, progress)
@@ -131,7 +126,7 @@ def profile_dataset(model: nn.Module, data: Dataset, out_dir: str | os.PathLike,
     return run
 
 
-def _check_arguments(data: Dataset, batch_size: int, num_workers: int, part_size: int | None,
+def _check_arguments(data: MapDataset, batch_size: int, num_workers: int, part_size: int | None,
                      on_nonfinite: str) -> None:
     for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                ("part_size", part_size, 1)):
@@ -142,123 +137,14 @@ def _check_arguments(data: Dataset, batch_size: int, num_workers: int, part_size
         raise InputError(f"the data set ({type(data).__name__}) is empty: there is nothing to profile")
 
 
-def _prepare(root: Path, wanted: dict[str, Any], data: Dataset, profiler: Profiler, *, resume: bool,
-             overwrite: bool, repair: bool) -> tuple[dict[str, Any], list[str]]:
-    """The manifest this job continues (the run's own) or starts; and what it kept that the job asked otherwise."""
-    try:
-        existing = read_manifest(root)
-    except RunCorruptError:
-        if not overwrite:
-            raise
-        existing = None
-    if existing is not None and overwrite and (not resume or mismatches(existing, wanted)
-                                               or config_mismatches(existing, wanted)):
-        existing = None
-    if existing is not None and not resume:
-        raise InputError(f"{root} already holds a run; pass resume=True to continue it or overwrite=True "
-                         "to start over")
-    if existing is None:
-        clear_run(root)
-        _remove_temporaries(root)
-        wanted["files"] = {UNITS: write_units(root, profiler.index.table)}
-        write_manifest(root, wanted)
-        return wanted, []
-    check_same_run(root, existing, wanted)
-    notes = resume_notes(root, existing, wanted)
-    _remove_temporaries(root)
-    notes += _keep_sound_files(root, existing, profiler, repair)
-    notes += _keep_sound_parts(root, existing, data, repair)
-    return existing, notes
-
-
-def _keep_sound_files(root: Path, manifest: dict[str, Any], profiler: Profiler, repair: bool) -> list[str]:
-    """``units.parquet`` (rewritten from the model) and ``stats.parquet`` (merged again) when damaged and ``repair``."""
-    notes = []
-    for name, record in list(manifest["files"].items()):
-        try:
-            check_file(root, name, record, manifest, checksum=repair)
-        except RunCorruptError as exc:
-            if not repair:
-                raise
-            notes.append(f"{exc.problem}: " + ("written again from the model" if name == UNITS else
-                                                "merged again from the parts"))
-            if name == UNITS:
-                manifest["files"][UNITS] = write_units(root, profiler.index.table)
-            else:
-                del manifest["files"][name]
-                manifest["complete"] = False
-            write_manifest(root, manifest)
-    return notes
-
-
-def _keep_sound_parts(root: Path, manifest: dict[str, Any], data: Dataset, repair: bool) -> list[str]:
-    """Drops from the manifest the parts to profile again; checks the kept ones against the data set's labels.
-
-    A part whose files are gone is profiled again (with a note). With
-    ``repair``, so is one whose size, checksum, rows or ids are wrong, and
-    stray part files are deleted; without it, those are errors.
-    """
-    labels = dataset_labels(data)
-    if not repair:
-        check_no_strays(root, manifest)
-    kept, notes = [], []
-    for part in parts_of(manifest):
-        problem = None
-        if not (root / part.file).is_file() or not (root / part.stats_file).is_file():
-            problem = f"part {part.index}'s files are missing"
-        else:
-            try:
-                check_part(root, part, manifest, checksum=repair)
-                _check_labels(root, part, manifest, labels)
-            except RunCorruptError as exc:
-                if not repair:
-                    raise
-                problem = exc.problem
-        if problem is None:
-            kept.append(part)
-            continue
-        notes.append(f"{problem}: profiling samples {part.start}..{part.stop - 1} again")
-        for name in (part.file, part.stats_file):
-            (root / name).unlink(missing_ok=True)
-    if repair:
-        for path in stray_files(root, manifest):
-            notes.append(f"{path} was not listed in the manifest: removed")
-            path.unlink()
-    if len(kept) < len(manifest["parts"]):
-        manifest["complete"] = False
-        manifest["files"].pop(STATS, None)
-        manifest["parts"] = [p.to_json() for p in kept]
-        write_manifest(root, manifest)
-    return notes
-
-
-def _check_labels(root: Path, part: Part, manifest: dict[str, Any], labels: np.ndarray | None) -> None:
-    """The rows of a finished part are the samples it claims, with the labels this data set gives them."""
-    try:
-        table = pq.read_table(root / part.file, columns=["sample_id", "target"])
-    except (OSError, pa.ArrowException) as exc:
-        raise RunCorruptError(f"{root / part.file} cannot be read ({exc})") from exc
-    check_part_rows(root, part, table, manifest)
-    if labels is None:
-        return
-    recorded = table.column("target").to_numpy()
-    differ = np.flatnonzero(recorded != labels[part.start:part.stop])
-    if len(differ):
-        sample = part.start + int(differ[0])
-        raise RunMismatchError(
-            f"sample {sample} has label {int(labels[sample])} in this data set but {int(recorded[differ[0]])} "
-            f"in {root} ({len(differ)} label(s) of part {part.index} differ): it is not the data set the run "
-            "profiled; profile it into another directory, or start over with --restart")
-
-
-def _profile_missing_parts(root: Path, manifest: dict[str, Any], data: Dataset, profiler: Profiler,
+def _profile_missing_parts(root: Path, manifest: dict[str, Any], data: MapDataset, profiler: Profiler,
                            device: torch.device, num_workers: int, on_nonfinite: str, progress: bool) -> None:
     finished = {p.index for p in parts_of(manifest)}
     todo = [i for i in range(part_count(manifest)) if i not in finished]
     batch_size = manifest["config"]["batch_size"]
     batches = [list(range(s, min(s + batch_size, stop))) for i in todo
                for start, stop in [part_range(manifest, i)] for s in range(start, stop, batch_size)]
-    loader = DataLoader(_Indexed(data), batch_sampler=batches, num_workers=num_workers,
+    loader = DataLoader(Indexed(data), batch_sampler=batches, num_workers=num_workers,
                         collate_fn=collate_samples, pin_memory=device.type == "cuda")
     done = int(manifest["num_samples"]) - sum(len(b) for b in batches)
     bar = tqdm(total=int(manifest["num_samples"]), initial=done, unit="samples", disable=not progress,
@@ -306,7 +192,7 @@ def _profile_batch(profiler: Profiler, ids: torch.Tensor, inputs: torch.Tensor, 
         result.profiles[rows] = clean.profiles
         result.outputs[rows] = clean.outputs
         result.losses[rows] = clean.losses
-        if result.features is not None:
+        if result.features is not None and clean.features is not None:
             result.features[rows] = clean.features
     return result, flags
 
@@ -329,15 +215,18 @@ class _PartBuffer:
         self.flags += flags
         self.stop = int(ids[-1]) + 1
 
-    def cat(self, name: str) -> np.ndarray | None:
-        return torch.cat(self.columns[name]).float().numpy() if self.columns[name] else None
+    def cat(self, name: str) -> np.ndarray:
+        return torch.cat(self.columns[name]).float().numpy()
+
+    def features(self) -> np.ndarray | None:
+        return self.cat("features") if self.columns["features"] else None
 
 
 def _flush(root: Path, manifest: dict[str, Any], buffer: _PartBuffer, profiler: Profiler) -> None:
     """Writes the buffered rows as their part, then lists it in the manifest."""
     profiles = buffer.cat("profiles")
     table = profile_table(torch.cat(buffer.columns["ids"]).numpy(), torch.cat(buffer.columns["targets"]).numpy(),
-                          buffer.cat("outputs"), buffer.cat("losses"), profiles, buffer.cat("features"),
+                          buffer.cat("outputs"), buffer.cat("losses"), profiles, buffer.features(),
                           buffer.flags)
     finite = np.array([flag is None for flag in buffer.flags])
     stats = SaliencyStats(len(profiler.index), manifest["aggregation"]).update(
@@ -373,74 +262,7 @@ def _warn_nonfinite(run: Run) -> None:
                       f"of the analyses' default samples; ids {shown}", ParamsalWarning, stacklevel=3)
 
 
-class BadBatch:
-    """A batch that could not be assembled, carried out of a worker process as data (its message intact).
-
-    ``detail``: the traceback of the data set's own failure, shown with ``--debug``.
-    """
-
-    def __init__(self, message: str, detail: str = ""):
-        self.message = message
-        self.detail = detail
-
-    def error(self) -> InputError:
-        error = InputError(self.message)
-        if self.detail:
-            error.__cause__ = RuntimeError(self.detail)
-        return error
-
-
-class _Indexed(Dataset):
-    """``(index, input, label)``: the dataset index travels with each sample, for messages and the rows' ids."""
-
-    def __init__(self, data: Dataset):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int):
-        try:
-            item = self.data[i]
-        except Exception as exc:  # the user's data set: its failure is reported with the sample's index
-            return i, BadBatch(f"reading sample {i} of the data set failed: {type(exc).__name__}: {exc}",
-                               traceback.format_exc()), None
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            return i, BadBatch(f"sample {i} of the data set is a {type(item).__name__}, not an "
-                               "(input, class index) pair"), None
-        return i, item[0], item[1]
-
-
-def collate_samples(samples: list[tuple[int, Any, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | BadBatch:
-    """Stacks ``(index, input, label)`` samples, or names the first sample that does not fit the others."""
-    for i, x, y in samples:
-        if isinstance(x, BadBatch):
-            return x
-        if not isinstance(x, (torch.Tensor, np.ndarray)):
-            return BadBatch(f"sample {i} has an input of type {type(x).__name__}, not a tensor: give the data set "
-                            "a transform that returns tensors (e.g. --transform tensor)")
-        if isinstance(y, torch.Tensor) and y.dim() == 0:
-            y = y.item()
-        if isinstance(y, bool) or not isinstance(y, (int, np.integer)):
-            return BadBatch(f"sample {i} has the label {y!r} ({type(y).__name__}); expected a class index (an int)")
-    first, shape = samples[0][0], tuple(samples[0][1].shape)
-    for i, x, _ in samples[1:]:
-        if tuple(x.shape) != shape:
-            return BadBatch(f"sample {i} has an input of shape {tuple(x.shape)} but sample {first} has {shape}: "
-                            "every sample must have the same shape (resize or crop in the data set's transform)")
-    ids = torch.tensor([i for i, _, _ in samples])
-    inputs = default_collate([torch.as_tensor(x) for _, x, _ in samples])
-    targets = torch.tensor([int(y.item() if isinstance(y, torch.Tensor) else y) for _, _, y in samples])
-    return ids, inputs, targets
-
-
-def _remove_temporaries(root: Path) -> None:
-    """Temporary files of killed jobs: nobody else writes here while this job holds the lock."""
-    for path in temporaries(root):
-        path.unlink(missing_ok=True)
-
-
-def _manifest(model: nn.Module, data: Dataset, profiler: Profiler, backend: str, batch_size: int,
+def _manifest(model: nn.Module, data: MapDataset, profiler: Profiler, backend: str, batch_size: int,
               batches_per_part: int, chunk_size: int | None, device: torch.device, model_name: str | None,
               data_name: str | None) -> dict[str, Any]:
     return {

@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 
 from paramsal.errors import InputError
+from paramsal.options import DEVICES
 
-#: What ``resolve_device`` accepts, as the error messages say it.
-EXPECTED = "cpu, cuda or cuda:N"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -51,7 +50,7 @@ def _parsed(device: str | torch.device) -> torch.device:
         # torch's own message lists every backend it was built with (xla, mps, ...), not what works here.
         parsed = None
     if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise InputError(f"unknown device {str(device)!r}; expected {EXPECTED}")
+        raise InputError(f"unknown device {str(device)!r}; expected {DEVICES}")
     return parsed
 
 

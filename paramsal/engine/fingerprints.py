@@ -23,11 +23,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Subset, TensorDataset
+
+from paramsal._typing import MapDataset
 
 #: Samples decoded for a data set's fingerprint (all of them when it has fewer).
 PROBES = 64
@@ -44,7 +47,7 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def data_fingerprint(data: Dataset) -> str:
+def data_fingerprint(data: MapDataset) -> str:
     """A hash of the data set's size, labels, listing and probed samples (see the module docstring)."""
     digest = hashlib.sha256(f"{type(data).__name__}:{len(data)}".encode())
     labels = dataset_labels(data)
@@ -67,10 +70,10 @@ def probe_positions(n: int) -> np.ndarray:
     return np.unique(np.concatenate([evenly, random]))
 
 
-def dataset_labels(data: Dataset) -> np.ndarray | None:
+def dataset_labels(data: MapDataset) -> np.ndarray | None:
     """Every sample's class index ``[N]`` (int64), if the data set holds them without decoding inputs."""
     if isinstance(data, Subset):
-        base = dataset_labels(data.dataset)
+        base = dataset_labels(cast(MapDataset, data.dataset))
         return None if base is None else base[np.asarray(data.indices, dtype=np.int64)]
     if isinstance(data, TensorDataset):
         last = data.tensors[-1]
@@ -98,10 +101,10 @@ def _as_labels(values: object, n: int) -> np.ndarray | None:
     return labels.astype(np.int64)
 
 
-def _listing(data: Dataset) -> list[bytes]:
+def _listing(data: MapDataset) -> list[bytes]:
     """What identifies the data set's contents beyond its labels: in-memory tensors, or files and sizes."""
     if isinstance(data, Subset):
-        return [np.asarray(data.indices, dtype=np.int64).tobytes(), *_listing(data.dataset)]
+        return [np.asarray(data.indices, dtype=np.int64).tobytes(), *_listing(cast(MapDataset, data.dataset))]
     if isinstance(data, TensorDataset):
         return [_tensor_bytes(t) for t in data.tensors]
     samples = getattr(data, "samples", None)

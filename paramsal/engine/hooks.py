@@ -26,18 +26,17 @@ reduced (the ``|.|`` of a sum is not the sum of the ``|.|``).
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
+from paramsal.engine.graph import caller_outside, parameter_edges
 from paramsal.engine.units import UnitGroup, UnitIndex
 from paramsal.errors import UnsupportedModuleError, UnsupportedUseError, engine_code
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
@@ -45,10 +44,6 @@ from paramsal.kernels.reduce import Aggregation, reduce_grad
 from paramsal.kernels.registry import OP_RULES, GradSample, Reducer, ReducerEntry, find_reducer
 
 _next_node = torch._C._autograd._get_sequence_nr
-
-#: Where a call is reported from: the first frame outside torch and this package.
-_SKIPPED_FILES = (str(Path(torch.__file__).parent), str(Path(__file__).parents[1]))
-
 
 @dataclass(frozen=True)
 class _Layer:
@@ -73,7 +68,7 @@ def hook_plan(model: nn.Module, index: UnitIndex) -> dict[str, _Layer]:
         module = model.get_submodule(name)
         entry = find_reducer(module)
         missing = [g.attr for g in groups if entry is None or g.attr not in entry.params]
-        if missing:
+        if missing or entry is None:
             raise UnsupportedModuleError(
                 f"module {name or '<root>'!r} ({type(module).__qualname__}) has no per-sample reducer for "
                 f"its parameter(s) {missing}; register one with paramsal.kernels.register_reducer, "
@@ -224,7 +219,7 @@ class HookSession:
                 self._capture(use, out)
                 return
         names = tuple(self._params[key][1].param_name for key in found)
-        self._unserved_calls.append(_Call(resolve_name(func) or repr(func), names, first, stop, _user_frame()))
+        self._unserved_calls.append(_Call(resolve_name(func) or repr(func), names, first, stop, caller_outside()))
 
     def _before_module(self, name: str, module: nn.Module, args: tuple) -> None:
         with engine_code("module hook"):
@@ -251,7 +246,7 @@ class HookSession:
         output.register_hook(partial(self._on_backprop, use))
         self.output_edges.append(torch.autograd.graph.get_gradient_edge(output))
         for group in use.groups:
-            self._uses_of.setdefault(group.layer, []).append(use)
+            self._uses_of.setdefault(group.position, []).append(use)
 
     # ------------------------------------------------------------------ between forward and backward
 
@@ -269,26 +264,26 @@ class HookSession:
         tensors = {key: param for key, (param, _) in self._params.items()}
         for key, node, node_name in parameter_edges(losses.grad_fn, tensors):
             group = self._params[key][1]
-            uses = [u for u in self._uses_of.get(group.layer, ()) if u.owns(node)]
+            uses = [u for u in self._uses_of.get(group.position, ()) if u.owns(node)]
             if not uses:
                 unserved.append((group.param_name, node, node_name))
             for use in uses:
-                if use not in live.setdefault(group.layer, []):
-                    live[group.layer].append(use)
+                if use not in live.setdefault(group.position, []):
+                    live[group.position].append(use)
         if unserved:
             raise UnsupportedUseError(self._describe(unserved))
-        self._summed = {layer: uses for layer, uses in live.items() if len(uses) > 1}
-        for layer, uses in self._summed.items():
+        self._summed = {position: uses for position, uses in live.items() if len(uses) > 1}
+        for position, uses in self._summed.items():
             opaque = [u.where for u in uses if u.grad_sample is None]
             if opaque:
-                name = self._index.groups[layer].param_name
+                name = self._index.groups[position].param_name
                 raise UnsupportedUseError(
                     f"parameter {name!r} is used by {len(uses)} calls ({', '.join(u.where for u in uses)}); its "
                     f"per-sample gradient is their sum, but the reducer of {opaque[0]} gives units, not whole "
                     "gradients: use backend='vmap' (backend='auto' falls back to it)")
         for uses in self._uses_of.values():
             for use in uses:
-                use.at_once = tuple(g for g in use.groups if g.layer not in self._summed)
+                use.at_once = tuple(g for g in use.groups if g.position not in self._summed)
                 use.kept = len(use.at_once) < len(use.groups)
 
     def _describe(self, unserved: list[tuple[str, int, str]]) -> str:
@@ -306,11 +301,11 @@ class HookSession:
 
     def _on_backprop(self, use: _Use, backprops: torch.Tensor) -> None:
         backprops = backprops.detach()
-        if use.at_once:
+        if use.at_once and use.activations is not None:
             reduced = use.reducer(use.layer, use.activations, backprops, use.at_once, self._aggregation,
                                   self._chunk_size)
             for group, values in zip(use.at_once, reduced):
-                self._results[group.layer] = values
+                self._results[group.position] = values
         if use.kept:
             use.backprops = backprops
         else:
@@ -318,27 +313,38 @@ class HookSession:
 
     def assemble(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         """``[B, F]``: each group's reduced values at its offset; zeros where no gradient flowed."""
-        for layer, uses in self._summed.items():
+        for position, uses in self._summed.items():
             arrived = [u for u in uses if u.backprops is not None]
             if arrived:
-                self._results[layer] = self._summed_units(self._index.groups[layer], arrived, batch)
+                self._results[position] = self._summed_units(self._index.groups[position], arrived, batch)
         profiles = like.new_zeros(batch, len(self._index))
         for group in self._index:
-            if group.layer in self._results:
-                profiles[:, group.offset:group.stop] = self._results[group.layer]
+            if group.position in self._results:
+                profiles[:, group.offset:group.stop] = self._results[group.position]
         return profiles
 
     def _summed_units(self, group: UnitGroup, uses: Sequence[_Use], batch: int) -> torch.Tensor:
         """Units of the sum of several calls' whole per-sample gradients, a chunk of samples at a time."""
-        like = uses[0].backprops
+        parts = [_summand(u, group) for u in uses]
         numel = int(torch.Size(group.shape).numel())
-        chunk = self._chunk_size or auto_chunk(2 * numel, batch, like)
-        roles = [next(g.attr for g in u.groups if g.layer == group.layer) for u in uses]
+        chunk = self._chunk_size or auto_chunk(2 * numel, batch, parts[0][3])
         reduced = []
         for s in chunk_slices(batch, chunk):
-            total = sum(u.grad_sample(u.layer, u.activations[s], u.backprops[s], role) for u, role in zip(uses, roles))
+            total = torch.stack([grad_sample(layer, x[s], gy[s], role)
+                                 for grad_sample, layer, x, gy, role in parts]).sum(0)
             reduced.append(reduce_grad(total, group, self._aggregation))
         return torch.cat(reduced)
+
+
+def _summand(use: _Use, group: UnitGroup) -> tuple[GradSample, Any, torch.Tensor, torch.Tensor, str]:
+    """What a use adds to a sum: its rule's grad_sample, geometry, input, output gradient and the group's role.
+
+    Only uses whose gradient arrived are summed, and :meth:`HookSession.check`
+    refused any without a grad_sample, so each part is there.
+    """
+    assert use.grad_sample is not None and use.activations is not None and use.backprops is not None
+    role = next(g.attr for g in use.groups if g.position == group.position)
+    return use.grad_sample, use.layer, use.activations, use.backprops, role
 
 
 class _Tracker(TorchFunctionMode):
@@ -364,31 +370,3 @@ def _tensors(args: tuple, kwargs: dict) -> Iterator[Any]:
             yield from value
         else:
             yield value
-
-
-def parameter_edges(root, params: dict[int, torch.Tensor]) -> list[tuple[int, int, str]]:
-    """``(id, node number, node name)`` of every edge into one of ``params`` (by id) reachable from ``root``."""
-    edges = []
-    seen = {root}
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            variable = getattr(child, "variable", None)
-            if variable is not None:
-                if params.get(id(variable)) is variable:
-                    edges.append((id(variable), node._sequence_nr(), node.name()))
-            elif child not in seen:
-                seen.add(child)
-                stack.append(child)
-    return edges
-
-
-def _user_frame() -> str:
-    """`` at file:line`` of the innermost caller outside torch and paramsal (the model's code), if any."""
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_SKIPPED_FILES):
-        frame = frame.f_back
-    return f" at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}" if frame is not None else ""

@@ -7,28 +7,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from paramsal.engine.backends import BACKENDS, BatchResult, LossFn, model_outputs
+from paramsal.engine.backends import BACKEND_FUNCTIONS, BatchResult, model_outputs
+from paramsal.engine.functional import LossFn, cross_entropy_per_sample
 from paramsal.engine.hooks import hooks_supported
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
-from paramsal.errors import InputError, NonFiniteError, UnsupportedUseError, check_choice
+from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, UnsupportedUseError, check_choice
 from paramsal.kernels.reduce import Aggregation, check_aggregation
+from paramsal.options import BACKENDS
 
-BACKEND_NAMES = ("auto", "hooks", "vmap", "loop")
 
 #: Where ``backend="auto"`` goes when a forward pass shows that a backend would miss a use of a parameter.
 FALLBACKS = {"hooks": "vmap", "vmap": "loop"}
-
-
-class ParamsalWarning(UserWarning):
-    """Something paramsal did differently from what was asked, to keep the numbers exact (e.g. a fallback)."""
-
-
-def cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The default loss: cross-entropy of each sample, ``[N, C], [N] -> [N]``."""
-    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 class Profiler:
@@ -66,7 +57,7 @@ class Profiler:
                  aggregation: Aggregation = "mean_abs", loss: LossFn | None = None,
                  chunk_size: int | None = None, features: str | bool | None = None):
         check_aggregation(aggregation)
-        check_choice("backend", backend, BACKEND_NAMES)
+        check_choice("backend", backend, BACKENDS)
         if chunk_size is not None and chunk_size < 1:
             raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model = model
@@ -79,7 +70,7 @@ class Profiler:
         self.loss = loss
         self.chunk_size = chunk_size
         self.features = _features_module(model, features)
-        self._run = BACKENDS[backend]
+        self._run = BACKEND_FUNCTIONS[backend]
         self._class_counts: dict[tuple, int] = {}
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, *, check_finite: bool = True) -> BatchResult:
@@ -131,12 +122,12 @@ class Profiler:
                 fallback = FALLBACKS[self.backend]
                 warnings.warn(f"{exc}. Profiling {type(self.model).__name__} with the {fallback} backend instead",
                               ParamsalWarning, stacklevel=4)
-                self.backend, self._run = fallback, BACKENDS[fallback]
+                self.backend, self._run = fallback, BACKEND_FUNCTIONS[fallback]
 
     def _features_of(self, inputs: torch.Tensor) -> torch.Tensor:
         """The features module's input ``[N, D]`` from a gradient-free forward pass."""
-        captured = []
-        module = self.model.get_submodule(self.features)
+        captured: list[torch.Tensor] = []
+        module = self.model.get_submodule(self.features or "")
         handle = module.register_forward_hook(lambda m, args, out: captured.append(args[0].detach().flatten(1)))
         try:
             with torch.no_grad():

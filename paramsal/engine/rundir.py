@@ -22,10 +22,9 @@ from paramsal.engine.integrity import check_file, check_no_strays, check_part_ro
 from paramsal.engine.manifest import (MANIFEST, PART_STATS_DIR, PROFILES_DIR, STATS, UNITS, Part, part_file,
                                       part_stats_file, parts_of, read_manifest, storage_error)
 from paramsal.errors import InputError
-from paramsal.kernels.stats import SaliencyStats
+from paramsal.options import ROW_SELECTIONS
+from paramsal.engine.stats import SaliencyStats
 
-#: Row selections of :meth:`Run.profiles` by name.
-ROW_SELECTIONS = ("misclassified", "correct", "nonfinite")
 
 #: The per-sample columns of a part besides ``profile`` and ``features``.
 SAMPLE_COLUMNS = ["sample_id", "target", "pred", "loss", "target_prob", "pred_prob", "correct", "nonfinite",
@@ -234,7 +233,7 @@ class Run:
         Returns:
             Rows in sample-id order, columns in unit order.
         """
-        return self._vectors("profile", self._unit_columns(layers), only,
+        return self._vectors("profile", self.unit_columns(layers), only,
                              self._standardizer(stats) if standardized else None)
 
     def features(self, only: Rows = None) -> np.ndarray:
@@ -268,17 +267,18 @@ class Run:
 
     def _check(self, name: str, record: dict[str, Any]) -> None:
         """Checks a file once per reader, again only if it changed on disk since."""
-        stat = (self.path / name).stat() if (self.path / name).is_file() else None
-        key = (name, stat.st_size, stat.st_mtime_ns) if stat else None
-        if key not in self._checked:
-            check_file(self.path, name, record, self.manifest)
-            self._checked.add(key)
+        path = self.path / name
+        key = (name, path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
+        if key is None or key not in self._checked:
+            check_file(self.path, name, record, self.manifest)  # raises for a missing file
+            self._checked.add((name, path.stat().st_size, path.stat().st_mtime_ns))
 
     def _check_part(self, part: Part) -> None:
         self._check(part.file, {"bytes": part.bytes, "sha256": part.sha256})
         self._check(part.stats_file, {"bytes": part.stats_bytes, "sha256": part.stats_sha256})
 
-    def _unit_columns(self, layers: slice | Sequence[int] | None) -> np.ndarray | None:
+    def unit_columns(self, layers: slice | Sequence[int] | None) -> np.ndarray | None:
+        """Profile columns ``[f]`` of the units in ``layers`` (see :meth:`profiles`), or None for all units."""
         if layers is None:
             return None
         layer_of_unit = self.units.column("layer").to_numpy()
@@ -292,7 +292,8 @@ class Run:
                 raise InputError(f"layers {unknown.tolist()} are not in the run {self.path} (its layers are "
                                  f"{known.min()}..{known.max()})")
         if not len(chosen):
-            raise InputError(f"layers={layers!r} selects none of the run's layers {known.min()}..{known.max()}")
+            raise InputError(f"layers={layers!r} selects no units of {self.path} (its layers are "
+                             f"{known.min()}..{known.max()})")
         return np.flatnonzero(np.isin(layer_of_unit, chosen))
 
     def _standardizer(self, stats: SaliencyStats | Run | None):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from paramsal.errors import InputError
+from paramsal.options import UNIT_SCHEMES
 
 Partition = Literal["rows", "columns", "custom"]
 
@@ -30,7 +31,6 @@ UnitAssigner = Callable[[str, torch.Tensor], Union[torch.Tensor, None]]
 
 UnitsSpec = Union[str, UnitAssigner]
 
-SCHEMES = ("filters", "conv", "conv+linear", "linear-columns")
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -43,7 +43,8 @@ class UnitGroup:
         param_name: name in ``model.named_parameters()``.
         module_name: path of the module owning the parameter ("" for the root).
         attr: attribute of the parameter on its module ("weight", "bias", ...).
-        layer: position of this group among the index's groups.
+        position: this group's place among the index's groups (the units table calls it ``layer``: with the
+            default units, one group per conv layer).
         shape: the parameter's shape.
         partition: "rows" (one unit per index of dim 0), "columns" (one unit
             per index of dim 1 of a 2-D weight) or "custom" (``assignment``).
@@ -56,7 +57,7 @@ class UnitGroup:
     param_name: str
     module_name: str
     attr: str
-    layer: int
+    position: int
     shape: tuple[int, ...]
     partition: Partition
     num_units: int
@@ -98,7 +99,7 @@ class UnitIndex:
             columns["unit_id"].extend(range(g.offset, g.stop))
             columns["param"].extend([g.param_name] * g.num_units)
             columns["module"].extend([g.module_name] * g.num_units)
-            columns["layer"].extend([g.layer] * g.num_units)
+            columns["layer"].extend([g.position] * g.num_units)
             columns["channel"].extend(range(g.num_units))
             columns["size"].extend(g.sizes.tolist())
         types = {"unit_id": pa.int64(), "param": pa.string(), "module": pa.string(),
@@ -142,7 +143,7 @@ def units_of(model: nn.Module, units: UnitsSpec = "filters") -> UnitIndex:
         offset = group.stop
     if not groups:
         raise InputError(f"units={units!r} selects no parameter of {type(model).__name__}; "
-                         f"choose another scheme ({', '.join(SCHEMES)}) or pass a callable")
+                         f"choose another scheme ({', '.join(UNIT_SCHEMES)}) or pass a callable")
     return UnitIndex(scheme=units if isinstance(units, str) else getattr(units, "__name__", "custom"),
                      groups=tuple(groups))
 
@@ -164,14 +165,14 @@ def _scheme(units: UnitsSpec) -> Callable[[str, torch.Tensor, nn.Module], _Choic
         return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, _CONV_TYPES + (nn.Linear,)) else None
     if units == "linear-columns":
         return lambda name, p, m: ("columns", None) if _is_weight_of(name, m, (nn.Linear,)) else None
-    raise InputError(f"unknown units {units!r}; expected one of {', '.join(SCHEMES)} or a callable")
+    raise InputError(f"unknown units {units!r}; expected one of {', '.join(UNIT_SCHEMES)} or a callable")
 
 
 def _is_weight_of(name: str, module: nn.Module, types: tuple[type, ...]) -> bool:
     return isinstance(module, types) and name.rpartition(".")[2] == "weight"
 
 
-def _make_group(name: str, module_name: str, attr: str, layer: int, shape: tuple[int, ...],
+def _make_group(name: str, module_name: str, attr: str, position: int, shape: tuple[int, ...],
                 partition: Partition, assignment: torch.Tensor | None, offset: int) -> UnitGroup:
     numel = int(torch.Size(shape).numel())
     if partition == "rows":
@@ -189,7 +190,7 @@ def _make_group(name: str, module_name: str, attr: str, layer: int, shape: tuple
             empty = (sizes == 0).nonzero().flatten().tolist()[:5]
             raise InputError(f"unit assignment of {name!r} has empty units {empty} "
                              "(units must be numbered 0..m-1 with at least one element each)")
-    return UnitGroup(param_name=name, module_name=module_name, attr=attr, layer=layer, shape=shape,
+    return UnitGroup(param_name=name, module_name=module_name, attr=attr, position=position, shape=shape,
                      partition=partition, num_units=num_units, offset=offset, sizes=sizes,
                      assignment=assignment)
 

@@ -6,19 +6,16 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from paramsal.errors import check_choice
 from paramsal.kernels import fused
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
-from paramsal.kernels.reduce import Aggregation, reduce_grad
+from paramsal.kernels.reduce import Aggregation, ParamUnits, reduce_grad
 
-if TYPE_CHECKING:
-    from paramsal.engine.units import UnitGroup
 
 
 #: Elements of one gradient tile (4 MiB of float32) and its width in weight
@@ -67,8 +64,25 @@ class ConvCall:
         return tuple(self.weight.shape[2:])
 
 
-#: A ``nn.Conv1d/2d/3d`` (its own forward) or the geometry of one functional call.
-ConvLayer = Union[nn.Module, ConvCall]
+class ConvLayer(Protocol):
+    """What the conv reducers read of a layer: a ``nn.Conv1d/2d/3d`` (its own forward) or a :class:`ConvCall`."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+    @property
+    def stride(self) -> tuple[int, ...]: ...
+    @property
+    def padding(self) -> str | tuple[int, ...]: ...
+    @property
+    def dilation(self) -> tuple[int, ...]: ...
+    @property
+    def groups(self) -> int: ...
+    @property
+    def padding_mode(self) -> str: ...
+    @property
+    def in_channels(self) -> int: ...
+    @property
+    def kernel_size(self) -> tuple[int, ...]: ...
 
 
 def conv_call(args: tuple, kwargs: dict[str, Any]) -> tuple[ConvCall, torch.Tensor, dict[str, torch.Tensor | None]]:
@@ -80,7 +94,7 @@ def conv_call(args: tuple, kwargs: dict[str, Any]) -> tuple[ConvCall, torch.Tens
         parameters by role, ``{"weight": ..., "bias": ...}``.
     """
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    bound = {**dict(zip(names, args)), **kwargs}
+    bound: dict[str, Any] = {**dict(zip(names, args)), **kwargs}
     x, weight = bound["input"], bound["weight"]
     dims = weight.dim() - 2
     stride, dilation = _tuple(bound.get("stride", 1), dims), _tuple(bound.get("dilation", 1), dims)
@@ -111,11 +125,13 @@ def conv_grad_sample(layer: ConvLayer, activations: torch.Tensor, backprops: tor
 
 
 def _tuple(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+    if isinstance(value, (tuple, list)):
+        return tuple(int(v) for v in value)
+    return (int(value),) * dims  # type: ignore[arg-type]  # an int (or a 0-d SymInt), by the branch above
 
 
 def reduce_conv(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor,
-                groups: Sequence[UnitGroup], aggregation: Aggregation,
+                groups: Sequence[ParamUnits], aggregation: Aggregation,
                 chunk_size: int | None = None) -> list[torch.Tensor]:
     """Per-sample, per-unit saliency of a convolution's weight and bias.
 
@@ -166,7 +182,7 @@ def row_means(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tens
     return sums.view(b, k) / layer.weight[0].numel()
 
 
-def grouped_weight_units(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor, group: UnitGroup,
+def grouped_weight_units(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor, group: ParamUnits,
                          aggregation: Aggregation, chunk_size: int | None) -> torch.Tensor:
     """``[B, U]`` from whole per-sample weight gradients (any partition), a chunk of samples at a time."""
     batch = activations.shape[0]
@@ -175,7 +191,7 @@ def grouped_weight_units(layer: ConvLayer, activations: torch.Tensor, backprops:
                       for s in chunk_slices(batch, chunk)])
 
 
-def tiled_weight_units(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor, group: UnitGroup,
+def tiled_weight_units(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor, group: ParamUnits,
                        aggregation: Aggregation, chunk_size: int | None) -> torch.Tensor:
     """``[B, K]`` mean ``|G|`` per output channel (rows, mean_abs only) from cache-sized gradient tiles."""
     batch = activations.shape[0]
@@ -200,7 +216,7 @@ def conv_strategy(name: str) -> Iterator[None]:
         _forced.pop()
 
 
-def _strategy(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor, group: UnitGroup,
+def _strategy(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor, group: ParamUnits,
               aggregation: Aggregation):
     """Grouped weight-gradient convolution for large maps and wide filters, gradient tiles otherwise."""
     if group.partition != "rows" or aggregation != "mean_abs":
@@ -212,7 +228,7 @@ def _strategy(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tens
     return tiled_weight_units if positions <= TILED_MAX_POSITIONS or width <= TILED_MAX_WIDTH else grouped_weight_units
 
 
-def _fusable(layer: ConvLayer, group: UnitGroup, aggregation: Aggregation) -> bool:
+def _fusable(layer: ConvLayer, group: ParamUnits, aggregation: Aggregation) -> bool:
     """The fused kernel computes mean ``|G|`` per filter of 1-D and 2-D convolutions."""
     return group.partition == "rows" and aggregation == "mean_abs" and layer.weight.dim() in (3, 4)
 
@@ -260,7 +276,9 @@ def _padded(layer: ConvLayer, activations: torch.Tensor) -> tuple[torch.Tensor, 
     if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
         return activations, tuple(layer.padding)
     mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-    return F.pad(activations, layer._reversed_padding_repeated_twice, mode=mode), (0,) * (activations.dim() - 2)
+    # A module's own padding, in F.pad's order; only modules get here (a call's padding is zeros, in numbers).
+    pads = getattr(layer, "_reversed_padding_repeated_twice")
+    return F.pad(activations, pads, mode=mode), (0,) * (activations.dim() - 2)
 
 
 def _tiled_mean_abs(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:

@@ -47,10 +47,10 @@ INTERPRETER_DTYPES = (*GPU_DTYPES, torch.float64)
 class Geometry:
     """A 2-D convolution's shape parameters, each a (height, width) pair, plus its groups."""
 
-    kernel: tuple[int, int]
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
     groups: int = 1
 
 

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Protocol
 
 import torch
-from torch import nn
 
 from paramsal.kernels import fused
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
-from paramsal.kernels.reduce import Aggregation, reduce_grad
+from paramsal.kernels.reduce import Aggregation, ParamUnits, reduce_grad
 
-if TYPE_CHECKING:
-    from paramsal.engine.units import UnitGroup
 
 
 @dataclass(frozen=True)
@@ -24,8 +21,11 @@ class LinearCall:
     weight: torch.Tensor
 
 
-#: A ``nn.Linear`` (its own forward) or one functional call.
-LinearLayer = Union[nn.Module, LinearCall]
+class LinearLayer(Protocol):
+    """What the linear reducer reads of a layer: a ``nn.Linear`` (its own forward) or a :class:`LinearCall`."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
 
 
 def linear_call(args: tuple,
@@ -47,7 +47,7 @@ def linear_grad_sample(layer: LinearLayer, activations: torch.Tensor, backprops:
 
 
 def reduce_linear(layer: LinearLayer, activations: torch.Tensor, backprops: torch.Tensor,
-                  groups: Sequence[UnitGroup], aggregation: Aggregation,
+                  groups: Sequence[ParamUnits], aggregation: Aggregation,
                   chunk_size: int | None = None) -> list[torch.Tensor]:
     """Per-sample, per-unit saliency of a Linear layer's weight and bias.
 

@@ -8,24 +8,47 @@ code switched to mean_abs), offered so those files can be used consistently.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 
 from paramsal.errors import check_choice
-
-if TYPE_CHECKING:
-    from paramsal.engine.units import UnitGroup
+from paramsal.options import AGGREGATIONS
 
 Aggregation = Literal["mean_abs", "abs_mean"]
-AGGREGATIONS = ("mean_abs", "abs_mean")
+
+
+class ParamUnits(Protocol):
+    """What a reduction reads of one parameter's units (:class:`paramsal.engine.units.UnitGroup` is one).
+
+    Attributes:
+        attr: the parameter's role in its layer ("weight", "bias").
+        shape: the parameter's shape.
+        partition: "rows", "columns" or "custom".
+        num_units: how many units it carries.
+        sizes: ``[num_units]`` elements per unit.
+        assignment: for "custom", each element's unit (-1 for none).
+    """
+
+    @property
+    def attr(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def partition(self) -> str: ...
+    @property
+    def num_units(self) -> int: ...
+    @property
+    def sizes(self) -> torch.Tensor: ...
+    @property
+    def assignment(self) -> torch.Tensor | None: ...
 
 
 def check_aggregation(aggregation: str) -> None:
     check_choice("aggregation", aggregation, AGGREGATIONS)
 
 
-def reduce_grad(grad: torch.Tensor, group: UnitGroup, aggregation: Aggregation) -> torch.Tensor:
+def reduce_grad(grad: torch.Tensor, group: ParamUnits, aggregation: Aggregation) -> torch.Tensor:
     """Reduces per-sample gradients of one parameter to its units.
 
     Args:
@@ -41,6 +64,8 @@ def reduce_grad(grad: torch.Tensor, group: UnitGroup, aggregation: Aggregation) 
         return reduce_last(grad.reshape(b, group.num_units, -1), aggregation)
     if group.partition == "columns":
         return reduce_last(grad.reshape(b, group.shape[0], group.num_units).transpose(1, 2), aggregation)
+    if group.assignment is None:
+        raise ValueError(f"a {group.partition!r} partition needs an assignment of elements to units")
     return scatter_reduce(grad.reshape(b, -1), group.assignment.reshape(-1), group.sizes, aggregation)
 
 

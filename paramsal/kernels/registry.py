@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +28,11 @@ from torch import nn
 from paramsal.errors import InputError
 from paramsal.kernels.conv import conv_call, conv_grad_sample, reduce_conv
 from paramsal.kernels.linear import linear_call, linear_grad_sample, reduce_linear
-from paramsal.kernels.reduce import Aggregation
+from paramsal.kernels.reduce import Aggregation, ParamUnits
 
-if TYPE_CHECKING:
-    from paramsal.engine.units import UnitGroup
 
 #: ``reducer(layer, activations, backprops, groups, aggregation, chunk_size) -> [[B, U_g], ...]``
-Reducer = Callable[[nn.Module, torch.Tensor, torch.Tensor, Sequence["UnitGroup"], Aggregation, "int | None"],
+Reducer = Callable[[Any, torch.Tensor, torch.Tensor, Sequence[ParamUnits], Aggregation, "int | None"],
                    list[torch.Tensor]]
 
 
@@ -83,7 +81,8 @@ class ReducerEntry:
     op: Callable | None = None
 
 
-_BUILT_IN = {nn.Conv1d: torch.conv1d, nn.Conv2d: torch.conv2d, nn.Conv3d: torch.conv3d, nn.Linear: F.linear}
+_BUILT_IN: dict[type[nn.Module], Callable[..., Any]] = {nn.Conv1d: torch.conv1d, nn.Conv2d: torch.conv2d,
+                                                        nn.Conv3d: torch.conv3d, nn.Linear: F.linear}
 
 _REGISTRY: dict[type[nn.Module], ReducerEntry] = {
     module_type: ReducerEntry(OP_RULES[op].reducer, frozenset({"weight", "bias"}), op)
@@ -120,5 +119,5 @@ def find_reducer(module: nn.Module) -> ReducerEntry | None:
     for cls in type(module).__mro__:
         entry = _REGISTRY.get(cls)
         if entry is not None:
-            return entry if type(module).forward is cls.forward else None
+            return entry if type(module).forward is getattr(cls, "forward") else None
     return None

@@ -76,7 +76,7 @@ def demo_model(pretrained: bool = True) -> torch.nn.Module:
     return model.eval()
 
 
-def demo_dataset(split: str = "test") -> torch.utils.data.Dataset:
+def demo_dataset(split: str = "test") -> ArrayDataset:
     """Return a split of the demo dataset.
 
     Args:

@@ -196,7 +196,7 @@ def _read_pickled_ndarray(path: Path, dtype: str, shape: Tuple[int, ...]) -> np.
     strings: List[str] = []
     ints: List[int] = []
     payloads: List[bytes] = []
-    for op, arg, _pos in pickletools.genops(stream):
+    for _op, arg, _pos in pickletools.genops(stream):
         if isinstance(arg, str):
             strings.append(arg)
         elif isinstance(arg, int) and not isinstance(arg, bool):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-import paramsal.cli as cli
+import paramsal.cli.profiling as profiling
 from paramsal import InputError, SaliencyStats, load_reference_stats, open_run
 from paramsal.cli import main
 from paramsal.engine.dataset import data_fingerprint
@@ -71,7 +71,7 @@ def test_a_bug_in_paramsal_keeps_its_traceback_and_is_not_exit_2(monkeypatch, tm
     def broken(args):
         raise KeyError("internal")
 
-    monkeypatch.setattr(cli, "_cmd_stats", broken)
+    monkeypatch.setattr(profiling, "stats_command", broken)
     with pytest.raises(KeyError, match="internal"):
         main(["stats", str(tmp_path)])
 
@@ -204,16 +204,16 @@ def other_weights(tmp_path):
 
 @pytest.mark.parametrize(("command", "options"), [
     ("prune", ["--ks", "1", "--select", "salient", "--resamples", "10", "--quiet"]),
-    ("explain", ["--sample", "12", "--top", "2"]),
-    ("mask", ["--samples", "1", "--percents", "5", "--top", "2"]),
-    ("sanity", ["--sample", "12", "--top", "2", "--stages", "1"]),
+    ("explain", ["--sample", "12", "--k", "2"]),
+    ("mask", ["--samples", "1", "--percents", "5", "--k", "2"]),
+    ("sanity", ["--sample", "12", "--k", "2", "--stages", "1"]),
     ("report", ["--queries", "1", "--k", "2", "--explain", "1"]),
 ])
 def test_other_weights_are_refused_unless_allowed(command, options, run_dir, other_weights, tmp_path, capsys):
     argv = [command, str(run_dir), "--weights", other_weights, "--out", str(tmp_path / "out"), *options]
     err = fails(capsys, *argv)
     assert "the model's weights differ from those the run" in err
-    assert "--allow-other-weights" in err and "check_model=False" in err
+    assert "--allow-other-weights" in err and "allow_other_weights=True" in err
     assert main(argv + ["--allow-other-weights"]) == 0
 
 
@@ -267,12 +267,12 @@ def test_allow_partial_analyses_what_was_written(unfinished, tmp_path):
 def test_neighbors_names_an_output_folder_it_cannot_write(run_dir, tmp_path, capsys):
     (run_dir / "analyses").write_text("a file where the folder should be")
     err = fails(capsys, "neighbors", str(run_dir), "--k", "2")
-    assert f"cannot write to {run_dir / 'analyses'}" in err and "not writable" in err and "--out FILE" in err
+    assert f"cannot write to {run_dir / 'analyses'}" in err and "not writable" in err and "--out DIR" in err
     below_a_file = tmp_path / "file.txt"
     below_a_file.write_text("")
-    err = fails(capsys, "neighbors", str(run_dir), "--k", "2", "--out", str(below_a_file / "nn.parquet"))
-    assert f"cannot write to {below_a_file}" in err and "--out FILE" in err
-    assert main(["neighbors", str(run_dir), "--k", "2", "--out", str(tmp_path / "nn.parquet")]) == 0
+    err = fails(capsys, "neighbors", str(run_dir), "--k", "2", "--out", str(below_a_file / "nn"))
+    assert f"cannot write to {below_a_file}" in err and "--out DIR" in err
+    assert main(["neighbors", str(run_dir), "--k", "2", "--out", str(tmp_path / "nn")]) == 0
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only directories")

@@ -79,7 +79,7 @@ def test_a_layer_the_run_lacks_is_named(tmp_path):
                           progress=False)
     with pytest.raises(InputError, match=r"layers \[99\] are not in the run .* \(its layers are 0\.\.14\)"):
         run.profiles(layers=[99])
-    with pytest.raises(InputError, match="selects none of the run's layers"):
+    with pytest.raises(InputError, match="selects no units of"):
         run.profiles(layers=slice(40, 50))
     with pytest.raises(InputError, match="only='wrong': expected one of misclassified, correct, nonfinite"):
         run.profiles(only="wrong")

@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 
 from paramsal import Profiler, UnsupportedModuleError, profile_batch
-from paramsal.engine.profile import ParamsalWarning
+from paramsal.errors import ParamsalWarning
 from paramsal.kernels import register_reducer, unregister_reducer
 from paramsal.kernels.conv import reduce_conv
 

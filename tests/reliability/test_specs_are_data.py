@@ -12,7 +12,7 @@ import pytest
 
 from paramsal import InputError, open_run
 from paramsal.cli import main
-from paramsal.engine.analyses.common import load_source
+from paramsal.analyses.sources import load_source
 from reliability.factories import SENTINEL_ENV
 
 EVIL = {"model": "reliability.factories:evil_model", "data": "reliability.factories:evil_data"}

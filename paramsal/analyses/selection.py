@@ -6,9 +6,24 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from paramsal.errors import InputError
+from paramsal.engine.rundir import Run
+from paramsal.errors import InputError, check_choice
+from paramsal.options import RANKINGS, UNIT_SELECTIONS
 
-UNIT_SELECTIONS = ("salient", "random", "least")
+__all__ = ["UNIT_SELECTIONS", "select_units", "unit_scores"]
+
+
+def unit_scores(run: Run, sample_ids: np.ndarray, ranking: str = "zscore") -> np.ndarray:
+    """``[n, F]`` the scores by which the units of samples ``sample_ids`` are ranked, rows in the order given.
+
+    Args:
+        run: the run.
+        sample_ids: ``[n]`` sorted, distinct sample ids of the run.
+        ranking: "zscore", the standardized profile ``(s - mu) / sigma`` with
+            the run's statistics (the paper).
+    """
+    check_choice("ranking", ranking, RANKINGS)
+    return run.profiles(only=np.asarray(sample_ids, dtype=np.int64))
 
 
 def select_units(profiles: np.ndarray, k: int, selection: str, seed: int = 0,
@@ -16,7 +31,7 @@ def select_units(profiles: np.ndarray, k: int, selection: str, seed: int = 0,
     """Each sample's k units, in order: the first j columns are the choice for k = j.
 
     Args:
-        profiles: ``[n, F]`` standardized saliency profiles.
+        profiles: ``[n, F]`` standardized saliency profiles (or other unit scores, larger = more salient).
         k: units per sample, ``1 <= k <= F``.
         selection: "salient" (largest standardized saliency first), "least"
             (smallest first) or "random" (uniform without replacement over all

@@ -60,8 +60,8 @@ class SaliencyStats:
     num_units: int
     aggregation: str | None = None
     count: int = 0
-    mean: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
-    m2: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    mean: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]  # made zeros in __post_init__
+    m2: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         if isinstance(self.num_units, bool) or not isinstance(self.num_units, (int, np.integer)) \

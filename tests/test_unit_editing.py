@@ -10,8 +10,10 @@ import torch
 from nets import SMALL_CASES, TORCHVISION_CASES, batch, build
 from torch import nn
 
-from paramsal.engine.analyses.masks import UnitEditor, gaussian_deltas, pruned_copy, unit_mask
+from paramsal.analyses.noise import gaussian_deltas
+from paramsal.analyses.unit_editing import UnitEditor, unit_mask
 from paramsal.errors import InputError
+from paramsal.reference import pruned_copy
 from paramsal.zoo import demo_dataset, demo_model
 
 EDITABLE_CASES = [c for c in SMALL_CASES if c.units != "linear-columns"]

@@ -14,12 +14,12 @@ import importlib
 from pathlib import Path
 
 from torch import nn
-from torch.utils.data import Dataset
 
+from paramsal._typing import MapDataset
 from paramsal.errors import InputError
+from paramsal.options import TRANSFORMS
 from paramsal._io import load_tensor_file
 
-TRANSFORMS = ("imagenet", "inception", "tensor")
 
 #: The spec kinds that name no code, as (exact specs, prefixes followed by a name): the only kinds a run
 #: directory's manifest may ask for without being trusted, since loading them imports and calls nothing.
@@ -66,7 +66,7 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
     return model.eval()
 
 
-def load_data(spec: str, transform: str = "imagenet") -> Dataset:
+def load_data(spec: str, transform: str = "imagenet") -> MapDataset:
     """The data set a spec names."""
     if spec == "demo" or spec.startswith("demo:"):
         from paramsal.zoo import demo_dataset

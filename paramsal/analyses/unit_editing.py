@@ -37,14 +37,17 @@ convolution (or one batched product for Linear), without any copy of ``W``.
 Supported layers: ``nn.Conv1d/2d/3d`` (any stride, padding, padding mode,
 dilation, groups, bias) and ``nn.Linear``, for units that are whole output
 channels (the "rows" partition: the default "filters", "conv", "conv+linear").
+
+The oracles: :func:`paramsal.reference.pruned_copy` writes the same edit into
+a deep copy's parameters; :mod:`.noise` draws the perturbations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from copy import deepcopy
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -128,6 +131,11 @@ class UnitEditor:
         self._by_param = {s.group.param_name: s for s in self.sites}
         self._open_blocks = 0  # hooks are on the model while > 0
 
+    @property
+    def editing(self) -> bool:
+        """Whether a ``switched_off``/``perturbed`` block is open (its hooks are on the model)."""
+        return self._open_blocks > 0
+
     @classmethod
     def locate(cls, model: nn.Module, example_inputs: torch.Tensor,
                units: UnitsSpec | UnitIndex = "filters") -> UnitEditor:
@@ -187,8 +195,8 @@ class UnitEditor:
         Args:
             deltas: per parameter, which samples get which delta on which
                 output channels (see :class:`WeightDeltas` and
-                :func:`gaussian_deltas`). Batch positions index the batch of
-                the forward passes inside the block.
+                :func:`~paramsal.analyses.noise.gaussian_deltas`). Batch
+                positions index the batch of the forward passes inside the block.
 
         Yields:
             The model (unchanged; the hooks add ``layer(x_n; D_n)``).
@@ -204,7 +212,7 @@ class UnitEditor:
             yield self.model
 
     @contextmanager
-    def _hooked(self, hooks: Mapping[str, object]) -> Iterator[None]:
+    def _hooked(self, hooks: Mapping[str, Callable[..., Any]]) -> Iterator[None]:
         handles = []
         self._open_blocks += 1
         try:
@@ -233,87 +241,6 @@ def unit_mask(unit_ids: np.ndarray | torch.Tensor | Sequence[Sequence[int]], num
     sample_of = np.repeat(np.arange(len(rows)), [len(ids) for ids in rows])
     off[torch.from_numpy(sample_of), torch.from_numpy(flat)] = True
     return off
-
-
-def pruned_copy(editor: UnitEditor, unit_ids: Sequence[int] | np.ndarray) -> nn.Module:
-    """A deep copy of the editor's model with ``unit_ids`` really turned off, in its parameters.
-
-    What :meth:`UnitEditor.switched_off` does for one sample, written into
-    weights: for unit c of a layer, the layer's ``weight[c]`` and ``bias[c]``
-    and, of each BatchNorm following it, ``weight[c]`` and ``bias[c]`` are set
-    to 0. The slow, obviously correct way (one copy per sample), for checks
-    and for users who want the pruned model itself.
-
-    Raises:
-        InputError: a following BatchNorm without affine parameters (its
-            output channel cannot be zeroed through parameters), or a call
-            inside a ``switched_off``/``perturbed`` block.
-    """
-    if editor._open_blocks:
-        # A deep copy would take the block's hooks along and apply this batch's edits to it.
-        raise InputError("pruned_copy inside a switched_off/perturbed block would copy its hooks; call it outside")
-    copy = deepcopy(editor.model)
-    ids = np.asarray(unit_ids, dtype=np.int64).reshape(-1)
-    with torch.no_grad():
-        for site in editor.sites:
-            channels = torch.as_tensor(ids[(ids >= site.group.offset) & (ids < site.group.stop)] - site.group.offset)
-            if not len(channels):
-                continue
-            for name in (site.module,) + site.followers:
-                module = copy.get_submodule(name)
-                if getattr(module, "weight", None) is None:
-                    raise InputError(f"{name} has no affine parameters to zero; use UnitEditor.switched_off")
-                module.weight[channels] = 0
-                if module.bias is not None:
-                    module.bias[channels] = 0
-    return copy
-
-
-def gaussian_deltas(index: UnitIndex, unit_ids: Sequence[Sequence[int]] | np.ndarray, std: float,
-                    seeds: Sequence[int], dtype: torch.dtype = torch.float32,
-                    device: torch.device | str | None = None) -> list[WeightDeltas]:
-    """Gaussian noise ``N(0, std**2)`` on the chosen output channels of each sample.
-
-    Sample n's noise is one float32 draw from a generator seeded with
-    ``seeds[n]``, split over its units in the order given, so it depends
-    neither on the batch it is computed in nor on ``dtype``.
-
-    Args:
-        index: the units; each must be a whole output channel ("rows").
-        unit_ids: per sample, the units to perturb.
-        std: standard deviation of the noise.
-        seeds: one seed per sample.
-        dtype, device: of the deltas (those of the model's weights).
-
-    Returns:
-        One :class:`WeightDeltas` per parameter that has any chosen unit.
-    """
-    if len(seeds) != len(unit_ids):
-        raise InputError(f"{len(seeds)} seeds for {len(unit_ids)} samples")
-    group_of = np.repeat(np.arange(len(index.groups)), [g.num_units for g in index.groups])
-    unit_size = np.repeat([int(np.prod(g.shape[1:])) for g in index.groups], [g.num_units for g in index.groups])
-    offsets = np.array([g.offset for g in index.groups])
-    collected: dict[int, tuple[list[int], list[int], list[torch.Tensor]]] = {}
-    for row, (ids, seed) in enumerate(zip(unit_ids, seeds)):
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if not len(ids):
-            continue
-        if ids.min() < 0 or ids.max() >= len(index):
-            raise InputError(f"unit ids of sample {row} out of range [0, {len(index)})")
-        sizes = unit_size[ids]
-        generator = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn(int(sizes.sum()), generator=generator).mul_(std)
-        for group, unit, piece in zip(group_of[ids].tolist(), (ids - offsets[group_of[ids]]).tolist(),
-                                      noise.split(sizes.tolist())):
-            samples, channels, values = collected.setdefault(group, ([], [], []))
-            samples.append(row)
-            channels.append(unit)
-            values.append(piece)
-    return [WeightDeltas(param=index.groups[group].param_name,
-                         samples=torch.tensor(s, dtype=torch.long, device=device),
-                         channels=torch.tensor(c, dtype=torch.long, device=device),
-                         values=torch.cat(v).view(len(v), *index.groups[group].shape[1:]).to(device, dtype))
-            for group, (s, c, v) in sorted(collected.items())]
 
 
 def _check_editable(model: nn.Module, group: UnitGroup) -> nn.Module:
@@ -375,7 +302,7 @@ def _observe_followers(model: nn.Module, layers: Mapping[str, nn.Module],
     followers: dict[str, list[str]] = {}
     for bn, producers in sources.items():
         if len(producers) == 1 and None not in producers:
-            followers.setdefault(next(iter(producers)), []).append(bn)
+            followers.setdefault(cast(str, next(iter(producers))), []).append(bn)
     return {layer: tuple(bns) for layer, bns in followers.items()}
 
 
@@ -433,7 +360,7 @@ def _perturbing_hook(name: str, entries: list[WeightDeltas]):
     return hook
 
 
-def _conv_delta_term(conv: nn.Module, x: torch.Tensor, delta: WeightDeltas) -> torch.Tensor:
+def _conv_delta_term(conv: nn.modules.conv._ConvNd, x: torch.Tensor, delta: WeightDeltas) -> torch.Tensor:
     """``conv(x[samples[m]]; values[m])`` for every row m: ``[M, *output_spatial]``.
 
     Row m needs only the input channels of its output channel's group, so the
@@ -441,7 +368,7 @@ def _conv_delta_term(conv: nn.Module, x: torch.Tensor, delta: WeightDeltas) -> t
     """
     cin_per_group = conv.in_channels // conv.groups
     cout_per_group = conv.out_channels // conv.groups
-    padding = conv.padding
+    padding: str | tuple[int, ...] | int = conv.padding
     if conv.padding_mode != "zeros":
         # As the layer itself does: pad with the chosen mode first, then convolve unpadded.
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)

@@ -37,7 +37,7 @@ def reference_profiles(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
         for n in range(len(inputs)):
             sample_loss = loss(model(inputs[n:n + 1]), targets[n:n + 1]).sum()
             grads = torch.autograd.grad(sample_loss, params, allow_unused=True)
-            row = []
+            row: list[torch.Tensor] = []
             for group, g in zip(index, grads):
                 g = torch.zeros(group.shape, dtype=params[0].dtype) if g is None else g.detach().cpu()
                 row.extend(_unit_value(g[mask], aggregation) for mask in _unit_masks(group))
@@ -52,7 +52,7 @@ def _unit_masks(group: UnitGroup):
             mask[unit] = True
         elif group.partition == "columns":
             mask[:, unit] = True
-        else:
+        elif group.assignment is not None:
             mask = group.assignment == unit
         yield mask
 

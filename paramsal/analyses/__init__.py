@@ -1,0 +1,55 @@
+"""The analyses of a run directory, all with one contract (:mod:`paramsal.analyses.base`)::
+
+    result = paramsal.Pruning(ks=(1, 5, 10)).evaluate(run)     # data and model rebuilt from the run
+    result.table, result.summary                               # pandas
+    result.plot()                                              # a matplotlib Figure
+    result.save("out/")                                        # Parquet, JSON and PNG
+
+* :class:`Neighbors`: nearest neighbours in saliency vs feature space (paper 3.2);
+* :class:`Pruning`: turning salient units off, or perturbing them (3.1, A.5);
+* :class:`FineTune`: one gradient step on a mistake's salient units (3.3);
+* :class:`InputSaliency`: which pixels make the salient units salient (2.2);
+* :class:`Masking`: masking the salient pixels (3.4, A.8);
+* :class:`CascadingRandomization`: the sanity check of input saliency (A.10);
+* :class:`SaliencyProfiles`: the paper's Figures 1-2;
+* :func:`write_report`: a static HTML page of a run and its analyses.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Public name -> the module that defines it (imported on first use).
+_LAZY = {
+    "Analysis": "base", "Result": "base", "load_result": "base",
+    "Neighbors": "neighbors", "Pruning": "pruning", "FineTune": "finetune", "InputSaliency": "attribution",
+    "Masking": "masking", "CascadingRandomization": "sanity", "SaliencyProfiles": "profiles",
+    "write_report": "report",
+}
+
+__all__ = ["Analysis", "CascadingRandomization", "FineTune", "InputSaliency", "Masking", "Neighbors", "Pruning",
+           "Result", "SaliencyProfiles", "load_result", "write_report"]
+
+if TYPE_CHECKING:
+    from paramsal.analyses.attribution import InputSaliency
+    from paramsal.analyses.base import Analysis, Result, load_result
+    from paramsal.analyses.finetune import FineTune
+    from paramsal.analyses.masking import Masking
+    from paramsal.analyses.neighbors import Neighbors
+    from paramsal.analyses.profiles import SaliencyProfiles
+    from paramsal.analyses.pruning import Pruning
+    from paramsal.analyses.report import write_report
+    from paramsal.analyses.sanity import CascadingRandomization
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"paramsal.analyses.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'paramsal.analyses' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

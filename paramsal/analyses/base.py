@@ -1,0 +1,325 @@
+"""The one contract every analysis follows: configure once, ``evaluate(run, data=None, samples=None) -> Result``.
+
+An analysis is an object holding its settings (``Pruning(ks=(1, 5, 10))``);
+:meth:`Analysis.evaluate` applies them to a run and returns a :class:`Result`:
+
+* ``result.table``: pandas, one row per measured item (sample, or sample and setting);
+* ``result.summary``: pandas, the aggregate the paper reports;
+* ``result.config``: the settings and facts of the evaluation (a dict of plain data);
+* ``result.plot(ax=None)``: a matplotlib ``Figure`` (never through pyplot, so
+  the user's backend and pyplot's state are left alone);
+* ``result.save(directory)``: Parquet tables, a JSON config and a PNG, all
+  written atomically; :func:`load_result` reads them back;
+* in a notebook, the result shows itself (``_repr_html_``): the summary and the figure.
+
+The checks that the run, model and data belong together live here too
+(:meth:`Analysis.prepare`), so that every analysis makes them the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from paramsal._typing import MapDataset
+from paramsal._io import atomic_path
+from paramsal.analyses.sources import (Samples, check_run_data, chosen_samples, load_source, open_for_analysis,
+                                       output_folder, run_inputs, run_units)
+from paramsal.errors import ParamsalWarning
+from paramsal.engine.rundir import Run
+from paramsal.engine.units import UnitIndex, UnitsSpec
+from paramsal.errors import InputError
+
+RESULT_FORMAT = "paramsal-result/1"
+
+_RESULTS: dict[str, type[Result]] = {}
+
+
+@dataclass
+class Result:
+    """What an analysis measured (see the module docstring for the contract).
+
+    Subclasses set ``kind`` (the file stem) and draw in :meth:`_draw`; they
+    may carry named arrays (``arrays``, saved as ``.npy`` files) for what does
+    not fit a table, such as maps.
+    """
+
+    kind: ClassVar[str] = "result"
+    #: Panels :meth:`plot` draws (``ax`` may then be a sequence of as many axes).
+    panels: ClassVar[int] = 1
+    title: ClassVar[str] = "result"
+
+    table: pd.DataFrame
+    summary: pd.DataFrame
+    config: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _RESULTS[cls.kind] = cls
+
+    @property
+    def name(self) -> str:
+        """The files' stem: the kind, and the options that tell two evaluations of one run apart."""
+        return self.kind + "".join(f"-{part}" for part in self.config.get("name_parts", ()))
+
+    def plot(self, ax: Any = None) -> Any:
+        """The analysis's figure.
+
+        Args:
+            ax: an axes to draw into (a sequence of :attr:`panels` axes for a
+                figure of several panels); None makes a new figure.
+
+        Returns:
+            The matplotlib ``Figure``.
+        """
+        if ax is None:
+            from matplotlib.figure import Figure  # a bare Figure: no pyplot state, no backend change
+
+            figure = Figure(figsize=self._figsize(), layout="constrained")
+            axes: list[Any] = list(figure.subplots(*self._grid(), squeeze=False).ravel())
+        else:
+            axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
+            if len(axes) != self.panels:
+                raise InputError(f"{type(self).__name__}.plot draws {self.panels} panel(s); got {len(axes)} axes")
+            figure = axes[0].figure
+        self._draw(figure, list(axes))
+        return figure
+
+    def save(self, directory: str | os.PathLike) -> dict[str, Path]:
+        """Writes ``NAME.parquet`` (table), ``NAME-summary.parquet``, ``NAME.json`` (config), ``NAME.png``
+        and one ``NAME-ARRAY.npy`` per array into ``directory``; returns the paths by role."""
+        folder = output_folder(directory)
+        paths = {"table": folder / f"{self.name}.parquet", "summary": folder / f"{self.name}-summary.parquet",
+                 "config": folder / f"{self.name}.json", "figure": folder / f"{self.name}.png"}
+        for role in ("table", "summary"):
+            with atomic_path(paths[role]) as tmp:
+                pq.write_table(pa.Table.from_pandas(getattr(self, role), preserve_index=False), tmp)
+        for key, values in self.arrays.items():
+            paths[key] = folder / f"{self.name}-{key}.npy"
+            with atomic_path(paths[key]) as tmp, open(tmp, "wb") as file:
+                np.save(file, values, allow_pickle=False)
+        with atomic_path(paths["config"]) as tmp:
+            tmp.write_text(json.dumps({"format": RESULT_FORMAT, "kind": self.kind, "arrays": sorted(self.arrays),
+                                       "config": self.config}, indent=1, default=_plain))
+        with atomic_path(paths["figure"]) as tmp:
+            self.plot().savefig(tmp, format="png", dpi=120)
+        return paths
+
+    def _repr_html_(self) -> str:
+        shown = {k: v for k, v in self.config.items() if k not in ("run", "name_parts") and _short(v)}
+        settings = ", ".join(f"{k}={v}" for k, v in shown.items())
+        buffer = io.BytesIO()
+        self.plot().savefig(buffer, format="png", dpi=80)
+        image = base64.b64encode(buffer.getvalue()).decode()
+        return (f"<div><h4>{html.escape(self.title)}</h4><p><small>{html.escape(settings)}</small></p>"
+                + self.summary.to_html(index=False, max_rows=30, float_format=lambda v: f"{v:.4g}", border=0)
+                + f"<img src='data:image/png;base64,{image}' style='max-width:100%'></div>")
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.name!r}: {len(self.table)} rows, summary "
+                f"{self.summary.shape[0]} x {self.summary.shape[1]})")
+
+    def _grid(self) -> tuple[int, int]:
+        """Rows and columns of the panels (side by side unless a subclass stacks them)."""
+        return 1, self.panels
+
+    def _figsize(self) -> tuple[float, float]:
+        rows, cols = self._grid()
+        return (4.4 * cols, 3.6 * rows)
+
+    def _draw(self, figure: Any, axes: list[Any]) -> None:
+        raise NotImplementedError
+
+
+def load_result(directory: str | os.PathLike, name: str) -> Result:
+    """Reads a result written by :meth:`Result.save` (tables, config and arrays; the figure is redrawn).
+
+    Args:
+        directory: the folder it was saved to.
+        name: its file stem (``result.name``, e.g. "pruning").
+
+    Raises:
+        InputError: when the files are missing or are not a saved result.
+    """
+    folder = Path(directory)
+    path = folder / f"{name}.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is not a saved paramsal result ({exc})") from exc
+    if not isinstance(saved, dict) or saved.get("format") != RESULT_FORMAT or saved.get("kind") not in _known_results():
+        raise InputError(f"{path} is not a saved paramsal result (format {RESULT_FORMAT})")
+    arrays = {key: np.load(folder / f"{name}-{key}.npy", allow_pickle=False) for key in saved.get("arrays", [])}
+    return _known_results()[saved["kind"]](pq.read_table(folder / f"{name}.parquet").to_pandas(),
+                                   pq.read_table(folder / f"{name}-summary.parquet").to_pandas(),
+                                   saved["config"], arrays)
+
+
+def find_results(directory: str | os.PathLike) -> list[Result]:
+    """Every result saved in ``directory`` (files that are not saved results are ignored), by name."""
+    folder = Path(directory)
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(saved, dict) and saved.get("format") == RESULT_FORMAT and saved.get("kind") in _known_results():
+            found.append(load_result(folder, path.stem))
+    return found
+
+
+#: The modules that define the result kinds (a kind is known once its module is imported).
+_RESULT_MODULES = ("curves", "neighbors", "profiles", "attribution", "masking", "sanity")
+
+
+def _known_results() -> dict[str, type[Result]]:
+    for module in _RESULT_MODULES:
+        importlib.import_module(f"paramsal.analyses.{module}")
+    return _RESULTS
+
+
+def _plain(value: Any) -> Any:
+    """JSON for numpy scalars and arrays in a config."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _short(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) and len(str(value)) <= 40
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What :meth:`Analysis.evaluate` works on, checked to belong together.
+
+    Attributes:
+        run: the run (finished, unless the analysis allows partial runs).
+        model: the run's model (eval mode is the analysis's business).
+        index: the model's units, the run's.
+        data: the run's data set, ``data[sample_id] = (input, class)``.
+        ids, targets, preds: ``[n]`` the chosen samples, by id, with the
+            classes and predictions the run recorded.
+    """
+
+    run: Run
+    model: nn.Module
+    index: UnitIndex
+    data: MapDataset
+    ids: np.ndarray
+    targets: np.ndarray
+    preds: np.ndarray
+
+    def inputs(self, rows: slice | np.ndarray = slice(None)) -> torch.Tensor:
+        """``[m, ...]`` the inputs of ``ids[rows]`` on the model's device (their labels checked against the run's)."""
+        inputs = run_inputs(self.data, self.ids[rows], self.targets[rows])
+        param = next(iter(self.model.parameters()))
+        inputs = inputs.to(param.device)
+        return inputs.to(param.dtype) if inputs.is_floating_point() else inputs
+
+
+class Analysis:
+    """Settings of one analysis; :meth:`evaluate` applies them to a run.
+
+    Every analysis takes the same keyword arguments for where its model and
+    data come from and how strictly they are checked.
+
+    Args:
+        model: the network the run profiled; None rebuilds it from the run's
+            manifest (built-in specs only, unless ``trust_run_specs``).
+        allow_partial: analyse an unfinished run (its samples so far).
+        allow_other_weights: accept a model whose weights differ from the run's.
+        allow_other_data: accept a data set whose fingerprint differs from the run's.
+        trust_run_specs: rebuild a ``module.path:factory`` spec the manifest
+            names, importing and calling it (only for runs you made).
+        device: where a rebuilt model goes (default CUDA when available).
+        progress: show progress bars.
+    """
+
+    #: The verb of messages ("no misclassified samples to prune").
+    purpose: ClassVar[str] = "analyse"
+
+    def __init__(self, model: nn.Module | None = None, *, allow_partial: bool = False,
+                 allow_other_weights: bool = False, allow_other_data: bool = False, trust_run_specs: bool = False,
+                 device: str | torch.device | None = None, progress: bool = False):
+        self.model = model
+        self.allow_partial = allow_partial
+        self.allow_other_weights = allow_other_weights
+        self.allow_other_data = allow_other_data
+        self.trust_run_specs = trust_run_specs
+        self.device = device
+        self.progress = progress
+
+    def evaluate(self, run: Run | str | os.PathLike, data: MapDataset | None = None, samples: Samples = None) -> Result:
+        """Applies the analysis to ``run``.
+
+        Args:
+            run: a finished run (or its directory).
+            data: the data set the run profiled; None rebuilds it from the run's manifest.
+            samples: "misclassified" (the default, as in the paper), "correct", or sample ids.
+        """
+        raise NotImplementedError
+
+    def prepare(self, run: Run | str | os.PathLike, data: MapDataset | None = None, samples: Samples = None, *,
+                units: UnitsSpec | UnitIndex | None = None) -> Prepared:
+        """The run, its model and units, its data and the chosen samples, each checked against the run.
+
+        Analyses of the run alone (neighbours, profiles) open it with
+        :func:`~paramsal.analyses.sources.open_for_analysis` instead.
+        """
+        run = open_for_analysis(run, self.allow_partial)
+        missing = [what for what, given in (("model", self.model), ("data", data)) if given is None]
+        rebuilt = load_source(run, trust_run_specs=self.trust_run_specs, device=self.device,
+                              parts=missing) if missing else {}
+        model = self.model if self.model is not None else rebuilt["model"]
+        data = data if data is not None else rebuilt["data"]
+        index = run_units(run, model, units, check_weights=not self.allow_other_weights)
+        if not self.allow_other_data:
+            check_run_data(run, data)
+        ids, targets, preds = chosen_samples(run, samples, self.purpose)
+        return Prepared(run, model, index, data, ids, targets, preds)
+
+    def usable_ks(self, ks: Sequence[int], num_units: int) -> tuple[int, ...]:
+        """``ks`` without the values above the run's unit count, with one note when some are dropped."""
+        kept = tuple(k for k in ks if k <= num_units)
+        if not kept:
+            raise InputError(f"every k of {list(ks)} exceeds the run's {num_units} units; choose ks <= {num_units}")
+        if len(kept) < len(ks):
+            dropped = [k for k in ks if k > num_units]
+            warnings.warn(f"{type(self).__name__}: k={dropped} exceed the run's {num_units} units and are left out",
+                          ParamsalWarning, stacklevel=3)
+        return kept
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                             if k != "model" and not k.startswith("_") and v is not None and v is not False)
+        return f"{type(self).__name__}({settings})"
+
+
+def result_config(run: Run | None, analysis: Analysis, **facts: Any) -> dict[str, Any]:
+    """The config a result records: the run (None for tensors given directly), the analysis's settings, and facts
+    of the evaluation."""
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(analysis).items()
+                if k not in ("model", "device", "progress") and not k.startswith("_")}
+    return {"run": str(run.path) if run is not None else None, **settings, **facts}

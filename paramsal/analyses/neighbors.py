@@ -1,0 +1,278 @@
+"""Nearest neighbours in saliency space (the paper's section 3.2).
+
+Samples whose mistakes come from the same parameters should have similar
+saliency profiles. :class:`Neighbors` finds, for each query sample, its k
+nearest samples by cosine similarity of standardized profiles (and, as the
+baseline, of penultimate features), exactly (:mod:`paramsal.analyses.knn`:
+blocked products, memory bounded by the block size). Its summary is the
+paper's: how often the neighbours of a misclassified sample share its (true,
+predicted) class pair, in each space, against chance.
+
+```python
+result = Neighbors(k=10, among="misclassified").evaluate(run)
+result.table       # space, query_id, rank, neighbor_id, similarity
+result.summary     # space ("saliency", "features", "chance"), pair_sharing, queries, pool, k
+```
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from paramsal.analyses.base import Analysis, Result, result_config
+from paramsal.analyses.knn import Layers, Search, checked_k
+from paramsal.analyses.sources import Samples, chosen_samples, open_for_analysis
+from paramsal.engine.rundir import Run
+from paramsal.errors import InputError
+from paramsal.options import POOLS, PRECISIONS, SPACES
+
+
+@dataclass(repr=False)
+class NeighborsResult(Result):
+    """The neighbours of each query in each space (:attr:`table`) and the pair-sharing rates (:attr:`summary`).
+
+    ``table``: space, query_id, rank (1 = nearest), neighbor_id, similarity
+    (cosine, float64, as kept in ``precision``; equal similarities rank the
+    smaller sample id first). ``summary``: one row per space and one for
+    chance (random neighbours from the same pool): space, pair_sharing (the
+    share of the neighbours of misclassified queries whose (true, predicted)
+    pair is the query's, in either order), queries (misclassified ones), pool, k.
+    """
+
+    kind: ClassVar[str] = "neighbors"
+    title: ClassVar[str] = "Nearest neighbours sharing the (true, predicted) class pair (paper 3.2)"
+
+    def neighbor_ids(self, space: str = "saliency") -> np.ndarray:
+        """``[Q, k]`` each query's neighbours in ``space``, queries in table order."""
+        rows = self.table[self.table["space"] == space]
+        return rows["neighbor_id"].to_numpy().reshape(-1, int(self.config["k"]))
+
+    def _draw(self, figure: Any, axes: list[Any]) -> None:
+        ax = axes[0]
+        colors = {"saliency": "tab:red", "features": "tab:blue", "chance": "0.6"}
+        spaces = self.summary["space"].tolist()
+        ax.bar(spaces, self.summary["pair_sharing"], color=[colors.get(space, "0.3") for space in spaces])
+        for x, value in enumerate(self.summary["pair_sharing"]):
+            ax.text(x, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel("neighbours sharing the (true, predicted) pair")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"k={self.config['k']}, among {self.config['among']}, layers {self.config['layers']}",
+                     fontsize=9)
+
+
+class Neighbors(Analysis):
+    """Exact cosine k-nearest neighbours of a run's samples, in saliency space and in feature space.
+
+    Args:
+        k: neighbours per query; less than the number of candidates.
+        layers: saliency space only: keep the units of these layers, e.g.
+            ``slice(0, 10)`` for shallow layers, ``slice(10, None)`` for deep
+            ones (a slice over the distinct layers, or a list of
+            ``units.layer`` values).
+        among: the candidates: "misclassified" samples (the paper) or "all".
+        spaces: "saliency" (standardized profiles, the run's own statistics)
+            and/or "features" (the run's penultimate features, raw: the
+            baseline); "features" is left out for a run profiled without
+            features, unless it is the only space asked for (then an error).
+        precision: how the candidate matrix is kept. "float32" (half the
+            memory): similarities are within about 1e-8 of a float64
+            computation, so samples whose similarities to a query differ by
+            less (near-duplicates among confidently correct samples) may swap
+            ranks. "float64": ranks exactly as a float64 computation.
+            Products are taken in float64 either way.
+        block_size: queries and candidates per block; besides the candidate
+            matrix (``n_pool * f * 4`` bytes in float32), memory peaks at about
+            ``block_size * (16 * f + 32 * block_size)`` bytes (1 GiB for
+            2048 rows of 26,560 units).
+        **common: see :class:`~paramsal.analyses.base.Analysis` (the run alone is read: no model, no data).
+
+    ``evaluate(run, samples=...)`` takes the queries: "misclassified" (the
+    default), "correct", or sample ids (in or out of the pool; a query is never
+    its own neighbour, though a duplicate of it may be).
+    """
+
+    purpose: ClassVar[str] = "find neighbours of"
+
+    def __init__(self, k: int = 10, *, layers: Layers = None, among: str = "misclassified",
+                 spaces: Sequence[str] = SPACES, precision: str = "float32", block_size: int = 2048,
+                 **common: Any):
+        super().__init__(**common)
+        for name, value, choices in [("among", among, POOLS), ("precision", precision, PRECISIONS),
+                                     *(("space", space, SPACES) for space in spaces)]:
+            if value not in choices:
+                raise InputError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+        if not spaces:
+            raise InputError(f"spaces=(): expected some of {', '.join(SPACES)}")
+        if layers is not None and "saliency" not in spaces:
+            raise InputError("layers applies to space='saliency' only (features have no layers)")
+        checked_k(k, k + 1, among)
+        if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise InputError(f"block_size={block_size!r}: expected a positive integer")
+        self.k, self.layers, self.among, self.spaces = int(k), layers, among, tuple(dict.fromkeys(spaces))
+        self.precision, self.block_size = precision, int(block_size)
+
+    def evaluate(self, run: Run | str | os.PathLike, data: Any = None, samples: Samples = None) -> NeighborsResult:
+        run = open_for_analysis(run, self.allow_partial)
+        spaces = self._spaces(run)
+        queries = _query_ids(run, samples)
+        tables, pool = [], np.zeros(0, np.int64)
+        for space in spaces:
+            search = Search(run, space, self.layers if space == "saliency" else None, self.among, self.precision,
+                            self.block_size)
+            index, similarity = search.query(queries, self.k)
+            pool = search.pool_ids
+            tables.append(pd.DataFrame({
+                "space": space, "query_id": np.repeat(queries, self.k),
+                "rank": np.tile(np.arange(1, self.k + 1, dtype=np.int32), len(queries)),
+                "neighbor_id": pool[index].reshape(-1), "similarity": np.clip(similarity, -1.0, 1.0).reshape(-1)}))
+        table = pd.concat(tables, ignore_index=True)
+        config = result_config(run, self, layers=_describe_layers(self.layers), pool_size=len(pool),
+                               metric="cosine", name_parts=_name_parts(self.layers, self.among))
+        return NeighborsResult(table, _summary(run, table, queries, pool, self.k), config)
+
+    def _spaces(self, run: Run) -> tuple[str, ...]:
+        if run.manifest.get("features"):
+            return self.spaces
+        if self.spaces == ("features",):
+            raise InputError(f"{run.path} has no features for space='features': profile it with "
+                             "features=True (--features)")
+        return tuple(s for s in self.spaces if s != "features")
+
+
+def neighbor_ids(run: Run, ids: np.ndarray, k: int, among: str = "misclassified") -> np.ndarray:
+    """``[n, k]`` each sample's nearest neighbours in saliency space among ``among`` (itself excluded)."""
+    search = Search(run, "saliency", None, among, "float32", 2048)
+    index, _ = search.query(np.asarray(ids, np.int64), k)
+    return search.pool_ids[index]
+
+
+def _query_ids(run: Run, samples: Samples) -> np.ndarray:
+    if samples is None or isinstance(samples, str):
+        return chosen_samples(run, samples, "find neighbours of")[0]
+    queries = np.asarray(samples)
+    if queries.ndim != 1 or (len(queries) and not np.issubdtype(queries.dtype, np.integer)):
+        raise InputError(f"query ids must be a 1-D list of integer sample ids, got {queries.dtype} "
+                         f"of shape {queries.shape}")
+    queries = queries.astype(np.int64)
+    unknown = np.setdiff1d(queries, run.table().column("sample_id").to_numpy())
+    if len(unknown):
+        raise InputError(f"query ids {unknown[:10].tolist()}{' ...' if len(unknown) > 10 else ''} are not "
+                         f"samples of {run.path} ({run.num_samples} samples)")
+    return queries
+
+
+def _describe_layers(layers: Layers) -> str:
+    if layers is None:
+        return "all"
+    if isinstance(layers, slice):
+        return f"{'' if layers.start is None else layers.start}:{'' if layers.stop is None else layers.stop}" + \
+            ("" if layers.step is None else f":{layers.step}")
+    return ",".join(str(int(layer)) for layer in layers)
+
+
+def _name_parts(layers: Layers, among: str) -> list[str]:
+    """What the file name records beyond "neighbors": the layers and the pool, when not the defaults."""
+    parts = []
+    if layers is not None:
+        parts.append("layers" + _describe_layers(layers).replace(":", "-").replace(",", "."))
+    if among != "misclassified":
+        parts.append(f"among-{among}")
+    return parts
+
+
+def pair_sharing_rate(run: Run, neighbors: pa.Table) -> float:
+    """Fraction of neighbours of misclassified queries that share the query's class pair.
+
+    A neighbour shares the pair of a query with true class t and prediction p
+    when its own (true, predicted) pair is (t, p) or (p, t). Queries that are
+    correctly classified are ignored; every remaining (query, neighbour) pair
+    counts once.
+
+    Args:
+        run: the run the table was computed on (for targets and predictions).
+        neighbors: a table from :meth:`Neighbors.nn`.
+
+    Returns:
+        The fraction in [0, 1].
+    """
+    target, pred = _classes_by_id(run)
+    query = neighbors.column("query_id").to_numpy()
+    neighbor = neighbors.column("neighbor_id").to_numpy()
+    wrong = target[query] != pred[query]
+    if not wrong.any():
+        raise InputError("the neighbours table has no misclassified query, so no (true, predicted) pair to share")
+    query, neighbor = query[wrong], neighbor[wrong]
+    return float(_shares_pair(target, pred, query, neighbor).mean())
+
+
+def chance_pair_sharing_rate(run: Run, query_ids: np.ndarray, pool_ids: np.ndarray) -> float:
+    """The same fraction if each query's neighbours were drawn at random from the pool (itself excluded).
+
+    Args:
+        run: the run.
+        query_ids: ``[Q]`` misclassified sample ids.
+        pool_ids: ``[n]`` candidate sample ids.
+    """
+    target, pred = _classes_by_id(run)
+    num_classes = int(max(target.max(), pred.max())) + 1
+    pair_counts = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(pair_counts, (target[pool_ids], pred[pool_ids]), 1)
+    t, p = target[query_ids], pred[query_ids]
+    sharing = pair_counts[t, p] + np.where(t != p, pair_counts[p, t], 0)
+    in_pool = np.isin(query_ids, pool_ids)
+    # A query in the pool shares its own pair but is never its own neighbour.
+    return float(((sharing - in_pool) / (len(pool_ids) - in_pool)).mean())
+
+
+def _summary(run: Run, table: pd.DataFrame, queries: np.ndarray, pool_ids: np.ndarray, k: int) -> pd.DataFrame:
+    """Pair-sharing rates per space over the misclassified queries, and chance for the same pool."""
+    wrong = np.intersect1d(queries, run.sample_ids("misclassified"))
+    rows = []
+    for space, part in table.groupby("space", sort=False):
+        neighbors = pa.table({"query_id": part["query_id"].to_numpy(), "neighbor_id": part["neighbor_id"].to_numpy()})
+        rows.append({"space": space, "pair_sharing": pair_sharing_rate(run, neighbors) if len(wrong) else np.nan})
+    rows.append({"space": "chance",
+                 "pair_sharing": chance_pair_sharing_rate(run, wrong, pool_ids) if len(wrong) else np.nan})
+    frame = pd.DataFrame(rows)
+    frame["queries"], frame["pool"], frame["k"] = len(wrong), len(pool_ids), k
+    return frame
+
+
+def _classes_by_id(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """``target``, ``pred`` indexed by sample id (``-1`` where an id is absent)."""
+    table = run.table()
+    ids = table.column("sample_id").to_numpy()
+    target = np.full(ids.max() + 1 if len(ids) else 0, -1, np.int64)
+    pred = target.copy()
+    target[ids] = table.column("target").to_numpy()
+    pred[ids] = table.column("pred").to_numpy()
+    return target, pred
+
+
+def _shares_pair(target: np.ndarray, pred: np.ndarray, query: np.ndarray, neighbor: np.ndarray) -> np.ndarray:
+    same = (target[neighbor] == target[query]) & (pred[neighbor] == pred[query])
+    swapped = (target[neighbor] == pred[query]) & (pred[neighbor] == target[query])
+    return same | swapped
+
+
+def parse_layers(text: str | None) -> Layers:
+    """``"A:B"`` -> ``slice(A, B)`` (either end may be empty); ``"3,5,7"`` -> ``[3, 5, 7]``."""
+    if text is None or text in ("", "all"):
+        return None
+    try:
+        if ":" in text:
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            return slice(*parts)
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise InputError(f"--layers {text!r}: expected A:B (a range of layers, either end optional) "
+                         "or a comma-separated list of layers") from None

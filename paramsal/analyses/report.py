@@ -1,0 +1,254 @@
+"""A static HTML report of a run: ``paramsal report RUN`` writes ``RUN/report/index.html``.
+
+The page gathers every result the analyses saved in ``RUN/analyses``
+(pruning, perturbation, fine-tuning, several side by side; masking; the
+sanity check; input-space explanations) and draws what is cheap to draw from
+the run itself: Figures 1-2, the neighbours' pair sharing with galleries of
+the most frequent confusions, and input-space saliency of the most confident
+mistakes. It uses no script and loads nothing from the network: one folder
+of PNGs and one HTML file, to open in any browser or attach to a ticket.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from paramsal._typing import MapDataset
+from paramsal._io import atomic_path
+from paramsal.analyses.base import Analysis, Prepared, Result, find_results
+from paramsal.analyses.neighbors import Neighbors
+from paramsal.analyses.pictures import displayable
+from paramsal.analyses.profiles import SaliencyProfiles
+from paramsal.analyses.sources import open_for_analysis, output_folder
+from paramsal.engine.rundir import Run
+
+#: How saved results are titled, by kind, in the order the page shows them.
+SECTIONS = {
+    "pruning": "Pruning salient filters (paper Fig. 3)",
+    "perturbation": "Perturbing salient filters with noise (paper A.5)",
+    "finetune": "One-step fine-tuning of salient filters (paper Fig. 6)",
+    "masking": "Masking the salient pixels (paper 3.4, A.8)",
+    "sanity": "Cascading randomization sanity check (paper A.10)",
+    "explain": "Input-space saliency of chosen samples (paper 2.2)",
+}
+
+#: Summary columns shown at most per table: wider tables are hard to read in a 1,400 px window.
+MAX_COLUMNS = 8
+
+
+class _Checked(Analysis):
+    """The checks every analysis makes (run finished, model and data the run's), for the report's own drawing."""
+
+    purpose: ClassVar[str] = "report on"
+
+
+def write_report(run: Run | str | os.PathLike, out: str | os.PathLike | None = None, *,
+                 model: nn.Module | None = None, data: MapDataset | None = None, queries: int = 4, k: int = 5,
+                 explain: int = 4, **common: Any) -> Path:
+    """Writes the report of a run and returns the path of its ``index.html``.
+
+    Args:
+        run: the run (or its directory).
+        out: the report folder; default ``RUN/report``.
+        model, data: the run's model and data set; default rebuilt from the run's manifest.
+        queries: the most frequent (true, predicted) confusions shown in the neighbour galleries, one query each.
+        k: neighbours per query in the galleries.
+        explain: most confident mistakes shown with input-space saliency maps.
+        **common: as for every analysis (allow_partial, allow_other_weights,
+            allow_other_data, trust_run_specs, device): see
+            :class:`~paramsal.analyses.base.Analysis`.
+
+    Raises:
+        InputError: when the folder is not writable, or the model or data is not the run's.
+    """
+    opened = run if isinstance(run, Run) else open_for_analysis(run, common.get("allow_partial", False))
+    # Every sample: the checks need some, and an all-correct run still has a report.
+    checked = _Checked(model, **common).prepare(opened, data, opened.sample_ids())
+    run = checked.run
+    folder = output_folder(out if out is not None else run.path / "report")
+    sections = [_overview(run), _profiles_section(run, folder, common),
+                _neighbours_section(checked, folder, queries, k, common),
+                *_saved_sections(run.path / "analyses", folder),
+                _explain_section(checked, folder, explain, common)]
+    page = _page(f"paramsal report: {run.path.name}", [s for s in sections if s])
+    with atomic_path(folder / "index.html") as tmp:
+        tmp.write_text(page)
+    return folder / "index.html"
+
+
+def _overview(run: Run) -> str:
+    table = run.table()
+    correct = table.column("correct").to_numpy(zero_copy_only=False)[run.selected(table, None)]
+    config = run.manifest.get("config", {})
+    rows = [("run", str(run.path)), ("model", config.get("model")), ("data", config.get("data")),
+            ("samples", f"{len(correct):,}"), ("accuracy", f"{correct.mean():.4f}"),
+            ("misclassified", f"{int((~correct).sum()):,}"),
+            ("units", f"{run.num_units:,} ({config.get('units')}, {run.manifest.get('aggregation')})")]
+    skipped = len(run.nonfinite_ids())
+    if skipped:
+        rows.append(("skipped (NaN/inf)", f"{skipped:,}"))
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<h2>Run</h2><table class='facts'>{body}</table>"
+
+
+def _profiles_section(run: Run, folder: Path, common: dict[str, Any]) -> str:
+    result = SaliencyProfiles(allow_partial=common.get("allow_partial", False)).evaluate(run)
+    _figure(result, folder / "profiles.png")
+    return ("<h2>Saliency profiles (paper Figs. 1-2)</h2>"
+            "<p>Mean raw profile per layer, filters sorted within each layer; below, the mean standardized "
+            "profile of correct vs misclassified samples:</p>" + _img("profiles.png", "saliency profiles"))
+
+
+def _neighbours_section(checked: Prepared, folder: Path, queries: int, k: int, common: dict[str, Any]) -> str:
+    run = checked.run
+    if len(run.sample_ids("misclassified")) <= max(k, 10):
+        return ""
+    result = Neighbors(k=10, allow_partial=common.get("allow_partial", False)).evaluate(run)
+    _figure(result, folder / "neighbors.png")
+    parts = ["<h2>Nearest neighbours among misclassified samples (paper 3.2)</h2>"
+             "<p>Share of the 10 nearest neighbours with the query's (true, predicted) class pair:</p>",
+             _table(result.summary), _img("neighbors.png", "pair sharing per space")]
+    shown = _confusion_queries(checked, queries)
+    if len(shown):
+        galleries = Neighbors(k=k, allow_partial=common.get("allow_partial", False)).evaluate(run, samples=shown)
+        labels = _labels_by_id(run)
+        for space in galleries.table["space"].unique():
+            name = f"neighbours-{space}.png"
+            _gallery(checked.data, shown, galleries.neighbor_ids(space), labels, folder / name, f"{space} space")
+            parts.append(f"<h3>In {space} space: the {len(shown)} most frequent confusions</h3>"
+                         + _img(name, f"neighbour gallery, {space} space"))
+    return "".join(parts)
+
+
+def _confusion_queries(checked: Prepared, count: int) -> np.ndarray:
+    """One mistake per (true, predicted) pair, for the ``count`` most frequent pairs: the most confident one."""
+    table = checked.run.table().to_pandas()
+    mistakes = table[table["sample_id"].isin(checked.run.sample_ids("misclassified"))]
+    pairs = mistakes.groupby(["target", "pred"]).size().sort_values(ascending=False, kind="stable")
+    chosen = []
+    for target, pred in pairs.index[:count]:
+        rows = mistakes[(mistakes["target"] == target) & (mistakes["pred"] == pred)]
+        chosen.append(int(rows.sort_values("pred_prob", ascending=False, kind="stable")["sample_id"].iloc[0]))
+    return np.asarray(chosen, np.int64)
+
+
+def _saved_sections(analyses: Path, folder: Path) -> list[str]:
+    """A section per kind of saved result; results of one kind (e.g. several learning rates) side by side."""
+    results = find_results(analyses)
+    sections = []
+    for kind, title in SECTIONS.items():
+        same = [r for r in results if r.kind == kind]
+        if not same:
+            continue
+        images = []
+        for result in same:
+            name = f"{result.name}.png"
+            source = analyses / name
+            if source.is_file():
+                shutil.copyfile(source, folder / name)
+            else:
+                _figure(result, folder / name)
+            images.append(_img(name, result.name))
+        tables = [_table(r.summary, caption=r.name if len(same) > 1 else None) for r in same]
+        layout = "side" if len(images) > 1 else "whole"
+        sections.append(f"<h2>{html.escape(title)}</h2><div class='{layout}'>{''.join(images)}</div>"
+                        + "".join(tables))
+    return sections
+
+
+def _explain_section(checked: Prepared, folder: Path, count: int, common: dict[str, Any]) -> str:
+    from paramsal.analyses.attribution import InputSaliency
+
+    wrong = checked.run.sample_ids("misclassified")
+    if count < 1 or not len(wrong):
+        return ""
+    table = checked.run.table().to_pandas().set_index("sample_id").loc[wrong]
+    shown = table.sort_values("pred_prob", ascending=False, kind="stable").index[:count].to_numpy()
+    result = InputSaliency(checked.model, **common).evaluate(checked.run, checked.data, samples=shown)
+    _figure(result, folder / "explain.png")
+    return ("<h2>Input-space saliency of the most confident mistakes (paper 2.2)</h2>"
+            "<p>Pixels that make the top 10 salient filters salient, next to 10 random filters "
+            "(true -> predicted class):</p>" + _img("explain.png", "input-space saliency overlays"))
+
+
+def _gallery(data: MapDataset, queries: np.ndarray, neighbours: np.ndarray, labels: dict[int, tuple[int, int]],
+             path: Path, space: str) -> None:
+    """Query image, then its neighbours; each titled with its id and (true -> predicted) classes."""
+    from matplotlib.figure import Figure
+
+    rows, cols = neighbours.shape[0], neighbours.shape[1] + 1
+    figure = Figure(figsize=(1.6 * cols, 1.8 * rows))
+    for r, query in enumerate(queries):
+        for c, sample in enumerate([query, *neighbours[r]]):
+            ax = figure.add_subplot(rows, cols, r * cols + c + 1)
+            ax.imshow(displayable(torch.as_tensor(data[int(sample)][0])), cmap="gray")
+            true, pred = labels[int(sample)]
+            ax.set_title(f"{'query ' if c == 0 else ''}{int(sample)}\n{true} -> {pred}", fontsize=7,
+                         color="black" if c == 0 else "dimgray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    figure.suptitle(f"neighbours in {space} (true -> predicted class)", fontsize=9)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+
+
+def _figure(result: Result, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        result.plot().savefig(tmp, format="png", dpi=110)
+
+
+def _labels_by_id(run: Run) -> dict[int, tuple[int, int]]:
+    table = run.table()
+    return dict(zip(table.column("sample_id").to_pylist(),
+                    zip(table.column("target").to_pylist(), table.column("pred").to_pylist())))
+
+
+def compact(frame: pd.DataFrame) -> pd.DataFrame:
+    """A summary with each ``m``, ``m_low``, ``m_high`` triple shown as one "m [low, high]" column."""
+    out = pd.DataFrame(index=frame.index)
+    for column in frame.columns:
+        if column.endswith(("_low", "_high")) and column.rsplit("_", 1)[0] in frame.columns:
+            continue
+        if f"{column}_low" in frame.columns and f"{column}_high" in frame.columns:
+            out[column] = [f"{m:.3g} [{lo:.3g}, {hi:.3g}]" for m, lo, hi in
+                           zip(frame[column], frame[f"{column}_low"], frame[f"{column}_high"])]
+        else:
+            out[column] = frame[column]
+    return out
+
+
+def _table(frame: pd.DataFrame, caption: str | None = None) -> str:
+    shown = compact(frame)
+    shown = shown[shown.columns[:MAX_COLUMNS]]
+    title = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    body = shown.to_html(index=False, float_format=lambda v: f"{v:.4g}", classes="numbers", border=0)
+    return f"<div class='wide'>{body.replace('<thead>', title + '<thead>', 1)}</div>"
+
+
+def _img(name: str, alt: str) -> str:
+    return f"<img src='{html.escape(name)}' alt='{html.escape(alt)}'>"
+
+
+def _page(title: str, sections: Sequence[str]) -> str:
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+             "img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}"
+             "div.side{display:flex;flex-wrap:wrap;gap:0.5em}div.side img{max-width:49%}"
+             "div.wide{max-width:100%;overflow-x:auto}"
+             "table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.9em}"
+             "th,td{padding:2px 8px;text-align:left}caption{text-align:left;font-weight:bold}"
+             "table.numbers td{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
+             "table.numbers tr:nth-child(even){background:#f4f4f4}h2{border-bottom:1px solid #ccc}")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<link rel='icon' href='data:,'><style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+            + "\n".join(sections) + "</body></html>\n")

@@ -1,0 +1,290 @@
+"""Where an analysis gets its model, data and samples, and the checks that they are the run's.
+
+A run directory is data: :func:`load_source` rebuilds only the built-in model
+and data specs a manifest records (``demo``, ``torchvision:NAME``,
+``demo:SPLIT``, ``imagefolder:DIR``); a ``module.path:factory`` spec found
+there is imported and called only when the caller opts in
+(``trust_run_specs=True``, ``--trust-run-specs``), since anyone who can write
+a run directory could otherwise run code on the machine of whoever analyses it.
+
+Whatever their origin, the model must have the run's units and (unless
+allowed otherwise) its weights, and the data the run's fingerprint and labels:
+an analysis of other weights or other images would describe something else
+under the run's name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from paramsal._typing import MapDataset
+from paramsal.engine.devices import resolve_device
+from paramsal.engine.fingerprints import data_fingerprint, model_fingerprint
+from paramsal.engine.rundir import Run, open_run
+from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
+from paramsal.errors import InputError
+from paramsal.options import TRANSFORMS
+from paramsal.zoo.specs import BUILTIN_SPEC_NAMES, is_builtin_spec, load_data, load_model
+
+#: What ``samples=`` takes: "misclassified" (the default), "correct", or sample ids of the run.
+Samples = str | Sequence[int] | np.ndarray | None
+
+
+@dataclass(frozen=True)
+class SourceOverrides:
+    """What a caller puts in place of a run's recorded specs (the command line's ``--model``, ``--data``, ...).
+
+    A spec given here is the caller's own and is always loaded; ``weights``
+    without ``model`` reloads the run's model with other weights.
+    """
+
+    model: str | None = None
+    weights: str | None = None
+    num_classes: int | None = None
+    data: str | None = None
+    transform: str | None = None
+
+
+def _positive_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+
+
+def _string_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+#: The fields of a manifest's ``source`` that :func:`load_source` reads: (check, what it must be, override flag).
+SOURCE_FIELDS: dict[str, tuple[Callable[[Any], bool], str, str | None]] = {
+    "model": (_string_or_none, "a spec string", "--model"),
+    "data": (_string_or_none, "a spec string", "--data"),
+    "weights": (_string_or_none, "a file path or null", "--weights"),
+    "num_classes": (_positive_or_none, "a positive integer or null", "--num-classes"),
+    "transform": (lambda v: v is None or v in TRANSFORMS, f"one of {', '.join(TRANSFORMS)} or null", "--transform"),
+    "limit": (_positive_or_none, "a positive integer or null", None),
+}
+
+
+def recorded_source(run: Run, overridden: Sequence[str] = ()) -> dict[str, Any]:
+    """The specs a run records for rebuilding its model and data, each field checked to be plain data.
+
+    ``source`` is what ``paramsal profile`` records; ``config`` gives the
+    model and data of runs without one (their descriptions, which may be specs).
+
+    Args:
+        run: the run.
+        overridden: fields the caller replaces, which are neither read nor checked.
+
+    Raises:
+        InputError: naming the first field of the wrong type or value.
+    """
+    config, source = run.manifest.get("config", {}), run.manifest.get("source") or {}
+    if not isinstance(source, dict) or not isinstance(config, dict):
+        raise InputError(f"{run.path}/manifest.json: 'source' and 'config' must be objects; the run directory is "
+                         "damaged or was edited by hand")
+    recorded = {}
+    for key, (check, expected, flag) in SOURCE_FIELDS.items():
+        if key in overridden:
+            continue
+        value = source.get(key)
+        if value is None and key in ("model", "data"):
+            value = config.get(key)
+        if not check(value):
+            way_out = f"; pass {flag} to replace it" if flag else ""
+            raise InputError(f"{run.path}/manifest.json: source.{key} is {value!r}, not {expected}; the run "
+                             f"directory is damaged or was edited by hand{way_out}")
+        recorded[key] = value
+    return recorded
+
+
+def _check_callable_spec(run: Run, what: str, spec: str, trusted: bool) -> None:
+    """Refuses a manifest's spec that would import and call code, unless the caller trusts the run."""
+    if trusted or is_builtin_spec(spec, what):
+        return
+    raise InputError(f"{run.path} names the {what} spec {spec!r}, which was not imported or called: a run directory "
+                     f"is data, and only built-in specs ({BUILTIN_SPEC_NAMES[what]}) are rebuilt from it; pass "
+                     f"--{what} SPEC to load the {what} yourself, or --trust-run-specs (trust_run_specs=True in "
+                     "Python) if you made this run yourself")
+
+
+def load_source(run: Run, overrides: SourceOverrides | None = None, *, trust_run_specs: bool = False,
+                device: str | torch.device | None = None,
+                parts: Sequence[str] = ("model", "data")) -> dict[str, Any]:
+    """The model (in eval mode, on ``device``) and data set a run was profiled with, or the overrides.
+
+    Sample ids index the returned data set, as they index the profiled one:
+    the run's recorded ``limit`` is applied to overriding data too.
+
+    Args:
+        run: the run.
+        overrides: specs that replace the recorded ones.
+        trust_run_specs: also rebuild ``module.path:factory`` specs the
+            manifest names, importing and calling them.
+        device: where the model goes (default CUDA when available).
+        parts: which of "model" and "data" to load.
+
+    Returns:
+        ``{"model": nn.Module, "data": MapDataset}`` for the parts asked for.
+
+    Raises:
+        InputError: for a spec or field of the manifest that is refused.
+    """
+    overrides = overrides or SourceOverrides()
+    overridden = [key for key in SOURCE_FIELDS if getattr(overrides, key, None) is not None]
+    if overrides.model is not None:
+        overridden.append("weights")  # the run's weights belong to the run's model
+    source = recorded_source(run, overridden)
+    specs = {"model": overrides.model or source.get("model"), "data": overrides.data or source.get("data")}
+    unknown = [what for what in parts if not specs[what]]
+    if unknown:
+        raise InputError(f"{run.path} does not record how to load its {' and '.join(unknown)} (it was not made by "
+                         f"`paramsal profile`): pass " + " and ".join(f"--{w} ({w}=)" for w in unknown))
+    loaded: dict[str, Any] = {}
+    known = {what: str(specs[what]) for what in parts}
+    for what in parts:
+        if getattr(overrides, what) is None:
+            _check_callable_spec(run, what, known[what], trust_run_specs)
+    if "model" in parts:
+        model = load_model(known["model"], overrides.weights or source.get("weights"),
+                           overrides.num_classes or source.get("num_classes"))
+        loaded["model"] = model.to(resolve_device(device))
+    if "data" in parts:
+        data = load_data(known["data"], overrides.transform or source.get("transform") or "imagenet")
+        if source.get("limit"):
+            data = Subset(data, range(min(int(source["limit"]), len(data))))  # type: ignore[arg-type]
+        loaded["data"] = data
+    return loaded
+
+
+def check_run_data(run: Run, data: MapDataset) -> None:
+    """Refuses a data set whose fingerprint is not the one the run recorded (sample ids would point elsewhere)."""
+    recorded = run.manifest.get("data_fingerprint")
+    found = data_fingerprint(data)
+    if found != recorded:
+        raise InputError(f"the data set ({type(data).__name__}, fingerprint {found}) is not the one {run.path} "
+                         f"profiled (fingerprint {recorded}), so its sample ids would name other samples; pass the "
+                         "run's own data, or --allow-other-data (allow_other_data=True in Python) to use it anyway")
+
+
+def run_units(run: Run, model: nn.Module, units: UnitsSpec | UnitIndex | None = None,
+              check_weights: bool = True) -> UnitIndex:
+    """The model's units, checked to be the run's (and the model's weights to be the profiled ones).
+
+    Raises:
+        InputError: naming what differs, since every analysis would otherwise
+            act on the wrong filters without a sign.
+    """
+    config = run.manifest.get("config", {})
+    units = units if units is not None else config.get("units", "filters")
+    index = units if isinstance(units, UnitIndex) else units_of(model, units)
+    if index.fingerprint() != run.manifest.get("units_fingerprint"):
+        raise InputError(f"the units of this model ({index.scheme}, {len(index)} units) do not match the run "
+                         f"{run.path} ({config.get('units')}, {run.num_units} units): is it the model the "
+                         "run profiled?")
+    if check_weights and model_fingerprint(model) != run.manifest.get("model_fingerprint"):
+        raise InputError(f"the model's weights differ from those the run {run.path} profiled (model "
+                         f"{config.get('model')!r}); load the same weights, or pass --allow-other-weights "
+                         "(allow_other_weights=True in Python)")
+    return index
+
+
+def open_for_analysis(run: Run | str | os.PathLike, allow_partial: bool = False) -> Run:
+    """The run, refused while unfinished unless ``allow_partial``.
+
+    An unfinished run's statistics and sample set are those of the samples
+    written so far; an analysis of it would silently describe another data set.
+    """
+    run = run if isinstance(run, Run) else open_run(run)
+    if not run.complete and not allow_partial:
+        raise InputError(f"{run.path} is unfinished ({run.num_samples} of {run.manifest.get('num_samples', '?')} "
+                         "samples); finish it by running the same `paramsal profile` command again, or pass "
+                         "--allow-partial (allow_partial=True in Python)")
+    return run
+
+
+def chosen_samples(run: Run, samples: Samples, purpose: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, targets, preds)`` of a selection ("misclassified" by default, "correct") or sample ids, by id."""
+    table = run.table()
+    ids = table.column("sample_id").to_numpy()
+    samples = "misclassified" if samples is None else samples
+    if isinstance(samples, str):
+        if samples not in ("misclassified", "correct"):
+            raise InputError(f"samples={samples!r}: expected 'misclassified', 'correct' or sample ids")
+        keep = run.selected(table, samples)
+    else:
+        wanted = np.asarray(samples, dtype=np.int64)
+        _check_in_run(run, wanted, ids)
+        keep = np.isin(ids, wanted)
+    if not keep.any():
+        raise InputError(f"the run {run.path} has no {samples if isinstance(samples, str) else 'selected'} "
+                         f"samples to {purpose}")
+    order = np.argsort(ids[keep], kind="stable")
+    return (ids[keep][order], table.column("target").to_numpy()[keep][order],
+            table.column("pred").to_numpy()[keep][order])
+
+
+def recorded_targets(run: Run, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``[n]`` the classes the run recorded for samples ``ids``, in the order given."""
+    ids = np.asarray(ids, dtype=np.int64)
+    table = run.table()
+    all_ids = table.column("sample_id").to_numpy()
+    _check_in_run(run, ids, all_ids)
+    order = np.argsort(all_ids)
+    return table.column("target").to_numpy()[order][np.searchsorted(all_ids[order], ids)]
+
+
+def _check_in_run(run: Run, wanted: np.ndarray, ids: np.ndarray) -> None:
+    missing = np.setdiff1d(wanted, ids)
+    if len(missing):
+        raise InputError(f"sample ids {missing[:5].tolist()} are not in the run {run.path}")
+
+
+def run_inputs(data: MapDataset, ids: np.ndarray, targets: np.ndarray) -> torch.Tensor:
+    """``[n, ...]`` the inputs of samples ``ids``, whose labels in ``data`` must be the run's ``targets``."""
+    size = len(data)
+    outside = [int(i) for i in ids if not 0 <= int(i) < size]
+    if outside:
+        raise InputError(f"sample ids {outside[:5]} are outside the data set's 0..{size - 1}: it is not the "
+                         "data set the run profiled")
+    inputs, labels = zip(*(data[int(i)] for i in ids))
+    found = np.array([int(y) for y in labels])
+    wrong = np.flatnonzero(found != targets)
+    if len(wrong):
+        raise InputError(f"the data set does not match the run: sample {int(ids[wrong[0]])} has class "
+                         f"{found[wrong[0]]} in the data set and {targets[wrong[0]]} in the run")
+    return torch.stack([torch.as_tensor(x) for x in inputs])
+
+
+def model_device(model: nn.Module) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def output_folder(folder: str | os.PathLike, option: str = "--out DIR") -> Path:
+    """``folder``, created if needed and checked to be writable before an analysis writes into it.
+
+    Args:
+        folder: where the analysis writes.
+        option: how the user chooses another place, for the message.
+
+    Raises:
+        InputError: naming the folder and ``option`` when it cannot be created or written.
+    """
+    folder = Path(folder)
+    probe = folder / f".paramsal-write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write to {folder} ({exc.strerror or type(exc).__name__}): the directory is not "
+                         f"writable; pass {option} to write somewhere else") from exc
+    return folder

@@ -1,0 +1,7 @@
+"""``python -m paramsal.cli``: the ``paramsal`` command."""
+
+import sys
+
+from paramsal.cli import main
+
+sys.exit(main())

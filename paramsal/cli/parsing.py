@@ -1,0 +1,133 @@
+"""What every command shares: a one-line-error parser, argparse types, and the options of analysis commands.
+
+Nothing here imports torch: ``paramsal --help`` builds every command's
+options from this module and :mod:`paramsal.options` alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from paramsal.errors import InputError
+from paramsal.options import DEVICES, TRANSFORMS
+
+
+class UsageError(InputError):
+    """An option argparse refused (a bad choice, a wrong type, a missing argument)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, reported like every other error of the command.
+
+    argparse prints the whole usage block before its message; for a command
+    with twenty options that buries the one line that says what is wrong.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer ``>= minimum``, refused with a message that says so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"  # argparse names the type in some messages
+    return parse
+
+
+#: argparse types: "5" -> 5, refusing values below 1 (counts, sizes) or below 0 (worker processes).
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def positive_int_list(text: str) -> list[int]:
+    """An argparse type: "1,5,25" -> [1, 5, 25], all >= 1."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse type: "salient,least" -> ["salient", "least"], each one of ``choices``."""
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [v for v in values if v not in choices]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(f"expected some of {', '.join(choices)}, got {text!r}")
+        return values
+
+    parse.__name__ = "choice_list"
+    return parse
+
+
+def add_run_argument(parser: argparse.ArgumentParser) -> None:
+    """``RUN`` and ``--allow-partial``: the run an analysis reads."""
+    parser.add_argument("run", help="run directory made by `paramsal profile`")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="analyse an unfinished run (a profile job that stopped part-way) with the samples "
+                             "written so far")
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Overrides of the run's own specs (``--model/--weights/--num-classes/--data/--transform/--device``) and the
+    checks that the model and data are the run's (``--trust-run-specs/--allow-other-weights/--allow-other-data``).
+    """
+    parser.add_argument("--model", help="model spec (default: the one the run was profiled with)")
+    parser.add_argument("--weights", help="state dict file for the model (default: the run's)")
+    parser.add_argument("--num-classes", type=positive_int,
+                        help="classes of a torchvision model (default: the run's)")
+    parser.add_argument("--data", help="data spec (default: the run's)")
+    parser.add_argument("--transform", choices=TRANSFORMS, help="image transform for imagefolder data")
+    parser.add_argument("--device", help=f"{DEVICES} (default: CUDA when available)")
+    parser.add_argument("--trust-run-specs", action="store_true",
+                        help="import and call the code (module.path:factory specs) named in the run's manifest to "
+                             "rebuild its model or data; use it only for runs you made yourself")
+    parser.add_argument("--allow-other-weights", action="store_true",
+                        help="analyse a model whose weights differ from those the run profiled")
+    parser.add_argument("--allow-other-data", action="store_true",
+                        help="analyse a data set whose fingerprint differs from the one the run profiled")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--out DIR`` (default ``RUN/<default>``) and ``--quiet``."""
+    parser.add_argument("--out", help=f"output directory (default RUN/{default})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def analysis_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments every analysis takes (see :class:`paramsal.analyses.base.Analysis`), from ``args``."""
+    return {"allow_partial": args.allow_partial, "allow_other_weights": getattr(args, "allow_other_weights", False),
+            "allow_other_data": getattr(args, "allow_other_data", False),
+            "trust_run_specs": getattr(args, "trust_run_specs", False), "device": getattr(args, "device", None),
+            "progress": not getattr(args, "quiet", True)}
+
+
+def opened_run(args: argparse.Namespace, default: str = "analyses") -> tuple[Any, Any]:
+    """The command's run (refused while unfinished, unless ``--allow-partial``) and its output folder
+    (``--out``, default ``RUN/<default>``), checked writable before any work: the run may be read-only."""
+    from paramsal.analyses.sources import open_for_analysis, output_folder
+
+    run = open_for_analysis(args.run, args.allow_partial)
+    return run, output_folder(args.out or run.path / default)
+
+
+def loaded_source(args: argparse.Namespace, run: Any, parts: tuple[str, ...] = ("model", "data")) -> dict[str, Any]:
+    """The model and data of an analysis command: the run's own, or those ``--model/--data/...`` name."""
+    from paramsal.analyses.sources import SourceOverrides, load_source
+
+    overrides = SourceOverrides(model=args.model, weights=args.weights, num_classes=args.num_classes,
+                                data=args.data, transform=args.transform)
+    return load_source(run, overrides, trust_run_specs=args.trust_run_specs, device=args.device, parts=parts)

@@ -1,0 +1,139 @@
+"""``paramsal profile | stats | verify | demo``: making a run directory, and looking at one."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from paramsal.cli.parsing import non_negative_int, positive_int
+from paramsal.options import AGGREGATIONS, BACKENDS, DEVICES, NONFINITE_POLICIES, TRANSFORMS, UNIT_SCHEMES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    profile = sub.add_parser("profile", help="profile a whole data set into a run directory (resumable)")
+    profile.add_argument("--model", required=True, help="demo | torchvision:NAME | module.path:factory")
+    profile.add_argument("--weights", help="state dict file for the model (loaded with weights_only=True)")
+    profile.add_argument("--num-classes", type=positive_int,
+                         help="classes of a torchvision model (default: its own)")
+    profile.add_argument("--data", required=True, help="demo[:SPLIT] | imagefolder:DIR | module.path:factory")
+    profile.add_argument("--transform", default="imagenet", choices=TRANSFORMS,
+                         help="image transform for imagefolder data")
+    profile.add_argument("--out", required=True, help="run directory")
+    profile.add_argument("--batch-size", type=positive_int, default=64)
+    profile.add_argument("--backend", default="auto", choices=BACKENDS)
+    profile.add_argument("--units", default="filters", choices=UNIT_SCHEMES)
+    profile.add_argument("--aggregation", default="mean_abs", choices=AGGREGATIONS)
+    profile.add_argument("--device", help=f"{DEVICES} (default: CUDA when available)")
+    profile.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
+    profile.add_argument("--features", action="store_true", help="also record penultimate features")
+    profile.add_argument("--part-size", type=positive_int, default=None, help="rows per Parquet part")
+    profile.add_argument("--limit", type=positive_int, default=None, help="profile only the first N samples")
+    profile.add_argument("--overwrite", action="store_true", help="replace a run made with other model/data/units")
+    profile.add_argument("--restart", action="store_true", help="start over instead of resuming")
+    profile.add_argument("--repair", action="store_true",
+                         help="check every finished part's checksum, rows and ids, and profile the damaged or "
+                              "missing ones again (files no manifest lists are removed)")
+    profile.add_argument("--on-nonfinite", default="skip", choices=NONFINITE_POLICIES,
+                         help="a sample whose loss or gradient is NaN/inf: skip (default: flag its row, leave it "
+                              "out of the statistics, list it at the end) or fail (stop, naming its index)")
+    profile.add_argument("--quiet", action="store_true", help="no progress bar")
+    profile.set_defaults(func=profile_command)
+
+    stats = sub.add_parser("stats", help="summarize a run directory")
+    stats.add_argument("run")
+    stats.set_defaults(func=stats_command)
+
+    verify = sub.add_parser("verify", help="check every file of a run directory against its manifest")
+    verify.add_argument("run")
+    verify.set_defaults(func=verify_command)
+
+    demo = sub.add_parser("demo", help="profile the embedded demo model on its held-out split, run every "
+                                       "analysis, write the report")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=demo_command)
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    from paramsal.engine.dataset import profile_dataset
+    from paramsal.engine.devices import resolve_device
+    from paramsal.zoo.specs import load_data, load_model
+
+    device = resolve_device(args.device)  # before the model and data are loaded: a wrong device fails at once
+    model = load_model(args.model, args.weights, args.num_classes)
+    data = load_data(args.data, args.transform)
+    if args.limit:
+        from torch.utils.data import Subset
+
+        data = Subset(data, range(min(args.limit, len(data))))  # type: ignore[arg-type]  # any map-style set
+    run = profile_dataset(model, data, args.out, batch_size=args.batch_size, backend=args.backend,
+                          units=args.units, aggregation=args.aggregation, device=device,
+                          num_workers=args.num_workers, features=args.features, resume=not args.restart,
+                          overwrite=args.overwrite or args.restart, progress=not args.quiet,
+                          part_size=args.part_size, repair=args.repair, on_nonfinite=args.on_nonfinite,
+                          model_name=args.model, data_name=args.data, source=_source(args))
+    print(run.summary())
+    return 0
+
+
+def _source(args: argparse.Namespace) -> dict:
+    """The specs that rebuild this job's model and data, for the manifest (paths made absolute)."""
+    data = args.data
+    if data.startswith("imagefolder:"):
+        data = "imagefolder:" + os.path.abspath(data.partition(":")[2])
+    return {"model": args.model, "weights": args.weights and os.path.abspath(args.weights),
+            "num_classes": args.num_classes, "data": data, "transform": args.transform, "limit": args.limit}
+
+
+def stats_command(args: argparse.Namespace) -> int:
+    from paramsal.engine.rundir import open_run
+
+    print(open_run(args.run).summary())
+    return 0
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    from paramsal.engine.integrity import verify_run
+    from paramsal.engine.rundir import open_run
+
+    problems = verify_run(args.run)
+    if not problems:
+        run = open_run(args.run)
+        state = "complete" if run.complete else f"unfinished, {run.num_samples} of {run.manifest['num_samples']}"
+        print(f"{run.path}: sound ({len(run.parts)} parts, {run.num_samples} samples, {state}); every file's size, "
+              "sha256, rows and ids match the manifest")
+        return 0
+    for problem in problems:
+        print(f"paramsal: error: {problem}", file=sys.stderr)
+    print(f"paramsal: {len(problems)} problem(s) in {args.run}", file=sys.stderr)
+    return 2
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """The embedded default end to end: profile the held-out split, run every analysis, write the report."""
+    from paramsal.analyses import FineTune, Neighbors, Pruning, write_report
+    from paramsal.engine.dataset import profile_dataset
+    from paramsal.zoo.specs import load_data, load_model
+
+    model, data = load_model("demo"), load_data("demo:test")
+    run = profile_dataset(model, data, args.out, batch_size=64, features=True, overwrite=True,
+                          progress=not args.quiet, model_name="demo", data_name="demo:test",
+                          source={"model": "demo", "data": "demo:test"})
+    print(run.summary())
+    print(f"mean standardized saliency: misclassified {run.profiles(only='misclassified').mean():+.4f}, "
+          f"correct {run.profiles(only='correct').mean():+.4f}")
+    sharing = Neighbors(k=10).evaluate(run).summary.set_index("space")["pair_sharing"]
+    print(f"neighbours sharing the (true, predicted) pair: saliency space {sharing['saliency']:.3f}, "
+          f"feature space {sharing['features']:.3f}, chance {sharing['chance']:.3f}")
+    analyses = run.path / "analyses"
+    print("pruning salient / random / least filters of each mistake ...", flush=True)
+    Pruning(model, progress=not args.quiet).evaluate(run, data).save(analyses)
+    print("one-step fine-tuning ...", flush=True)
+    FineTune(model, progress=not args.quiet).evaluate(run, data).save(analyses)
+    report = write_report(run, model=model, data=data)
+    print(f"\nThe run is in {run.path}/ (profiles/part-*.parquet, stats.parquet, units.parquet, manifest.json),")
+    print(f"the analyses in {analyses}/, the report in {report}: open it in a browser.")
+    print(f"Next: `paramsal stats {run.path}`, or in Python: "
+          f"`paramsal.open_run({str(run.path)!r}).profiles(only='misclassified')`")
+    return 0

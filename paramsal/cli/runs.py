@@ -1,0 +1,101 @@
+"""``paramsal neighbors | plots | report``: the analyses of a run that need no model or data of their own."""
+
+from __future__ import annotations
+
+import argparse
+
+from paramsal.cli.parsing import (add_output_arguments, add_run_argument, add_source_arguments, analysis_options,
+                                  choice_list, opened_run, positive_int)
+from paramsal.options import POOLS, PRECISIONS, SPACES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    neighbors = sub.add_parser("neighbors", help="k nearest neighbours in saliency vs feature space (paper 3.2)")
+    add_run_argument(neighbors)
+    neighbors.add_argument("--k", type=positive_int, default=10, help="neighbours per query (default 10)")
+    neighbors.add_argument("--layers", default=None,
+                           help="saliency space: a range A:B of layers (e.g. 0:10 shallow, 10: deep) or a list 1,2,3")
+    neighbors.add_argument("--among", default="misclassified", choices=POOLS,
+                           help="the candidates (default: misclassified, as in the paper)")
+    neighbors.add_argument("--samples", default="misclassified", choices=["misclassified", "correct"],
+                           help="the queries (default: misclassified)")
+    neighbors.add_argument("--spaces", type=choice_list(SPACES), default=list(SPACES),
+                           help="comma-separated spaces: saliency,features (default both; features when recorded)")
+    neighbors.add_argument("--block-size", type=positive_int, default=2048,
+                           help="rows per block of the similarity products")
+    neighbors.add_argument("--precision", default="float32", choices=PRECISIONS,
+                           help="candidate matrix in memory: float32 (half the memory) or float64 (exact ranks)")
+    add_output_arguments(neighbors, "analyses")
+    neighbors.set_defaults(func=neighbors_command)
+
+    plots = sub.add_parser("plots", help="the paper's Figures 1-2 of a run")
+    add_run_argument(plots)
+    plots.add_argument("--log", action="store_true", help="logarithmic y axis for the mean raw profile")
+    add_output_arguments(plots, "analyses")
+    plots.set_defaults(func=plots_command)
+
+    report = sub.add_parser("report", help="a static HTML report of a run (RUN/report/index.html)")
+    add_run_argument(report)
+    report.add_argument("--queries", type=positive_int, default=4,
+                        help="most frequent confusions shown in the neighbour galleries (default 4)")
+    report.add_argument("--k", type=positive_int, default=5, help="neighbours per query in the galleries (default 5)")
+    report.add_argument("--explain", type=int, default=4, help="mistakes shown with input saliency (default 4)")
+    add_source_arguments(report)
+    report.add_argument("--out", help="report folder (default RUN/report)")
+    report.set_defaults(func=report_command, quiet=True)
+
+
+def neighbors_command(args: argparse.Namespace) -> int:
+    """Writes the neighbours of both spaces and prints the pair-sharing rates."""
+    from paramsal.analyses.neighbors import Neighbors, parse_layers
+
+    run, out = opened_run(args)
+    result = Neighbors(k=args.k, layers=parse_layers(args.layers), among=args.among, spaces=args.spaces,
+                       precision=args.precision, block_size=args.block_size,
+                       **analysis_options(args)).evaluate(run, samples=args.samples)
+    summary = result.summary.set_index("space")
+    print(f"neighbours  {run.path}: k={args.k}, among {args.among} ({int(summary['pool'].iloc[0])} samples), "
+          f"layers {result.config['layers']} (saliency space)")
+    print(f"(true, predicted) pair shared with the query, {int(summary['queries'].iloc[0])} misclassified queries:")
+    for space, label in (("saliency", "saliency space"), ("features", "feature space")):
+        if space in summary.index:
+            print(f"  {label:<16} {summary.loc[space, 'pair_sharing']:.4f}")
+        elif space in args.spaces:
+            print(f"  {label:<16} -      (the run has no features: profile with --features)")
+    print(f"  {'chance':<16} {summary.loc['chance', 'pair_sharing']:.4f}   (random neighbours from the same pool)")
+    paths = result.save(out)
+    print(f"wrote {paths['table']} ({len(result.table)} rows: space, query_id, rank, neighbor_id, similarity)")
+    return 0
+
+
+def plots_command(args: argparse.Namespace) -> int:
+    """Writes Figures 1-2 (one PNG) and the per-unit and per-layer means."""
+    from paramsal.analyses.profiles import SaliencyProfiles
+
+    run, out = opened_run(args)
+    result = SaliencyProfiles(log=args.log, **analysis_options(args)).evaluate(run)
+    paths = result.save(out)
+    counts = result.config["counts"]
+    print(f"wrote {paths['figure']} (Figure 1: mean raw profile, {len(result.summary)} layers, "
+          f"{len(result.table)} units)")
+    if counts["correct"] and counts["misclassified"]:
+        print(f"Figure 2: mean standardized saliency, misclassified {result.table['z_misclassified'].mean():+.3f}, "
+              f"correct {result.table['z_correct'].mean():+.3f}")
+    else:
+        print("no Figure 2: it needs both correct and misclassified samples")
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from paramsal.analyses.report import write_report
+    from paramsal.analyses.sources import open_for_analysis
+    from paramsal.cli.parsing import loaded_source
+
+    run = open_for_analysis(args.run, args.allow_partial)
+    source = loaded_source(args, run)
+    options = analysis_options(args)
+    options.pop("progress")
+    path = write_report(run, args.out, model=source["model"], data=source["data"], queries=args.queries, k=args.k,
+                        explain=args.explain, **options)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,81 @@
+"""Reading a data set for a bulk job: each sample with its dataset index, checked before it is batched.
+
+A sample that cannot be read, has another shape than its batch or a label
+that is not a class index is named by its index in a one-line error; a
+failure inside a DataLoader worker reaches the main process as data
+(:class:`BadBatch`), so its message stays one line.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from paramsal._typing import MapDataset
+from paramsal.errors import InputError
+
+
+class BadBatch:
+    """A batch that could not be assembled, carried out of a worker process as data (its message intact).
+
+    ``detail``: the traceback of the data set's own failure, shown with ``--debug``.
+    """
+
+    def __init__(self, message: str, detail: str = ""):
+        self.message = message
+        self.detail = detail
+
+    def error(self) -> InputError:
+        error = InputError(self.message)
+        if self.detail:
+            error.__cause__ = RuntimeError(self.detail)
+        return error
+
+
+class Indexed(Dataset):
+    """``(index, input, label)``: the dataset index travels with each sample, for messages and the rows' ids."""
+
+    def __init__(self, data: MapDataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        try:
+            item = self.data[i]
+        except Exception as exc:  # the user's data set: its failure is reported with the sample's index
+            return i, BadBatch(f"reading sample {i} of the data set failed: {type(exc).__name__}: {exc}",
+                               traceback.format_exc()), None
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            return i, BadBatch(f"sample {i} of the data set is a {type(item).__name__}, not an "
+                               "(input, class index) pair"), None
+        return i, item[0], item[1]
+
+
+def collate_samples(samples: list[tuple[int, Any, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | BadBatch:
+    """Stacks ``(index, input, label)`` samples, or names the first sample that does not fit the others."""
+    for i, x, y in samples:
+        if isinstance(x, BadBatch):
+            return x
+        if not isinstance(x, (torch.Tensor, np.ndarray)):
+            return BadBatch(f"sample {i} has an input of type {type(x).__name__}, not a tensor: give the data set "
+                            "a transform that returns tensors (e.g. --transform tensor)")
+        if isinstance(y, torch.Tensor) and y.dim() == 0:
+            y = y.item()
+        if isinstance(y, bool) or not isinstance(y, (int, np.integer)):
+            return BadBatch(f"sample {i} has the label {y!r} ({type(y).__name__}); expected a class index (an int)")
+    first, shape = samples[0][0], tuple(samples[0][1].shape)
+    for i, x, _ in samples[1:]:
+        if tuple(x.shape) != shape:
+            return BadBatch(f"sample {i} has an input of shape {tuple(x.shape)} but sample {first} has {shape}: "
+                            "every sample must have the same shape (resize or crop in the data set's transform)")
+    ids = torch.tensor([i for i, _, _ in samples])
+    inputs = default_collate([torch.as_tensor(x) for _, x, _ in samples])
+    targets = torch.tensor([int(y.item() if isinstance(y, torch.Tensor) else y) for _, _, y in samples])
+    return ids, inputs, targets

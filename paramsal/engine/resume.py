@@ -1,0 +1,140 @@
+"""What a job keeps of the run it continues: the run's own manifest, and the finished parts that are sound.
+
+A resume never rewrites what the run is (its identity and config); it
+refuses another model, data set or numeric setting, checks each finished
+part (size; with ``repair``, checksum, rows and ids) and its labels against
+the data set's, and drops, with a note, the parts to profile again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from paramsal._typing import MapDataset
+from paramsal.engine.fingerprints import dataset_labels
+from paramsal.engine.integrity import check_file, check_no_strays, check_part, check_part_rows, stray_files, temporaries
+from paramsal.engine.manifest import (STATS, UNITS, Part, check_same_run, config_mismatches, mismatches, parts_of,
+                                      read_manifest, resume_notes, write_manifest)
+from paramsal.engine.profile import Profiler
+from paramsal.engine.rundir import clear_run, write_units
+from paramsal.errors import InputError, RunCorruptError, RunMismatchError
+
+
+def prepare_run(root: Path, wanted: dict[str, Any], data: MapDataset, profiler: Profiler, *, resume: bool,
+             overwrite: bool, repair: bool) -> tuple[dict[str, Any], list[str]]:
+    """The manifest this job continues (the run's own) or starts; and what it kept that the job asked otherwise."""
+    try:
+        existing = read_manifest(root)
+    except RunCorruptError:
+        if not overwrite:
+            raise
+        existing = None
+    if existing is not None and overwrite and (not resume or mismatches(existing, wanted)
+                                               or config_mismatches(existing, wanted)):
+        existing = None
+    if existing is not None and not resume:
+        raise InputError(f"{root} already holds a run; pass resume=True to continue it or overwrite=True "
+                         "to start over")
+    if existing is None:
+        clear_run(root)
+        remove_temporaries(root)
+        wanted["files"] = {UNITS: write_units(root, profiler.index.table)}
+        write_manifest(root, wanted)
+        return wanted, []
+    check_same_run(root, existing, wanted)
+    notes = resume_notes(root, existing, wanted)
+    remove_temporaries(root)
+    notes += _keep_sound_files(root, existing, profiler, repair)
+    notes += _keep_sound_parts(root, existing, data, repair)
+    return existing, notes
+
+
+def _keep_sound_files(root: Path, manifest: dict[str, Any], profiler: Profiler, repair: bool) -> list[str]:
+    """``units.parquet`` (rewritten from the model) and ``stats.parquet`` (merged again) when damaged and ``repair``."""
+    notes = []
+    for name, record in list(manifest["files"].items()):
+        try:
+            check_file(root, name, record, manifest, checksum=repair)
+        except RunCorruptError as exc:
+            if not repair:
+                raise
+            notes.append(f"{exc.problem}: " + ("written again from the model" if name == UNITS else
+                                                "merged again from the parts"))
+            if name == UNITS:
+                manifest["files"][UNITS] = write_units(root, profiler.index.table)
+            else:
+                del manifest["files"][name]
+                manifest["complete"] = False
+            write_manifest(root, manifest)
+    return notes
+
+
+def _keep_sound_parts(root: Path, manifest: dict[str, Any], data: MapDataset, repair: bool) -> list[str]:
+    """Drops from the manifest the parts to profile again; checks the kept ones against the data set's labels.
+
+    A part whose files are gone is profiled again (with a note). With
+    ``repair``, so is one whose size, checksum, rows or ids are wrong, and
+    stray part files are deleted; without it, those are errors.
+    """
+    labels = dataset_labels(data)
+    if not repair:
+        check_no_strays(root, manifest)
+    kept, notes = [], []
+    for part in parts_of(manifest):
+        problem = None
+        if not (root / part.file).is_file() or not (root / part.stats_file).is_file():
+            problem = f"part {part.index}'s files are missing"
+        else:
+            try:
+                check_part(root, part, manifest, checksum=repair)
+                _check_labels(root, part, manifest, labels)
+            except RunCorruptError as exc:
+                if not repair:
+                    raise
+                problem = exc.problem
+        if problem is None:
+            kept.append(part)
+            continue
+        notes.append(f"{problem}: profiling samples {part.start}..{part.stop - 1} again")
+        for name in (part.file, part.stats_file):
+            (root / name).unlink(missing_ok=True)
+    if repair:
+        for path in stray_files(root, manifest):
+            notes.append(f"{path} was not listed in the manifest: removed")
+            path.unlink()
+    if len(kept) < len(manifest["parts"]):
+        manifest["complete"] = False
+        manifest["files"].pop(STATS, None)
+        manifest["parts"] = [p.to_json() for p in kept]
+        write_manifest(root, manifest)
+    return notes
+
+
+def _check_labels(root: Path, part: Part, manifest: dict[str, Any], labels: np.ndarray | None) -> None:
+    """The rows of a finished part are the samples it claims, with the labels this data set gives them."""
+    try:
+        table = pq.read_table(root / part.file, columns=["sample_id", "target"])
+    except (OSError, pa.ArrowException) as exc:
+        raise RunCorruptError(f"{root / part.file} cannot be read ({exc})") from exc
+    check_part_rows(root, part, table, manifest)
+    if labels is None:
+        return
+    recorded = table.column("target").to_numpy()
+    differ = np.flatnonzero(recorded != labels[part.start:part.stop])
+    if len(differ):
+        sample = part.start + int(differ[0])
+        raise RunMismatchError(
+            f"sample {sample} has label {int(labels[sample])} in this data set but {int(recorded[differ[0]])} "
+            f"in {root} ({len(differ)} label(s) of part {part.index} differ): it is not the data set the run "
+            "profiled; profile it into another directory, or start over with --restart")
+
+
+def remove_temporaries(root: Path) -> None:
+    """Temporary files of killed jobs: nobody else writes here while this job holds the lock."""
+    for path in temporaries(root):
+        path.unlink(missing_ok=True)

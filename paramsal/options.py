@@ -1,0 +1,49 @@
+"""The accepted values of paramsal's options, in one place that imports nothing heavy.
+
+The engine, the analyses and the command line all take their choices from
+here, so a value is spelled once, and ``paramsal --help`` can list every
+choice without importing torch.
+"""
+
+from __future__ import annotations
+
+# --------------------------------------------------------------------------------------------- the engine
+
+#: Profiling backends; "auto" picks hooks, falling back to vmap (then loop) where hooks cannot serve a use.
+BACKENDS = ("auto", "hooks", "vmap", "loop")
+#: Named unit schemes (:func:`paramsal.units_of`); a callable is the other choice.
+UNIT_SCHEMES = ("filters", "conv", "conv+linear", "linear-columns")
+#: Per-unit aggregations: the paper's ``mean |g|`` and the released statistics' ``|mean g|``.
+AGGREGATIONS = ("mean_abs", "abs_mean")
+#: What a bulk job does with a sample whose loss or gradient is NaN/inf.
+NONFINITE_POLICIES = ("skip", "fail")
+#: Devices, as the messages write them.
+DEVICES = "cpu, cuda or cuda:N"
+#: Row selections of a run by name (sample ids are the other choice).
+ROW_SELECTIONS = ("misclassified", "correct", "nonfinite")
+#: Image transforms of ``imagefolder:`` data.
+TRANSFORMS = ("imagenet", "inception", "tensor")
+
+# --------------------------------------------------------------------------------------------- the analyses
+
+#: How the units of a sample are ranked (issue: POT comes later).
+RANKINGS = ("zscore",)
+#: Which k units of a sample an analysis edits or boosts.
+UNIT_SELECTIONS = ("salient", "random", "least")
+#: Fine-tuning also steps on every parameter.
+FINETUNE_SELECTIONS = (*UNIT_SELECTIONS, "all")
+#: Input-space saliency boosts a sample's salient units or random ones.
+ATTRIBUTION_SELECTIONS = ("salient", "random")
+#: Pruning turns units off ("zero") or adds Gaussian noise to their weights ("noise", paper A.5).
+PRUNING_MODES = ("zero", "noise")
+#: Spaces in which neighbours are found, and the samples they are found among.
+SPACES = ("saliency", "features")
+POOLS = ("all", "misclassified")
+#: How neighbours' candidate rows are kept in memory.
+PRECISIONS = ("float32", "float64")
+#: What masked pixels become: a blurred copy of the image (default), the image's mean, zero, or a number.
+MASK_VALUES = ("blur", "mean", "zero")
+
+PRUNING_KS = (1, 2, 5, 10, 20, 30, 50, 100)
+FINETUNE_KS = (1, 5, 25, 75, 150, 300)
+MASK_PERCENTS = (1, 5, 10, 20)

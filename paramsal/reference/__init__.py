@@ -1,0 +1,26 @@
+"""The float64 oracles every fast path is checked against, public so that users can check theirs.
+
+* :func:`reference_profiles`: raw profiles, one sample and one unit at a time (the paper's semantics);
+* :func:`check_reducer`: a registered reducer against it, in one call;
+* :func:`stepped_copy`: a deep copy after one real ``torch.optim.SGD`` step on one sample (fine-tuning);
+* :func:`pruned_copy`: a deep copy with units really zeroed (pruning);
+* :func:`attribution_loop`: input-space saliency one sample at a time with ``autograd.grad`` (double backward).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {"reference_profiles": "profiles", "check_reducer": "reducers", "stepped_copy": "steps",
+         "pruned_copy": "editing", "attribution_loop": "attribution"}
+
+__all__ = ["attribution_loop", "check_reducer", "pruned_copy", "reference_profiles", "stepped_copy"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"paramsal.reference.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'paramsal.reference' has no attribute {name!r}")
