@@ -12,21 +12,21 @@ The names below are imported when first used, so that ``import paramsal``
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from paramsal._lazy import lazy_getattr
 from paramsal._version import __version__
 from paramsal.errors import (EngineError, InputError, NonFiniteError, ParamsalError, ParamsalWarning,
                              RunCorruptError, RunLockedError, RunMismatchError, StorageError, UnsupportedModuleError,
                              UnsupportedUseError)
 
-#: Public name -> the module that defines it.
+#: Public name -> the subpackage that defines it.
 _LAZY = {
     **dict.fromkeys(["BatchResult", "Profiler", "Run", "SaliencyStats", "UnitIndex", "load_reference_stats",
                      "open_run", "per_sample_gradients", "profile_batch", "profile_dataset", "units_of",
-                     "verify_run"], "paramsal.engine"),
+                     "verify_run"], "engine"),
     **dict.fromkeys(["CascadingRandomization", "FineTune", "InputSaliency", "Masking", "Neighbors", "Pruning",
-                     "Result", "SaliencyProfiles", "load_result", "write_report"], "paramsal.analyses"),
+                     "Result", "SaliencyProfiles", "load_result", "write_report"], "analyses"),
 }
 
 __all__ = ["BatchResult", "CascadingRandomization", "EngineError", "FineTune", "InputError", "InputSaliency", "Masking",
@@ -44,12 +44,7 @@ if TYPE_CHECKING:
                                  verify_run)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'paramsal' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

@@ -12,7 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "paramsal"
 
 #: What each part of the package may import from paramsal (besides itself): cli -> analyses -> engine -> kernels.
-BASE = {"paramsal.errors", "paramsal.options", "paramsal._io", "paramsal._typing", "paramsal._version"}
+BASE = {"paramsal.errors", "paramsal.options", "paramsal._io", "paramsal._lazy", "paramsal._typing",
+        "paramsal._version"}
 ALLOWED = {
     "kernels": BASE,
     "engine": BASE | {"paramsal.kernels"},

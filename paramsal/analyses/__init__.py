@@ -17,8 +17,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from paramsal._lazy import lazy_getattr
 
 #: Public name -> the module that defines it (imported on first use).
 _LAZY = {
@@ -43,12 +44,7 @@ if TYPE_CHECKING:
     from paramsal.analyses.sanity import CascadingRandomization
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"paramsal.analyses.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'paramsal.analyses' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

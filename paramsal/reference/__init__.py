@@ -9,8 +9,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from paramsal._lazy import lazy_getattr
 
 _LAZY = {"reference_profiles": "profiles", "check_reducer": "reducers", "stepped_copy": "steps",
          "pruned_copy": "editing", "attribution_loop": "attribution"}
@@ -18,9 +17,4 @@ _LAZY = {"reference_profiles": "profiles", "check_reducer": "reducers", "stepped
 __all__ = ["attribution_loop", "check_reducer", "pruned_copy", "reference_profiles", "stepped_copy"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"paramsal.reference.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'paramsal.reference' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
