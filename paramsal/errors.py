@@ -6,6 +6,7 @@ file) so the user sees what to fix without a debugger.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
@@ -57,6 +58,13 @@ def check_choice(what: str, value: object, choices: Collection[str]) -> None:
     """Raises :class:`InputError` naming ``value`` and the valid ``choices`` unless it is one of them."""
     if value not in choices:
         raise InputError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
+
+
+def check_integer(what: str, value: object, least: int = 1) -> int:
+    """``value`` as an ``int``; :class:`InputError` unless it is an integer (numpy's too, not a bool) ``>= least``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise InputError(f"{what} must be an integer >= {least}, got {value!r}")
+    return int(value)
 
 
 class ParamsalWarning(UserWarning):

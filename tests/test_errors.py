@@ -114,3 +114,20 @@ def test_batch_statistics_batchnorm_is_refused_by_hooks_and_exact_otherwise():
         profile_batch(model, x, y, backend="hooks")
     want = torch.cat([profile_batch(model, x[i:i + 1], y[i:i + 1], backend="loop") for i in range(3)])
     assert torch.allclose(profile_batch(model, x, y), want, rtol=1e-10, atol=0)  # auto -> vmap
+
+
+@pytest.mark.parametrize("analysis, option", [("Pruning", "batch_size"), ("Pruning", "num_resamples"),
+                                              ("FineTune", "neighbors"), ("InputSaliency", "k"),
+                                              ("Masking", "batch_size")])
+def test_analysis_counts_must_be_integers_of_at_least_one(analysis, option):
+    import numpy as np
+
+    import paramsal
+
+    cls = getattr(paramsal, analysis)
+    for bad in (0, -3, 2.0, True, "8"):
+        with pytest.raises(InputError, match=f"{option} must be an integer >= 1, got {bad!r}"):
+            cls(**{option: bad})
+    assert getattr(cls(**{option: np.int64(3)}), option) == 3
+    with pytest.raises(InputError, match="seed must be an integer >= 0, got -1"):
+        paramsal.Pruning(seed=-1)

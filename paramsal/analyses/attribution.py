@@ -42,7 +42,7 @@ from paramsal.engine.profile import check_batch, eval_mode, profile_batch
 from paramsal.engine.rundir import Run
 from paramsal.engine.stats import SaliencyStats
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
-from paramsal.errors import InputError, check_choice
+from paramsal.errors import InputError, check_choice, check_integer
 from paramsal.kernels.reduce import Aggregation, reduce_grad
 from paramsal.options import AGGREGATIONS, ATTRIBUTION_SELECTIONS, RANKINGS
 
@@ -144,12 +144,11 @@ class InputSaliency(Analysis):
         check_choice("backend", backend, ATTRIBUTION_BACKENDS)
         if aggregation is not None:
             check_choice("aggregation", aggregation, AGGREGATIONS)
-        for name, value in (("k", k), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
         self.stats = stats
-        self.k, self.boost, self.select, self.ranking, self.seed = int(k), float(boost), select, ranking, int(seed)
-        self.units, self.loss, self.backend, self.batch_size = units, loss, backend, int(batch_size)
+        self.k, self.boost, self.select, self.ranking, self.seed = (check_integer("k", k), float(boost), select,
+                                                                    ranking, int(seed))
+        self.units, self.loss, self.backend, self.batch_size = (units, loss, backend,
+                                                                check_integer("batch_size", batch_size))
         self.aggregation = aggregation or (stats.aggregation if stats is not None else None)
         self._index: UnitIndex | None = None
         if model is not None and stats is not None:

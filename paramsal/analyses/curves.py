@@ -35,7 +35,7 @@ from torch import nn
 from paramsal.analyses.base import Analysis, Prepared, Result
 from paramsal.analyses.bootstrap import bootstrap_mean_ci
 from paramsal.analyses.selection import select_units, unit_scores
-from paramsal.errors import InputError, check_choice
+from paramsal.errors import InputError, check_choice, check_integer
 from paramsal.options import FINETUNE_SELECTIONS, RANKINGS, UNIT_SELECTIONS
 
 __all__ = ["CurvesResult", "FineTuneResult", "Metric", "PerturbationResult", "PruningResult", "ci_table",
@@ -311,16 +311,11 @@ class CurvesAnalysis(Analysis):
         self.select = tuple(s for s in self.selection_choices if s in select)
         check_choice("ranking", ranking, RANKINGS)
         self.ranking = ranking
-        for name, value in (("batch_size", batch_size), ("num_resamples", num_resamples)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = check_integer("seed", seed, least=0)
+        self.batch_size = check_integer("batch_size", batch_size)
+        self.num_resamples = check_integer("num_resamples", num_resamples)
         if not 0 < level < 1:
             raise InputError(f"level must be between 0 and 1, got {level}")
-        self.seed = int(seed)
-        self.batch_size = int(batch_size)
-        self.num_resamples = int(num_resamples)
         self.level = float(level)
         self.units = units
 

@@ -69,7 +69,7 @@ from paramsal.engine.functional import LossFn, per_sample_gradients
 from paramsal.engine.profile import eval_mode
 from paramsal.engine.rundir import Run
 from paramsal.engine.units import UnitIndex, UnitsSpec
-from paramsal.errors import InputError
+from paramsal.errors import InputError, check_integer
 from paramsal.options import FINETUNE_KS, FINETUNE_SELECTIONS
 
 __all__ = ["METRICS", "FineTune", "FineTuneResult", "chosen_norms", "full_step", "unit_norms_squared",
@@ -214,10 +214,8 @@ class FineTune(CurvesAnalysis):
                          num_resamples=num_resamples, level=level, units=units, **common)
         if not lr > 0:
             raise InputError(f"lr must be positive, got {lr}")
-        if isinstance(neighbors, bool) or not isinstance(neighbors, (int, np.integer)) or neighbors < 1:
-            raise InputError(f"neighbors must be a positive integer, got {neighbors!r}")
         self.lr = float(lr)
-        self.neighbors = int(neighbors)
+        self.neighbors = check_integer("neighbors", neighbors)
         self.loss = loss
 
     def evaluate(self, run: Run | str | os.PathLike, data: MapDataset | None = None,

@@ -27,7 +27,7 @@ from paramsal.analyses.pictures import channel_max, gaussian_kernel
 from paramsal.analyses.sources import Samples
 from paramsal.engine.profile import eval_mode, profile_batch
 from paramsal.engine.rundir import Run
-from paramsal.errors import InputError, check_choice
+from paramsal.errors import InputError, check_choice, check_integer
 from paramsal.options import MASK_PERCENTS, MASK_VALUES, RANKINGS
 
 #: Which pixels are masked: the most salient ones, or as many random ones (the comparison).
@@ -219,13 +219,10 @@ class Masking(Analysis):
         for p in percents:
             pixel_count(p, 1)
         check_choice("ranking", ranking, RANKINGS)
-        for name, number in (("k", k), ("batch_size", batch_size)):
-            if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or number < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {number!r}")
         self.percents = tuple(float(p) for p in percents)
         self.value = check_mask_value(value)
-        self.k, self.boost, self.seed, self.ranking, self.batch_size = int(k), float(boost), int(seed), ranking, \
-            int(batch_size)
+        self.k, self.boost, self.seed, self.ranking = check_integer("k", k), float(boost), int(seed), ranking
+        self.batch_size = check_integer("batch_size", batch_size)
 
     def masked(self, inputs: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         """``inputs [N, C, H, W]`` with the flat pixels ``pixels [N, count]`` replaced by this analysis's ``value``."""
