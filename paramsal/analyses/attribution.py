@@ -43,6 +43,7 @@ from paramsal.engine.rundir import Run
 from paramsal.engine.stats import SaliencyStats
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError, check_choice, check_integer
+from paramsal.kernels.chunks import chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
 from paramsal.options import AGGREGATIONS, ATTRIBUTION_SELECTIONS, RANKINGS
 
@@ -227,7 +228,7 @@ class InputSaliency(Analysis):
         explainer = self._like(prepared.model, self.stats or prepared.run.stats, prepared.index,
                                self.aggregation or prepared.run.manifest.get("aggregation"))
         batches = ((prepared.inputs(rows), torch.as_tensor(prepared.targets[rows]), prepared.ids[rows])
-                   for rows in _slices(len(prepared.ids), self.batch_size))
+                   for rows in chunk_slices(len(prepared.ids), self.batch_size))
         if isinstance(samples, str) or samples is None:
             parts = [samples or "misclassified"]
         elif len(prepared.ids) <= 8:
@@ -252,7 +253,7 @@ class InputSaliency(Analysis):
         ids = np.arange(len(inputs)) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
         if len(ids) != len(inputs):
             raise InputError(f"{len(ids)} sample_ids for {len(inputs)} inputs")
-        batches = ((inputs[rows], targets[rows], ids[rows]) for rows in _slices(len(ids), self.batch_size))
+        batches = ((inputs[rows], targets[rows], ids[rows]) for rows in chunk_slices(len(ids), self.batch_size))
         return self._result(batches, run, list(names) if names else [f"id{int(i)}" for i in ids], names)
 
     # ---------------------------------------------------------------------------------------------- internals
@@ -352,11 +353,6 @@ class InputSaliency(Analysis):
             return cosine_distance(stats.standardize(raw), goal)
 
         return vmap(grad(distance), chunk_size=self.batch_size)(inputs, targets, target).abs().detach()
-
-
-def _slices(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
 
 
 __all__ = ["AttributionResult", "InputSaliency", "boosted_profile", "cosine_distance", "top_share"]

@@ -24,22 +24,24 @@ fraction, as each paper figure gives it).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 from torch import nn
+from tqdm.auto import tqdm
 
 from paramsal.analyses.base import Analysis, Prepared, Result
 from paramsal.analyses.bootstrap import bootstrap_mean_ci
 from paramsal.analyses.selection import select_units, unit_scores
+from paramsal.kernels.chunks import chunk_slices
 from paramsal.errors import InputError, check_choice, check_integer
 from paramsal.options import FINETUNE_SELECTIONS, RANKINGS, UNIT_SELECTIONS
 
-__all__ = ["CurvesResult", "FineTuneResult", "Metric", "PerturbationResult", "PruningResult", "ci_table",
-           "format_summary", "summarize"]
+__all__ = ["CurvesResult", "FineTuneResult", "Metric", "PerturbationResult", "PruningResult", "append_columns",
+           "ci_table", "format_summary", "sorted_rows", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -265,8 +267,17 @@ def _ci_cell(mean: float, low: float, high: float, percent: bool) -> str:
     return f"{mean:+9.4f} [{low:+7.4f}, {high:+7.4f}]"
 
 
-def sorted_rows(frame: pd.DataFrame, selections: Sequence[str], columns: Sequence[str]) -> pd.DataFrame:
-    """The rows in (selection order, k, sample_id) order, whatever the batching, with ``columns`` in order."""
+def append_columns(columns: dict[str, list[np.ndarray]], values: Mapping[str, Any]) -> None:
+    """Adds one batch's per-sample columns to those gathered so far (see :func:`sorted_rows`)."""
+    for name, value in values.items():
+        columns.setdefault(name, []).append(np.asarray(value))
+
+
+def sorted_rows(gathered: Mapping[str, Sequence[np.ndarray]], selections: Sequence[str],
+                columns: Sequence[str]) -> pd.DataFrame:
+    """The gathered batches as one table in (selection order, k, sample_id) order, whatever the batching, with
+    ``columns`` in order."""
+    frame = pd.DataFrame({name: np.concatenate(parts) for name, parts in gathered.items()})
     order = frame["selection"].map({s: i for i, s in enumerate(selections)})
     frame = frame.assign(_order=order).sort_values(["_order", "k", "sample_id"], kind="stable")
     return frame[list(columns)].reset_index(drop=True)
@@ -323,6 +334,11 @@ class CurvesAnalysis(Analysis):
         """``{selection: [n, k]}`` each chosen sample's units, the first j columns being its choice for k = j."""
         scores = unit_scores(prepared.run, prepared.ids, self.ranking)
         return {s: select_units(scores, k, s, self.seed, prepared.ids) for s in dict.fromkeys(selections)}
+
+    def _batches(self, n: int, desc: str) -> Iterator[slice]:
+        """The rows of ``n`` chosen samples, :attr:`batch_size` at a time, with a progress bar if asked for."""
+        return tqdm(chunk_slices(n, self.batch_size), desc=desc, unit="batch", total=-(-n // self.batch_size),
+                    disable=not self.progress)
 
     def _summarize(self, table: pd.DataFrame, metrics: Mapping[str, Metric], keys: Sequence[tuple[str, int]],
                    counts: Sequence[str] = ()) -> pd.DataFrame:

@@ -54,15 +54,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
-from tqdm.auto import tqdm
 
 from paramsal._typing import MapDataset
 from paramsal.analyses.base import result_config
-from paramsal.analyses.curves import ALL_K, FINETUNE_METRICS, CurvesAnalysis, FineTuneResult, sorted_rows
+from paramsal.analyses.curves import (ALL_K, FINETUNE_METRICS, CurvesAnalysis, FineTuneResult, append_columns,
+                                      sorted_rows)
 from paramsal.analyses.neighbors import neighbor_ids
 from paramsal.analyses.sources import Samples, recorded_targets
 from paramsal.engine.functional import LossFn, per_sample_gradients
@@ -242,9 +241,7 @@ class FineTune(CurvesAnalysis):
         columns: dict[str, list[np.ndarray]] = {}
         pred_changed = 0
         with eval_mode(model):
-            for start in tqdm(range(0, len(ids), self.batch_size), desc="finetune", unit="batch",
-                              disable=not self.progress):
-                rows = slice(start, start + self.batch_size)
+            for rows in self._batches(len(ids), "finetune"):
                 # Row 0 of each sample's evaluation set is the sample itself, rows 1.. its neighbours.
                 pool, where = np.unique(np.concatenate([ids[rows, None], neighbors[rows]], 1), return_inverse=True)
                 where = where.reshape(len(ids[rows]), -1)
@@ -256,10 +253,9 @@ class FineTune(CurvesAnalysis):
                 pred_changed += int((base[where[:, 0]].argmax(1) != prepared.preds[rows]).sum())
                 for measured in self._batch(model, index, names, inputs, pool_targets, base, where,
                                             {s: c[rows] for s, c in chosen.items()}, ks):
-                    _append(columns, measured | {"sample_id": ids[rows], "target": prepared.targets[rows],
+                    append_columns(columns, measured | {"sample_id": ids[rows], "target": prepared.targets[rows],
                                                  "pred": prepared.preds[rows]})
-        table = sorted_rows(pd.DataFrame({name: np.concatenate(parts) for name, parts in columns.items()}),
-                            FINETUNE_SELECTIONS, _COLUMNS)
+        table = sorted_rows(columns, FINETUNE_SELECTIONS, _COLUMNS)
         keys = [(s, k) for s in self.select for k in ((ALL_K,) if s == "all" else ks)]
         summary = self._summarize(table, METRICS, keys, counts=("skipped",))
         config = result_config(
@@ -343,8 +339,3 @@ def _measure(probs: np.ndarray, base: np.ndarray, where: np.ndarray, pool_target
         "neighbors_corrected": correct[:, 1:].mean(1),
         "neighbors_delta_true": (after[:, 1:] - before[:, 1:]).mean(1),
     }
-
-
-def _append(columns: dict[str, list[np.ndarray]], values: dict[str, np.ndarray]) -> None:
-    for name, value in values.items():
-        columns.setdefault(name, []).append(np.asarray(value))

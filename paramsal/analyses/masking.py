@@ -29,6 +29,7 @@ from paramsal.engine.profile import eval_mode, profile_batch
 from paramsal.engine.rundir import Run
 from paramsal.errors import InputError, check_choice, check_integer
 from paramsal.options import MASK_PERCENTS, MASK_VALUES, RANKINGS
+from paramsal.kernels.chunks import chunk_slices
 
 #: Which pixels are masked: the most salient ones, or as many random ones (the comparison).
 PIXEL_CHOICES = ("salient", "random")
@@ -235,8 +236,7 @@ class Masking(Analysis):
                                   ranking=self.ranking, seed=self.seed, units=prepared.index,
                                   aggregation=prepared.run.manifest.get("aggregation"), batch_size=self.batch_size)
         columns: dict[str, list] = {}
-        for start in range(0, len(prepared.ids), self.batch_size):
-            rows = slice(start, start + self.batch_size)
+        for rows in chunk_slices(len(prepared.ids), self.batch_size):
             inputs = prepared.inputs(rows)
             if inputs.dim() != 4:
                 raise InputError(f"masking needs images [N, C, H, W], got {tuple(inputs.shape)}")

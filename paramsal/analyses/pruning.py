@@ -35,14 +35,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from paramsal._typing import MapDataset
 from paramsal.analyses.base import result_config
-from paramsal.analyses.curves import PRUNING_METRICS, CurvesAnalysis, PerturbationResult, PruningResult, sorted_rows
+from paramsal.analyses.curves import (PRUNING_METRICS, CurvesAnalysis, PerturbationResult, PruningResult,
+                                      append_columns, sorted_rows)
 from paramsal.analyses.noise import gaussian_deltas
 from paramsal.analyses.sources import Samples
 from paramsal.analyses.unit_editing import UnitEditor, unit_mask
@@ -127,9 +126,7 @@ class Pruning(CurvesAnalysis):
         kind = "pruning" if self.mode == "zero" else "perturbation"
         with eval_mode(model), torch.no_grad():
             editor = None
-            for start in tqdm(range(0, len(ids), self.batch_size), desc=kind, unit="batch",
-                              disable=not self.progress):
-                rows = slice(start, start + self.batch_size)
+            for rows in self._batches(len(ids), kind):
                 inputs = prepared.inputs(rows)
                 if editor is None:
                     editor = UnitEditor.locate(model, inputs[:1], prepared.index)
@@ -139,9 +136,9 @@ class Pruning(CurvesAnalysis):
                 for selection in self.select:
                     for k in ks:
                         after = self._edited(editor, inputs, chosen[selection][rows, :k], seeds)
-                        _append(columns, _measure(ids[rows], targets[rows], preds[rows], selection, k, base, after))
-        table = sorted_rows(pd.DataFrame({name: np.concatenate(parts) for name, parts in columns.items()}),
-                            self.select, _COLUMNS)
+                        append_columns(columns, _measure(ids[rows], targets[rows], preds[rows], selection, k, base,
+                                                         after))
+        table = sorted_rows(columns, self.select, _COLUMNS)
         summary = self._summarize(table, METRICS, [(s, k) for s in self.select for k in ks])
         # Recomputed predictions may differ from the profiled ones on near ties (another device);
         # the incorrect class stays the profiled prediction, and the count is reported.
@@ -188,8 +185,3 @@ def _measure(ids: np.ndarray, targets: np.ndarray, preds: np.ndarray, selection:
         "delta_true": after[rows, targets] - base[rows, targets],
         "new_pred": new_pred, "corrected": new_pred == targets,
     }
-
-
-def _append(columns: dict[str, list[np.ndarray]], values: dict[str, np.ndarray]) -> None:
-    for name, value in values.items():
-        columns.setdefault(name, []).append(value)

@@ -28,6 +28,7 @@ from paramsal.analyses.pictures import channel_max
 from paramsal.analyses.sources import Samples
 from paramsal.engine.rundir import Run
 from paramsal.errors import InputError
+from paramsal.kernels.chunks import chunk_slices
 
 
 def rank_data(values: np.ndarray) -> np.ndarray:
@@ -211,7 +212,7 @@ class CascadingRandomization(Analysis):
     def _maps(self, explainer: InputSaliency, inputs: torch.Tensor, targets: torch.Tensor,
               ids: np.ndarray) -> np.ndarray:
         maps = [channel_max(explainer.attribute(inputs[rows], targets[rows], sample_ids=ids[rows]))
-                for rows in (slice(s, s + self.batch_size) for s in range(0, len(ids), self.batch_size))]
+                for rows in chunk_slices(len(ids), self.batch_size)]
         return torch.cat(maps).flatten(1).double().cpu().numpy()
 
 

@@ -263,11 +263,6 @@ def run_inputs(data: MapDataset, ids: np.ndarray, targets: np.ndarray) -> torch.
     return torch.stack([torch.as_tensor(x) for x in inputs])
 
 
-def model_device(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def output_folder(folder: str | os.PathLike, option: str = "--out DIR") -> Path:
     """``folder``, created if needed and checked to be writable before an analysis writes into it.
 
