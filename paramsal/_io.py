@@ -41,6 +41,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def writable_folder(folder: str | os.PathLike, option: str = "--out DIR") -> Path:
+    """``folder``, created if needed and checked to be writable before a job or an analysis writes into it.
+
+    Args:
+        folder: where the results go.
+        option: how the user chooses another place, for the message.
+
+    Raises:
+        InputError: naming the folder and ``option`` when it cannot be created or written.
+    """
+    folder = Path(folder)
+    probe = folder / f".paramsal-write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write to {folder} ({exc.strerror or type(exc).__name__}): the directory is not "
+                         f"writable; pass {option} to write somewhere else") from exc
+    return folder
+
+
 def is_temporary(path: Path) -> bool:
     """Whether ``path`` is a temporary file :func:`atomic_path` left behind (a job killed while writing)."""
     return path.name.startswith(".") and TMP_MARK in path.name

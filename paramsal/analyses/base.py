@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from paramsal._typing import MapDataset
-from paramsal._io import atomic_path
+from paramsal._io import atomic_path, writable_folder
 from paramsal.analyses.sources import (Samples, check_run_data, chosen_samples, load_source, open_for_analysis,
-                                       output_folder, run_inputs, run_units)
+                                       run_inputs, run_units)
 from paramsal.errors import ParamsalWarning
 from paramsal.engine.rundir import Run
 from paramsal.engine.units import UnitIndex, UnitsSpec
@@ -106,7 +106,7 @@ class Result:
     def save(self, directory: str | os.PathLike) -> dict[str, Path]:
         """Writes ``NAME.parquet`` (table), ``NAME-summary.parquet``, ``NAME.json`` (config), ``NAME.png``
         and one ``NAME-ARRAY.npy`` per array into ``directory``; returns the paths by role."""
-        folder = output_folder(directory)
+        folder = writable_folder(directory)
         paths = {"table": folder / f"{self.name}.parquet", "summary": folder / f"{self.name}-summary.parquet",
                  "config": folder / f"{self.name}.json", "figure": folder / f"{self.name}.png"}
         for role in ("table", "summary"):

@@ -132,10 +132,9 @@ def plot_explanations(images: torch.Tensor | np.ndarray, maps: torch.Tensor | np
         if titles is not None:
             grid[row, 0].set_ylabel(titles[row], fontsize=8)
     if path is not None:
-        from paramsal._io import atomic_path
-        from paramsal.analyses.sources import output_folder
+        from paramsal._io import atomic_path, writable_folder
 
-        output_folder(Path(path).parent)
+        writable_folder(Path(path).parent)
         with atomic_path(Path(path)) as tmp:
             figure.savefig(tmp, format="png", dpi=100)
     return figure

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from paramsal._typing import MapDataset
-from paramsal._io import atomic_path
+from paramsal._io import atomic_path, writable_folder
 from paramsal.analyses.base import Analysis, Prepared, Result, find_results
 from paramsal.analyses.neighbors import Neighbors
 from paramsal.analyses.pictures import displayable
 from paramsal.analyses.profiles import SaliencyProfiles
-from paramsal.analyses.sources import open_for_analysis, output_folder
+from paramsal.analyses.sources import open_for_analysis
 from paramsal.engine.rundir import Run
 
 #: How saved results are titled, by kind, in the order the page shows them.
@@ -75,7 +75,7 @@ def write_report(run: Run | str | os.PathLike, out: str | os.PathLike | None = N
     # Every sample: the checks need some, and an all-correct run still has a report.
     checked = _Checked(model, **common).prepare(opened, data, opened.sample_ids())
     run = checked.run
-    folder = output_folder(out if out is not None else run.path / "report")
+    folder = writable_folder(out if out is not None else run.path / "report")
     sections = [_overview(run), _profiles_section(run, folder, common),
                 _neighbours_section(checked, folder, queries, k, common),
                 *_saved_sections(run.path / "analyses", folder),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -262,24 +261,3 @@ def run_inputs(data: MapDataset, ids: np.ndarray, targets: np.ndarray) -> torch.
                          f"{found[wrong[0]]} in the data set and {targets[wrong[0]]} in the run")
     return torch.stack([torch.as_tensor(x) for x in inputs])
 
-
-def output_folder(folder: str | os.PathLike, option: str = "--out DIR") -> Path:
-    """``folder``, created if needed and checked to be writable before an analysis writes into it.
-
-    Args:
-        folder: where the analysis writes.
-        option: how the user chooses another place, for the message.
-
-    Raises:
-        InputError: naming the folder and ``option`` when it cannot be created or written.
-    """
-    folder = Path(folder)
-    probe = folder / f".paramsal-write-test-{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise InputError(f"cannot write to {folder} ({exc.strerror or type(exc).__name__}): the directory is not "
-                         f"writable; pass {option} to write somewhere else") from exc
-    return folder

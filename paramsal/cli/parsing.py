@@ -118,10 +118,11 @@ def analysis_options(args: argparse.Namespace) -> dict[str, Any]:
 def opened_run(args: argparse.Namespace, default: str = "analyses") -> tuple[Any, Any]:
     """The command's run (refused while unfinished, unless ``--allow-partial``) and its output folder
     (``--out``, default ``RUN/<default>``), checked writable before any work: the run may be read-only."""
-    from paramsal.analyses.sources import open_for_analysis, output_folder
+    from paramsal._io import writable_folder
+    from paramsal.analyses.sources import open_for_analysis
 
     run = open_for_analysis(args.run, args.allow_partial)
-    return run, output_folder(args.out or run.path / default)
+    return run, writable_folder(args.out or run.path / default)
 
 
 def loaded_source(args: argparse.Namespace, run: Any, parts: tuple[str, ...] = ("model", "data")) -> dict[str, Any]:

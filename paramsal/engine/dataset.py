@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from paramsal._io import writable_folder
 from paramsal._typing import MapDataset
 from paramsal._version import __version__
 from paramsal.engine.backends import BatchResult
@@ -106,7 +107,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
         RunCorruptError: a finished part is damaged (``repair=True`` mends it).
     """
     _check_arguments(data, batch_size, num_workers, part_size, on_nonfinite)
-    root = _writable_dir(out_dir)
+    root = writable_folder(out_dir, "--out DIR (out_dir= in Python)")
     with RunLock(root):
         device = resolve_device(device)
         model = model.to(device)
@@ -287,18 +288,6 @@ def _manifest(model: nn.Module, data: MapDataset, profiler: Profiler, backend: s
         "files": {},
         "parts": [],
     }
-
-
-def _writable_dir(out_dir: str | os.PathLike) -> Path:
-    root = Path(out_dir)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".paramsal-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise InputError(f"output directory {root} is not writable: {exc.strerror or exc}") from exc
-    return root
 
 
 def _now() -> str:

@@ -285,4 +285,4 @@ def test_neighbors_on_a_read_only_run(run_dir, capsys):
     finally:
         for folder in (run_dir, run_dir / "analyses"):
             folder.chmod(0o755)
-    assert "not writable" in err and "--out FILE" in err
+    assert "not writable" in err and "--out DIR" in err
