@@ -33,7 +33,7 @@ from paramsal.engine.integrity import check_file
 from paramsal.engine.loading import BadBatch, Indexed, collate_samples
 from paramsal.engine.lock import RunLock
 from paramsal.engine.manifest import FORMAT, STATS, part_count, part_range, parts_of, rows_per_part, write_manifest
-from paramsal.engine.profile import Profiler
+from paramsal.engine.profile import LOSS_FLAG, Profiler
 from paramsal.engine.resume import prepare_run
 from paramsal.engine.rundir import Run, profile_table, write_part, write_stats
 from paramsal.engine.units import UnitsSpec
@@ -184,7 +184,7 @@ def _profile_batch(profiler: Profiler, ids: torch.Tensor, inputs: torch.Tensor, 
         row = bad[0]
         raise NonFiniteError(
             f"sample {int(ids[row])} (dataset index) has a non-finite loss or gradient "
-            f"({'loss ' + str(float(result.losses[row])) if flags[row] == '(loss)' else 'in ' + repr(flags[row])}); "
+            f"({'loss ' + str(float(result.losses[row])) if flags[row] == LOSS_FLAG else 'in ' + repr(flags[row])}); "
             "--on-nonfinite skip (on_nonfinite='skip', the default) flags such samples and goes on")
     good = torch.tensor([flag is None for flag in flags])
     if good.any():
@@ -245,7 +245,7 @@ def _finish(root: Path, manifest: dict[str, Any]) -> None:
         return
     stats = SaliencyStats(int(manifest["num_units"]))
     for part in parts:
-        check_file(root, part.stats_file, {"bytes": part.stats_bytes, "sha256": part.stats_sha256}, manifest)
+        check_file(root, part.stats_file, part.records[part.stats_file], manifest)
         stats = stats.merge(SaliencyStats.load(root / part.stats_file))
     stats.aggregation = manifest["aggregation"]
     manifest["files"][STATS] = write_stats(root, stats)

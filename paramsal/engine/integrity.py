@@ -36,9 +36,8 @@ def check_file(root: Path, name: str, record: dict[str, Any], manifest: dict[str
 
 def check_part(root: Path, part: Part, manifest: dict[str, Any], *, checksum: bool = True) -> None:
     """Both files of a part: its profiles and its moments."""
-    check_file(root, part.file, {"bytes": part.bytes, "sha256": part.sha256}, manifest, checksum=checksum)
-    check_file(root, part.stats_file, {"bytes": part.stats_bytes, "sha256": part.stats_sha256}, manifest,
-               checksum=checksum)
+    for name, record in part.records.items():
+        check_file(root, name, record, manifest, checksum=checksum)
 
 
 def check_part_rows(root: Path, part: Part, table: pa.Table, manifest: dict[str, Any]) -> None:

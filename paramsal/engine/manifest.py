@@ -71,6 +71,12 @@ class Part:
     def stats_file(self) -> str:
         return part_stats_file(self.index)
 
+    @property
+    def records(self) -> dict[str, dict[str, Any]]:
+        """``{file: {"bytes", "sha256"}}`` of the part's profiles and moments, as the manifest records them."""
+        return {self.file: {"bytes": self.bytes, "sha256": self.sha256},
+                self.stats_file: {"bytes": self.stats_bytes, "sha256": self.stats_sha256}}
+
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "file": self.file, "stats_file": self.stats_file}
 

@@ -18,6 +18,9 @@ from paramsal.kernels.reduce import Aggregation, check_aggregation
 from paramsal.options import BACKENDS
 
 
+#: What :meth:`Profiler.nonfinite` (and a run's ``nonfinite_param``) says of a sample whose loss alone is not finite.
+LOSS_FLAG = "(loss)"
+
 #: Where ``backend="auto"`` goes when a forward pass shows that a backend would miss a use of a parameter.
 FALLBACKS = {"hooks": "vmap", "vmap": "loop"}
 
@@ -99,13 +102,13 @@ class Profiler:
 
     def nonfinite(self, result: BatchResult) -> list[str | None]:
         """Per sample: None if its loss and profile are finite, else the first parameter whose gradient is not
-        ("(loss)" when only the loss is)."""
+        (:data:`LOSS_FLAG` when only the loss is)."""
         bad_units = ~torch.isfinite(result.profiles)
         bad_rows = (bad_units.any(1) | ~torch.isfinite(result.losses)).nonzero().flatten().tolist()
         flags: list[str | None] = [None] * len(result.losses)
         for row in bad_rows:
             units = bad_units[row].nonzero().flatten()
-            flags[row] = self._param_of(int(units[0])) if len(units) else "(loss)"
+            flags[row] = self._param_of(int(units[0])) if len(units) else LOSS_FLAG
         return flags
 
     def _param_of(self, unit: int) -> str:

@@ -46,7 +46,7 @@ def profile_table(sample_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarr
         profiles: ``[N, F]`` raw profiles.
         features: ``[N, D]`` penultimate features, or None.
         nonfinite_params: per sample, None, or the first parameter whose
-            gradient was not finite ("" when only the loss was): the row is
+            gradient was not finite ("(loss)" when only the loss was): the row is
             flagged and left out of statistics and default selections.
     """
     logits = outputs.astype(np.float64)
@@ -89,26 +89,27 @@ def write_part(root: Path, index: int, table: pa.Table, stats: SaliencyStats, ba
     ids = table.column("sample_id").to_numpy()
     for folder in (PROFILES_DIR, PART_STATS_DIR):
         (root / folder).mkdir(exist_ok=True)
-    moments = _write(root / part_stats_file(index), lambda path: pq.write_table(stats.to_arrow(), path))
-    rows = _write(root / part_file(index), lambda path: pq.write_table(table, path))
+    moments = _write_table(root / part_stats_file(index), stats.to_arrow())
+    rows = _write_table(root / part_file(index), table)
     return Part(index, int(ids[0]), int(ids[-1]) + 1, rows["bytes"], rows["sha256"], moments["bytes"],
                 moments["sha256"], backend, int(np.asarray(table.column("nonfinite")).sum()))
 
 
 def write_units(root: Path, table: pa.Table) -> dict[str, Any]:
     """Writes ``units.parquet``; returns its record for the manifest's ``files``."""
-    return _write(root / UNITS, lambda path: pq.write_table(table, path))
+    return _write_table(root / UNITS, table)
 
 
 def write_stats(root: Path, stats: SaliencyStats) -> dict[str, Any]:
     """Writes ``stats.parquet``; returns its record for the manifest's ``files``."""
-    return _write(root / STATS, lambda path: pq.write_table(stats.to_arrow(), path))
+    return _write_table(root / STATS, stats.to_arrow())
 
 
-def _write(path: Path, write) -> dict[str, Any]:
+def _write_table(path: Path, table: pa.Table) -> dict[str, Any]:
+    """Writes ``table`` to ``path`` durably; returns the file's size and sha256 for the manifest."""
     try:
         with atomic_path(path) as tmp:
-            write(tmp)
+            pq.write_table(table, tmp)
             record = file_record(tmp)
     except OSError as exc:
         raise storage_error(path, exc) from exc
@@ -274,8 +275,8 @@ class Run:
             self._checked.add((name, path.stat().st_size, path.stat().st_mtime_ns))
 
     def _check_part(self, part: Part) -> None:
-        self._check(part.file, {"bytes": part.bytes, "sha256": part.sha256})
-        self._check(part.stats_file, {"bytes": part.stats_bytes, "sha256": part.stats_sha256})
+        for name, record in part.records.items():
+            self._check(name, record)
 
     def unit_columns(self, layers: slice | Sequence[int] | None) -> np.ndarray | None:
         """Profile columns ``[f]`` of the units in ``layers`` (see :meth:`profiles`), or None for all units."""
