@@ -38,12 +38,15 @@ def linear_call(args: tuple,
 def linear_grad_sample(layer: LinearLayer, activations: torch.Tensor, backprops: torch.Tensor,
                        attr: str) -> torch.Tensor:
     """Each sample's whole gradient of the layer's ``weight`` ``[b, out, in]`` or ``bias`` ``[b, out]``."""
-    batch = activations.shape[0]
-    x = activations.reshape(batch, -1, activations.shape[-1])
-    gy = backprops.reshape(batch, -1, backprops.shape[-1])
+    gy = _tokens(backprops)
     if attr == "bias":
         return gy.sum(1)
-    return torch.bmm(gy.transpose(1, 2), x)
+    return torch.bmm(gy.transpose(1, 2), _tokens(activations))
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """``[B, *, F] -> [B, T, F]``: a Linear layer's positions (tokens, pixels) in one dim, a view where it can be."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
 def reduce_linear(layer: LinearLayer, activations: torch.Tensor, backprops: torch.Tensor,
@@ -65,8 +68,7 @@ def reduce_linear(layer: LinearLayer, activations: torch.Tensor, backprops: torc
         One ``[B, group.num_units]`` tensor per group, in order.
     """
     batch = activations.shape[0]
-    x = activations.reshape(batch, -1, activations.shape[-1])  # [B, T, in]
-    gy = backprops.reshape(batch, -1, backprops.shape[-1])  # [B, T, out]
+    x, gy = _tokens(activations), _tokens(backprops)  # [B, T, in], [B, T, out]
     results = []
     for group in groups:
         if group.attr == "bias":
@@ -80,7 +82,7 @@ def reduce_linear(layer: LinearLayer, activations: torch.Tensor, backprops: torc
         else:
             chunk = chunk_size or auto_chunk(layer.weight.numel(), batch, x)
             results.append(torch.cat([
-                reduce_grad(torch.bmm(gy[s].transpose(1, 2), x[s]), group, aggregation)
+                reduce_grad(linear_grad_sample(layer, x[s], gy[s], "weight"), group, aggregation)
                 for s in chunk_slices(batch, chunk)
             ]))
     return results
