@@ -28,6 +28,8 @@ TRANSFORMS = ("imagenet", "inception", "tensor")
 
 #: How the units of a sample are ranked (issue: POT comes later).
 RANKINGS = ("zscore",)
+#: The samples an analysis takes by name (sample ids are the other choice); the first is the default.
+SAMPLE_SELECTIONS = ("misclassified", "correct")
 #: Which k units of a sample an analysis edits or boosts.
 UNIT_SELECTIONS = ("salient", "random", "least")
 #: Fine-tuning also steps on every parameter.

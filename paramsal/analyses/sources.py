@@ -31,7 +31,7 @@ from paramsal.engine.fingerprints import data_fingerprint, model_fingerprint
 from paramsal.engine.rundir import Run, open_run
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError
-from paramsal.options import TRANSFORMS
+from paramsal.options import SAMPLE_SELECTIONS, TRANSFORMS
 from paramsal.zoo.specs import BUILTIN_SPEC_NAMES, is_builtin_spec, load_data, load_model
 
 #: What ``samples=`` takes: "misclassified" (the default), "correct", or sample ids of the run.
@@ -215,8 +215,8 @@ def chosen_samples(run: Run, samples: Samples, purpose: str) -> tuple[np.ndarray
     ids = table.column("sample_id").to_numpy()
     samples = "misclassified" if samples is None else samples
     if isinstance(samples, str):
-        if samples not in ("misclassified", "correct"):
-            raise InputError(f"samples={samples!r}: expected 'misclassified', 'correct' or sample ids")
+        if samples not in SAMPLE_SELECTIONS:
+            raise InputError(f"samples={samples!r}: expected {', '.join(map(repr, SAMPLE_SELECTIONS))} or sample ids")
         keep = run.selected(table, samples)
     else:
         wanted = np.asarray(samples, dtype=np.int64)

@@ -15,11 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune = sub.add_parser("prune", help="turn off (or perturb) each mistake's salient / random / least salient "
                                          "units and measure the confidences (paper 3.1, A.5)")
     add_run_argument(prune)
-    prune.add_argument("--ks", type=positive_int_list, default=list(PRUNING_KS),
-                       help="comma-separated numbers of units to turn off (default "
-                            f"{','.join(map(str, PRUNING_KS))}; those above the run's unit count are left out)")
-    prune.add_argument("--select", type=choice_list(UNIT_SELECTIONS), default=list(UNIT_SELECTIONS),
-                       help=f"comma-separated selections: {','.join(UNIT_SELECTIONS)} (default all three)")
+    _add_grid(prune, PRUNING_KS, UNIT_SELECTIONS, "units to turn off")
     prune.add_argument("--mode", default="zero", choices=PRUNING_MODES,
                        help="zero: turn the units off (pruning, paper 3.1); noise: add N(0, std^2) noise to "
                             "their weights (perturbation, paper A.5)")
@@ -30,16 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     finetune = sub.add_parser("finetune", help="one SGD step on each mistake's salient / random / least salient "
                                                "filters or all parameters; is it corrected? (paper 3.3)")
     add_run_argument(finetune)
-    finetune.add_argument("--ks", type=positive_int_list, default=list(FINETUNE_KS),
-                          help="comma-separated numbers of filters to update (default "
-                               f"{','.join(map(str, FINETUNE_KS))}; those above the run's unit count are left out)")
-    finetune.add_argument("--select", type=choice_list(FINETUNE_SELECTIONS), default=list(FINETUNE_SELECTIONS),
-                          help=f"comma-separated selections: {','.join(FINETUNE_SELECTIONS)} (default all four)")
+    _add_grid(finetune, FINETUNE_KS, FINETUNE_SELECTIONS, "filters to update")
     finetune.add_argument("--lr", type=float, default=1e-3, help="learning rate of the one SGD step (default 0.001)")
     finetune.add_argument("--neighbors", type=positive_int, default=10,
                           help="saliency-space neighbours per sample, among the misclassified (default 10)")
     _add_common(finetune, batch_size=16, batch_help="samples whose updates are evaluated together")
     finetune.set_defaults(func=finetune_command)
+
+
+def _add_grid(parser: argparse.ArgumentParser, ks: tuple[int, ...], selections: tuple[str, ...], edited: str) -> None:
+    """``--ks`` and ``--select``: the (selection, k) grid a curves command measures."""
+    parser.add_argument("--ks", type=positive_int_list, default=list(ks),
+                        help=f"comma-separated numbers of {edited} (default {','.join(map(str, ks))}; those above "
+                             "the run's unit count are left out)")
+    parser.add_argument("--select", type=choice_list(selections), default=list(selections),
+                        help=f"comma-separated selections: {','.join(selections)} (default all of them)")
 
 
 def _add_common(parser: argparse.ArgumentParser, batch_size: int, batch_help: str) -> None:

@@ -6,7 +6,7 @@ import argparse
 
 from paramsal.cli.parsing import (add_output_arguments, add_run_argument, add_source_arguments, analysis_options,
                                   choice_list, opened_run, positive_int)
-from paramsal.options import POOLS, PRECISIONS, SPACES
+from paramsal.options import POOLS, PRECISIONS, SAMPLE_SELECTIONS, SPACES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="saliency space: a range A:B of layers (e.g. 0:10 shallow, 10: deep) or a list 1,2,3")
     neighbors.add_argument("--among", default="misclassified", choices=POOLS,
                            help="the candidates (default: misclassified, as in the paper)")
-    neighbors.add_argument("--samples", default="misclassified", choices=["misclassified", "correct"],
+    neighbors.add_argument("--samples", default="misclassified", choices=SAMPLE_SELECTIONS,
                            help="the queries (default: misclassified)")
     neighbors.add_argument("--spaces", type=choice_list(SPACES), default=list(SPACES),
                            help="comma-separated spaces: saliency,features (default both; features when recorded)")
