@@ -27,6 +27,12 @@ def demo():
     return model, images, UnitEditor.locate(model, images[:1])
 
 
+def random_units(num_units: int, sizes, seed: int) -> list[np.ndarray]:
+    """One set of distinct random units per size (all of them where a size exceeds the count)."""
+    rng = np.random.default_rng(seed)
+    return [rng.choice(num_units, size=min(k, num_units), replace=False) for k in sizes]
+
+
 def _following_bn_by_name(conv_name: str) -> str:
     """The demo model's BatchNorm after each conv, from its source (independent of the probe)."""
     if conv_name.endswith("shortcut.0"):
@@ -92,8 +98,7 @@ def test_the_channel_after_the_batchnorm_is_zero(demo):
 
 def test_each_sample_its_own_units_in_one_batch(demo):
     model, images, editor = demo
-    rng = np.random.default_rng(0)
-    units = [rng.choice(len(editor.index), size=k, replace=False) for k in (1, 5, 20, 50, 100, 0, 20, 300)]
+    units = random_units(len(editor.index), (1, 5, 20, 50, 100, 0, 20, 300), seed=0)
     with torch.no_grad(), editor.switched_off(unit_mask(units, len(editor.index))):
         masked = model(images)
     with torch.no_grad():
@@ -110,8 +115,7 @@ def test_masks_equal_pruned_copies_on_other_layers(case):
     model = build(case, torch.float64)
     inputs, _ = batch(case, 4, torch.float64)
     editor = UnitEditor.locate(model, inputs[:1], case.units)
-    rng = np.random.default_rng(1)
-    units = [rng.choice(len(editor.index), size=min(k, len(editor.index)), replace=False) for k in (1, 3, 8, 2)]
+    units = random_units(len(editor.index), (1, 3, 8, 2), seed=1)
     with torch.no_grad(), editor.switched_off(unit_mask(units, len(editor.index))):
         masked = model(inputs)
         with pytest.raises(InputError, match="outside"):
@@ -213,8 +217,7 @@ def _perturbed_copy(model: nn.Module, deltas, row: int) -> nn.Module:
 
 def test_noise_equals_a_copy_with_that_samples_filters_perturbed(demo):
     model, images, editor = demo
-    rng = np.random.default_rng(2)
-    units = [rng.choice(len(editor.index), size=k, replace=False) for k in (1, 5, 20, 50, 100, 0, 7, 300)]
+    units = random_units(len(editor.index), (1, 5, 20, 50, 100, 0, 7, 300), seed=2)
     deltas = gaussian_deltas(editor.index, units, 0.05, seeds=range(8))
     with torch.no_grad(), editor.perturbed(deltas):
         noisy = model(images)
@@ -232,8 +235,7 @@ def test_noise_on_grouped_dilated_padded_and_linear_layers(case):
     model = build(case, torch.float64)
     inputs, _ = batch(case, 3, torch.float64)
     editor = UnitEditor.locate(model, inputs[:1], case.units)
-    rng = np.random.default_rng(3)
-    units = [rng.choice(len(editor.index), size=min(k, len(editor.index)), replace=False) for k in (2, 6, 4)]
+    units = random_units(len(editor.index), (2, 6, 4), seed=3)
     deltas = gaussian_deltas(editor.index, units, 0.3, seeds=[5, 6, 7], dtype=torch.float64)
     with torch.no_grad(), editor.perturbed(deltas):
         noisy = model(inputs)
