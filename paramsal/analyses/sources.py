@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
 from paramsal._typing import MapDataset
 from paramsal.engine.devices import resolve_device
@@ -32,7 +31,7 @@ from paramsal.engine.rundir import Run, open_run
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError
 from paramsal.options import SAMPLE_SELECTIONS, TRANSFORMS
-from paramsal.zoo.specs import BUILTIN_SPEC_NAMES, is_builtin_spec, load_data, load_model
+from paramsal.zoo.specs import BUILTIN_SPEC_NAMES, first_samples, is_builtin_spec, load_data, load_model
 
 #: What ``samples=`` takes: "misclassified" (the default), "correct", or sample ids of the run.
 Samples = str | Sequence[int] | np.ndarray | None
@@ -157,9 +156,7 @@ def load_source(run: Run, overrides: SourceOverrides | None = None, *, trust_run
         loaded["model"] = model.to(resolve_device(device))
     if "data" in parts:
         data = load_data(known["data"], overrides.transform or source.get("transform") or "imagenet")
-        if source.get("limit"):
-            data = Subset(data, range(min(int(source["limit"]), len(data))))  # type: ignore[arg-type]
-        loaded["data"] = data
+        loaded["data"] = first_samples(data, source.get("limit"))
     return loaded
 
 

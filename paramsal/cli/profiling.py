@@ -58,15 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def profile_command(args: argparse.Namespace) -> int:
     from paramsal.engine.dataset import profile_dataset
     from paramsal.engine.devices import resolve_device
-    from paramsal.zoo.specs import load_data, load_model
+    from paramsal.zoo.specs import first_samples, load_data, load_model
 
     device = resolve_device(args.device)  # before the model and data are loaded: a wrong device fails at once
     model = load_model(args.model, args.weights, args.num_classes)
-    data = load_data(args.data, args.transform)
-    if args.limit:
-        from torch.utils.data import Subset
-
-        data = Subset(data, range(min(args.limit, len(data))))  # type: ignore[arg-type]  # any map-style set
+    data = first_samples(load_data(args.data, args.transform), args.limit)
     run = profile_dataset(model, data, args.out, batch_size=args.batch_size, backend=args.backend,
                           units=args.units, aggregation=args.aggregation, device=device,
                           num_workers=args.num_workers, features=args.features, resume=not args.restart,

@@ -90,6 +90,16 @@ def load_data(spec: str, transform: str = "imagenet") -> MapDataset:
     return _call_factory(spec, "data")
 
 
+def first_samples(data: MapDataset, limit: int | None) -> MapDataset:
+    """The first ``limit`` samples of ``data`` (all of them for None): what ``--limit`` profiles, and what an
+    analysis of that run rebuilds, so that sample ids name the same samples in both."""
+    if not limit:
+        return data
+    from torch.utils.data import Subset
+
+    return Subset(data, range(min(int(limit), len(data))))  # type: ignore[arg-type]  # any map-style set
+
+
 def image_transform(name: str):
     """The usual evaluation transforms: ImageNet (256 -> 224), Inception (342 -> 299), or tensor only."""
     from torchvision import transforms as T
