@@ -56,10 +56,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from paramsal.engine.profile import eval_mode
-from paramsal.engine.units import UnitGroup, UnitIndex, UnitsSpec, units_of
+from paramsal.engine.units import CONV_TYPES, UnitGroup, UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 #: Upper bound on the elements of the gathered layer input that one chunk of
@@ -245,7 +244,7 @@ def unit_mask(unit_ids: np.ndarray | torch.Tensor | Sequence[Sequence[int]], num
 
 def _check_editable(model: nn.Module, group: UnitGroup) -> nn.Module:
     module = model.get_submodule(group.module_name)
-    editable = isinstance(module, _CONV_TYPES + (nn.Linear,)) and group.attr == "weight"
+    editable = isinstance(module, CONV_TYPES + (nn.Linear,)) and group.attr == "weight"
     if not editable or group.partition != "rows":
         raise InputError(
             f"cannot turn off the units of {group.param_name!r} ({type(module).__name__} at "
@@ -308,7 +307,7 @@ def _observe_followers(model: nn.Module, layers: Mapping[str, nn.Module],
 
 def _normalizes_channels(layer: nn.Module, x: torch.Tensor) -> bool:
     # BatchNorm's channels are dim 1; a Linear's are its last dim, the same only for a 2-D output.
-    return isinstance(layer, _CONV_TYPES) or x.dim() == 2
+    return isinstance(layer, CONV_TYPES) or x.dim() == 2
 
 
 def _zeroing_hook(name: str, entries: list[tuple[torch.Tensor, int]]):
@@ -345,7 +344,7 @@ def _perturbing_hook(name: str, entries: list[WeightDeltas]):
     def hook(mod, inputs, output):
         x = inputs[0]
         for delta in entries:
-            extra = (_conv_delta_term(mod, x, delta) if isinstance(mod, _CONV_TYPES)
+            extra = (_conv_delta_term(mod, x, delta) if isinstance(mod, CONV_TYPES)
                      else _linear_delta_term(x, delta))
             samples, channels = delta.samples.to(output.device), delta.channels.to(output.device)
             if int(samples.max()) >= output.shape[0]:

@@ -32,7 +32,8 @@ UnitAssigner = Callable[[str, torch.Tensor], Union[torch.Tensor, None]]
 UnitsSpec = Union[str, UnitAssigner]
 
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: The convolutions whose output channels are filters.
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,9 +161,9 @@ def _scheme(units: UnitsSpec) -> Callable[[str, torch.Tensor, nn.Module], _Choic
     if units == "filters":
         return lambda name, p, m: ("rows", None) if p.dim() == 4 else None
     if units == "conv":
-        return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, _CONV_TYPES) else None
+        return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, CONV_TYPES) else None
     if units == "conv+linear":
-        return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, _CONV_TYPES + (nn.Linear,)) else None
+        return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, CONV_TYPES + (nn.Linear,)) else None
     if units == "linear-columns":
         return lambda name, p, m: ("columns", None) if _is_weight_of(name, m, (nn.Linear,)) else None
     raise InputError(f"unknown units {units!r}; expected one of {', '.join(UNIT_SCHEMES)} or a callable")
