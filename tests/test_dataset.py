@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-import paramsal.engine.dataset as dataset_module
+from paramsal.engine.writing import PartWriter
 from paramsal import InputError, RunMismatchError, SaliencyStats, open_run, profile_batch, profile_dataset
 from paramsal.cli import main
 from paramsal.zoo import demo_dataset, demo_model
@@ -66,7 +66,7 @@ def test_rows_are_the_engine_rows_and_stats_equal_two_pass(full_run, model, data
 
 def test_crash_then_resume_equals_uninterrupted(tmp_path, model, data, full_run, monkeypatch):
     out = tmp_path / "run"
-    real_flush = dataset_module._flush
+    real_flush = PartWriter._write
     calls = []
 
     def crashing_flush(*args, **kwargs):
@@ -75,7 +75,7 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path, model, data, full_run,
         calls.append(1)
         return real_flush(*args, **kwargs)
 
-    monkeypatch.setattr(dataset_module, "_flush", crashing_flush)
+    monkeypatch.setattr(PartWriter, "_write", crashing_flush)
     with pytest.raises(KeyboardInterrupt):
         profile_dataset(model, data, out, batch_size=32, part_size=64, features=True, progress=False)
     monkeypatch.undo()

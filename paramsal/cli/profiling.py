@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     profile.add_argument("--units", default="filters", choices=UNIT_SCHEMES)
     profile.add_argument("--aggregation", default="mean_abs", choices=AGGREGATIONS)
     profile.add_argument("--device", help=f"{DEVICES} (default: CUDA when available)")
-    profile.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader worker processes")
+    profile.add_argument("--num-workers", type=non_negative_int, default=None,
+                         help="DataLoader worker processes (default: several per GPU from the CPU count, "
+                              "none on the CPU)")
     profile.add_argument("--features", action="store_true", help="also record penultimate features")
     profile.add_argument("--part-size", type=positive_int, default=None, help="rows per Parquet part")
     profile.add_argument("--limit", type=positive_int, default=None, help="profile only the first N samples")
@@ -56,8 +58,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def profile_command(args: argparse.Namespace) -> int:
+    """One process, or every rank of ``torchrun --nproc-per-node N -m paramsal profile ...`` (same arguments)."""
+    from paramsal.engine import distributed
+
+    joined = distributed.init_from_environment()
+    try:
+        return _profile(args)
+    finally:
+        if joined:
+            distributed.leave()
+
+
+def _profile(args: argparse.Namespace) -> int:
     from paramsal.engine.dataset import profile_dataset
     from paramsal.engine.devices import resolve_device
+    from paramsal.engine.distributed import current_ranks
     from paramsal.zoo.specs import first_samples, load_data, load_model
 
     device = resolve_device(args.device)  # before the model and data are loaded: a wrong device fails at once
@@ -69,7 +84,8 @@ def profile_command(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite or args.restart, progress=not args.quiet,
                           part_size=args.part_size, repair=args.repair, on_nonfinite=args.on_nonfinite,
                           model_name=args.model, data_name=args.data, source=_source(args))
-    print(run.summary())
+    if current_ranks().is_main:
+        print(run.summary())
     return 0
 
 

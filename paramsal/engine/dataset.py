@@ -10,7 +10,6 @@ set's labels, and profiles only the parts the run lacks.
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import platform
 import warnings
@@ -28,34 +27,37 @@ from paramsal._typing import MapDataset
 from paramsal._version import __version__
 from paramsal.engine.backends import BatchResult
 from paramsal.engine.devices import resolve_device
+from paramsal.engine.distributed import Ranks, current_ranks, local_rank, local_world_size
 from paramsal.engine.fingerprints import data_fingerprint, model_fingerprint
-from paramsal.engine.integrity import check_file
 from paramsal.engine.loading import BadBatch, Indexed, collate_samples
 from paramsal.engine.lock import RunLock
-from paramsal.engine.manifest import FORMAT, STATS, part_count, part_range, parts_of, rows_per_part, write_manifest
+from paramsal.engine.manifest import FORMAT, part_count, part_range, parts_of, read_manifest, rows_per_part
 from paramsal.engine.profile import LOSS_FLAG, Profiler
 from paramsal.engine.resume import prepare_run
-from paramsal.engine.rundir import Run, profile_table, write_part, write_stats
+from paramsal.engine.rundir import Run
 from paramsal.engine.units import UnitsSpec
-from paramsal.engine.stats import SaliencyStats
+from paramsal.engine.writing import PartBuffer, PartWriter, finish_run, now
 from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, check_choice
 from paramsal.kernels.reduce import Aggregation
 from paramsal.options import NONFINITE_POLICIES
 
 #: Rows per part aimed at when ``part_size`` is not given (rounded to whole batches).
 DEFAULT_PART_ROWS = 2048
+#: Under torchrun, parts are made smaller until each rank has at least this many: ranks share whole parts,
+#: so with fewer the last ones would idle while one rank finishes a part more than the others.
+PARTS_PER_RANK = 8
 
 
-__all__ = ["DEFAULT_PART_ROWS", "data_fingerprint", "model_fingerprint", "profile_dataset"]
+__all__ = ["DEFAULT_PART_ROWS", "data_fingerprint", "default_workers", "model_fingerprint", "profile_dataset"]
 
 
 def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLike, *, batch_size: int = 64,
                     backend: str = "auto", units: UnitsSpec = "filters", aggregation: Aggregation = "mean_abs",
-                    device: str | torch.device | None = None, num_workers: int = 0, features: bool | str = False,
-                    resume: bool = True, overwrite: bool = False, repair: bool = False,
-                    on_nonfinite: str = "skip", progress: bool = True, part_size: int | None = None,
-                    chunk_size: int | None = None, model_name: str | None = None, data_name: str | None = None,
-                    source: dict[str, Any] | None = None) -> Run:
+                    device: str | torch.device | None = None, num_workers: int | None = None,
+                    features: bool | str = False, resume: bool = True, overwrite: bool = False,
+                    repair: bool = False, on_nonfinite: str = "skip", progress: bool = True,
+                    part_size: int | None = None, chunk_size: int | None = None, model_name: str | None = None,
+                    data_name: str | None = None, source: dict[str, Any] | None = None) -> Run:
     """Profiles every sample of a classification data set and writes a run directory.
 
     Each sample's raw profile (the gradient of its own cross-entropy loss,
@@ -65,6 +67,12 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
     profiles only the parts the run lacks, and the run ends with every sample
     exactly once, bit for bit as if it had never stopped.
 
+    Inside an initialized ``torch.distributed`` process group (``torchrun``)
+    every rank calls it with the same arguments: rank 0 prepares the run, each
+    rank profiles a contiguous share of the parts still missing and lists them
+    in the shared manifest, and rank 0 merges the statistics in part order,
+    so the run is the one a single process makes with the same part size.
+
     Args:
         model: a trained classifier; moved to ``device`` and profiled in eval mode.
         data: a map-style data set of ``(input, class index)``.
@@ -73,8 +81,11 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
         backend: "auto", "hooks", "vmap" or "loop".
         units: see :func:`paramsal.units_of`.
         aggregation: "mean_abs" (the paper) or "abs_mean".
-        device: where to compute; default CUDA when available, else CPU.
-        num_workers: DataLoader worker processes.
+        device: where to compute; default CUDA when available (under
+            torchrun the GPU ``LOCAL_RANK``), else CPU.
+        num_workers: DataLoader worker processes; default
+            :func:`default_workers` (several on a GPU, none on the CPU, where
+            they would take the cores the computation uses).
         features: also record penultimate features (the input of the last
             ``nn.Linear``, or of the named module), for the feature-space baseline.
         resume: continue a run found in ``out_dir``; False starts over only
@@ -88,9 +99,10 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
             its row, flagged (``nonfinite``, ``nonfinite_param``), leaves it out
             of the statistics and warns at the end; "fail" stops, naming its
             dataset index.
-        progress: show a progress bar (samples/s, time left).
+        progress: show a progress bar (samples/s, time left; rank 0's share under torchrun).
         part_size: rows per Parquet part, a multiple of ``batch_size``
-            (default about 2,048); a resumed run keeps its own.
+            (default about 2,048, fewer where that leaves a rank under
+            :data:`PARTS_PER_RANK` parts); a resumed run keeps its own.
         chunk_size: samples per chunk of per-sample work (memory bound).
         model_name, data_name: descriptions stored in the manifest.
         source: how to load the model and data again (the command line's
@@ -107,27 +119,81 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
         RunCorruptError: a finished part is damaged (``repair=True`` mends it).
     """
     _check_arguments(data, batch_size, num_workers, part_size, on_nonfinite)
+    ranks = current_ranks()
     root = writable_folder(out_dir, "--out DIR (out_dir= in Python)")
-    with RunLock(root):
-        device = resolve_device(device)
-        model = model.to(device)
-        profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, chunk_size=chunk_size,
-                            features=features or None)
-        batches_per_part = max(1, (part_size or DEFAULT_PART_ROWS) // batch_size)
-        wanted = _manifest(model, data, profiler, backend, batch_size, batches_per_part, chunk_size, device,
-                           model_name, data_name)
-        wanted["source"] = dict(source or {})
-        manifest, notes = prepare_run(root, wanted, data, profiler, resume=resume, overwrite=overwrite, repair=repair)
-        for note in notes:
-            warnings.warn(note, ParamsalWarning, stacklevel=2)
-        _profile_missing_parts(root, manifest, data, profiler, device, num_workers, on_nonfinite, progress)
-        _finish(root, manifest)
+    device = rank_device(resolve_device(device), ranks)
+    model = model.to(device)
+    profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, chunk_size=chunk_size,
+                        features=features or None)
+    wanted = _manifest(model, data, profiler, backend, batch_size, _batches_per_part(part_size, batch_size,
+                       len(data), ranks.world_size), chunk_size, device, model_name, data_name, ranks.world_size)
+    wanted["source"] = dict(source or {})
+    lock = RunLock(root)
+    todo = ranks.on_main(lambda: _start(lock, root, wanted, data, profiler, resume, overwrite, repair,
+                                        ranks.world_size))
+    try:
+        error = None
+        try:
+            manifest = read_manifest(root)
+            assert manifest is not None  # rank 0 wrote it before anyone got here
+            workers = default_workers(device) if num_workers is None else num_workers
+            _profile_parts(root, manifest, ranks.share(todo), data, profiler, device, workers, on_nonfinite,
+                           progress and ranks.is_main)
+        except Exception as exc:  # the other ranks must hear of it before they wait for this one
+            error = exc
+        ranks.all_succeed(error)
+        ranks.on_main(lambda: finish_run(root))
+    finally:
+        lock.release()
     run = Run(root)
-    _warn_nonfinite(run)
+    if ranks.is_main:
+        _warn_nonfinite(run)
     return run
 
 
-def _check_arguments(data: MapDataset, batch_size: int, num_workers: int, part_size: int | None,
+def _start(lock: RunLock, root: Path, wanted: dict[str, Any], data: MapDataset, profiler: Profiler, resume: bool,
+           overwrite: bool, repair: bool, world_size: int) -> list[int]:
+    """Rank 0: takes the run's lock for the whole job, prepares the run; returns the parts still to profile."""
+    lock.acquire()
+    try:
+        manifest, notes = prepare_run(root, wanted, data, profiler, resume=resume, overwrite=overwrite,
+                                      repair=repair)
+    except BaseException:
+        lock.release()
+        raise
+    finished = {p.index for p in parts_of(manifest)}
+    todo = [i for i in range(part_count(manifest)) if i not in finished]
+    started_by = manifest["config"].get("world_size", 1)
+    if todo and started_by != world_size:
+        notes.append(f"the run was started by {started_by} rank(s); this job's {world_size} share its "
+                     f"{len(todo)} remaining part(s)")
+    for note in notes:
+        warnings.warn(note, ParamsalWarning, stacklevel=4)
+    return todo
+
+
+def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
+    """Under torchrun, a bare "cuda" (or the default) means this rank's own GPU, ``cuda:LOCAL_RANK``."""
+    if device.type == "cuda" and device.index is None and ranks.world_size > 1:
+        return torch.device("cuda", local_rank())
+    return device
+
+
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers when none are asked for: on a GPU, this machine's CPUs shared by its ranks (at most 8)."""
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // local_world_size() - 1))
+
+
+def _batches_per_part(part_size: int | None, batch_size: int, num_samples: int, world_size: int) -> int:
+    rows = part_size or DEFAULT_PART_ROWS
+    if part_size is None and world_size > 1:
+        rows = min(rows, -(-num_samples // (PARTS_PER_RANK * world_size)))
+    return max(1, rows // batch_size)
+
+
+def _check_arguments(data: MapDataset, batch_size: int, num_workers: int | None, part_size: int | None,
                      on_nonfinite: str) -> None:
     for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                ("part_size", part_size, 1)):
@@ -138,44 +204,104 @@ def _check_arguments(data: MapDataset, batch_size: int, num_workers: int, part_s
         raise InputError(f"the data set ({type(data).__name__}) is empty: there is nothing to profile")
 
 
-def _profile_missing_parts(root: Path, manifest: dict[str, Any], data: MapDataset, profiler: Profiler,
-                           device: torch.device, num_workers: int, on_nonfinite: str, progress: bool) -> None:
-    finished = {p.index for p in parts_of(manifest)}
-    todo = [i for i in range(part_count(manifest)) if i not in finished]
+def _profile_parts(root: Path, manifest: dict[str, Any], parts: list[int], data: MapDataset, profiler: Profiler,
+                   device: torch.device, num_workers: int, on_nonfinite: str, progress: bool) -> None:
+    """Profiles the given parts, batch by batch, and lists each in the manifest once it is written.
+
+    The device is kept busy: inputs are copied to it without blocking, a
+    batch's results travel back to the host while the next batch computes
+    (they are looked at one batch later), and the finished parts are
+    written by a thread of their own.
+    """
     batch_size = manifest["config"]["batch_size"]
-    batches = [list(range(s, min(s + batch_size, stop))) for i in todo
+    batches = [list(range(s, min(s + batch_size, stop))) for i in parts
                for start, stop in [part_range(manifest, i)] for s in range(start, stop, batch_size)]
     loader = DataLoader(Indexed(data), batch_sampler=batches, num_workers=num_workers,
-                        collate_fn=collate_samples, pin_memory=device.type == "cuda")
-    done = int(manifest["num_samples"]) - sum(len(b) for b in batches)
-    bar = tqdm(total=int(manifest["num_samples"]), initial=done, unit="samples", disable=not progress,
-               desc="profiling", dynamic_ncols=True)
-    buffer: _PartBuffer | None = None
+                        collate_fn=collate_samples, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if num_workers else None)
+    bar = tqdm(total=sum(len(b) for b in batches), unit="samples", disable=not progress, desc="profiling",
+               dynamic_ncols=True)
+    parts_out = _Parts(root, manifest, profiler, on_nonfinite)
+    in_flight: _InFlight | None = None
     try:
         for batch in loader:
-            if isinstance(batch, BadBatch):
-                raise batch.error()
-            ids, inputs, targets = batch
-            if buffer is None:
-                buffer = _PartBuffer(int(ids[0]) // rows_per_part(manifest))
-            buffer.add(ids, targets, *_profile_batch(profiler, ids, inputs, targets, on_nonfinite))
-            bar.update(len(ids))
-            if buffer.stop == part_range(manifest, buffer.index)[1]:
-                _flush(root, manifest, buffer, profiler)
-                buffer = None
+            try:
+                if isinstance(batch, BadBatch):
+                    raise batch.error()
+                launched = _InFlight.launch(profiler, device, *batch)
+            except BaseException:
+                if in_flight is not None:  # what was computed before the error is kept
+                    parts_out.land(in_flight)
+                raise
+            if in_flight is not None:
+                bar.update(parts_out.land(in_flight))
+            in_flight = launched
+        if in_flight is not None:
+            bar.update(parts_out.land(in_flight))
     finally:
         bar.close()
+        parts_out.close()
 
 
-def _profile_batch(profiler: Profiler, ids: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
-                   on_nonfinite: str) -> tuple[BatchResult, list[str | None]]:
-    """The batch's results and, per sample, None or the parameter whose gradient was not finite.
+class _Parts:
+    """Landed batches gathered into parts; each part, once whole, goes to the writer thread."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], profiler: Profiler, on_nonfinite: str):
+        self.manifest, self.profiler, self.on_nonfinite = manifest, profiler, on_nonfinite
+        self.writer = PartWriter(root, manifest["aggregation"], len(profiler.index))
+        self.buffer: PartBuffer | None = None
+
+    def land(self, batch: _InFlight) -> int:
+        """Adds a batch's results (writing its part when whole); returns its number of samples."""
+        if self.buffer is None:
+            self.buffer = PartBuffer(int(batch.ids[0]) // rows_per_part(self.manifest))
+        self.buffer.add(batch.ids, batch.targets, *batch.land(self.profiler, self.on_nonfinite))
+        if self.buffer.stop == part_range(self.manifest, self.buffer.index)[1]:
+            self.writer.write(self.buffer, self.profiler.backend)
+            self.buffer = None
+        return len(batch.ids)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _InFlight:
+    """A batch whose results are on their way to the host: launched now, looked at one batch later."""
+
+    def __init__(self, ids: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, result: BatchResult):
+        self.ids, self.inputs, self.targets = ids, inputs, targets
+        self.result = BatchResult(_to_host(result.profiles), _to_host(result.outputs), _to_host(result.losses),
+                                  None if result.features is None else _to_host(result.features))
+        self.copied = torch.cuda.Event() if inputs.is_cuda else None
+        if self.copied is not None:
+            self.copied.record()
+
+    @classmethod
+    def launch(cls, profiler: Profiler, device: torch.device, ids: torch.Tensor, inputs: torch.Tensor,
+               targets: torch.Tensor) -> _InFlight:
+        inputs = inputs.to(device, non_blocking=True)
+        return cls(ids, inputs, targets, profiler(inputs, targets, check_finite=False))
+
+    def land(self, profiler: Profiler, on_nonfinite: str) -> tuple[BatchResult, list[str | None]]:
+        """The batch's results on the host, and per sample None or the parameter whose gradient was not finite."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return _checked_finite(profiler, self.ids, self.inputs, self.targets, self.result, on_nonfinite)
+
+
+def _to_host(values: torch.Tensor) -> torch.Tensor:
+    """A copy on the host that a GPU makes in the background (into pinned memory); valid once synchronized."""
+    return values.detach().to("cpu", non_blocking=True)
+
+
+def _checked_finite(profiler: Profiler, ids: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                    result: BatchResult, on_nonfinite: str) -> tuple[BatchResult, list[str | None]]:
+    """A batch's results (on the host) and, per sample, None or the parameter whose gradient was not finite.
 
     The samples of a batch with a bad one are profiled again without it, so
     that no kernel that works on several samples at once can carry its NaN
     into theirs.
     """
-    result = profiler(inputs, targets, check_finite=False)
     flags = profiler.nonfinite(result)
     bad = [row for row, flag in enumerate(flags) if flag is not None]
     if not bad:
@@ -188,70 +314,13 @@ def _profile_batch(profiler: Profiler, ids: torch.Tensor, inputs: torch.Tensor, 
             "--on-nonfinite skip (on_nonfinite='skip', the default) flags such samples and goes on")
     good = torch.tensor([flag is None for flag in flags])
     if good.any():
-        clean = profiler(inputs[good], targets[good])
-        rows = good.to(result.profiles.device)
-        result.profiles[rows] = clean.profiles
-        result.outputs[rows] = clean.outputs
-        result.losses[rows] = clean.losses
+        clean = profiler(inputs[good.to(inputs.device)], targets[good])
+        result.profiles[good] = clean.profiles.cpu()
+        result.outputs[good] = clean.outputs.cpu()
+        result.losses[good] = clean.losses.cpu()
         if result.features is not None and clean.features is not None:
-            result.features[rows] = clean.features
+            result.features[good] = clean.features.cpu()
     return result, flags
-
-
-class _PartBuffer:
-    """The batches of the part being filled, moved off the device as they arrive."""
-
-    def __init__(self, index: int):
-        self.index = index
-        self.stop = -1
-        self.columns: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                                       ("ids", "targets", "profiles", "outputs", "losses", "features")}
-        self.flags: list[str | None] = []
-
-    def add(self, ids: torch.Tensor, targets: torch.Tensor, result: BatchResult, flags: list[str | None]) -> None:
-        for name, values in (("ids", ids), ("targets", targets), ("profiles", result.profiles),
-                             ("outputs", result.outputs), ("losses", result.losses), ("features", result.features)):
-            if values is not None:
-                self.columns[name].append(values.detach().cpu())
-        self.flags += flags
-        self.stop = int(ids[-1]) + 1
-
-    def cat(self, name: str) -> np.ndarray:
-        return torch.cat(self.columns[name]).float().numpy()
-
-    def features(self) -> np.ndarray | None:
-        return self.cat("features") if self.columns["features"] else None
-
-
-def _flush(root: Path, manifest: dict[str, Any], buffer: _PartBuffer, profiler: Profiler) -> None:
-    """Writes the buffered rows as their part, then lists it in the manifest."""
-    profiles = buffer.cat("profiles")
-    table = profile_table(torch.cat(buffer.columns["ids"]).numpy(), torch.cat(buffer.columns["targets"]).numpy(),
-                          buffer.cat("outputs"), buffer.cat("losses"), profiles, buffer.features(),
-                          buffer.flags)
-    finite = np.array([flag is None for flag in buffer.flags])
-    stats = SaliencyStats(len(profiler.index), manifest["aggregation"]).update(
-        torch.cat(buffer.columns["profiles"])[torch.from_numpy(finite)])
-    part = write_part(root, buffer.index, table, stats, profiler.backend)
-    manifest["parts"] = sorted(manifest["parts"] + [part.to_json()], key=lambda p: p["index"])
-    manifest["updated"] = _now()
-    write_manifest(root, manifest)
-
-
-def _finish(root: Path, manifest: dict[str, Any]) -> None:
-    """Once every part is there: the merged statistics, then ``complete``."""
-    parts = parts_of(manifest)
-    if manifest["complete"] or len(parts) < part_count(manifest):
-        return
-    stats = SaliencyStats(int(manifest["num_units"]))
-    for part in parts:
-        check_file(root, part.stats_file, part.records[part.stats_file], manifest)
-        stats = stats.merge(SaliencyStats.load(root / part.stats_file))
-    stats.aggregation = manifest["aggregation"]
-    manifest["files"][STATS] = write_stats(root, stats)
-    manifest["complete"] = True
-    manifest["updated"] = _now()
-    write_manifest(root, manifest)
 
 
 def _warn_nonfinite(run: Run) -> None:
@@ -265,17 +334,17 @@ def _warn_nonfinite(run: Run) -> None:
 
 def _manifest(model: nn.Module, data: MapDataset, profiler: Profiler, backend: str, batch_size: int,
               batches_per_part: int, chunk_size: int | None, device: torch.device, model_name: str | None,
-              data_name: str | None) -> dict[str, Any]:
+              data_name: str | None, world_size: int) -> dict[str, Any]:
     return {
         "format": FORMAT,
-        "created": _now(),
-        "updated": _now(),
+        "created": now(),
+        "updated": now(),
         "complete": False,
         "config": {"model": model_name or type(model).__name__, "data": data_name or type(data).__name__,
                    "units": profiler.index.scheme, "backend": backend, "batch_size": batch_size,
                    "batches_per_part": batches_per_part, "chunk_size": chunk_size, "device": device.type,
                    "dtype": str(next(iter(model.parameters())).dtype).removeprefix("torch."),
-                   "features_module": profiler.features},
+                   "features_module": profiler.features, "world_size": world_size},
         "aggregation": profiler.aggregation,
         "features": profiler.features is not None,
         "num_units": len(profiler.index),
@@ -288,7 +357,3 @@ def _manifest(model: nn.Module, data: MapDataset, profiler: Profiler, backend: s
         "files": {},
         "parts": [],
     }
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -14,11 +14,15 @@ import datetime as _dt
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from paramsal.errors import RunLockedError
 
 LOCK = "lock"
+#: Held for the moment a rank lists a finished part: ranks of one job share the manifest.
+MANIFEST_LOCK = "manifest.lock"
 
 try:
     import fcntl
@@ -62,6 +66,24 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+@contextmanager
+def manifest_update(root: Path) -> Iterator[None]:
+    """Waits for, then holds, the short lock under which one rank re-reads and rewrites the manifest.
+
+    The ranks of a ``torchrun`` job write one run together (rank 0 holds
+    :class:`RunLock` for all of them); each lists its finished parts in the
+    shared manifest, and without this lock two ranks listing at once would
+    each write a manifest missing the other's part.
+    """
+    fd = os.open(Path(root) / MANIFEST_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _describe(fd: int) -> str:

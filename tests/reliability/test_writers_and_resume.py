@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 import paramsal.engine.dataset as dataset_module
+from paramsal.engine.writing import PartWriter
 import paramsal.engine.fingerprints as fingerprints
 import paramsal.engine.rundir as rundir
 from paramsal import (InputError, ParamsalWarning, RunLockedError, RunMismatchError, StorageError, open_run,
@@ -43,7 +44,7 @@ def data():
 
 def interrupted(model, data, out, monkeypatch, parts: int = 1, **options):
     """Profiles until ``parts`` parts are written, then stops as a kill would (after a manifest write)."""
-    real = dataset_module._flush
+    real = PartWriter._write
     calls = []
 
     def flush_then_stop(*args, **kwargs):
@@ -52,7 +53,7 @@ def interrupted(model, data, out, monkeypatch, parts: int = 1, **options):
         if len(calls) == parts:
             raise KeyboardInterrupt("stopped")
 
-    monkeypatch.setattr(dataset_module, "_flush", flush_then_stop)
+    monkeypatch.setattr(PartWriter, "_write", flush_then_stop)
     with pytest.raises(KeyboardInterrupt):
         profile_dataset(model, data, out, batch_size=BATCH, part_size=PART, progress=False, **options)
     monkeypatch.undo()

@@ -1,0 +1,106 @@
+"""``torchrun --nproc-per-node 2 -m paramsal profile`` on the CPU (gloo) against one process.
+
+Every job here runs with one thread per process, so that the ranks and the
+single process compute each batch with the same reduction order: the parts
+are then the same batches computed the same way, and the runs must agree
+exactly, not merely to rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from paramsal import open_run
+from paramsal.engine.fingerprints import probe_positions
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from killing_data import KILL_AT, MARKER, SAMPLES  # noqa: E402
+
+PROFILE = ["profile", "--model", "demo", "--data", "killing_data:samples", "--batch-size", "32", "--part-size", "64",
+           "--device", "cpu", "--quiet"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "paramsal"]
+SINGLE = [sys.executable, "-m", "paramsal"]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (MARKER, KILL_AT)}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path]), **extra}
+
+
+def profile(launcher: list[str], out: Path, *extra: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([*launcher, *PROFILE, "--out", str(out), *extra], env=environment(**env),
+                          capture_output=True, text=True, timeout=300)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(launcher[-3:])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    profile(SINGLE, out)
+    return out
+
+
+def assert_same_run(path: Path, reference: Path) -> None:
+    run, ref = open_run(path), open_run(reference)
+    assert run.complete and ref.complete
+    np.testing.assert_array_equal(run.sample_ids(), np.arange(SAMPLES))
+    assert [(p.start, p.stop, p.sha256) for p in run.parts] == [(p.start, p.stop, p.sha256) for p in ref.parts]
+    np.testing.assert_array_equal(run.profiles(standardized=False), ref.profiles(standardized=False))
+    for field in ("count", "mean", "m2"):
+        np.testing.assert_allclose(getattr(run.stats, field), getattr(ref.stats, field), rtol=1e-12, atol=0)
+    assert pq.read_table(path / "stats.parquet").equals(pq.read_table(reference / "stats.parquet"))
+
+
+def test_two_ranks_make_the_run_one_process_makes(single, tmp_path):
+    out = tmp_path / "run"
+    done = profile(TORCHRUN, out)
+    assert_same_run(out, single)
+    assert open_run(out).manifest["config"]["world_size"] == 2
+    assert done.stdout.count("accuracy") == 1  # the summary is printed by rank 0 alone
+
+
+def kill_at() -> int:
+    """A sample of rank 1's last part (parts 3..5 are rank 1's) that the fingerprint does not probe."""
+    probed = set(probe_positions(SAMPLES).tolist())
+    return next(i for i in range(5 * 64 + 20, 6 * 64) if i not in probed)
+
+
+def test_a_killed_rank_resumes_with_the_same_command(single, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "killed"
+    killed = profile(TORCHRUN, out, check=False, **{MARKER: str(marker), KILL_AT: str(kill_at())})
+    assert killed.returncode != 0 and marker.exists()
+    partial = open_run(out)
+    # Killed mid-way: some parts of each rank are listed (the ranks run at about the same pace), not all.
+    assert not partial.complete and 1 <= len(partial.parts) < 6
+    profile(TORCHRUN, out)
+    assert_same_run(out, single)
+
+
+def test_a_resume_with_another_world_size_shares_the_rest(single, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "killed"
+    profile(TORCHRUN, out, check=False, **{MARKER: str(marker), KILL_AT: str(kill_at())})
+    remaining = 6 - len(open_run(out).parts)
+    resumed = profile(SINGLE, out)
+    assert f"the run was started by 2 rank(s); this job's 1 share its {remaining} remaining part(s)" in resumed.stderr
+    assert_same_run(out, single)
+
+
+def test_the_default_part_size_gives_every_rank_parts(tmp_path):
+    out = tmp_path / "run"
+    command = [*TORCHRUN, *[w for w in PROFILE if w not in ("--part-size", "64")], "--out", str(out)]
+    done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = open_run(out)
+    np.testing.assert_array_equal(run.sample_ids(), np.arange(SAMPLES))
+    # 384 samples over 2 ranks x 8 parts would be 24 rows a part: less than a batch, so one batch (32) a part.
+    assert run.manifest["config"]["batches_per_part"] == 1 and len(run.parts) == SAMPLES // 32
