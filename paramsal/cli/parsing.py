@@ -60,6 +60,18 @@ def positive_int_list(text: str) -> list[int]:
     return values
 
 
+def shard_spec(text: str) -> tuple[int, int]:
+    """An argparse type: "1/4" -> (1, 4), the second of four shares (0 <= I < N)."""
+    index, _, count = text.partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        shard = (-1, 0)
+    if not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (e.g. 0/4 for the first of four), got {text!r}")
+    return shard
+
+
 def choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     """An argparse type: "salient,least" -> ["salient", "least"], each one of ``choices``."""
     def parse(text: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""``paramsal profile | stats | verify | demo``: making a run directory, and looking at one."""
+"""``paramsal profile | merge | stats | verify | demo``: making a run directory, and looking at one."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from paramsal.cli.parsing import non_negative_int, positive_int
+from paramsal.cli.parsing import non_negative_int, positive_int, shard_spec
 from paramsal.options import AGGREGATIONS, BACKENDS, DEVICES, NONFINITE_POLICIES, TRANSFORMS, UNIT_SCHEMES
 
 
@@ -39,8 +39,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     profile.add_argument("--on-nonfinite", default="skip", choices=NONFINITE_POLICIES,
                          help="a sample whose loss or gradient is NaN/inf: skip (default: flag its row, leave it "
                               "out of the statistics, list it at the end) or fail (stop, naming its index)")
+    profile.add_argument("--shard", type=shard_spec, default=None,
+                         help="I/N: profile only the I-th of N contiguous shares of the parts (0 <= I < N), for "
+                              "machines without a shared filesystem; `paramsal merge` joins their directories")
     profile.add_argument("--quiet", action="store_true", help="no progress bar")
     profile.set_defaults(func=profile_command)
+
+    merge = sub.add_parser("merge", help="join run directories that each profiled some parts of one run")
+    merge.add_argument("runs", nargs="+", help="run directories of the same model, data and config")
+    merge.add_argument("--out", required=True, help="the merged run directory (new or empty)")
+    merge.set_defaults(func=merge_command)
 
     stats = sub.add_parser("stats", help="summarize a run directory")
     stats.add_argument("run")
@@ -83,7 +91,7 @@ def _profile(args: argparse.Namespace) -> int:
                           num_workers=args.num_workers, features=args.features, resume=not args.restart,
                           overwrite=args.overwrite or args.restart, progress=not args.quiet,
                           part_size=args.part_size, repair=args.repair, on_nonfinite=args.on_nonfinite,
-                          model_name=args.model, data_name=args.data, source=_source(args))
+                          model_name=args.model, data_name=args.data, source=_source(args), shard=args.shard)
     if current_ranks().is_main:
         print(run.summary())
     return 0
@@ -96,6 +104,14 @@ def _source(args: argparse.Namespace) -> dict:
         data = "imagefolder:" + os.path.abspath(data.partition(":")[2])
     return {"model": args.model, "weights": args.weights and os.path.abspath(args.weights),
             "num_classes": args.num_classes, "data": data, "transform": args.transform, "limit": args.limit}
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    from paramsal.engine.merge import merge_runs
+
+    run = merge_runs(args.runs, args.out)
+    print(run.summary())
+    return 0
 
 
 def stats_command(args: argparse.Namespace) -> int:

@@ -57,7 +57,8 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
                     features: bool | str = False, resume: bool = True, overwrite: bool = False,
                     repair: bool = False, on_nonfinite: str = "skip", progress: bool = True,
                     part_size: int | None = None, chunk_size: int | None = None, model_name: str | None = None,
-                    data_name: str | None = None, source: dict[str, Any] | None = None) -> Run:
+                    data_name: str | None = None, source: dict[str, Any] | None = None,
+                    shard: tuple[int, int] | None = None) -> Run:
     """Profiles every sample of a classification data set and writes a run directory.
 
     Each sample's raw profile (the gradient of its own cross-entropy loss,
@@ -108,6 +109,10 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
         source: how to load the model and data again (the command line's
             specs: model, weights, num_classes, data, transform), stored in the
             manifest so that analyses can rebuild them from the run alone.
+        shard: ``(i, n)``: profile only the i-th of n contiguous shares of the
+            parts (0 <= i < n), for machines that share no filesystem: each
+            writes its own directory, and :func:`paramsal.engine.merge.merge_runs`
+            (``paramsal merge``) makes them one run.
 
     Returns:
         The finished run, opened for reading.
@@ -118,7 +123,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
             units or numeric config (batch size, backend, device, ...).
         RunCorruptError: a finished part is damaged (``repair=True`` mends it).
     """
-    _check_arguments(data, batch_size, num_workers, part_size, on_nonfinite)
+    _check_arguments(data, batch_size, num_workers, part_size, on_nonfinite, shard)
     ranks = current_ranks()
     root = writable_folder(out_dir, "--out DIR (out_dir= in Python)")
     device = rank_device(resolve_device(device), ranks)
@@ -130,7 +135,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
     wanted["source"] = dict(source or {})
     lock = RunLock(root)
     todo = ranks.on_main(lambda: _start(lock, root, wanted, data, profiler, resume, overwrite, repair,
-                                        ranks.world_size))
+                                        ranks.world_size, shard))
     try:
         error = None
         try:
@@ -152,7 +157,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
 
 
 def _start(lock: RunLock, root: Path, wanted: dict[str, Any], data: MapDataset, profiler: Profiler, resume: bool,
-           overwrite: bool, repair: bool, world_size: int) -> list[int]:
+           overwrite: bool, repair: bool, world_size: int, shard: tuple[int, int] | None) -> list[int]:
     """Rank 0: takes the run's lock for the whole job, prepares the run; returns the parts still to profile."""
     lock.acquire()
     try:
@@ -162,7 +167,8 @@ def _start(lock: RunLock, root: Path, wanted: dict[str, Any], data: MapDataset, 
         lock.release()
         raise
     finished = {p.index for p in parts_of(manifest)}
-    todo = [i for i in range(part_count(manifest)) if i not in finished]
+    wanted_parts = range(part_count(manifest)) if shard is None else Ranks(*shard).share(range(part_count(manifest)))
+    todo = [i for i in wanted_parts if i not in finished]
     started_by = manifest["config"].get("world_size", 1)
     if todo and started_by != world_size:
         notes.append(f"the run was started by {started_by} rank(s); this job's {world_size} share its "
@@ -194,11 +200,13 @@ def _batches_per_part(part_size: int | None, batch_size: int, num_samples: int, 
 
 
 def _check_arguments(data: MapDataset, batch_size: int, num_workers: int | None, part_size: int | None,
-                     on_nonfinite: str) -> None:
+                     on_nonfinite: str, shard: tuple[int, int] | None) -> None:
     for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                ("part_size", part_size, 1)):
         if value is not None and (not isinstance(value, int) or value < least):
             raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
+    if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
+        raise InputError(f"shard={shard!r}: expected (i, n) with 0 <= i < n (--shard I/N)")
     check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
     if len(data) == 0:
         raise InputError(f"the data set ({type(data).__name__}) is empty: there is nothing to profile")
