@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from paramsal.analyses.base import Analysis, Prepared, Result
 from paramsal.analyses.bootstrap import bootstrap_mean_ci
 from paramsal.analyses.selection import select_units, unit_scores
+from paramsal.engine.distributed import current_ranks
 from paramsal.kernels.chunks import chunk_slices
 from paramsal.errors import InputError, check_choice, check_integer
 from paramsal.options import FINETUNE_SELECTIONS, RANKINGS, UNIT_SELECTIONS
@@ -336,9 +337,21 @@ class CurvesAnalysis(Analysis):
         return {s: select_units(scores, k, s, self.seed, prepared.ids) for s in dict.fromkeys(selections)}
 
     def _batches(self, n: int, desc: str) -> Iterator[slice]:
-        """The rows of ``n`` chosen samples, :attr:`batch_size` at a time, with a progress bar if asked for."""
-        return tqdm(chunk_slices(n, self.batch_size), desc=desc, unit="batch", total=-(-n // self.batch_size),
-                    disable=not self.progress)
+        """The rows of ``n`` chosen samples, :attr:`batch_size` at a time, with a progress bar if asked for.
+
+        Under ``torchrun`` each rank gets a contiguous share of the batches
+        (every measure is seeded by sample, not by batch, so the share does
+        not change a number); :meth:`_rows` then gathers every rank's rows.
+        """
+        ranks = current_ranks()
+        batches = ranks.share(list(chunk_slices(n, self.batch_size)))
+        return tqdm(batches, desc=desc, unit="batch", disable=not (self.progress and ranks.is_main))
+
+    def _rows(self, gathered: Mapping[str, Sequence[np.ndarray]], selections: Sequence[str],
+              columns: Sequence[str]) -> pd.DataFrame:
+        """:func:`sorted_rows` of the batches of every rank (see :meth:`_batches`)."""
+        return sorted_rows(current_ranks().gather_columns({k: list(v) for k, v in gathered.items()}), selections,
+                           columns)
 
     def _summarize(self, table: pd.DataFrame, metrics: Mapping[str, Metric], keys: Sequence[tuple[str, int]],
                    counts: Sequence[str] = ()) -> pd.DataFrame:

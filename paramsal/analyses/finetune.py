@@ -60,8 +60,7 @@ from torch.func import functional_call, vmap
 
 from paramsal._typing import MapDataset
 from paramsal.analyses.base import result_config
-from paramsal.analyses.curves import (ALL_K, FINETUNE_METRICS, CurvesAnalysis, FineTuneResult, append_columns,
-                                      sorted_rows)
+from paramsal.analyses.curves import (ALL_K, FINETUNE_METRICS, CurvesAnalysis, FineTuneResult, append_columns)
 from paramsal.analyses.neighbors import neighbor_ids
 from paramsal.analyses.sources import Samples, recorded_targets
 from paramsal.engine.functional import LossFn, per_sample_gradients
@@ -255,7 +254,7 @@ class FineTune(CurvesAnalysis):
                                             {s: c[rows] for s, c in chosen.items()}, ks):
                     append_columns(columns, measured | {"sample_id": ids[rows], "target": prepared.targets[rows],
                                                  "pred": prepared.preds[rows]})
-        table = sorted_rows(columns, FINETUNE_SELECTIONS, _COLUMNS)
+        table = self._rows(columns, FINETUNE_SELECTIONS, _COLUMNS)
         keys = [(s, k) for s in self.select for k in ((ALL_K,) if s == "all" else ks)]
         summary = self._summarize(table, METRICS, keys, counts=("skipped",))
         config = result_config(

@@ -25,6 +25,7 @@ from paramsal.analyses.attribution import InputSaliency
 from paramsal.analyses.base import Analysis, Result, result_config
 from paramsal.analyses.pictures import channel_max, gaussian_kernel
 from paramsal.analyses.sources import Samples
+from paramsal.engine.distributed import current_ranks
 from paramsal.engine.profile import eval_mode, profile_batch
 from paramsal.engine.rundir import Run
 from paramsal.errors import InputError, check_choice, check_integer
@@ -236,12 +237,13 @@ class Masking(Analysis):
                                   ranking=self.ranking, seed=self.seed, units=prepared.index,
                                   aggregation=prepared.run.manifest.get("aggregation"), batch_size=self.batch_size)
         columns: dict[str, list] = {}
-        for rows in chunk_slices(len(prepared.ids), self.batch_size):
+        ranks = current_ranks()  # under torchrun, each rank masks a contiguous share of the batches
+        for rows in ranks.share(list(chunk_slices(len(prepared.ids), self.batch_size))):
             inputs = prepared.inputs(rows)
             if inputs.dim() != 4:
                 raise InputError(f"masking needs images [N, C, H, W], got {tuple(inputs.shape)}")
             self._batch(explainer, inputs, torch.as_tensor(prepared.targets[rows]), prepared.ids[rows], columns)
-        table = pd.DataFrame(columns)
+        table = pd.DataFrame(ranks.gather_columns(columns))
         parts = [] if self.value == "blur" else [f"{self.value:g}" if isinstance(self.value, float) else self.value]
         config = result_config(prepared.run, self, name_parts=parts)
         return MaskingResult(table, summarize_masking(table), config)

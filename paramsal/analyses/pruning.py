@@ -41,7 +41,7 @@ from torch import nn
 from paramsal._typing import MapDataset
 from paramsal.analyses.base import result_config
 from paramsal.analyses.curves import (PRUNING_METRICS, CurvesAnalysis, PerturbationResult, PruningResult,
-                                      append_columns, sorted_rows)
+                                      append_columns)
 from paramsal.analyses.noise import gaussian_deltas
 from paramsal.analyses.sources import Samples
 from paramsal.analyses.unit_editing import UnitEditor, unit_mask
@@ -138,7 +138,7 @@ class Pruning(CurvesAnalysis):
                         after = self._edited(editor, inputs, chosen[selection][rows, :k], seeds)
                         append_columns(columns, _measure(ids[rows], targets[rows], preds[rows], selection, k, base,
                                                          after))
-        table = sorted_rows(columns, self.select, _COLUMNS)
+        table = self._rows(columns, self.select, _COLUMNS)
         summary = self._summarize(table, METRICS, [(s, k) for s in self.select for k in ks])
         # Recomputed predictions may differ from the profiled ones on near ties (another device);
         # the incorrect class stays the profiled prediction, and the count is reported.

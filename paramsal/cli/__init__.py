@@ -9,12 +9,13 @@ other exception is a bug in paramsal and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from paramsal.cli.parsing import OneLineParser, UsageError
 from paramsal.errors import ParamsalError
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _ranks():
             warnings.showwarning = _show_warning
             return args.func(args)
     except ParamsalError as exc:
@@ -68,6 +69,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exception(exc, file=sys.stderr)
         print(f"paramsal: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _ranks() -> Iterator[None]:
+    """Under ``torchrun``: every rank joins the process group, and rank 0 alone prints results.
+
+    The commands run the same on every rank (each profiles or analyses its
+    share, then the ranks combine what they found), so the other ranks'
+    standard output would repeat rank 0's; their errors still show.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    from paramsal.engine import distributed
+
+    joined = distributed.init_from_environment()
+    try:
+        if distributed.current_ranks().is_main:
+            yield
+        else:
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                yield
+    finally:
+        if joined:
+            distributed.leave()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -67,20 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def profile_command(args: argparse.Namespace) -> int:
     """One process, or every rank of ``torchrun --nproc-per-node N -m paramsal profile ...`` (same arguments)."""
-    from paramsal.engine import distributed
-
-    joined = distributed.init_from_environment()
-    try:
-        return _profile(args)
-    finally:
-        if joined:
-            distributed.leave()
-
-
-def _profile(args: argparse.Namespace) -> int:
     from paramsal.engine.dataset import profile_dataset
     from paramsal.engine.devices import resolve_device
-    from paramsal.engine.distributed import current_ranks
     from paramsal.zoo.specs import first_samples, load_data, load_model
 
     device = resolve_device(args.device)  # before the model and data are loaded: a wrong device fails at once
@@ -92,8 +80,7 @@ def _profile(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite or args.restart, progress=not args.quiet,
                           part_size=args.part_size, repair=args.repair, on_nonfinite=args.on_nonfinite,
                           model_name=args.model, data_name=args.data, source=_source(args), shard=args.shard)
-    if current_ranks().is_main:
-        print(run.summary())
+    print(run.summary())
     return 0
 
 

@@ -65,6 +65,22 @@ class Ranks:
             raise value
         return value
 
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value``, in rank order, on every rank (picklable objects)."""
+        if self.world_size == 1:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.group)
+        return values
+
+    def gather_columns(self, columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """Every rank's ``{name: [values...]}`` joined, lists in rank order (on every rank)."""
+        joined: dict[str, list[Any]] = {}
+        for rank_columns in self.gather(columns):
+            for name, values in rank_columns.items():
+                joined.setdefault(name, []).extend(values)
+        return joined
+
     def all_succeed(self, error: BaseException | None) -> None:
         """Meets every rank; raises on each the first error any rank had (``error`` is this rank's, or None)."""
         if self.world_size == 1:

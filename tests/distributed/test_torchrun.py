@@ -104,3 +104,21 @@ def test_the_default_part_size_gives_every_rank_parts(tmp_path):
     np.testing.assert_array_equal(run.sample_ids(), np.arange(SAMPLES))
     # 384 samples over 2 ranks x 8 parts would be 24 rows a part: less than a batch, so one batch (32) a part.
     assert run.manifest["config"]["batches_per_part"] == 1 and len(run.parts) == SAMPLES // 32
+
+
+@pytest.mark.parametrize("command", [
+    ["prune", "--ks", "1,5", "--select", "salient,random", "--batch-size", "4", "--resamples", "50"],
+    ["mask", "--percents", "5", "--batch-size", "4"],
+], ids=["prune", "mask"])
+def test_analyses_share_their_samples_across_ranks(single, tmp_path, command):
+    outputs = {}
+    for name, launcher in (("single", SINGLE), ("ranks", TORCHRUN)):
+        outputs[name] = tmp_path / name
+        done = subprocess.run([*launcher, command[0], str(single), *command[1:], "--data", "killing_data:samples",
+                               "--quiet", "--out", str(outputs[name])], env=environment(), capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    tables = sorted(p.name for p in outputs["single"].glob("*.parquet"))
+    assert tables and tables == sorted(p.name for p in outputs["ranks"].glob("*.parquet"))
+    for name in tables:
+        assert pq.read_table(outputs["ranks"] / name).equals(pq.read_table(outputs["single"] / name)), name
