@@ -15,6 +15,8 @@ BACKENDS = ("auto", "hooks", "vmap", "loop")
 UNIT_SCHEMES = ("filters", "conv", "conv+linear", "linear-columns")
 #: Per-unit aggregations: the paper's ``mean |g|`` and the released statistics' ``|mean g|``.
 AGGREGATIONS = ("mean_abs", "abs_mean")
+#: What the forward and backward pass compute in: float32, or bf16/fp16 under torch.autocast (reductions in float32).
+COMPUTE_PRECISIONS = ("float32", "bf16", "fp16")
 #: What a bulk job does with a sample whose loss or gradient is NaN/inf.
 NONFINITE_POLICIES = ("skip", "fail")
 #: Devices, as the messages write them.

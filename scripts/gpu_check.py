@@ -16,7 +16,10 @@ Prints and saves:
   plain forward+backward, the one-sample loop, and the hooks backend with the
   fused kernel and with the torch path (medians), the ratio to plain, the
   projected time for the 50,000 ImageNet validation images and the peak
-  memory of a first call.
+  memory of a first call;
+* the data path: ``profile_dataset`` end to end on ImageNet-sized JPEGs
+  decoded by the default DataLoader workers, against the profiler alone on
+  in-memory batches (how busy the GPU is kept), in float32 and bf16.
 """
 
 from __future__ import annotations
@@ -95,12 +98,70 @@ def throughput(batch: int, repeats: int, device: str) -> list[dict]:
             for row in records(timings)]
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def data_path(device: str, samples: int, batch: int, precision: str = "float32") -> dict:
+    """``profile_dataset`` on ResNet-50 end to end (JPEG folder, DataLoader workers) vs the profiler alone.
+
+    The images are ImageNet-sized JPEGs written to a temporary folder and
+    decoded by the default workers; the ratio of the end-to-end rate to the
+    profiler's own rate on in-memory batches is how busy the data path keeps
+    the GPU.
+    """
+    import tempfile
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from paramsal.bench.models import imagenet_resnet50
+    from paramsal.engine.dataset import default_workers, profile_dataset
+    from paramsal.engine.profile import Profiler
+    from paramsal.zoo.specs import load_data
+
+    torch.backends.cudnn.benchmark = True
+    model = imagenet_resnet50().to(device).eval()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(samples):
+            folder = Path(tmp, "images", f"class{i % 10}")
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+        data = load_data(f"imagefolder:{tmp}/images")
+        profiler = Profiler(model, **({"precision": precision} if precision != "float32" else {}))
+        x = torch.randn(batch, 3, 224, 224, device=device)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        profiler(x, y)
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(3):
+            profiler(x, y)
+        _sync(device)
+        alone = 3 * batch / (time.perf_counter() - started)
+        options = {"precision": precision} if precision != "float32" else {}
+        profile_dataset(model, data, Path(tmp, "warm"), batch_size=batch, progress=False, **options)
+        started = time.perf_counter()
+        profile_dataset(model, data, Path(tmp, "run"), batch_size=batch, progress=False, **options)
+        end_to_end = samples / (time.perf_counter() - started)
+    row = {"precision": precision, "samples": samples, "batch": batch, "workers": default_workers(torch.device(device)),
+           "profiler_alone_per_s": alone, "end_to_end_per_s": end_to_end, "busy": end_to_end / alone,
+           "projected_50k_s": 50_000 / end_to_end}
+    print(f"data path ({precision}): profiler alone {alone:.0f}/s, end to end {end_to_end:.0f}/s "
+          f"({100 * row['busy']:.0f}% busy), 50,000 images in {row['projected_50k_s']:.0f} s", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", type=int, default=40, help="random conv shapes for the kernel check")
     parser.add_argument("--out", default="gpu-results.json")
+    parser.add_argument("--samples", type=int, default=2048, help="JPEG images for the data-path check")
     parser.add_argument("--device", default="cuda",
                         help="cpu only to try the script itself out (with TRITON_INTERPRET=1 and tiny sizes)")
     args = parser.parse_args()
@@ -120,6 +181,8 @@ def main() -> None:
     stage("correctness", lambda: correctness(args.device))
     torch.backends.cudnn.allow_tf32 = True  # torch's default, for plain and hooks alike
     stage("resnet50", lambda: throughput(args.batch, args.repeats, args.device))
+    stage("data_path", lambda: [data_path(args.device, args.samples, args.batch, precision)
+                                for precision in ("float32", "bf16")])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import os
 import sys
 
 from paramsal.cli.parsing import non_negative_int, positive_int, shard_spec
-from paramsal.options import AGGREGATIONS, BACKENDS, DEVICES, NONFINITE_POLICIES, TRANSFORMS, UNIT_SCHEMES
+from paramsal.options import (AGGREGATIONS, BACKENDS, COMPUTE_PRECISIONS, DEVICES, NONFINITE_POLICIES, TRANSFORMS,
+                              UNIT_SCHEMES)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="DataLoader worker processes (default: several per GPU from the CPU count, "
                               "none on the CPU)")
     profile.add_argument("--features", action="store_true", help="also record penultimate features")
+    profile.add_argument("--precision", default="float32", choices=COMPUTE_PRECISIONS,
+                         help="bf16/fp16: forward and backward under autocast, reductions and statistics in "
+                              "float32/float64 (faster on GPUs; the README states the error); default float32")
+    profile.add_argument("--channels-last", action="store_true",
+                         help="model and image batches in channels-last memory format (faster convolutions on GPUs)")
     profile.add_argument("--part-size", type=positive_int, default=None, help="rows per Parquet part")
     profile.add_argument("--limit", type=positive_int, default=None, help="profile only the first N samples")
     profile.add_argument("--overwrite", action="store_true", help="replace a run made with other model/data/units")
@@ -79,7 +85,8 @@ def profile_command(args: argparse.Namespace) -> int:
                           num_workers=args.num_workers, features=args.features, resume=not args.restart,
                           overwrite=args.overwrite or args.restart, progress=not args.quiet,
                           part_size=args.part_size, repair=args.repair, on_nonfinite=args.on_nonfinite,
-                          model_name=args.model, data_name=args.data, source=_source(args), shard=args.shard)
+                          model_name=args.model, data_name=args.data, source=_source(args), shard=args.shard,
+                          precision=args.precision, channels_last=args.channels_last)
     print(run.summary())
     return 0
 

@@ -4,6 +4,12 @@ All take the same arguments and return a :class:`BatchResult`; they differ only
 in speed and memory. ``loop`` is the oracle (one sample at a time, as the
 paper's code), ``vmap`` works for any functional model, ``hooks`` reduces each
 layer's per-sample gradient to units during a single batched backward pass.
+
+Under a reduced :class:`~paramsal.engine.functional.Precision` every backend
+runs the forward pass and the loss under autocast (so the backward pass
+computes in the same lowered dtypes), scales the losses for fp16, and forms
+profiles, losses and outputs in the parameters' float32; the hooks backend's
+reducers see float32 copies of what they captured, with autocast off.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from paramsal.engine.functional import LossFn, SampleLoss
+from paramsal.engine.functional import FLOAT32, LossFn, Precision, SampleLoss
 from paramsal.engine.graph import parameter_edges
 from paramsal.engine.hooks import HookSession, hook_plan
 from paramsal.engine.units import UnitIndex
@@ -30,7 +36,7 @@ class BatchResult:
     """What one batch yields.
 
     Attributes:
-        profiles: ``[N, F]`` raw profiles in the parameters' dtype.
+        profiles: ``[N, F]`` raw profiles in the parameters' dtype (float32 under bf16/fp16 too).
         outputs: ``[N, ...]`` the model's outputs (logits), detached.
         losses: ``[N]`` each sample's own loss, detached.
         features: ``[N, D]`` the input of the features module, when asked for.
@@ -42,31 +48,34 @@ class BatchResult:
     features: torch.Tensor | None = None
 
 
-Backend = Callable[[nn.Module, torch.Tensor, torch.Tensor, UnitIndex, LossFn, Aggregation, "int | None"],
-                   BatchResult]
+Backend = Callable[[nn.Module, torch.Tensor, torch.Tensor, UnitIndex, LossFn, Aggregation, "int | None",
+                    Precision], BatchResult]
 
 
 def loop_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, index: UnitIndex,
-                 loss_fn: LossFn, aggregation: Aggregation, chunk_size: int | None = None) -> BatchResult:
+                 loss_fn: LossFn, aggregation: Aggregation, chunk_size: int | None = None,
+                 precision: Precision = FLOAT32) -> BatchResult:
     """One sample at a time with ``torch.autograd.grad``: the reference semantics."""
     params = [model.get_parameter(g.param_name) for g in index]
     profiles = params[0].new_zeros(len(inputs), len(index))
     outputs, losses = [], []
     with _params_require_grad(params):
         for n in range(len(inputs)):
-            out = model_outputs(model, inputs[n:n + 1], 1)
-            loss = sample_losses(loss_fn, out, targets[n:n + 1])
-            grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+            with precision.forward(inputs.device):
+                out = model_outputs(model, inputs[n:n + 1], 1)
+                loss = sample_losses(loss_fn, out, targets[n:n + 1])
+            grads = torch.autograd.grad(precision.scaled(loss).sum(), params, allow_unused=True)
             for group, g in zip(index, grads):
                 if g is not None:
                     profiles[n, group.offset:group.stop] = reduce_grad(g.unsqueeze(0), group, aggregation)[0]
-            outputs.append(out.detach())
-            losses.append(loss.detach())
-    return BatchResult(profiles, torch.cat(outputs), torch.cat(losses))
+            outputs.append(precision.restored(out.detach(), profiles.dtype))
+            losses.append(precision.restored(loss.detach(), profiles.dtype))
+    return BatchResult(precision.unscaled(profiles), torch.cat(outputs), torch.cat(losses))
 
 
 def vmap_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, index: UnitIndex,
-                 loss_fn: LossFn, aggregation: Aggregation, chunk_size: int | None = None) -> BatchResult:
+                 loss_fn: LossFn, aggregation: Aggregation, chunk_size: int | None = None,
+                 precision: Precision = FLOAT32) -> BatchResult:
     """``vmap(grad(...))`` over a functional copy of the model, reduced to units chunk by chunk.
 
     ``chunk_size`` bounds memory: each chunk holds its samples' full gradients
@@ -75,7 +84,7 @@ def vmap_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     vmap scale alike).
     """
     real = {g.param_name: model.get_parameter(g.param_name) for g in index}
-    sample_loss = SampleLoss(model, list(real), loss_fn)
+    sample_loss = SampleLoss(model, list(real), loss_fn, precision)
     per_sample = sample_loss.per_sample()
     like = next(iter(sample_loss.params.values()))
     chunk = chunk_size or auto_chunk(sum(p.numel() for p in real.values()), len(inputs), like, "vmap")
@@ -88,9 +97,9 @@ def vmap_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
             _check_functional(loss, real)
             loss = checked_losses(loss.reshape(-1), s.stop - s.start)
             profiles.append(torch.cat([reduce_grad(grads[g.param_name], g, aggregation) for g in index], 1))
-            outputs.append(out.detach())
-            losses.append(loss.detach())
-    return BatchResult(torch.cat(profiles), torch.cat(outputs), torch.cat(losses))
+            outputs.append(precision.restored(out.detach(), like.dtype))
+            losses.append(precision.restored(loss.detach(), like.dtype))
+    return BatchResult(precision.unscaled(torch.cat(profiles)), torch.cat(outputs), torch.cat(losses))
 
 
 def _check_functional(losses: torch.Tensor, real: dict[str, nn.Parameter]) -> None:
@@ -112,7 +121,8 @@ def _check_functional(losses: torch.Tensor, real: dict[str, nn.Parameter]) -> No
 
 
 def hooks_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, index: UnitIndex,
-                  loss_fn: LossFn, aggregation: Aggregation, chunk_size: int | None = None) -> BatchResult:
+                  loss_fn: LossFn, aggregation: Aggregation, chunk_size: int | None = None,
+                  precision: Precision = FLOAT32) -> BatchResult:
     """One batched forward and backward; each layer's per-sample gradient is reduced as it appears.
 
     Backpropagating ``sum_n L_n`` gives each layer the output gradient of every
@@ -127,17 +137,19 @@ def hooks_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     """
     plan = hook_plan(model, index)
     params = [model.get_parameter(g.param_name) for g in index]
-    with _params_require_grad(params), HookSession(plan, index, aggregation, chunk_size) as session:
+    dtype = params[0].dtype if precision.dtype is not None else None
+    with _params_require_grad(params), HookSession(plan, index, aggregation, chunk_size, dtype) as session:
         leaf = inputs.detach().requires_grad_(True) if inputs.is_floating_point() else None
-        with session.tracking():
+        with session.tracking(), precision.forward(inputs.device):
             out = model_outputs(model, inputs if leaf is None else leaf, len(inputs))
             losses = sample_losses(loss_fn, out, targets)
         session.check(losses)
         wrt = [leaf] if leaf is not None else session.output_edges
         if wrt:
-            torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
-        profiles = session.assemble(len(inputs), params[0])
-    return BatchResult(profiles, out.detach(), losses.detach())
+            torch.autograd.grad(precision.scaled(losses).sum(), wrt, allow_unused=True)
+        profiles = precision.unscaled(session.assemble(len(inputs), params[0]))
+    return BatchResult(profiles, precision.restored(out.detach(), profiles.dtype),
+                       precision.restored(losses.detach(), profiles.dtype))
 
 
 def model_outputs(model: nn.Module, inputs: torch.Tensor, batch: int | None = None,

@@ -58,7 +58,8 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
                     repair: bool = False, on_nonfinite: str = "skip", progress: bool = True,
                     part_size: int | None = None, chunk_size: int | None = None, model_name: str | None = None,
                     data_name: str | None = None, source: dict[str, Any] | None = None,
-                    shard: tuple[int, int] | None = None) -> Run:
+                    shard: tuple[int, int] | None = None, precision: str = "float32",
+                    channels_last: bool = False) -> Run:
     """Profiles every sample of a classification data set and writes a run directory.
 
     Each sample's raw profile (the gradient of its own cross-entropy loss,
@@ -109,6 +110,11 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
         source: how to load the model and data again (the command line's
             specs: model, weights, num_classes, data, transform), stored in the
             manifest so that analyses can rebuild them from the run alone.
+        precision: "float32", or "bf16"/"fp16": forward and backward under
+            autocast, reductions and statistics in float32/float64 (see
+            :class:`paramsal.Profiler`; the README states the error).
+        channels_last: the model and the image batches in
+            ``torch.channels_last`` memory format (faster convolutions on GPUs).
         shard: ``(i, n)``: profile only the i-th of n contiguous shares of the
             parts (0 <= i < n), for machines that share no filesystem: each
             writes its own directory, and :func:`paramsal.engine.merge.merge_runs`
@@ -129,7 +135,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
     device = rank_device(resolve_device(device), ranks)
     model = model.to(device)
     profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, chunk_size=chunk_size,
-                        features=features or None)
+                        features=features or None, precision=precision, channels_last=channels_last)
     wanted = _manifest(model, data, profiler, backend, batch_size, _batches_per_part(part_size, batch_size,
                        len(data), ranks.world_size), chunk_size, device, model_name, data_name, ranks.world_size)
     wanted["source"] = dict(source or {})
@@ -352,7 +358,8 @@ def _manifest(model: nn.Module, data: MapDataset, profiler: Profiler, backend: s
                    "units": profiler.index.scheme, "backend": backend, "batch_size": batch_size,
                    "batches_per_part": batches_per_part, "chunk_size": chunk_size, "device": device.type,
                    "dtype": str(next(iter(model.parameters())).dtype).removeprefix("torch."),
-                   "features_module": profiler.features, "world_size": world_size},
+                   "features_module": profiler.features, "precision": profiler.precision,
+                   "channels_last": profiler.channels_last, "world_size": world_size},
         "aggregation": profiler.aggregation,
         "features": profiler.features is not None,
         "num_units": len(profiler.index),

@@ -139,8 +139,10 @@ class HookSession:
     """
 
     def __init__(self, plan: dict[str, _Layer], index: UnitIndex, aggregation: Aggregation,
-                 chunk_size: int | None):
+                 chunk_size: int | None, dtype: torch.dtype | None = None):
+        """``dtype``: what the reducers compute in (float32 under autocast); None: the captured tensors' own."""
         self._plan = plan
+        self._dtype = dtype
         self._index = index
         self._aggregation = aggregation
         self._chunk_size = chunk_size
@@ -300,16 +302,21 @@ class HookSession:
     # ------------------------------------------------------------------ backward and assembly
 
     def _on_backprop(self, use: _Use, backprops: torch.Tensor) -> None:
-        backprops = backprops.detach()
+        backprops = self._computed(backprops.detach())
         if use.at_once and use.activations is not None:
-            reduced = use.reducer(use.layer, use.activations, backprops, use.at_once, self._aggregation,
-                                  self._chunk_size)
+            with _autocast_off(backprops):
+                reduced = use.reducer(use.layer, self._computed(use.activations), backprops, use.at_once,
+                                      self._aggregation, self._chunk_size)
             for group, values in zip(use.at_once, reduced):
                 self._results[group.position] = values
         if use.kept:
             use.backprops = backprops
         else:
             use.activations = None
+
+    def _computed(self, t: torch.Tensor) -> torch.Tensor:
+        """A captured tensor in the reducers' dtype: a lowered forward's bf16/fp16 never reaches a contraction."""
+        return t if self._dtype is None or not t.is_floating_point() else t.to(self._dtype)
 
     def assemble(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         """``[B, F]``: each group's reduced values at its offset; zeros where no gradient flowed."""
@@ -329,10 +336,11 @@ class HookSession:
         numel = int(torch.Size(group.shape).numel())
         chunk = self._chunk_size or auto_chunk(2 * numel, batch, parts[0][3])
         reduced = []
-        for s in chunk_slices(batch, chunk):
-            total = torch.stack([grad_sample(layer, x[s], gy[s], role)
-                                 for grad_sample, layer, x, gy, role in parts]).sum(0)
-            reduced.append(reduce_grad(total, group, self._aggregation))
+        with _autocast_off(parts[0][3]):
+            for s in chunk_slices(batch, chunk):
+                total = torch.stack([grad_sample(layer, self._computed(x[s]), gy[s], role)
+                                     for grad_sample, layer, x, gy, role in parts]).sum(0)
+                reduced.append(reduce_grad(total, group, self._aggregation))
         return torch.cat(reduced)
 
 
@@ -345,6 +353,11 @@ def _summand(use: _Use, group: UnitGroup) -> tuple[GradSample, Any, torch.Tensor
     assert use.grad_sample is not None and use.activations is not None and use.backprops is not None
     role = next(g.attr for g in use.groups if g.position == group.position)
     return use.grad_sample, use.layer, use.activations, use.backprops, role
+
+
+def _autocast_off(like: torch.Tensor) -> torch.autocast:
+    """Reductions compute in the dtype they are given, whatever autocast region the backward pass runs in."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 class _Tracker(TorchFunctionMode):

@@ -40,7 +40,10 @@ IDENTITY_KEYS = ("model_fingerprint", "data_fingerprint", "units_fingerprint", "
                  "aggregation", "features")
 
 #: Config keys a resume must repeat: another value could change the numbers (rounding, batch composition).
-NUMERIC_CONFIG = ("backend", "batch_size", "chunk_size", "device", "dtype", "features_module")
+NUMERIC_CONFIG = ("backend", "batch_size", "chunk_size", "device", "dtype", "features_module", "precision",
+                  "channels_last")
+#: What a config key added after runs were first written means when a run's manifest lacks it.
+CONFIG_DEFAULTS = {"precision": "float32", "channels_last": False}
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -225,7 +228,11 @@ def check_same_run(root: Path, existing: dict[str, Any], wanted: dict[str, Any])
 
 def config_mismatches(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """The keys of :data:`NUMERIC_CONFIG` on which two manifests differ."""
-    return [k for k in NUMERIC_CONFIG if existing["config"].get(k) != wanted["config"].get(k)]
+    return [k for k in NUMERIC_CONFIG if _config(existing, k) != _config(wanted, k)]
+
+
+def _config(manifest: dict[str, Any], key: str) -> Any:
+    return manifest["config"].get(key, CONFIG_DEFAULTS.get(key))
 
 
 def resume_notes(root: Path, existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -237,7 +244,8 @@ def resume_notes(root: Path, existing: dict[str, Any], wanted: dict[str, Any]) -
     old, new = existing["config"], wanted["config"]
     differ = config_mismatches(existing, wanted)
     if differ:
-        details = "; ".join(f"{k}: run has {old.get(k)!r}, this job {new.get(k)!r}" for k in differ)
+        details = "; ".join(f"{k}: run has {_config(existing, k)!r}, this job {_config(wanted, k)!r}"
+                            for k in differ)
         raise RunMismatchError(
             f"{root} was profiled with another {', '.join(differ)} ({details}), which could change the "
             f"numbers of the samples still to do; resume with the run's own settings, or start over with "
