@@ -43,7 +43,7 @@ PRUNING_MODES = ("zero", "noise")
 #: Spaces in which neighbours are found, and the samples they are found among.
 SPACES = ("saliency", "features")
 POOLS = ("all", "misclassified")
-#: How neighbours' candidate rows are kept in memory.
+#: How neighbours' similarity products are taken (both give the exact float64 answer).
 PRECISIONS = ("float32", "float64")
 #: What masked pixels become: a blurred copy of the image (default), the image's mean, zero, or a number.
 MASK_VALUES = ("blur", "mean", "zero")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from paramsal import Profiler, RunMismatchError, open_run, profile_dataset
+from paramsal import Profiler, RunMismatchError, profile_dataset
 from paramsal.engine.dataset import default_workers
 from paramsal.zoo import demo_dataset, demo_model
 

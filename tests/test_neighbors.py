@@ -16,7 +16,7 @@ from paramsal.zoo import demo_dataset, demo_model
 from runs import make_run
 
 
-def nn(run, k=10, space="saliency", layers=None, among="all", block_size=2048, precision="float32", queries=None):
+def nn(run, k=10, space="saliency", layers=None, among="all", block_size=None, precision="float32", queries=None):
     """One space's neighbours table as these tests compare it (query_id, rank, neighbor_id, similarity); the
     queries default to the whole pool."""
     if queries is None:
@@ -26,7 +26,7 @@ def nn(run, k=10, space="saliency", layers=None, among="all", block_size=2048, p
     return pa.Table.from_pandas(result.table.drop(columns="space"), preserve_index=False)
 
 
-def pair_sharing(run, k=10, among="misclassified", block_size=2048):
+def pair_sharing(run, k=10, among="misclassified", block_size=None):
     """The pair-sharing rates of the misclassified queries, per space and chance, with queries, pool and k."""
     summary = Neighbors(k=k, among=among, block_size=block_size).evaluate(run).summary
     rates = dict(zip(summary["space"], summary["pair_sharing"]))
@@ -68,15 +68,9 @@ def standardized(run, layers=None):
     return z
 
 
-def brute_force(vectors, pool, queries, k, stored=True):
-    """Float64 top-k by cosine over the full similarity matrix; ``vectors`` row i = sample i.
-
-    ``stored``: from unit rows rounded to float32, as Neighbors keeps them;
-    else from the float64 unit rows themselves.
-    """
+def brute_force(vectors, pool, queries, k):
+    """Float64 top-k by cosine over the full similarity matrix of float64 unit rows; ``vectors`` row i = sample i."""
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    if stored:
-        unit = unit.astype(np.float32).astype(np.float64)
     sim = unit[queries] @ unit[pool].T
     sim[queries[:, None] == pool[None, :]] = -np.inf
     order = np.lexsort((np.broadcast_to(pool, sim.shape), -sim), axis=1)[:, :k]
@@ -92,16 +86,10 @@ def check_against(table, vectors, pool, queries, k):
     ids, sims, _ = brute_force(vectors, pool, queries, k)
     np.testing.assert_array_equal(got, ids)
     np.testing.assert_allclose(similarity, sims, rtol=0, atol=1e-12)
-    # Against unit rows never rounded to float32: the same similarities to 1e-7, and the
-    # same neighbours except where two candidates are that close (near-duplicate samples).
-    _, sims64, full64 = brute_force(vectors, pool, queries, k, stored=False)
-    np.testing.assert_allclose(similarity, sims64, rtol=0, atol=1e-7)
-    where = np.searchsorted(pool, got)
-    np.testing.assert_allclose(np.take_along_axis(full64, where, 1), sims64, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("layers, among, block_size, k", [
-    (None, "all", 4096, 10),
+    (None, "all", None, 10),                 # blocks from the memory budget
     (None, "all", 7, 10),                    # 29 x 29 blocks: blocking and merging exercised
     (slice(0, 5), "all", 16, 5),             # shallow layers
     (slice(10, None), "misclassified", 2, 3),
@@ -113,12 +101,13 @@ def test_saliency_neighbors_equal_brute_force(demo_run, layers, among, block_siz
                   pool, pool, k)
 
 
+@pytest.mark.parametrize("precision", ["float32", "float64"])
 @pytest.mark.parametrize("among", ["all", "misclassified"])
-def test_float64_precision_ranks_exactly_as_float64(demo_run, among):
-    """Kept in float64, even the near-duplicate correct samples rank as in a float64 computation."""
+def test_both_precisions_rank_exactly_as_float64(demo_run, among, precision):
+    """Screened in float32 or not, even the near-duplicate correct samples rank as in a float64 computation."""
     pool = np.sort(demo_run.sample_ids(None if among == "all" else "misclassified"))
-    table = nn(demo_run, k=6, among=among, block_size=64, precision="float64")
-    ids, sims, _ = brute_force(standardized(demo_run), pool, pool, 6, stored=False)
+    table = nn(demo_run, k=6, among=among, block_size=64, precision=precision)
+    ids, sims, _ = brute_force(standardized(demo_run), pool, pool, 6)
     np.testing.assert_array_equal(table.column("neighbor_id").to_numpy().reshape(-1, 6), ids)
     np.testing.assert_allclose(table.column("similarity").to_numpy().reshape(-1, 6), sims, rtol=0, atol=1e-12)
 

@@ -1,9 +1,24 @@
-"""Exact cosine k-nearest neighbours of a run's samples, in blocks: memory bounded by the block size.
+"""Exact cosine k-nearest neighbours of a run's samples, streamed: memory set by a budget, not by the number of samples.
 
-:func:`cosine_top_k` multiplies query blocks by candidate blocks and keeps
-a running top-k, so that no ``N x N`` matrix is ever held; :class:`Search`
-holds one space's candidates (standardized profiles or features, as unit
-rows) and answers queries against them.
+:class:`Search` reads its queries from the run a block at a time and, for
+each query block, streams the candidates (the pool) from the run in blocks
+while keeping each query's running top-k: no ``N x N`` matrix and no
+candidate matrix is ever held (:func:`block_rows` sizes the blocks from a
+budget). Rows are standardized with the run's statistics (profiles), then
+scaled to unit norm, in float64. Both precisions return the float64 answer,
+equal similarities ranked by candidate row:
+
+* "float64": float64 products throughout;
+* "float32": float32 products of the float32-rounded unit rows screen the
+  candidates. A candidate whose float32 similarity lies more than a rigorous
+  bound on the float32 error (:func:`screening_margin`) below a lower bound
+  of the query's final k-th similarity cannot be among its k best; only the
+  others get a float64 product, one pair at a time. Where many pass (nearly
+  parallel profiles, whose cosines differ in the 8th digit), a query's row of
+  float64 products is cheaper and taken instead, and a query block stops
+  screening while screening does not pay, checking again after each block.
+
+:func:`cosine_top_k` is the same float64 top-k for matrices held in memory.
 """
 
 from __future__ import annotations
@@ -11,23 +26,80 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from paramsal.engine.rundir import Run
-from paramsal.errors import InputError
+from paramsal.engine.reading import Block, iter_vectors
+from paramsal.engine.rundir import Rows, Run
+from paramsal.errors import EngineError, InputError
 
 Layers = slice | Sequence[int] | None
 
+#: Bytes per value held for a block of queries (float64 unit rows, their float32 copy, the rows read), for a
+#: block of candidates (the same, plus the reader's batch), and per (query, candidate) pair of a block's products.
+QUERY_BYTES, POOL_BYTES, PAIR_BYTES = 16, 32, 32
+#: Candidates per block when the budget allows (matrix products are efficient from there); most rows per block.
+POOL_ROWS, MAX_ROWS = 128, 8192
+#: A row larger than every candidate's: what fills a running top-k that is not full yet.
+_NO_ROW = np.iinfo(np.int64).max
 
-def unit_rows(values: np.ndarray) -> np.ndarray:
-    """Rows ``[n, f]`` scaled to unit norm in float64; rows of norm 0 stay 0 (similarity 0 to everything)."""
-    values = np.asarray(values, np.float64)
-    norms = np.linalg.norm(values, axis=1, keepdims=True)
-    return np.divide(values, norms, out=np.zeros_like(values), where=norms > 0)
+
+def block_rows(budget: int, width: int) -> tuple[int, int]:
+    """``(query rows, candidate rows)`` per block for a search of rows of ``width`` values within ``budget`` bytes.
+
+    The candidates' block takes at most a quarter (and 128 rows), the queries'
+    the rest: each query block streams the whole pool once, so the larger it
+    is, the fewer passes over the run. The reader's own buffers (a few MB)
+    come on top.
+    """
+    pool = max(1, min(POOL_ROWS, budget // (4 * POOL_BYTES * width)))
+    queries = (budget - pool * POOL_BYTES * width) // (QUERY_BYTES * width + PAIR_BYTES * pool)
+    return max(1, min(MAX_ROWS, queries)), pool
+
+
+def screening_margin(width: int) -> float:
+    """A rigorous bound on ``|float32 product - float64 product|`` of two float64 unit rows of ``width`` values.
+
+    Let ``x, y`` be the float64 unit rows and ``x', y'`` their roundings to
+    float32, ``x'_i = x_i (1 + e_i) + t_i`` with ``|e_i| <= u = 2**-24`` and
+    ``|t_i| <= 2**-150`` (underflow); ``gamma(n, w) = n w / (1 - n w)``; and
+    ``nu = ((1 + v) / (1 - gamma(width + 2, v)))**2``, ``v = 2**-53``, a bound
+    on ``|x| |y|`` (the float64 norm and division leave a norm within a few
+    ``v`` of 1). Then:
+
+    * rounding the rows: ``|x'.y' - x.y| <= (2u + u**2) sum |x_i y_i| <= (2u + u**2) nu``;
+    * float32 accumulation, in any order, with or without FMA (Higham,
+      *Accuracy and Stability of Numerical Algorithms*, 2002, eq. 3.5):
+      ``|fl32(x'.y') - x'.y'| <= gamma(width, u) sum |x'_i y'_i| <= gamma(width, u) (1 + u)**2 nu``;
+    * the float64 product it stands for, in any order: ``|fl64(x.y) - x.y| <= gamma(width, v) nu``;
+    * underflow (the ``t_i``, and float32 products below ``2**-126``): at most
+      ``width * 2**-148`` in all; and ``2**-50`` covers the roundings of the
+      threshold arithmetic itself (similarities are at most about 1).
+
+    The sum of these is returned: about ``width * 6e-8`` (1.6e-3 for 26,560
+    units), infinite where ``width * u`` nears 1. It is a worst case: typical
+    errors are a hundred times smaller, but only a bound keeps the screening exact.
+    """
+    u, v = 2.0**-24, 2.0**-53
+
+    def gamma(n: int, unit: float) -> float:
+        return n * unit / (1 - n * unit)
+
+    if width * u >= 0.5:
+        return float("inf")
+    nu = ((1 + v) / (1 - gamma(width + 2, v)))**2
+    return (gamma(width, u) * (1 + u)**2 + 2 * u + u * u + gamma(width, v)) * nu + width * 2.0**-148 + 2.0**-50
+
+
+def _pair_cost(width: int) -> float:
+    """The time of one float64 product of a (query, candidate) pair taken alone (a Python-level dot of two rows), in
+    products inside a float64 matrix product: about ``1 us + 0.2 ns * width`` against ``0.024 ns * width``
+    (OpenBLAS, x86)."""
+    return (40_000 + 9 * width) / width
 
 
 def cosine_top_k(candidates: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
                  block_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by dot product of unit rows (cosine similarity), block by block.
+    """Exact top-k by dot product of unit rows held in memory (cosine similarity), block by block, in float64.
 
     Queries and candidates are both cut into blocks of ``block_size`` rows;
     each query block keeps a running top-k while the candidate blocks go by,
@@ -55,25 +127,19 @@ def cosine_top_k(candidates: np.ndarray, queries: np.ndarray, k: int, exclude: n
     similarity = np.empty((num_queries, k), np.float64)
     for q0 in range(0, num_queries, block_size):
         q1 = min(q0 + block_size, num_queries)
-        query_block = np.asarray(queries[q0:q1], np.float64)
-        best_index = np.empty((q1 - q0, 0), np.int64)
-        best_sim = np.empty((q1 - q0, 0), np.float64)
+        best = _Best(q1 - q0, k)
         for c0 in range(0, num_candidates, block_size):
-            c1 = min(c0 + block_size, num_candidates)
-            sim = query_block @ np.asarray(candidates[c0:c1], np.float64).T
-            _hide_self(sim, exclude[q0:q1] - c0)
-            chosen = _top_k_unordered(sim, min(k, c1 - c0))
-            best_index, best_sim = _keep_best(np.concatenate([best_index, chosen + c0], axis=1),
-                                              np.concatenate([best_sim, np.take_along_axis(sim, chosen, 1)], axis=1),
-                                              k)
-        index[q0:q1], similarity[q0:q1] = best_index, best_sim
+            sim = np.asarray(queries[q0:q1], np.float64) @ np.asarray(candidates[c0:c0 + block_size], np.float64).T
+            _hide(sim, exclude[q0:q1] - c0, -np.inf)
+            best.merge_products(sim, c0)
+        index[q0:q1], similarity[q0:q1] = best.index, best.sim
     return index, similarity
 
 
-def _hide_self(sim: np.ndarray, column: np.ndarray) -> None:
-    """Sets ``sim[i, column[i]]`` to -inf where that column lies in this block."""
-    rows = np.flatnonzero((column >= 0) & (column < sim.shape[1]))
-    sim[rows, column[rows]] = -np.inf
+def _hide(values: np.ndarray, column: np.ndarray, value: float | bool) -> None:
+    """Sets ``values[i, column[i]]`` to ``value`` where that column lies in this block (a query's own row)."""
+    rows = np.flatnonzero((column >= 0) & (column < values.shape[1]))
+    values[rows, column[rows]] = value
 
 
 def _top_k_unordered(sim: np.ndarray, k: int) -> np.ndarray:
@@ -97,108 +163,203 @@ def _keep_best(index: np.ndarray, sim: np.ndarray, k: int) -> tuple[np.ndarray, 
     return np.take_along_axis(index, order, 1), np.take_along_axis(sim, order, 1)
 
 
-def iter_unit_rows(run: Run, column: str, ids: np.ndarray, columns: np.ndarray | None,
-                   standardize: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The vectors of some samples as float64 unit rows, one part at a time.
+class _Best:
+    """Each query's k best candidates so far (rows ``[Q, k]``, similarities ``[Q, k]``), best first."""
 
-    Parts holding none of ``ids`` are not read.
+    def __init__(self, queries: int, k: int):
+        self.k = k
+        self.index = np.full((queries, k), _NO_ROW, np.int64)
+        self.sim = np.full((queries, k), -np.inf)
 
-    Args:
-        run: the run to read.
-        column: "profile" or "features".
-        ids: ``[n]`` sorted, distinct sample ids, all in the run.
-        columns: ``[f]`` profile columns to keep (:meth:`Run.unit_columns`), or None.
-        standardize: ``(s - mean) / std`` with the run's statistics first (profiles).
+    def merge(self, rows: np.ndarray | slice, index: np.ndarray, sim: np.ndarray) -> None:
+        """Merges candidates ``index [r, m]`` with similarities ``sim [r, m]`` into the queries ``rows``."""
+        self.index[rows], self.sim[rows] = _keep_best(np.concatenate([self.index[rows], index], axis=1),
+                                                      np.concatenate([self.sim[rows], sim], axis=1), self.k)
 
-    Yields:
-        ``(positions [m], rows [m, f])``: rows of unit norm (0 for a zero
-        vector) of the samples ``ids[positions]``.
-    """
-    if standardize:
-        stats = run.stats
-        mean, std = stats.mean, stats.std
-        if columns is not None:
-            mean, std = mean[columns], std[columns]
-    for part in run.parts:
-        lo, hi = np.searchsorted(ids, [part.start, part.stop])
-        if lo == hi:
-            continue
-        table = run.read_part(part, [column])
-        part_ids = table.column("sample_id").to_numpy()
-        where = np.searchsorted(ids, part_ids)
-        wanted = (where < len(ids)) & (ids[np.minimum(where, len(ids) - 1)] == part_ids)
-        vectors = table.column(column).combine_chunks()
-        values = vectors.flatten().to_numpy().reshape(len(vectors), -1)[wanted]
-        if columns is not None:
-            values = values[:, columns]
-        values = values.astype(np.float64)
-        if standardize:
-            values = (values - mean) / std
-        _check_finite(values, part_ids[wanted], column, run)
-        yield where[wanted], unit_rows(values)
-
-
-def _check_finite(values: np.ndarray, ids: np.ndarray, column: str, run: Run) -> None:
-    bad = ~np.isfinite(values).all(axis=1)
-    if bad.any():
-        raise InputError(f"{column} of samples {ids[bad][:10].tolist()} in {run.path} are not finite")
+    def merge_products(self, sim: np.ndarray, start: int, rows: np.ndarray | slice = slice(None)) -> None:
+        """Merges products ``sim [r, m]`` with the candidates ``start..start+m-1`` into the queries ``rows``."""
+        chosen = _top_k_unordered(sim, min(self.k, sim.shape[1]))
+        self.merge(rows, chosen + start, np.take_along_axis(sim, chosen, 1))
 
 
 class Search:
-    """The candidates of one space, read once; queries are multiplied by them block by block.
+    """Exact cosine k-NN among the candidates of one space, streamed from the run for each block of queries.
 
     Args:
         run: the run.
         space: "saliency" (standardized profiles) or "features" (raw penultimate features).
         layers: saliency space only: the layers whose units are kept (see :meth:`Run.unit_columns`).
         among: the candidates, "all" samples or "misclassified" ones.
-        precision: "float32" or "float64", how the candidate matrix is kept.
-        block_size: rows per block of the products.
+        precision: "float32": float32 products screen the candidates, float64
+            products rank those that may be among the k best; "float64":
+            float64 products throughout. Both give the float64 answer.
+        block_size: rows per block of queries and of candidates, instead of
+            the rows ``budget_mb`` allows.
+        budget_mb: MiB the blocks may hold (:func:`block_rows`).
     """
 
-    def __init__(self, run: Run, space: str, layers: Layers, among: str, precision: str, block_size: int):
-        self.run, self.space, self.precision, self.block_size = run, space, precision, block_size
+    def __init__(self, run: Run, space: str, layers: Layers, among: str, precision: str = "float32",
+                 block_size: int | None = None, budget_mb: int = 256):
+        self.run, self.space, self.among, self.precision = run, space, among, precision
         self.columns = run.unit_columns(layers) if space == "saliency" else None
-        self.pool_ids = np.sort(run.sample_ids(None if among == "all" else "misclassified"))
-        self.among = among
-        self._pool: np.ndarray | None = None
+        self._only: Rows = None if among == "all" else "misclassified"
+        self.pool_ids = np.sort(run.sample_ids(self._only))
+        self.width = self._width()
+        self.query_rows, self.pool_rows = ((block_size, block_size) if block_size is not None
+                                           else block_rows(budget_mb << 20, max(self.width, 1)))
+        self.margin = screening_margin(self.width)
+        self._standardizer = None
+        if space == "saliency":
+            stats = run.stats
+            columns = slice(None) if self.columns is None else self.columns
+            self._standardizer = stats.mean[columns], stats.std[columns]
 
     def query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(pool rows [Q, k], similarities [Q, k])`` of each query's nearest candidates, itself excluded."""
+        """``(pool rows [Q, k], similarities [Q, k])`` of each query's nearest candidates, itself excluded.
+
+        Args:
+            queries: ``[Q]`` sample ids of the run, in the pool or not, in any
+                order, repeats allowed (read once, answered alike).
+        """
         k = checked_k(k, len(self.pool_ids), self.among)
-        pool = self._pool_rows()
-        in_pool, position = _positions(self.pool_ids, queries)
-        query_rows = pool[position] if in_pool.all() else self._query_rows(queries, in_pool, position)
-        return cosine_top_k(pool, query_rows, k, np.where(in_pool, position, -1), self.block_size)
+        unique, inverse = np.unique(np.asarray(queries, np.int64), return_inverse=True)
+        in_pool, position = _positions(self.pool_ids, unique)
+        exclude = np.where(in_pool, position, -1)
+        index = np.empty((len(unique), k), np.int64)
+        similarity = np.empty((len(unique), k), np.float64)
+        done = 0
+        for ids, raw in self._read(self.query_rows, unique):
+            if not np.array_equal(ids, unique[done:done + len(ids)]):
+                break
+            rows = slice(done, done + len(ids))
+            unit = self._unit_rows(ids, raw, np.empty(raw.shape))
+            del raw  # a query block at a time: neither the rows read nor the last block's outlive their use
+            index[rows], similarity[rows] = self._top_k(unit, exclude[rows], k)
+            done += len(ids)
+            del unit
+        if done != len(unique):
+            missing = np.setdiff1d(unique, self.run.table().column("sample_id").to_numpy())
+            raise InputError(f"query ids {missing[:10].tolist()} are not samples of {self.run.path}")
+        return index[inverse.reshape(-1)], similarity[inverse.reshape(-1)]
 
-    def _pool_rows(self) -> np.ndarray:
-        """The candidates ``[n_pool, f]``: unit rows in ``pool_ids`` order, read once."""
-        if self._pool is None:
-            pool: np.ndarray | None = None
-            for positions, rows in self._iter_rows(self.pool_ids):
-                if pool is None:
-                    pool = np.empty((len(self.pool_ids), rows.shape[1]), self.precision)
-                pool[positions] = rows
-            self._pool = pool if pool is not None else np.zeros((0, 0), self.precision)
-        return self._pool
+    def _top_k(self, queries: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows [q, k], similarities [q, k])``: the k best candidates of a block of queries (float64 unit rows)."""
+        best = _Best(len(queries), k)
+        screening = self.precision == "float32" and self.margin < 0.5
+        queries32 = queries.astype(np.float32) if screening else None
+        top32 = np.full((len(queries), k), -np.inf, np.float32)  # the k largest float32 products so far
+        screen = False  # the first block is multiplied in float64: until k products are known, every candidate passes
+        rows64 = np.empty((self.pool_rows, self.width))
+        rows32 = np.empty((self.pool_rows, self.width), np.float32) if screening else None
+        start = 0
+        for ids, raw in self._read(self.pool_rows, self._only):
+            if not np.array_equal(ids, self.pool_ids[start:start + len(ids)]):
+                raise EngineError(f"the candidates read from {self.run.path} are not its pool, in order")
+            candidates = self._unit_rows(ids, raw, rows64[:len(ids)])
+            own = exclude - start
+            if screen:
+                assert queries32 is not None and rows32 is not None
+                np.copyto(rows32[:len(ids)], candidates)
+                screen = self._screened(best, top32, queries, queries32, candidates, rows32[:len(ids)], own, start)
+            else:
+                sim = queries @ candidates.T
+                _hide(sim, own, -np.inf)
+                best.merge_products(sim, start)
+                if screening:
+                    floor = np.maximum(best.sim[:, -1], top32.min(axis=1) - self.margin)
+                    screen = self._pays(np.count_nonzero(sim >= (floor - 2 * self.margin)[:, None], axis=1), sim.shape)
+            start += len(ids)
+            del raw, candidates
+        return best.index, best.sim
 
-    def _query_rows(self, queries: np.ndarray, in_pool: np.ndarray, position: np.ndarray) -> np.ndarray:
-        """Rows ``[Q, f]`` of the queries: copied from the pool, or read for those outside it."""
-        pool = self._pool_rows()
-        rows = np.empty((len(queries), pool.shape[1]), pool.dtype)
-        rows[in_pool] = pool[position[in_pool]]
-        outside = np.unique(queries[~in_pool])
-        slot = np.flatnonzero(~in_pool)
-        wanted = np.searchsorted(outside, queries[slot])  # a query id may repeat: several slots, one sample
-        for positions, unit in self._iter_rows(outside):
-            here = np.isin(wanted, positions)
-            order = np.argsort(positions)
-            rows[slot[here]] = unit[order[np.searchsorted(positions[order], wanted[here])]]
-        return rows
+    def _screened(self, best: _Best, top32: np.ndarray, queries: np.ndarray, queries32: np.ndarray,
+                  candidates: np.ndarray, candidates32: np.ndarray, own: np.ndarray, start: int) -> bool:
+        """Merges one block of candidates screened by float32 products; returns whether screening the next pays.
 
-    def _iter_rows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        ``floor`` is at most each query's final k-th similarity: the k-th of
+        its exact similarities so far, or the k-th of its float32 products so
+        far less the margin (those k candidates are within the margin of
+        it). A candidate whose float32 product lies more than the margin below
+        ``floor`` is below ``floor`` in float64 too, so below k others.
+        """
+        sim32 = queries32 @ candidates32.T
+        _hide(sim32, own, -np.inf)
+        pooled = np.concatenate([top32, sim32], axis=1)
+        top32[:] = np.partition(pooled, pooled.shape[1] - best.k, axis=1)[:, -best.k:]
+        floor = np.maximum(best.sim[:, -1], top32.min(axis=1) - self.margin)
+        passed = sim32 >= (floor - self.margin)[:, None]
+        _hide(passed, own, False)
+        counts = np.count_nonzero(passed, axis=1)
+        pays = self._pays(counts, sim32.shape)
+        dense = counts * _pair_cost(self.width) > len(candidates)  # these queries' rows of products are cheaper
+        if dense.all():
+            sim = queries @ candidates.T
+            _hide(sim, own, -np.inf)
+            best.merge_products(sim, start)
+            return pays
+        heavy = np.flatnonzero(dense)
+        for c0 in range(0, len(heavy), self.pool_rows):
+            rows = heavy[c0:c0 + self.pool_rows]
+            sim = queries[rows] @ candidates.T  # at most a block's rows gathered at a time
+            _hide(sim, own[rows], -np.inf)
+            best.merge_products(sim, start, rows)
+        light = np.flatnonzero(~dense & (counts > 0))
+        if len(light):
+            best.merge(light, *_pair_products(queries, candidates, light, passed[light], counts[light], start))
+        return pays
+
+    def _pays(self, counts: np.ndarray, shape: tuple[int, ...]) -> bool:
+        """Whether screening a block pays, if ``counts [q]`` candidates of each query pass the screen of ``m``."""
+        pairs = np.minimum(counts * _pair_cost(self.width), shape[1]).sum()
+        return bool(pairs < 0.5 * shape[0] * shape[1])  # a float32 product costs about half a float64 one
+
+    def _unit_rows(self, ids: np.ndarray, raw: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``out [m, f]``: the rows ``raw [m, f]`` standardized (profiles), then scaled to unit norm, in float64.
+
+        Rows of norm 0 stay 0 (similarity 0 to everything).
+        """
+        if self._standardizer is not None:
+            np.subtract(raw, self._standardizer[0], out=out)
+            np.divide(out, self._standardizer[1], out=out)
+        else:
+            np.copyto(out, raw)
+        norms = np.sqrt(np.einsum("ij,ij->i", out, out))[:, None]
+        if not np.isfinite(norms).all():
+            bad = ~np.isfinite(out).all(axis=1)
+            if bad.any():
+                column = "profile" if self.space == "saliency" else "features"
+                raise InputError(f"{column} of samples {ids[bad][:10].tolist()} in {self.run.path} are not finite")
+        np.divide(out, norms, out=out, where=norms > 0)
+        out[norms[:, 0] == 0] = 0
+        return out
+
+    def _read(self, rows: int, only: Rows) -> Iterator[Block]:
         column = "profile" if self.space == "saliency" else "features"
-        return iter_unit_rows(self.run, column, ids, self.columns, standardize=self.space == "saliency")
+        return iter_vectors(self.run, column, rows, self.columns, only, None)
+
+    def _width(self) -> int:
+        """Values per row of this space."""
+        if self.space == "saliency":
+            return self.run.num_units if self.columns is None else len(self.columns)
+        if not self.run.parts:
+            return 0
+        return pq.read_schema(self.run.path / self.run.parts[0].file).field("features").type.list_size
+
+
+def _pair_products(queries: np.ndarray, candidates: np.ndarray, rows: np.ndarray, passed: np.ndarray,
+                   counts: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(candidate rows [r, c], similarities [r, c])`` of the pairs ``passed [r, m]`` of the queries ``rows``, in
+    float64, one pair at a time; padded with no row and ``-inf`` to ``c = counts.max()`` per query."""
+    pair_row, pair_column = np.nonzero(passed)
+    query_of = rows[pair_row]
+    sims = np.fromiter((queries[q] @ candidates[c] for q, c in zip(query_of.tolist(), pair_column.tolist())),
+                       np.float64, count=len(pair_row))
+    slot = np.arange(len(pair_row)) - np.repeat(np.cumsum(counts) - counts, counts)
+    index = np.full((len(rows), int(counts.max())), _NO_ROW, np.int64)
+    sim = np.full(index.shape, -np.inf)
+    index[pair_row, slot] = pair_column + start
+    sim[pair_row, slot] = sims
+    return index, sim
 
 
 def checked_k(k: int, pool_size: int, among: str) -> int:

@@ -4,7 +4,8 @@ Samples whose mistakes come from the same parameters should have similar
 saliency profiles. :class:`Neighbors` finds, for each query sample, its k
 nearest samples by cosine similarity of standardized profiles (and, as the
 baseline, of penultimate features), exactly (:mod:`paramsal.analyses.knn`:
-blocked products, memory bounded by the block size). Its summary is the
+blocked products over the run read in blocks, memory set by ``budget_mb``,
+not by the number of samples). Its summary is the
 paper's: how often the neighbours of a misclassified sample share its (true,
 predicted) class pair, in each space, against chance.
 
@@ -30,7 +31,7 @@ from paramsal.analyses.base import Analysis, Result, result_config
 from paramsal.analyses.knn import Layers, Search, checked_k
 from paramsal.analyses.sources import Samples, chosen_samples, open_for_analysis
 from paramsal.engine.rundir import Run
-from paramsal.errors import InputError
+from paramsal.errors import InputError, check_integer
 from paramsal.options import POOLS, PRECISIONS, SPACES
 
 
@@ -39,8 +40,8 @@ class NeighborsResult(Result):
     """The neighbours of each query in each space (:attr:`table`) and the pair-sharing rates (:attr:`summary`).
 
     ``table``: space, query_id, rank (1 = nearest), neighbor_id, similarity
-    (cosine, float64, as kept in ``precision``; equal similarities rank the
-    smaller sample id first). ``summary``: one row per space and one for
+    (cosine, float64, exact in either ``precision``; equal similarities rank
+    the smaller sample id first). ``summary``: one row per space and one for
     chance (random neighbours from the same pool): space, pair_sharing (the
     share of the neighbours of misclassified queries whose (true, predicted)
     pair is the query's, in either order), queries (misclassified ones), pool, k.
@@ -81,16 +82,22 @@ class Neighbors(Analysis):
             and/or "features" (the run's penultimate features, raw: the
             baseline); "features" is left out for a run profiled without
             features, unless it is the only space asked for (then an error).
-        precision: how the candidate matrix is kept. "float32" (half the
-            memory): similarities are within about 1e-8 of a float64
-            computation, so samples whose similarities to a query differ by
-            less (near-duplicates among confidently correct samples) may swap
-            ranks. "float64": ranks exactly as a float64 computation.
-            Products are taken in float64 either way.
-        block_size: queries and candidates per block; besides the candidate
-            matrix (``n_pool * f * 4`` bytes in float32), memory peaks at about
-            ``block_size * (16 * f + 32 * block_size)`` bytes (1 GiB for
-            2048 rows of 26,560 units).
+        precision: how the products are taken; both rank exactly as a
+            float64 computation (unit rows in float64, equal similarities by
+            sample id). "float32" (the default, faster where few candidates
+            are near a query's k-th): float32 products screen the candidates,
+            with a rigorous bound on their error, and float64 products rank
+            those that may be among the k best (or a query's whole row, where
+            many are: near-duplicate correct samples). "float64": float64
+            products throughout.
+        block_size: queries and candidates per block, instead of the rows
+            ``budget_mb`` allows; memory then peaks at about
+            ``block_size * (48 * f + 32 * block_size)`` bytes.
+        budget_mb: MiB the blocks may hold (default 256): the queries are
+            read in blocks, and for each the candidates stream from the run in
+            blocks, so memory is set by this, not by the number of samples
+            (besides the per-sample table and the results, a few dozen bytes a
+            sample); a larger budget means fewer passes over the run.
         **common: see :class:`~paramsal.analyses.base.Analysis` (the run alone is read: no model, no data).
 
     ``evaluate(run, samples=...)`` takes the queries: "misclassified" (the
@@ -101,8 +108,8 @@ class Neighbors(Analysis):
     purpose: ClassVar[str] = "find neighbours of"
 
     def __init__(self, k: int = 10, *, layers: Layers = None, among: str = "misclassified",
-                 spaces: Sequence[str] = SPACES, precision: str = "float32", block_size: int = 2048,
-                 **common: Any):
+                 spaces: Sequence[str] = SPACES, precision: str = "float32", block_size: int | None = None,
+                 budget_mb: int = 256, **common: Any):
         super().__init__(**common)
         for name, value, choices in [("among", among, POOLS), ("precision", precision, PRECISIONS),
                                      *(("space", space, SPACES) for space in spaces)]:
@@ -113,10 +120,12 @@ class Neighbors(Analysis):
         if layers is not None and "saliency" not in spaces:
             raise InputError("layers applies to space='saliency' only (features have no layers)")
         checked_k(k, k + 1, among)
-        if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        if block_size is not None and (not isinstance(block_size, (int, np.integer)) or block_size < 1):
             raise InputError(f"block_size={block_size!r}: expected a positive integer")
         self.k, self.layers, self.among, self.spaces = int(k), layers, among, tuple(dict.fromkeys(spaces))
-        self.precision, self.block_size = precision, int(block_size)
+        self.precision = precision
+        self.block_size = None if block_size is None else int(block_size)
+        self.budget_mb = check_integer("budget_mb", budget_mb)
 
     def evaluate(self, run: Run | str | os.PathLike, data: Any = None, samples: Samples = None) -> NeighborsResult:
         run = open_for_analysis(run, self.allow_partial)
@@ -125,7 +134,7 @@ class Neighbors(Analysis):
         tables, pool = [], np.zeros(0, np.int64)
         for space in spaces:
             search = Search(run, space, self.layers if space == "saliency" else None, self.among, self.precision,
-                            self.block_size)
+                            self.block_size, self.budget_mb)
             index, similarity = search.query(queries, self.k)
             pool = search.pool_ids
             tables.append(pd.DataFrame({
@@ -148,7 +157,7 @@ class Neighbors(Analysis):
 
 def neighbor_ids(run: Run, ids: np.ndarray, k: int, among: str = "misclassified") -> np.ndarray:
     """``[n, k]`` each sample's nearest neighbours in saliency space among ``among`` (itself excluded)."""
-    search = Search(run, "saliency", None, among, "float32", 2048)
+    search = Search(run, "saliency", None, among)
     index, _ = search.query(np.asarray(ids, np.int64), k)
     return search.pool_ids[index]
 

@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "JSON if it ends in .json, else Parquet")
     bench.add_argument("--dataset", action="store_true",
                        help="instead: profile_dataset end to end on the demo data vs the engine alone")
+    bench.add_argument("--scale", action="store_true",
+                       help="instead: build a run with ResNet-50's 26,560 units (a model cheap per sample) and "
+                            "report profiling time, bytes on disk, read rates and neighbours' time and memory")
+    bench.add_argument("--samples", type=positive_int, default=50_000, help="--scale: samples (default 50,000)")
+    bench.add_argument("--out", default=None, help="--scale: where the run is built (default: a folder under /tmp)")
     bench.set_defaults(func=bench_command)
 
 
@@ -39,6 +44,13 @@ def bench_command(args: argparse.Namespace) -> int:
     from paramsal.errors import check_choice
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.scale:
+        import tempfile
+
+        from paramsal.bench.scale import scale_report
+
+        print(scale_report(args.samples, args.out or tempfile.mkdtemp(prefix="paramsal-scale-")))
+        return 0
     if args.dataset:
         print(dataset_overhead(args.batch or 64, args.repeats))
         return 0

@@ -21,10 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="the queries (default: misclassified)")
     neighbors.add_argument("--spaces", type=choice_list(SPACES), default=list(SPACES),
                            help="comma-separated spaces: saliency,features (default both; features when recorded)")
-    neighbors.add_argument("--block-size", type=positive_int, default=2048,
-                           help="rows per block of the similarity products")
+    neighbors.add_argument("--budget-mb", type=positive_int, default=256,
+                           help="memory for the blocks of queries and candidates, in MiB (default 256): bounds the "
+                                "search's memory whatever the number of samples; more means fewer passes over the run")
+    neighbors.add_argument("--block-size", type=positive_int, default=None,
+                           help="rows per block of queries and of candidates, instead of what --budget-mb allows")
     neighbors.add_argument("--precision", default="float32", choices=PRECISIONS,
-                           help="candidate matrix in memory: float32 (half the memory) or float64 (exact ranks)")
+                           help="products: float32 screening with float64 ranking (default) or float64 throughout; "
+                                "both give the exact float64 neighbours")
     add_output_arguments(neighbors, "analyses")
     neighbors.set_defaults(func=neighbors_command)
 
@@ -51,7 +55,7 @@ def neighbors_command(args: argparse.Namespace) -> int:
 
     run, out = opened_run(args)
     result = Neighbors(k=args.k, layers=parse_layers(args.layers), among=args.among, spaces=args.spaces,
-                       precision=args.precision, block_size=args.block_size,
+                       precision=args.precision, block_size=args.block_size, budget_mb=args.budget_mb,
                        **analysis_options(args)).evaluate(run, samples=args.samples)
     summary = result.summary.set_index("space")
     print(f"neighbours  {run.path}: k={args.k}, among {args.among} ({int(summary['pool'].iloc[0])} samples), "

@@ -21,6 +21,7 @@ from paramsal._io import atomic_path, file_record
 from paramsal.engine.integrity import check_file, check_no_strays, check_part_rows
 from paramsal.engine.manifest import (MANIFEST, PART_STATS_DIR, PROFILES_DIR, STATS, UNITS, Part, part_file,
                                       part_stats_file, parts_of, read_manifest, storage_error)
+from paramsal.engine.reading import ROW_GROUP_ROWS, Block, iter_vectors
 from paramsal.errors import InputError
 from paramsal.options import ROW_SELECTIONS
 from paramsal.engine.stats import SaliencyStats
@@ -90,7 +91,7 @@ def write_part(root: Path, index: int, table: pa.Table, stats: SaliencyStats, ba
     for folder in (PROFILES_DIR, PART_STATS_DIR):
         (root / folder).mkdir(exist_ok=True)
     moments = _write_table(root / part_stats_file(index), stats.to_arrow())
-    rows = _write_table(root / part_file(index), table)
+    rows = _write_table(root / part_file(index), table, ROW_GROUP_ROWS)  # readers decode a row group at a time
     return Part(index, int(ids[0]), int(ids[-1]) + 1, rows["bytes"], rows["sha256"], moments["bytes"],
                 moments["sha256"], backend, int(np.asarray(table.column("nonfinite")).sum()))
 
@@ -105,11 +106,12 @@ def write_stats(root: Path, stats: SaliencyStats) -> dict[str, Any]:
     return _write_table(root / STATS, stats.to_arrow())
 
 
-def _write_table(path: Path, table: pa.Table) -> dict[str, Any]:
-    """Writes ``table`` to ``path`` durably; returns the file's size and sha256 for the manifest."""
+def _write_table(path: Path, table: pa.Table, row_group_rows: int | None = None) -> dict[str, Any]:
+    """Writes ``table`` to ``path`` durably (row groups of at most ``row_group_rows``); returns the file's size and
+    sha256 for the manifest."""
     try:
         with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, row_group_size=row_group_rows)
             record = file_record(tmp)
     except OSError as exc:
         raise storage_error(path, exc) from exc
@@ -239,9 +241,35 @@ class Run:
 
     def features(self, only: Rows = None) -> np.ndarray:
         """Penultimate features ``[n, D]`` (float32), if the run recorded them."""
+        self._check_features()
+        return self._vectors("features", None, only, None)
+
+    def iter_profiles(self, rows: int, layers: slice | Sequence[int] | None = None, only: Rows = None,
+                      standardized: bool = True, stats: SaliencyStats | Run | None = None) -> Iterator[Block]:
+        """The profiles of :meth:`profiles` (same arguments) in blocks: memory set by ``rows``, not by a part.
+
+        Each part is checked against the manifest as it is reached; its profile
+        column is decoded a batch at a time (:mod:`paramsal.engine.reading`).
+
+        Args:
+            rows: most rows per block.
+
+        Yields:
+            ``(sample_ids [m] int64, profiles [m, f] float32)``, ``1 <= m <= rows``
+            (read-only arrays), in sample-id order: concatenated, the blocks are
+            :meth:`profiles` with the same arguments.
+        """
+        return iter_vectors(self, "profile", rows, self.unit_columns(layers), only,
+                            self._standardizer(stats) if standardized else None)
+
+    def iter_features(self, rows: int, only: Rows = None) -> Iterator[Block]:
+        """The features of :meth:`features` in blocks of at most ``rows`` rows, as :meth:`iter_profiles` yields them."""
+        self._check_features()
+        return iter_vectors(self, "features", rows, None, only, None)
+
+    def _check_features(self) -> None:
         if not self.manifest.get("features"):
             raise InputError(f"{self.path} has no features: profile with features=True (--features)")
-        return self._vectors("features", None, only, None)
 
     def summary(self) -> str:
         table = self.table()
