@@ -25,6 +25,9 @@ DEVICES = "cpu, cuda or cuda:N"
 ROW_SELECTIONS = ("misclassified", "correct", "nonfinite")
 #: Image transforms of ``imagefolder:`` data.
 TRANSFORMS = ("imagenet", "inception", "tensor")
+#: Image decoders of ``imagefolder:`` data: torchvision.io (libjpeg-turbo into tensors: twice PIL's rate per core,
+#: scripts/jpeg_decode.py) or PIL (what runs made before the choice existed used).
+DECODERS = ("torchvision", "pil")
 
 # --------------------------------------------------------------------------------------------- the analyses
 

@@ -30,7 +30,7 @@ from paramsal.engine.fingerprints import data_fingerprint, model_fingerprint
 from paramsal.engine.rundir import Run, open_run
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError
-from paramsal.options import SAMPLE_SELECTIONS, TRANSFORMS
+from paramsal.options import DECODERS, SAMPLE_SELECTIONS, TRANSFORMS
 from paramsal.zoo.specs import BUILTIN_SPEC_NAMES, first_samples, is_builtin_spec, load_data, load_model
 
 #: What ``samples=`` takes: "misclassified" (the default), "correct", or sample ids of the run.
@@ -50,6 +50,7 @@ class SourceOverrides:
     num_classes: int | None = None
     data: str | None = None
     transform: str | None = None
+    decode: str | None = None
 
 
 def _positive_or_none(value: Any) -> bool:
@@ -67,6 +68,7 @@ SOURCE_FIELDS: dict[str, tuple[Callable[[Any], bool], str, str | None]] = {
     "weights": (_string_or_none, "a file path or null", "--weights"),
     "num_classes": (_positive_or_none, "a positive integer or null", "--num-classes"),
     "transform": (lambda v: v is None or v in TRANSFORMS, f"one of {', '.join(TRANSFORMS)} or null", "--transform"),
+    "decode": (lambda v: v is None or v in DECODERS, f"one of {', '.join(DECODERS)} or null", "--decode"),
     "limit": (_positive_or_none, "a positive integer or null", None),
 }
 
@@ -155,7 +157,9 @@ def load_source(run: Run, overrides: SourceOverrides | None = None, *, trust_run
                            overrides.num_classes or source.get("num_classes"))
         loaded["model"] = model.to(resolve_device(device))
     if "data" in parts:
-        data = load_data(known["data"], overrides.transform or source.get("transform") or "imagenet")
+        # A run made before the choice of decoder existed was decoded by PIL.
+        data = load_data(known["data"], overrides.transform or source.get("transform") or "imagenet",
+                         overrides.decode or source.get("decode") or "pil")
         loaded["data"] = first_samples(data, source.get("limit"))
     return loaded
 

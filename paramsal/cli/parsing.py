@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from paramsal.errors import InputError
-from paramsal.options import DEVICES, TRANSFORMS
+from paramsal.options import DECODERS, DEVICES, TRANSFORMS
 
 
 class UsageError(InputError):
@@ -103,6 +103,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classes of a torchvision model (default: the run's)")
     parser.add_argument("--data", help="data spec (default: the run's)")
     parser.add_argument("--transform", choices=TRANSFORMS, help="image transform for imagefolder data")
+    parser.add_argument("--decode", choices=DECODERS, help="image decoder for imagefolder data (default: the run's)")
     parser.add_argument("--device", help=f"{DEVICES} (default: CUDA when available)")
     parser.add_argument("--trust-run-specs", action="store_true",
                         help="import and call the code (module.path:factory specs) named in the run's manifest to "
@@ -142,5 +143,5 @@ def loaded_source(args: argparse.Namespace, run: Any, parts: tuple[str, ...] = (
     from paramsal.analyses.sources import SourceOverrides, load_source
 
     overrides = SourceOverrides(model=args.model, weights=args.weights, num_classes=args.num_classes,
-                                data=args.data, transform=args.transform)
+                                data=args.data, transform=args.transform, decode=args.decode)
     return load_source(run, overrides, trust_run_specs=args.trust_run_specs, device=args.device, parts=parts)

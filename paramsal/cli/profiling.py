@@ -7,8 +7,8 @@ import os
 import sys
 
 from paramsal.cli.parsing import non_negative_int, positive_int, shard_spec
-from paramsal.options import (AGGREGATIONS, BACKENDS, COMPUTE_PRECISIONS, DEVICES, NONFINITE_POLICIES, TRANSFORMS,
-                              UNIT_SCHEMES)
+from paramsal.options import (AGGREGATIONS, BACKENDS, COMPUTE_PRECISIONS, DECODERS, DEVICES, NONFINITE_POLICIES,
+                              TRANSFORMS, UNIT_SCHEMES)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     profile.add_argument("--data", required=True, help="demo[:SPLIT] | imagefolder:DIR | module.path:factory")
     profile.add_argument("--transform", default="imagenet", choices=TRANSFORMS,
                          help="image transform for imagefolder data")
+    profile.add_argument("--decode", default="torchvision", choices=DECODERS,
+                         help="image decoder for imagefolder data: torchvision (default: torchvision.io, twice "
+                              "PIL's rate per core) or pil"),
     profile.add_argument("--out", required=True, help="run directory")
     profile.add_argument("--batch-size", type=positive_int, default=64)
     profile.add_argument("--backend", default="auto", choices=BACKENDS)
@@ -79,7 +82,7 @@ def profile_command(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)  # before the model and data are loaded: a wrong device fails at once
     model = load_model(args.model, args.weights, args.num_classes)
-    data = first_samples(load_data(args.data, args.transform), args.limit)
+    data = first_samples(load_data(args.data, args.transform, args.decode), args.limit)
     run = profile_dataset(model, data, args.out, batch_size=args.batch_size, backend=args.backend,
                           units=args.units, aggregation=args.aggregation, device=device,
                           num_workers=args.num_workers, features=args.features, resume=not args.restart,
@@ -97,7 +100,8 @@ def _source(args: argparse.Namespace) -> dict:
     if data.startswith("imagefolder:"):
         data = "imagefolder:" + os.path.abspath(data.partition(":")[2])
     return {"model": args.model, "weights": args.weights and os.path.abspath(args.weights),
-            "num_classes": args.num_classes, "data": data, "transform": args.transform, "limit": args.limit}
+            "num_classes": args.num_classes, "data": data, "transform": args.transform, "decode": args.decode,
+            "limit": args.limit}
 
 
 def merge_command(args: argparse.Namespace) -> int:

@@ -266,8 +266,10 @@ def repair_hint(root: Path, manifest: dict[str, Any]) -> str:
         return "call profile_dataset(...) as the run was made, with repair=True"
     words = ["paramsal", "profile", "--model", source["model"], "--data", source["data"], "--out", str(root),
              "--batch-size", str(manifest["config"]["batch_size"])]
+    if source["data"].startswith("imagefolder:") and not source.get("decode"):
+        source = {**source, "decode": "pil"}  # made before the choice existed: PIL decoded its images
     for flag, key in (("--weights", "weights"), ("--num-classes", "num_classes"), ("--transform", "transform"),
-                      ("--limit", "limit")):
+                      ("--decode", "decode"), ("--limit", "limit")):
         if source.get(key) is not None:
             words += [flag, str(source[key])]
     return f"run `{' '.join(words)} --repair`"

@@ -16,8 +16,8 @@ from pathlib import Path
 from torch import nn
 
 from paramsal._typing import MapDataset
-from paramsal.errors import InputError
-from paramsal.options import TRANSFORMS
+from paramsal.errors import InputError, check_choice
+from paramsal.options import DECODERS, TRANSFORMS
 from paramsal._io import load_tensor_file
 
 
@@ -66,8 +66,8 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
     return model.eval()
 
 
-def load_data(spec: str, transform: str = "imagenet") -> MapDataset:
-    """The data set a spec names."""
+def load_data(spec: str, transform: str = "imagenet", decode: str = "torchvision") -> MapDataset:
+    """The data set a spec names; ``imagefolder:`` images decoded by ``decode`` (:data:`~paramsal.options.DECODERS`)."""
     if spec == "demo" or spec.startswith("demo:"):
         from paramsal.zoo import demo_dataset
         from paramsal.zoo.datasets import SPLITS
@@ -79,12 +79,16 @@ def load_data(spec: str, transform: str = "imagenet") -> MapDataset:
         return demo_dataset(split)
     if spec.startswith("imagefolder:"):
         from torchvision.datasets import ImageFolder
+        from torchvision.datasets.folder import default_loader
+
+        check_choice("image decoder", decode, DECODERS)
 
         root = Path(spec.partition(":")[2])
         if not root.is_dir():
             raise InputError(f"data spec {spec!r}: {root} is not a directory")
         try:
-            return ImageFolder(str(root), transform=image_transform(transform))
+            return ImageFolder(str(root), transform=image_transform(transform, decode),
+                               loader=_read_tensor_image if decode == "torchvision" else default_loader)
         except (FileNotFoundError, RuntimeError) as exc:
             raise InputError(f"data spec {spec!r}: {exc}") from exc
     return _call_factory(spec, "data")
@@ -100,18 +104,32 @@ def first_samples(data: MapDataset, limit: int | None) -> MapDataset:
     return Subset(data, range(min(int(limit), len(data))))  # type: ignore[arg-type]  # any map-style set
 
 
-def image_transform(name: str):
-    """The usual evaluation transforms: ImageNet (256 -> 224), Inception (342 -> 299), or tensor only."""
-    from torchvision import transforms as T
+def image_transform(name: str, decode: str = "pil"):
+    """The usual evaluation transforms: ImageNet (256 -> 224), Inception (342 -> 299), or tensor only.
 
-    normalize = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-    if name == "imagenet":
-        return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
-    if name == "inception":
-        return T.Compose([T.Resize(342), T.CenterCrop(299), T.ToTensor(), normalize])
+    Of PIL images (``decode="pil"``), or of the uint8 tensors torchvision.io
+    decodes (``"torchvision"``; antialiased resizing, as PIL's).
+    """
+    import torch
+    from torchvision import transforms as T
+    from torchvision.transforms import v2
+
+    sizes = {"imagenet": (256, 224), "inception": (342, 299)}
+    if name not in (*sizes, "tensor"):
+        raise InputError(f"unknown transform {name!r}; expected one of {', '.join(TRANSFORMS)}")
+    to_float = T.ToTensor() if decode == "pil" else v2.ToDtype(torch.float32, scale=True)
     if name == "tensor":
-        return T.ToTensor()
-    raise InputError(f"unknown transform {name!r}; expected one of {', '.join(TRANSFORMS)}")
+        return to_float
+    resize, crop = sizes[name]
+    return T.Compose([T.Resize(resize), T.CenterCrop(crop), to_float,
+                      T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+
+
+def _read_tensor_image(path: str):
+    """An image file as a ``[3, H, W]`` uint8 tensor (JPEG, PNG, GIF, WebP), by torchvision.io."""
+    from torchvision import io
+
+    return io.decode_image(io.read_file(path), mode=io.ImageReadMode.RGB)
 
 
 def _call_factory(spec: str, what: str):
