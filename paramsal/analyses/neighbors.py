@@ -30,6 +30,7 @@ import pyarrow as pa
 from paramsal.analyses.base import Analysis, Result, result_config
 from paramsal.analyses.knn import Layers, Search, checked_k
 from paramsal.analyses.sources import Samples, chosen_samples, open_for_analysis
+from paramsal.engine.distributed import current_ranks
 from paramsal.engine.rundir import Run
 from paramsal.errors import InputError, check_integer
 from paramsal.options import POOLS, PRECISIONS, SPACES
@@ -135,7 +136,7 @@ class Neighbors(Analysis):
         for space in spaces:
             search = Search(run, space, self.layers if space == "saliency" else None, self.among, self.precision,
                             self.block_size, self.budget_mb)
-            index, similarity = search.query(queries, self.k)
+            index, similarity = _query_across_ranks(search, queries, self.k)
             pool = search.pool_ids
             tables.append(pd.DataFrame({
                 "space": space, "query_id": np.repeat(queries, self.k),
@@ -153,6 +154,15 @@ class Neighbors(Analysis):
             raise InputError(f"{run.path} has no features for space='features': profile it with "
                              "features=True (--features)")
         return tuple(s for s in self.spaces if s != "features")
+
+
+def _query_across_ranks(search: Search, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`Search.query`, each rank of a ``torchrun`` job answering a contiguous share of the queries."""
+    ranks = current_ranks()
+    if ranks.world_size == 1:
+        return search.query(queries, k)
+    answers = ranks.gather(search.query(np.asarray(ranks.share(queries.tolist()), np.int64), k))
+    return np.concatenate([a[0] for a in answers]), np.concatenate([a[1] for a in answers])
 
 
 def neighbor_ids(run: Run, ids: np.ndarray, k: int, among: str = "misclassified") -> np.ndarray:

@@ -6,6 +6,11 @@ job killed at any point (SIGKILL included) and started again with the same
 arguments ends with the same bytes as one that never stopped. A resume keeps
 the run's identity and config, checks the finished parts against the data
 set's labels, and profiles only the parts the run lacks.
+
+Under ``torchrun`` (:mod:`paramsal.engine.distributed`) rank 0 holds the
+lock and prepares the run, and the ranks share the missing parts. The device
+never waits for the host: results are copied back while the next batch
+computes, and parts are written by a thread (:mod:`paramsal.engine.writing`).
 """
 
 from __future__ import annotations

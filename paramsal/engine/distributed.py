@@ -1,4 +1,4 @@
-"""Profiling under ``torchrun``: which rank does what, and how the ranks agree, over torch.distributed.
+"""Jobs under ``torchrun``: which rank does what, and how the ranks agree, over torch.distributed.
 
 paramsal has no scheduler of its own. Inside an initialized process group
 (``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -145,8 +146,6 @@ def leave() -> None:
 
 def _portable(exc: BaseException) -> BaseException:
     """``exc`` if it survives pickling to another rank, else an :class:`EngineError` with its text."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(exc))
         return exc

@@ -122,3 +122,21 @@ def test_analyses_share_their_samples_across_ranks(single, tmp_path, command):
     assert tables and tables == sorted(p.name for p in outputs["ranks"].glob("*.parquet"))
     for name in tables:
         assert pq.read_table(outputs["ranks"] / name).equals(pq.read_table(outputs["single"] / name)), name
+
+
+def test_neighbours_share_their_queries_across_ranks(single, tmp_path):
+    outputs = {}
+    for name, launcher in (("single", SINGLE), ("ranks", TORCHRUN)):
+        outputs[name] = tmp_path / name
+        done = subprocess.run([*launcher, "neighbors", str(single), "--among", "all", "--k", "5", "--budget-mb", "1",
+                               "--out", str(outputs[name])], env=environment(), capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    tables = sorted(p.name for p in outputs["single"].glob("*.parquet"))
+    assert tables
+    for name in tables:
+        ranks, alone = (pq.read_table(outputs[which] / name).to_pandas() for which in ("ranks", "single"))
+        # Blocks of other shapes sum the float64 products in another order: equal to the last bit or so.
+        np.testing.assert_allclose(ranks.pop("similarity" if "similarity" in ranks else "pair_sharing"),
+                                   alone.pop("similarity" if "similarity" in alone else "pair_sharing"), rtol=1e-12)
+        assert ranks.equals(alone), name
