@@ -36,13 +36,14 @@ from paramsal.engine.distributed import Ranks, current_ranks, local_rank, local_
 from paramsal.engine.fingerprints import data_fingerprint, model_fingerprint
 from paramsal.engine.loading import BadBatch, Indexed, collate_samples
 from paramsal.engine.lock import RunLock
-from paramsal.engine.manifest import FORMAT, part_count, part_range, parts_of, read_manifest, rows_per_part
+from paramsal.engine.manifest import (FORMAT, IDENTITY_KEYS, NUMERIC_CONFIG, part_count, part_range, parts_of,
+                                      read_manifest, rows_per_part)
 from paramsal.engine.profile import LOSS_FLAG, Profiler
 from paramsal.engine.resume import prepare_run
 from paramsal.engine.rundir import Run
 from paramsal.engine.units import UnitsSpec
 from paramsal.engine.writing import PartBuffer, PartWriter, finish_run, now
-from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, check_choice
+from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, RunMismatchError, check_choice
 from paramsal.kernels.reduce import Aggregation
 from paramsal.options import NONFINITE_POLICIES
 
@@ -144,6 +145,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
     wanted = _manifest(model, data, profiler, backend, batch_size, _batches_per_part(part_size, batch_size,
                        len(data), ranks.world_size), chunk_size, device, model_name, data_name, ranks.world_size)
     wanted["source"] = dict(source or {})
+    _check_ranks_agree(ranks, wanted)
     lock = RunLock(root)
     todo = ranks.on_main(lambda: _start(lock, root, wanted, data, profiler, resume, overwrite, repair,
                                         ranks.world_size, shard))
@@ -187,6 +189,19 @@ def _start(lock: RunLock, root: Path, wanted: dict[str, Any], data: MapDataset, 
     for note in notes:
         warnings.warn(note, ParamsalWarning, stacklevel=4)
     return todo
+
+
+def _check_ranks_agree(ranks: Ranks, wanted: dict[str, Any]) -> None:
+    """Every rank has the model, data, units and settings rank 0 has: ranks that differ would mix their rows."""
+    if ranks.world_size == 1:
+        return
+    mine = {**{k: wanted[k] for k in IDENTITY_KEYS}, **{k: wanted["config"].get(k) for k in NUMERIC_CONFIG}}
+    everyone = ranks.gather(mine)
+    for rank, theirs in enumerate(everyone):
+        differ = [k for k in mine if theirs[k] != everyone[0][k]]
+        if differ:
+            raise RunMismatchError(f"rank {rank} of {ranks.world_size} has another {', '.join(differ)} than rank 0: "
+                                   "every rank must profile the same model and data with the same settings")
 
 
 def rank_device(device: torch.device, ranks: Ranks) -> torch.device:

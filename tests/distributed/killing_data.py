@@ -1,4 +1,5 @@
-"""A data set for the torchrun tests: the demo's first samples; rank 1 kills itself once at a chosen sample.
+"""A data set for the torchrun tests: the demo's first samples; rank 1 kills itself once at a chosen sample,
+or reads other samples.
 
 Imported by ``paramsal profile --data killing_data:samples`` in the ranks
 torchrun starts (``PYTHONPATH`` names this folder). The kill happens only
@@ -19,11 +20,14 @@ from paramsal.zoo import demo_dataset
 SAMPLES = 384
 MARKER = "PARAMSAL_TEST_KILL_MARKER"
 KILL_AT = "PARAMSAL_TEST_KILL_AT"
+#: Set: rank 1 reads other samples than rank 0 (a job whose ranks do not see the same data).
+OTHER_DATA = "PARAMSAL_TEST_OTHER_DATA"
 
 
 class Samples(Dataset):
     def __init__(self):
-        self.data = demo_dataset("test")
+        other = os.environ.get(OTHER_DATA) and os.environ.get("RANK") == "1"
+        self.data = demo_dataset("train" if other else "test")
 
     def __len__(self):
         return SAMPLES

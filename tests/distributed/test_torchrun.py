@@ -22,7 +22,7 @@ from paramsal.engine.fingerprints import probe_positions
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from killing_data import KILL_AT, MARKER, SAMPLES  # noqa: E402
+from killing_data import KILL_AT, MARKER, OTHER_DATA, SAMPLES  # noqa: E402
 
 PROFILE = ["profile", "--model", "demo", "--data", "killing_data:samples", "--batch-size", "32", "--part-size", "64",
            "--device", "cpu", "--quiet"]
@@ -31,7 +31,7 @@ SINGLE = [sys.executable, "-m", "paramsal"]
 
 
 def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in (MARKER, KILL_AT)}
+    env = {k: v for k, v in os.environ.items() if k not in (MARKER, KILL_AT, OTHER_DATA)}
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path]), **extra}
 
 
@@ -93,6 +93,14 @@ def test_a_resume_with_another_world_size_shares_the_rest(single, tmp_path):
     resumed = profile(SINGLE, out)
     assert f"the run was started by 2 rank(s); this job's 1 share its {remaining} remaining part(s)" in resumed.stderr
     assert_same_run(out, single)
+
+
+def test_ranks_with_other_data_are_refused_before_writing(tmp_path):
+    out = tmp_path / "run"
+    done = profile(TORCHRUN, out, check=False, **{OTHER_DATA: "1"})
+    assert done.returncode != 0
+    assert "rank 1 of 2 has another data_fingerprint than rank 0" in done.stderr
+    assert not (out / "manifest.json").exists()
 
 
 def test_the_default_part_size_gives_every_rank_parts(tmp_path):
