@@ -37,3 +37,17 @@ def test_saved_results_carry_device_versions_and_date_in_both_formats(tmp_path):
     for row in from_json:
         assert {"device", "dtype", "torch", "paramsal", "date", "samples_per_s"} <= row.keys()
         assert row["samples_per_s"] > 0 and row["dtype"] == "float32"
+
+
+def test_the_scale_benchmark_reports_each_figure_of_the_run_it_builds(tmp_path):
+    from paramsal import open_run
+    from paramsal.bench.scale import ACCURACY, scale_report
+
+    report = scale_report(600, tmp_path, units=96, batch_size=64, rows=100, k=3)
+    run = open_run(tmp_path / "run-600x96")
+    assert run.complete and run.num_units == 96
+    assert abs(run.accuracy - ACCURACY) < 0.06  # labels are the model's own but for a random 24%
+    for figure in ("profiling", "on disk", "Run.iter_profiles", "pandas", "duckdb", "paramsal neighbors --k 3"):
+        assert figure in report
+    assert f"({len(run.sample_ids('misclassified')):,} misclassified among themselves)" in report
+    assert (tmp_path / "neighbors" / "neighbors.parquet").is_file()
