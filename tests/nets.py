@@ -117,6 +117,20 @@ class TokenMixer(nn.Module):
         return self.head(self.down(torch.relu(self.up(x))).mean(1))
 
 
+class SharedParameter(nn.Module):
+    """Two Conv2d modules sharing one Parameter, with different strides and dilations."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 3, padding=2, dilation=2, bias=False)
+        self.b.weight = self.a.weight
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.fc(self.b(torch.tanh(self.a(x))).mean((2, 3)))
+
+
 @dataclass(frozen=True)
 class Case:
     """A model, an input shape and the units to profile it with."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nets import SMALL_CASES, Case, GroupedDilated, PlainCNN, TinyResNet, batch, build
+from nets import SMALL_CASES, Case, GroupedDilated, PlainCNN, SharedParameter, TinyResNet, batch, build
 from paramsal import Profiler, profile_batch, units_of
 from paramsal.engine import functional
 from paramsal.errors import InputError, NonFiniteError
@@ -54,22 +54,9 @@ class Smooth(nn.Module):
         return self.fc(torch.tanh(self.conv2(torch.tanh(self.bn(self.conv1(x))))).mean((2, 3)))
 
 
-class Shared(nn.Module):
-    """One Parameter used by two convs: autocast must cast it at each use (no weight cache)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 3, 3, padding=1)
-        self.b = nn.Conv2d(3, 3, 3, padding=2, dilation=2, bias=False)
-        self.b.weight = self.a.weight
-        self.fc = nn.Linear(3, 5)
-
-    def forward(self, x):
-        return self.fc(self.b(torch.tanh(self.a(x))).mean((2, 3)))
-
-
 SMOOTH = Case("smooth", Smooth, (3, 9, 9), "conv+linear")
-SHARED = Case("shared", Shared, (3, 8, 8))
+# One Parameter used by two convs: autocast must cast it at each use (no weight cache).
+SHARED = Case("shared", SharedParameter, (3, 8, 8))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

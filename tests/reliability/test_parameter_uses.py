@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from nets import SharedParameter
 from paramsal import Profiler, UnsupportedModuleError, profile_batch
 from paramsal.errors import ParamsalWarning
 from paramsal.kernels import register_reducer, unregister_reducer
@@ -54,20 +55,6 @@ class CalledThenReused(nn.Module):
         h = torch.relu(self.conv(x))
         h = F.conv2d(h, self.conv.weight, None, stride=2)
         return self.fc(h.mean((2, 3)))
-
-
-class SharedParameter(nn.Module):
-    """Two Conv2d modules sharing one Parameter, with different strides and dilations."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 3, 3, padding=1)
-        self.b = nn.Conv2d(3, 3, 3, padding=2, dilation=2, bias=False)
-        self.b.weight = self.a.weight
-        self.fc = nn.Linear(3, 5)
-
-    def forward(self, x):
-        return self.fc(self.b(torch.tanh(self.a(x))).mean((2, 3)))
 
 
 class TiedLanguageModel(nn.Module):
