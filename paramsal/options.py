@@ -28,6 +28,8 @@ TRANSFORMS = ("imagenet", "inception", "tensor")
 #: Image decoders of ``imagefolder:`` data: torchvision.io (libjpeg-turbo into tensors: twice PIL's rate per core,
 #: scripts/jpeg_decode.py) or PIL (what runs made before the choice existed used).
 DECODERS = ("torchvision", "pil")
+#: The decoder of a run whose source records none: runs made before the choice existed were decoded by PIL.
+UNRECORDED_DECODE = "pil"
 
 # --------------------------------------------------------------------------------------------- the analyses
 

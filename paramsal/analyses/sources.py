@@ -30,7 +30,7 @@ from paramsal.engine.fingerprints import data_fingerprint, model_fingerprint
 from paramsal.engine.rundir import Run, open_run
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError
-from paramsal.options import DECODERS, SAMPLE_SELECTIONS, TRANSFORMS
+from paramsal.options import DECODERS, SAMPLE_SELECTIONS, TRANSFORMS, UNRECORDED_DECODE
 from paramsal.zoo.specs import BUILTIN_SPEC_NAMES, first_samples, is_builtin_spec, load_data, load_model
 
 #: What ``samples=`` takes: "misclassified" (the default), "correct", or sample ids of the run.
@@ -157,9 +157,8 @@ def load_source(run: Run, overrides: SourceOverrides | None = None, *, trust_run
                            overrides.num_classes or source.get("num_classes"))
         loaded["model"] = model.to(resolve_device(device))
     if "data" in parts:
-        # A run made before the choice of decoder existed was decoded by PIL.
         data = load_data(known["data"], overrides.transform or source.get("transform") or "imagenet",
-                         overrides.decode or source.get("decode") or "pil")
+                         overrides.decode or source.get("decode") or UNRECORDED_DECODE)
         loaded["data"] = first_samples(data, source.get("limit"))
     return loaded
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from paramsal._io import atomic_path
 from paramsal.errors import RunCorruptError, RunMismatchError, StorageError
+from paramsal.options import UNRECORDED_DECODE
 
 FORMAT = "paramsal-run/2"
 MANIFEST = "manifest.json"
@@ -267,7 +268,7 @@ def repair_hint(root: Path, manifest: dict[str, Any]) -> str:
     words = ["paramsal", "profile", "--model", source["model"], "--data", source["data"], "--out", str(root),
              "--batch-size", str(manifest["config"]["batch_size"])]
     if source["data"].startswith("imagefolder:") and not source.get("decode"):
-        source = {**source, "decode": "pil"}  # made before the choice existed: PIL decoded its images
+        source = {**source, "decode": UNRECORDED_DECODE}
     for flag, key in (("--weights", "weights"), ("--num-classes", "num_classes"), ("--transform", "transform"),
                       ("--decode", "decode"), ("--limit", "limit")):
         if source.get(key) is not None:
