@@ -36,7 +36,7 @@ from paramsal.engine.distributed import Ranks, current_ranks, local_rank, local_
 from paramsal.engine.fingerprints import data_fingerprint, model_fingerprint
 from paramsal.engine.loading import BadBatch, Indexed, collate_samples
 from paramsal.engine.lock import RunLock
-from paramsal.engine.manifest import (FORMAT, IDENTITY_KEYS, NUMERIC_CONFIG, part_count, part_range, parts_of,
+from paramsal.engine.manifest import (FORMAT, config_mismatches, mismatches, part_count, part_range, parts_of,
                                       read_manifest, rows_per_part)
 from paramsal.engine.profile import LOSS_FLAG, Profiler
 from paramsal.engine.resume import prepare_run
@@ -195,10 +195,9 @@ def _check_ranks_agree(ranks: Ranks, wanted: dict[str, Any]) -> None:
     """Every rank has the model, data, units and settings rank 0 has: ranks that differ would mix their rows."""
     if ranks.world_size == 1:
         return
-    mine = {**{k: wanted[k] for k in IDENTITY_KEYS}, **{k: wanted["config"].get(k) for k in NUMERIC_CONFIG}}
-    everyone = ranks.gather(mine)
+    everyone = ranks.gather(wanted)
     for rank, theirs in enumerate(everyone):
-        differ = [k for k in mine if theirs[k] != everyone[0][k]]
+        differ = mismatches(everyone[0], theirs) + config_mismatches(everyone[0], theirs)
         if differ:
             raise RunMismatchError(f"rank {rank} of {ranks.world_size} has another {', '.join(differ)} than rank 0: "
                                    "every rank must profile the same model and data with the same settings")
