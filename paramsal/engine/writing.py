@@ -77,11 +77,12 @@ class PartWriter:
             pending.result()
 
     def _write(self, buffer: PartBuffer, backend: str) -> None:
+        profiles = torch.cat(buffer.columns["profiles"])  # a part's profiles are the bulk of it: joined once
         table = profile_table(torch.cat(buffer.columns["ids"]).numpy(), torch.cat(buffer.columns["targets"]).numpy(),
-                              buffer.cat("outputs"), buffer.cat("losses"), buffer.cat("profiles"), buffer.features(),
+                              buffer.cat("outputs"), buffer.cat("losses"), profiles.float().numpy(), buffer.features(),
                               buffer.flags)
         finite = torch.tensor([flag is None for flag in buffer.flags])
-        stats = SaliencyStats(self.num_units, self.aggregation).update(torch.cat(buffer.columns["profiles"])[finite])
+        stats = SaliencyStats(self.num_units, self.aggregation).update(profiles[finite])
         part = write_part(self.root, buffer.index, table, stats, backend)
         with manifest_update(self.root):
             manifest = _current_manifest(self.root)
