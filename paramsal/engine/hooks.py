@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -355,8 +355,14 @@ def _summand(use: _Use, group: UnitGroup) -> tuple[GradSample, Any, torch.Tensor
     return use.grad_sample, use.layer, use.activations, use.backprops, role
 
 
-def _autocast_off(like: torch.Tensor) -> torch.autocast:
-    """Reductions compute in the dtype they are given, whatever autocast region the backward pass runs in."""
+def _autocast_off(like: torch.Tensor) -> AbstractContextManager:
+    """Reductions compute in the dtype they are given, whatever autocast region the backward pass runs in.
+
+    Outside any region (the Profiler switches autocast off around float32
+    calls) nothing is entered: a context per reducer call is a cost on every layer of every batch.
+    """
+    if not torch.is_autocast_enabled(like.device.type):
+        return nullcontext()
     return torch.autocast(like.device.type, enabled=False)
 
 
