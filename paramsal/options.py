@@ -33,8 +33,11 @@ UNRECORDED_DECODE = "pil"
 
 # --------------------------------------------------------------------------------------------- the analyses
 
-#: How the units of a sample are ranked (issue: POT comes later).
-RANKINGS = ("zscore",)
+#: How the units of a sample are ranked: the z-score (the paper) or the peaks-over-threshold tail score (Wang &
+#: Sato 2023).
+RANKINGS = ("zscore", "pot")
+#: Reference sets a run's samples are standardized or scored against by name (another run is the other choice).
+REFERENCES = ("all", "correct", "class")
 #: The samples an analysis takes by name (sample ids are the other choice); the first is the default.
 SAMPLE_SELECTIONS = ("misclassified", "correct")
 #: Which k units of a sample an analysis edits or boosts.

@@ -35,12 +35,13 @@ from paramsal._typing import MapDataset
 from paramsal.analyses.base import Analysis, Result, result_config
 from paramsal.analyses.distance import attribute_loop, boosted_profile, cosine_distance, top_share
 from paramsal.analyses.pictures import channel_max, plot_explanations, visual_map
-from paramsal.analyses.selection import select_units
+from paramsal.analyses.selection import run_tails, select_units
 from paramsal.analyses.sources import Samples, open_for_analysis, run_units
 from paramsal.engine.functional import LossFn, SampleLoss
 from paramsal.engine.profile import check_batch, eval_mode, profile_batch
 from paramsal.engine.rundir import Run
 from paramsal.engine.stats import SaliencyStats
+from paramsal.engine.tails import Tails
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError, check_choice, check_integer
 from paramsal.kernels.chunks import chunk_slices
@@ -115,7 +116,10 @@ class InputSaliency(Analysis):
         boost: factor on the chosen entries (paper: 100).
         select: "salient" (F = the top k units of ``ŝ``) or "random" (k random
             units, the paper's comparison); :meth:`evaluate` draws both.
-        ranking: how units are ranked: "zscore" (the standardized profile).
+        ranking: how units are ranked: "zscore" (the standardized profile) or
+            "pot" (the tail score of the raw profile, :meth:`Run.scores`).
+        tails: the POT tails for ``ranking="pot"`` (:func:`~paramsal.analyses.selection.run_tails`);
+            :meth:`for_run` and :meth:`evaluate` take the run's.
         seed: seeds the random units (sample i's draw by ``(seed, sample id)``).
         units: the partition, as for :func:`paramsal.units_of` (default the
             run's, or "filters"); must have ``stats.num_units`` units.
@@ -138,14 +142,15 @@ class InputSaliency(Analysis):
     def __init__(self, model: nn.Module | None = None, *, stats: SaliencyStats | None = None, k: int = 10,
                  boost: float = 100.0, select: str = "salient", ranking: str = "zscore", seed: int = 0,
                  units: UnitsSpec | UnitIndex | None = None, aggregation: str | None = None,
-                 loss: LossFn | None = None, backend: str = "vmap", batch_size: int = 8, **common: Any):
+                 loss: LossFn | None = None, backend: str = "vmap", batch_size: int = 8, tails: Tails | None = None,
+                 **common: Any):
         super().__init__(model, **common)
         check_choice("select", select, ATTRIBUTION_SELECTIONS)
         check_choice("ranking", ranking, RANKINGS)
         check_choice("backend", backend, ATTRIBUTION_BACKENDS)
         if aggregation is not None:
             check_choice("aggregation", aggregation, AGGREGATIONS)
-        self.stats = stats
+        self.stats, self.tails = stats, tails
         self.k, self.boost, self.select, self.ranking, self.seed = (check_integer("k", k), float(boost), select,
                                                                     ranking, int(seed))
         self.units, self.loss, self.backend, self.batch_size = (units, loss, backend,
@@ -170,6 +175,8 @@ class InputSaliency(Analysis):
         index = run_units(run, model, options.pop("units", None), not options.get("allow_other_weights", False))
         options.setdefault("aggregation", run.manifest.get("aggregation"))
         stats = options.pop("stats", None) or run.stats
+        if options.get("ranking") == "pot":
+            options.setdefault("tails", run_tails(run))
         return cls(model, stats=stats, units=index, **options)
 
     @property
@@ -226,7 +233,8 @@ class InputSaliency(Analysis):
         """
         prepared = self.prepare(run, data, samples, units=self.units)
         explainer = self._like(prepared.model, self.stats or prepared.run.stats, prepared.index,
-                               self.aggregation or prepared.run.manifest.get("aggregation"))
+                               self.aggregation or prepared.run.manifest.get("aggregation"),
+                               self.tails or (run_tails(prepared.run) if self.ranking == "pot" else None))
         batches = ((prepared.inputs(rows), torch.as_tensor(prepared.targets[rows]), prepared.ids[rows])
                    for rows in chunk_slices(len(prepared.ids), self.batch_size))
         if isinstance(samples, str) or samples is None:
@@ -298,15 +306,15 @@ class InputSaliency(Analysis):
         joined = {key: np.concatenate(values) for key, values in arrays.items()}
         return AttributionResult(table, summary, config, joined)
 
-    def _like(self, model: nn.Module, stats: SaliencyStats, index: UnitIndex, aggregation: str | None
-              ) -> InputSaliency:
+    def _like(self, model: nn.Module, stats: SaliencyStats, index: UnitIndex, aggregation: str | None,
+              tails: Tails | None = None) -> InputSaliency:
         """This configuration, bound to a model, statistics and units."""
         common = {key: getattr(self, key) for key in ("allow_partial", "allow_other_weights", "allow_other_data",
                                                       "trust_run_specs", "device", "progress")}
         return InputSaliency(model, stats=stats, k=self.k, boost=self.boost, select=self.select,
                              ranking=self.ranking, seed=self.seed, units=index,
                              aggregation=aggregation or stats.aggregation, loss=self.loss, backend=self.backend,
-                             batch_size=self.batch_size, **common)
+                             batch_size=self.batch_size, tails=tails, **common)
 
     def _checked_index(self, model: nn.Module, stats: SaliencyStats, units: UnitsSpec | UnitIndex | None
                        ) -> UnitIndex:
@@ -328,8 +336,18 @@ class InputSaliency(Analysis):
         return _Bound(self.model, self._index, self.stats, cast(Aggregation, aggregation))
 
     def _choose(self, z: torch.Tensor, select: str, sample_ids: Sequence[int] | np.ndarray | None) -> torch.Tensor:
-        chosen = select_units(z.detach().cpu().numpy(), self.k, select, self.seed, sample_ids)
+        chosen = select_units(self._scores(z), self.k, select, self.seed, sample_ids)
         return torch.as_tensor(chosen, dtype=torch.long)
+
+    def _scores(self, z: torch.Tensor) -> np.ndarray:
+        """``[N, F]`` the ranking's scores of standardized profiles ``z``."""
+        if self.ranking == "zscore":
+            return z.detach().cpu().numpy()
+        if self.tails is None:
+            raise InputError("ranking='pot' scores raw profiles with a run's tails: InputSaliency.for_run(model, run, "
+                             "ranking='pot'), or tails=paramsal.analyses.selection.run_tails(run)")
+        stats = self._bound().stats  # the raw profile back, in float64 (to float32 rounding of z)
+        return self.tails.score(z.detach().cpu().double().numpy() * stats.std + stats.mean)
 
     def _checked(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model = self._bound().model

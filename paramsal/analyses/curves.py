@@ -25,7 +25,9 @@ fraction, as each paper figure gives it).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -37,6 +39,8 @@ from paramsal.analyses.base import Analysis, Prepared, Result
 from paramsal.analyses.bootstrap import bootstrap_mean_ci
 from paramsal.analyses.selection import select_units, unit_scores
 from paramsal.engine.distributed import current_ranks
+from paramsal.engine.rundir import Run
+from paramsal.engine.scoring import check_reference
 from paramsal.kernels.chunks import chunk_slices
 from paramsal.errors import InputError, check_choice, check_integer
 from paramsal.options import FINETUNE_SELECTIONS, RANKINGS, UNIT_SELECTIONS
@@ -296,7 +300,10 @@ class CurvesAnalysis(Analysis):
         ks: numbers of units to edit; those above the run's unit count are
             left out (with one note).
         select: selections among :attr:`selection_choices` (or a comma-separated string).
-        ranking: how units are ranked: "zscore" (the standardized profile, the paper).
+        ranking: how units are ranked: "zscore" (the standardized profile, the paper) or "pot"
+            (the peaks-over-threshold tail score, :meth:`Run.scores <paramsal.engine.rundir.Run.scores>`).
+        reference: the samples the ranking scores against: "all" (the paper), "correct", "class" or another
+            run (:mod:`paramsal.engine.scoring`).
         seed: seeds the random units, any noise, and the bootstrap (>= 0).
         batch_size: samples processed together.
         num_resamples: bootstrap resamples.
@@ -307,7 +314,8 @@ class CurvesAnalysis(Analysis):
     selection_choices: ClassVar[tuple[str, ...]] = UNIT_SELECTIONS
 
     def __init__(self, model: nn.Module | None, *, ks: Sequence[int], select: Sequence[str] | str, ranking: str,
-                 seed: int, batch_size: int, num_resamples: int, level: float, units: Any, **common: Any):
+                 seed: int, batch_size: int, num_resamples: int, level: float, units: Any,
+                 reference: str | os.PathLike | Run = "all", **common: Any):
         super().__init__(model, **common)
         if isinstance(select, str):
             select = [s.strip() for s in select.split(",") if s.strip()]
@@ -323,6 +331,7 @@ class CurvesAnalysis(Analysis):
         self.select = tuple(s for s in self.selection_choices if s in select)
         check_choice("ranking", ranking, RANKINGS)
         self.ranking = ranking
+        self.reference = check_reference(reference)
         self.seed = check_integer("seed", seed, least=0)
         self.batch_size = check_integer("batch_size", batch_size)
         self.num_resamples = check_integer("num_resamples", num_resamples)
@@ -333,8 +342,13 @@ class CurvesAnalysis(Analysis):
 
     def _chosen_units(self, prepared: Prepared, k: int, selections: Sequence[str]) -> dict[str, np.ndarray]:
         """``{selection: [n, k]}`` each chosen sample's units, the first j columns being its choice for k = j."""
-        scores = unit_scores(prepared.run, prepared.ids, self.ranking)
+        scores = unit_scores(prepared.run, prepared.ids, self.ranking, self.reference)
         return {s: select_units(scores, k, s, self.seed, prepared.ids) for s in dict.fromkeys(selections)}
+
+    def _ranking_parts(self) -> list[str]:
+        """The result's name parts that tell its ranking and reference from the paper's (z-score against all)."""
+        parts = [] if self.ranking == "zscore" else [self.ranking]
+        return parts + ([] if self.reference == "all" else [f"ref-{Path(self.reference).name}"])
 
     def _batches(self, n: int, desc: str) -> Iterator[slice]:
         """The rows of ``n`` chosen samples, :attr:`batch_size` at a time, with a progress bar if asked for.

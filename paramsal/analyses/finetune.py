@@ -186,7 +186,8 @@ class FineTune(CurvesAnalysis):
         lr: the learning rate of the one step.
         neighbors: saliency-space neighbours per sample (cosine of
             standardized profiles, among the run's misclassified samples).
-        ranking: how units are ranked: "zscore" (the paper).
+        ranking: how units are ranked: "zscore" (the paper) or "pot" (tail scores, :meth:`Run.scores`).
+        reference: the samples ranked against: "all" (the paper), "correct", "class" or another run.
         seed: seeds the random units and the bootstrap.
         batch_size: samples whose updates are evaluated together (bounds
             memory: a batch holds its samples' full gradients and deltas).
@@ -207,9 +208,9 @@ class FineTune(CurvesAnalysis):
                  select: Sequence[str] | str = FINETUNE_SELECTIONS, lr: float = 1e-3, neighbors: int = 10,
                  ranking: str = "zscore", seed: int = 0, batch_size: int = 16, num_resamples: int = 1000,
                  level: float = 0.95, units: UnitsSpec | UnitIndex | None = None, loss: LossFn | None = None,
-                 **common: Any):
+                 reference: str | os.PathLike | Run = "all", **common: Any):
         super().__init__(model, ks=ks, select=select, ranking=ranking, seed=seed, batch_size=batch_size,
-                         num_resamples=num_resamples, level=level, units=units, **common)
+                         num_resamples=num_resamples, level=level, units=units, reference=reference, **common)
         if not lr > 0:
             raise InputError(f"lr must be positive, got {lr}")
         self.lr = float(lr)
@@ -262,7 +263,7 @@ class FineTune(CurvesAnalysis):
             loss=getattr(self.loss, "__name__", repr(self.loss)) if self.loss is not None else "cross_entropy",
             optimizer="SGD, no momentum, no weight decay, one step", neighbors_among="misclassified",
             norm_matching="random/least gradients scaled to the L2 norm of the salient filters' weight gradients "
-                          "for the same k", name_parts=[f"lr{self.lr:g}"])
+                          "for the same k", name_parts=[f"lr{self.lr:g}", *self._ranking_parts()])
         return FineTuneResult(table, summary, config)
 
     def _batch(self, model: nn.Module, index: UnitIndex, names: list[str], inputs: torch.Tensor,

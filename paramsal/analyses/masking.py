@@ -24,6 +24,7 @@ from paramsal._typing import MapDataset
 from paramsal.analyses.attribution import InputSaliency
 from paramsal.analyses.base import Analysis, Result, result_config
 from paramsal.analyses.pictures import channel_max, gaussian_kernel
+from paramsal.analyses.selection import run_tails
 from paramsal.analyses.sources import Samples
 from paramsal.engine.distributed import current_ranks
 from paramsal.engine.profile import eval_mode, profile_batch
@@ -205,7 +206,7 @@ class Masking(Analysis):
         k: units F per sample.
         boost: factor on their entries of the boosted profile.
         seed: seeds the random pixels.
-        ranking: how units are ranked: "zscore".
+        ranking: how units are ranked: "zscore" or "pot" (:meth:`Run.scores`).
         batch_size: samples per batch.
         **common: :class:`~paramsal.analyses.base.Analysis`'s keywords.
     """
@@ -235,7 +236,8 @@ class Masking(Analysis):
         prepared = self.prepare(run, data, samples)
         explainer = InputSaliency(prepared.model, stats=prepared.run.stats, k=self.k, boost=self.boost,
                                   ranking=self.ranking, seed=self.seed, units=prepared.index,
-                                  aggregation=prepared.run.manifest.get("aggregation"), batch_size=self.batch_size)
+                                  aggregation=prepared.run.manifest.get("aggregation"), batch_size=self.batch_size,
+                                  tails=run_tails(prepared.run) if self.ranking == "pot" else None)
         columns: dict[str, list] = {}
         ranks = current_ranks()  # under torchrun, each rank masks a contiguous share of the batches
         for rows in ranks.share(list(chunk_slices(len(prepared.ids), self.batch_size))):

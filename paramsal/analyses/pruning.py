@@ -78,7 +78,8 @@ class Pruning(CurvesAnalysis):
             noise to the chosen filters' weights; paper A.5's N(0, 0.001) is
             read as a standard deviation, as ``torch.normal(0, 0.001)`` takes it).
         noise_std: standard deviation of the noise.
-        ranking: how units are ranked: "zscore" (the paper).
+        ranking: how units are ranked: "zscore" (the paper) or "pot" (tail scores, :meth:`Run.scores`).
+        reference: the samples ranked against: "all" (the paper), "correct", "class" or another run.
         seed: seeds the random selection, the noise and the bootstrap.
         batch_size: samples per forward pass.
         num_resamples: bootstrap resamples.
@@ -95,9 +96,10 @@ class Pruning(CurvesAnalysis):
     def __init__(self, model: nn.Module | None = None, *, ks: Sequence[int] = PRUNING_KS,
                  select: Sequence[str] | str = UNIT_SELECTIONS, mode: str = "zero", noise_std: float = 1e-3,
                  ranking: str = "zscore", seed: int = 0, batch_size: int = 64, num_resamples: int = 1000,
-                 level: float = 0.95, units: UnitsSpec | UnitIndex | None = None, **common: Any):
+                 level: float = 0.95, units: UnitsSpec | UnitIndex | None = None,
+                 reference: str | os.PathLike | Run = "all", **common: Any):
         super().__init__(model, ks=ks, select=select, ranking=ranking, seed=seed, batch_size=batch_size,
-                         num_resamples=num_resamples, level=level, units=units, **common)
+                         num_resamples=num_resamples, level=level, units=units, reference=reference, **common)
         check_choice("mode", mode, PRUNING_MODES)
         if not noise_std >= 0:
             raise InputError(f"noise_std must be >= 0, got {noise_std}")
@@ -143,7 +145,8 @@ class Pruning(CurvesAnalysis):
         # Recomputed predictions may differ from the profiled ones on near ties (another device);
         # the incorrect class stays the profiled prediction, and the count is reported.
         config = result_config(prepared.run, self, **self._facts(prepared, samples, ks), pred_changed=pred_changed,
-                               name_parts=[] if self.mode == "zero" else [f"std{self.noise_std:g}"])
+                               name_parts=[*([] if self.mode == "zero" else [f"std{self.noise_std:g}"]),
+                                           *self._ranking_parts()])
         return (PruningResult if self.mode == "zero" else PerturbationResult)(table, summary, config)
 
     def _edited(self, editor: UnitEditor, inputs: torch.Tensor, unit_ids: np.ndarray,

@@ -25,6 +25,7 @@ from paramsal._typing import MapDataset
 from paramsal.analyses.attribution import InputSaliency
 from paramsal.analyses.base import Analysis, Result, result_config
 from paramsal.analyses.pictures import channel_max
+from paramsal.analyses.selection import run_tails
 from paramsal.analyses.sources import Samples
 from paramsal.engine.rundir import Run
 from paramsal.errors import InputError
@@ -144,7 +145,7 @@ class CascadingRandomization(Analysis):
         boost: factor on their entries.
         select: "salient" or "random" units.
         seed: seeds the random units and the re-initialization (the global RNG is restored afterwards).
-        ranking: how units are ranked: "zscore".
+        ranking: how units are ranked: "zscore" or "pot" (:meth:`Run.scores`).
         batch_size: samples per batch.
         **common: :class:`~paramsal.analyses.base.Analysis`'s keywords.
     """
@@ -173,7 +174,8 @@ class CascadingRandomization(Analysis):
         stages = self._stages(layers)
         explainer = InputSaliency(prepared.model, stats=prepared.run.stats, k=self.k, boost=self.boost,
                                   select=self.select, ranking=self.ranking, seed=self.seed, units=prepared.index,
-                                  aggregation=prepared.run.manifest.get("aggregation"), batch_size=self.batch_size)
+                                  aggregation=prepared.run.manifest.get("aggregation"), batch_size=self.batch_size,
+                                  tails=run_tails(prepared.run) if self.ranking == "pot" else None)
         inputs = prepared.inputs()
         targets = torch.as_tensor(prepared.targets)
         ids = prepared.ids

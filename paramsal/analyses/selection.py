@@ -2,28 +2,38 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from paramsal.engine.rundir import Run
+from paramsal.engine.scoring import reference_set, reference_tails
+from paramsal.engine.tails import Tails
 from paramsal.errors import InputError, check_choice
 from paramsal.options import RANKINGS, UNIT_SELECTIONS
 
-__all__ = ["UNIT_SELECTIONS", "select_units", "unit_scores"]
+__all__ = ["UNIT_SELECTIONS", "run_tails", "select_units", "unit_scores"]
 
 
-def unit_scores(run: Run, sample_ids: np.ndarray, ranking: str = "zscore") -> np.ndarray:
+def unit_scores(run: Run, sample_ids: np.ndarray, ranking: str = "zscore",
+                reference: str | os.PathLike | Run = "all") -> np.ndarray:
     """``[n, F]`` the scores by which the units of samples ``sample_ids`` are ranked, rows in the order given.
 
     Args:
         run: the run.
         sample_ids: ``[n]`` sorted, distinct sample ids of the run.
-        ranking: "zscore", the standardized profile ``(s - mu) / sigma`` with
-            the run's statistics (the paper).
+        ranking: "zscore", the standardized profile ``(s - mu) / sigma`` (the
+            paper), or "pot", the peaks-over-threshold tail score (:meth:`Run.scores`).
+        reference: the samples the scores are taken against (:mod:`paramsal.engine.scoring`).
     """
     check_choice("ranking", ranking, RANKINGS)
-    return run.profiles(only=np.asarray(sample_ids, dtype=np.int64))
+    return run.scores(ranking, only=np.asarray(sample_ids, dtype=np.int64), reference=reference)
+
+
+def run_tails(run: Run, reference: str | os.PathLike | Run = "all") -> Tails:
+    """The POT tails a run's units are scored with against ``reference`` (fitted once, stored in the run)."""
+    return reference_tails(reference_set(run, reference))
 
 
 def select_units(profiles: np.ndarray, k: int, selection: str, seed: int = 0,

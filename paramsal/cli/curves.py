@@ -45,7 +45,11 @@ def _add_grid(parser: argparse.ArgumentParser, ks: tuple[int, ...], selections: 
 
 def _add_common(parser: argparse.ArgumentParser, batch_size: int, batch_help: str) -> None:
     parser.add_argument("--ranking", default="zscore", choices=RANKINGS,
-                        help="how a sample's units are ranked (default zscore: the standardized profile)")
+                        help="how a sample's units are ranked: zscore (default: the standardized profile, the "
+                             "paper) or pot (the peaks-over-threshold tail score; tails fitted once, stored in RUN)")
+    parser.add_argument("--reference", default="all", metavar="all|correct|class|RUN",
+                        help="the samples the ranking scores against: all (default), the correctly classified, "
+                             "each sample's own class, or another run directory of the same model and units")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random units, any noise and the bootstrap")
     parser.add_argument("--batch-size", type=positive_int, default=batch_size,
                         help=f"{batch_help} (default {batch_size})")
@@ -62,7 +66,8 @@ def prune_command(args: argparse.Namespace) -> int:
     source = loaded_source(args, run)
     started = time.perf_counter()
     result = Pruning(source["model"], ks=args.ks, select=args.select, mode=args.mode, noise_std=args.noise_std,
-                     ranking=args.ranking, seed=args.seed, batch_size=args.batch_size, num_resamples=args.resamples,
+                     ranking=args.ranking, reference=args.reference, seed=args.seed, batch_size=args.batch_size,
+                     num_resamples=args.resamples,
                      **analysis_options(args)).evaluate(run, source["data"])
     elapsed = time.perf_counter() - started
     config = result.config
@@ -78,7 +83,7 @@ def finetune_command(args: argparse.Namespace) -> int:
     source = loaded_source(args, run)
     started = time.perf_counter()
     result = FineTune(source["model"], ks=args.ks, select=args.select, lr=args.lr, neighbors=args.neighbors,
-                      ranking=args.ranking, seed=args.seed, batch_size=args.batch_size,
+                      ranking=args.ranking, reference=args.reference, seed=args.seed, batch_size=args.batch_size,
                       num_resamples=args.resamples, **analysis_options(args)).evaluate(run, source["data"])
     elapsed = time.perf_counter() - started
     samples, steps = result.config["num_samples"], len(result.summary)

@@ -1,4 +1,4 @@
-"""``paramsal neighbors | plots | report``: the analyses of a run that need no model or data of their own."""
+"""``paramsal neighbors | plots | depth-bias | report``: analyses of a run that need no model or data of their own."""
 
 from __future__ import annotations
 
@@ -37,6 +37,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     plots.add_argument("--log", action="store_true", help="logarithmic y axis for the mean raw profile")
     add_output_arguments(plots, "analyses")
     plots.set_defaults(func=plots_command)
+
+    depth = sub.add_parser("depth-bias", help="which layers the z-score and POT rankings put the top units of "
+                                              "mistakes in (Wang & Sato 2023)")
+    add_run_argument(depth)
+    depth.add_argument("--k", type=positive_int, default=10, help="top units per sample (default 10)")
+    depth.add_argument("--samples", default="misclassified", choices=SAMPLE_SELECTIONS,
+                       help="the samples whose top units are counted (default: misclassified)")
+    depth.add_argument("--reference", default="all", metavar="all|correct|class|RUN",
+                       help="the samples both rankings score against (default all)")
+    add_output_arguments(depth, "analyses")
+    depth.set_defaults(func=depth_bias_command)
 
     report = sub.add_parser("report", help="a static HTML report of a run (RUN/report/index.html)")
     add_run_argument(report)
@@ -87,6 +98,22 @@ def plots_command(args: argparse.Namespace) -> int:
               f"correct {result.table['z_correct'].mean():+.3f}")
     else:
         print("no Figure 2: it needs both correct and misclassified samples")
+    return 0
+
+
+def depth_bias_command(args: argparse.Namespace) -> int:
+    """Prints, per ranking, how deep the top units of the chosen samples lie; writes the table and the figure."""
+    from paramsal.analyses.depth_bias import DepthBias
+
+    run, out = opened_run(args)
+    result = DepthBias(k=args.k, reference=args.reference, **analysis_options(args)).evaluate(run, samples=args.samples)
+    print(f"top-{args.k} units of {result.config['num_samples']} {args.samples} samples of {run.path}, "
+          f"against {args.reference}:")
+    for row in result.summary.itertuples():
+        print(f"  {row.ranking:<7} mean depth {row.mean_depth:.3f}, in the deepest third of layers {row.deep_share:.3f}"
+              f"   (all units: {row.uniform_mean_depth:.3f}, {row.uniform_deep_share:.3f})")
+    paths = result.save(out)
+    print(f"wrote {paths['figure']} and {paths['table']}")
     return 0
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from paramsal._io import atomic_path
 from paramsal.errors import RunCorruptError, RunMismatchError, StorageError
-from paramsal.options import UNRECORDED_DECODE
+from paramsal.options import REFERENCES, UNRECORDED_DECODE
 
 FORMAT = "paramsal-run/2"
 MANIFEST = "manifest.json"
@@ -35,6 +35,8 @@ UNITS = "units.parquet"
 STATS = "stats.parquet"
 PROFILES_DIR = "profiles"
 PART_STATS_DIR = "stats"
+#: Fitted POT tails of a complete run (derived data, listed in ``files``; :mod:`paramsal.engine.scoring`).
+TAILS_DIR = "tails"
 
 #: Manifest keys that must agree before a job may continue a run.
 IDENTITY_KEYS = ("model_fingerprint", "data_fingerprint", "units_fingerprint", "num_units", "num_samples",
@@ -108,6 +110,11 @@ def part_range(manifest: dict[str, Any], index: int) -> tuple[int, int]:
     return index * rows, min((index + 1) * rows, int(manifest["num_samples"]))
 
 
+def tails_file(reference: str) -> str:
+    """The file of the tails fitted on a named reference set ("all", "correct" or "class")."""
+    return f"{TAILS_DIR}/{reference}.parquet"
+
+
 def parts_of(manifest: dict[str, Any]) -> list[Part]:
     """The finished parts, in sample order (the manifest has been validated)."""
     fields = Part.__dataclass_fields__
@@ -165,7 +172,7 @@ def _problem(manifest: dict[str, Any]) -> str | None:
     if not isinstance(files, dict) or UNITS not in files or (manifest["complete"] and STATS not in files):
         return f"'files' does not record {UNITS}" + (f" and {STATS}" if manifest["complete"] else "")
     for name, record in files.items():
-        if name not in (UNITS, STATS) or not _is_record(record):
+        if name not in (UNITS, STATS, *map(tails_file, REFERENCES)) or not _is_record(record):
             return f"'files' has a bad entry for {name!r}"
     seen: set[int] = set()
     for entry in manifest["parts"]:

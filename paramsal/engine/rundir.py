@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 
 from paramsal._io import atomic_path, file_record
 from paramsal.engine.integrity import check_file, check_no_strays, check_part_rows
-from paramsal.engine.manifest import (MANIFEST, PART_STATS_DIR, PROFILES_DIR, STATS, UNITS, Part, part_file,
-                                      part_stats_file, parts_of, read_manifest, storage_error)
+from paramsal.engine.manifest import (MANIFEST, PART_STATS_DIR, PROFILES_DIR, STATS, TAILS_DIR, UNITS, Part,
+                                      part_file, part_stats_file, parts_of, read_manifest, storage_error)
 from paramsal.engine.reading import ROW_GROUP_ROWS, Block, iter_vectors
 from paramsal.errors import InputError
 from paramsal.options import ROW_SELECTIONS
@@ -122,8 +122,9 @@ def clear_run(root: Path) -> None:
     """Removes paramsal's own files from a run directory (and nothing else; the lock stays with its holder)."""
     for name in (MANIFEST, UNITS, STATS):
         (root / name).unlink(missing_ok=True)
-    for folder in (PROFILES_DIR, PART_STATS_DIR):
-        for path in (root / folder).glob("part-*.parquet"):
+    for folder, pattern in ((PROFILES_DIR, "part-*.parquet"), (PART_STATS_DIR, "part-*.parquet"),
+                            (TAILS_DIR, "*.parquet")):
+        for path in (root / folder).glob(pattern):
             path.unlink()
 
 
@@ -144,6 +145,8 @@ class Run:
         self.manifest = manifest
         self.parts = parts_of(manifest)
         self._checked: set[tuple[str, int, int]] = set()
+        #: What readers derive from the stored files once per open run (reference statistics, tails).
+        self.derived: dict[tuple, Any] = {}
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, samples={self.num_samples}, units={self.num_units})"
@@ -164,14 +167,14 @@ class Run:
     @property
     def units(self) -> pa.Table:
         """One row per unit: unit_id, param, module, layer, channel, size."""
-        self._check(UNITS, self.manifest["files"][UNITS])
+        self.check_file(UNITS, self.manifest["files"][UNITS])
         return pq.read_table(self.path / UNITS)
 
     @property
     def stats(self) -> SaliencyStats:
         """Statistics over every finite sample written (merged from the parts while the run is unfinished)."""
         if self.complete:
-            self._check(STATS, self.manifest["files"][STATS])
+            self.check_file(STATS, self.manifest["files"][STATS])
             return SaliencyStats.load(self.path / STATS)
         return self.merged_part_stats()
 
@@ -239,6 +242,19 @@ class Run:
         return self._vectors("profile", self.unit_columns(layers), only,
                              self._standardizer(stats) if standardized else None)
 
+    def scores(self, method: str = "zscore", only: Rows = None, layers: slice | Sequence[int] | None = None,
+               reference: str | os.PathLike | Run = "all") -> np.ndarray:
+        """Unit scores ``[n, f]`` (float32), larger = more abnormal, rows and columns as :meth:`profiles` gives them.
+
+        Args:
+            method: "zscore" (the paper) or "pot" (peaks-over-threshold tail score, ``-log10`` of the tail
+                probability; tails fitted once and stored in the run, :mod:`paramsal.engine.tails`).
+            reference: the samples scored against: "all", "correct", "class" (each
+                sample's own class) or another run (:mod:`paramsal.engine.scoring`).
+        """
+        from paramsal.engine.scoring import scores
+        return scores(self, method, only, layers, reference)
+
     def features(self, only: Rows = None) -> np.ndarray:
         """Penultimate features ``[n, D]`` (float32), if the run recorded them."""
         self._check_features()
@@ -294,7 +310,7 @@ class Run:
                          f"{', '.join(map(str, skipped[:10]))}{', ...' if len(skipped) > 10 else ''})")
         return "\n".join(lines)
 
-    def _check(self, name: str, record: dict[str, Any]) -> None:
+    def check_file(self, name: str, record: dict[str, Any]) -> None:
         """Checks a file once per reader, again only if it changed on disk since."""
         path = self.path / name
         key = (name, path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
@@ -304,7 +320,7 @@ class Run:
 
     def _check_part(self, part: Part) -> None:
         for name, record in part.records.items():
-            self._check(name, record)
+            self.check_file(name, record)
 
     def unit_columns(self, layers: slice | Sequence[int] | None) -> np.ndarray | None:
         """Profile columns ``[f]`` of the units in ``layers`` (see :meth:`profiles`), or None for all units."""
