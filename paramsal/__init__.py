@@ -25,20 +25,23 @@ _LAZY = {
     **dict.fromkeys(["BatchResult", "Profiler", "Run", "SaliencyStats", "UnitIndex", "load_reference_stats",
                      "open_run", "per_sample_gradients", "profile_batch", "profile_dataset", "units_of",
                      "verify_run"], "engine"),
-    **dict.fromkeys(["CascadingRandomization", "FineTune", "InputSaliency", "Masking", "Neighbors", "Pruning",
-                     "Result", "SaliencyProfiles", "load_result", "write_report"], "analyses"),
+    **dict.fromkeys(["CascadingRandomization", "DepthBias", "FineTune", "InputSaliency", "Masking", "Neighbors",
+                     "Pruning", "Result", "SaliencyProfiles", "load_result", "write_report"], "analyses"),
+    **dict.fromkeys(["Compare", "compare"], "analyses"),
 }
 
-__all__ = ["BatchResult", "CascadingRandomization", "EngineError", "FineTune", "InputError", "InputSaliency", "Masking",
-           "Neighbors", "NonFiniteError", "ParamsalError", "ParamsalWarning", "Profiler", "Pruning", "Result", "Run",
+__all__ = ["BatchResult", "CascadingRandomization", "DepthBias", "EngineError", "FineTune", "InputError",
+           "InputSaliency", "Masking", "Neighbors", "NonFiniteError", "ParamsalError", "ParamsalWarning", "Profiler",
+           "Pruning", "Result", "Run", "Compare", "compare",
            "RunCorruptError", "RunLockedError", "RunMismatchError", "SaliencyProfiles", "SaliencyStats",
            "StorageError", "UnitIndex", "UnsupportedModuleError", "UnsupportedUseError", "__version__",
            "load_reference_stats", "load_result", "open_run", "per_sample_gradients", "profile_batch",
            "profile_dataset", "units_of", "verify_run", "write_report"]
 
 if TYPE_CHECKING:
-    from paramsal.analyses import (CascadingRandomization, FineTune, InputSaliency, Masking, Neighbors, Pruning,
-                                   Result, SaliencyProfiles, load_result, write_report)
+    from paramsal.analyses import (CascadingRandomization, DepthBias, FineTune, InputSaliency, Masking, Neighbors,
+                                   Pruning, Result, SaliencyProfiles, load_result, write_report)
+    from paramsal.analyses import Compare, compare
     from paramsal.engine import (BatchResult, Profiler, Run, SaliencyStats, UnitIndex, load_reference_stats,
                                  open_run, per_sample_gradients, profile_batch, profile_dataset, units_of,
                                  verify_run)

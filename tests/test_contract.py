@@ -45,6 +45,8 @@ def analyses(model):
         "attribution": (paramsal.InputSaliency(model, k=5), "first-two"),
         "masking": (paramsal.Masking(model, percents=(5, 10), k=5), "first-two"),
         "sanity": (paramsal.CascadingRandomization(model, stages=(1, 2), k=5), "first-two"),
+        "depth-bias": (paramsal.DepthBias(k=5), few),
+        "pruning-pot": (paramsal.Pruning(model, ks=(1, 5), ranking="pot", num_resamples=50), few),
     }
 
 
@@ -89,7 +91,7 @@ def test_every_result_round_trips_through_save(results, name, tmp_path):
 
 def test_every_analysis_is_exported_from_paramsal():
     for name in ("Neighbors", "Pruning", "FineTune", "InputSaliency", "Masking", "CascadingRandomization",
-                 "SaliencyProfiles", "write_report", "load_result"):
+                 "SaliencyProfiles", "DepthBias", "Compare", "compare", "write_report", "load_result"):
         assert getattr(paramsal, name) is getattr(paramsal.analyses, name)
 
 

@@ -231,8 +231,8 @@ def test_errors_are_named(run, model):
         FineTune(other, ks=(1,), neighbors=NEIGHBORS).evaluate(run, first_samples())
     with pytest.raises(InputError, match="not in the run"):
         FineTune(model, ks=(1,), neighbors=NEIGHBORS).evaluate(run, first_samples(), samples=[10_000])
-    with pytest.raises(InputError, match="unknown ranking 'pot'"):
-        FineTune(model, ranking="pot")
+    with pytest.raises(InputError, match="unknown ranking 'gumbel'"):
+        FineTune(model, ranking="gumbel")
     with pytest.raises(InputError, match="neighbors=500 is too many"):
         FineTune(model, ks=(1,), neighbors=500).evaluate(run, first_samples())
 

@@ -157,7 +157,7 @@ def test_errors_name_the_problem():
     with pytest.raises(paramsal.InputError, match="targets"):
         InputSaliency(model, stats=stats, k=2).attribute(torch.randn(2, 2, 6, 6), torch.zeros(3, dtype=torch.long))
     with pytest.raises(paramsal.InputError, match="ranking"):
-        InputSaliency(model, stats=stats, ranking="pot")
+        InputSaliency(model, stats=stats, ranking="gumbel")
     with pytest.raises(paramsal.InputError, match="needs a model and statistics"):
         InputSaliency(model).attribute(torch.randn(2, 2, 6, 6), torch.zeros(2, dtype=torch.long))
 

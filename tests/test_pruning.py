@@ -195,8 +195,8 @@ def test_options_and_mismatches_are_named(tmp_path, run, model):
     with pytest.warns(ParamsalWarning, match=r"k=\[600\] exceed the run's 560 units") as notes:
         dropped = Pruning(model, ks=(1, 600), select="salient", num_resamples=10).evaluate(run, first_samples())
     assert len(notes) == 1 and dropped.config["ks"] == [1] and dropped.config["ks_dropped"] == [600]
-    with pytest.raises(InputError, match="unknown ranking 'pot'"):
-        Pruning(model, ranking="pot")
+    with pytest.raises(InputError, match="unknown ranking 'gumbel'"):
+        Pruning(model, ranking="gumbel")
     with pytest.raises(InputError, match="weights differ"):
         Pruning(demo_model(pretrained=False), ks=(1,)).evaluate(run, first_samples())
     from nets import TinyResNet

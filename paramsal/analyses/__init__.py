@@ -12,6 +12,8 @@
 * :class:`Masking`: masking the salient pixels (3.4, A.8);
 * :class:`CascadingRandomization`: the sanity check of input saliency (A.10);
 * :class:`SaliencyProfiles`: the paper's Figures 1-2;
+* :class:`Compare` (:func:`compare`): which units move from one run to another (a data shift, a checkpoint);
+* :class:`DepthBias`: which layers each ranking (z-score, POT) puts the top units of mistakes in;
 * :func:`write_report`: a static HTML page of a run and its analyses.
 """
 
@@ -25,16 +27,19 @@ from paramsal._lazy import lazy_getattr
 _LAZY = {
     "Analysis": "base", "Result": "base", "load_result": "base",
     "Neighbors": "neighbors", "Pruning": "pruning", "FineTune": "finetune", "InputSaliency": "attribution",
-    "Masking": "masking", "CascadingRandomization": "sanity", "SaliencyProfiles": "profiles",
-    "write_report": "report",
+    "Masking": "masking", "CascadingRandomization": "sanity", "DepthBias": "depth_bias",
+    "SaliencyProfiles": "profiles", "write_report": "report",
+    "Compare": "comparison", "compare": "comparison",
 }
 
-__all__ = ["Analysis", "CascadingRandomization", "FineTune", "InputSaliency", "Masking", "Neighbors", "Pruning",
-           "Result", "SaliencyProfiles", "load_result", "write_report"]
+__all__ = ["Analysis", "CascadingRandomization", "DepthBias", "FineTune", "InputSaliency", "Masking", "Neighbors",
+           "Pruning", "Result", "SaliencyProfiles", "load_result", "write_report", "Compare", "compare"]
 
 if TYPE_CHECKING:
     from paramsal.analyses.attribution import InputSaliency
     from paramsal.analyses.base import Analysis, Result, load_result
+    from paramsal.analyses.comparison import Compare, compare
+    from paramsal.analyses.depth_bias import DepthBias
     from paramsal.analyses.finetune import FineTune
     from paramsal.analyses.masking import Masking
     from paramsal.analyses.neighbors import Neighbors

@@ -188,7 +188,8 @@ def find_results(directory: str | os.PathLike) -> list[Result]:
 
 
 #: The modules that define the result kinds (a kind is known once its module is imported).
-_RESULT_MODULES = ("curves", "neighbors", "profiles", "attribution", "masking", "sanity")
+_RESULT_MODULES = ("curves", "neighbors", "profiles", "attribution", "masking", "sanity", "depth_bias",
+                   "comparison")
 
 
 def _known_results() -> dict[str, type[Result]]:

@@ -40,6 +40,8 @@ SECTIONS = {
     "masking": "Masking the salient pixels (paper 3.4, A.8)",
     "sanity": "Cascading randomization sanity check (paper A.10)",
     "explain": "Input-space saliency of chosen samples (paper 2.2)",
+    "depth-bias": "Depth bias of the z-score and POT rankings (Wang & Sato 2023)",
+    "compare": "Units that moved from another run to this one (paramsal compare)",
 }
 
 #: Summary columns shown at most per table: wider tables are hard to read in a 1,400 px window.

@@ -76,6 +76,9 @@ def scale_report(samples: int, out: str | os.PathLike, units: int = RESNET50_UNI
     seconds, peak = _peak(["neighbors", str(root), "--k", str(k), "--out", str(out / "neighbors")])
     figures.append((f"paramsal neighbors --k {k} ({mistakes:,} misclassified among themselves)",
                     f"{seconds:.1f} s, peak RSS {peak / 1e9:.2f} GB"))
+    seconds, peak = _peak(["depth-bias", str(root), "--k", str(k), "--out", str(out / "depth-bias")])
+    figures.append((f"paramsal depth-bias --k {k}: POT tails of every unit fitted, stored, mistakes scored",
+                    f"{seconds:.1f} s, peak RSS {peak / 1e9:.2f} GB"))
     head = (f"{samples:,} samples x {units:,} units, batch {batch_size}, {torch.get_num_threads()} threads, "
             f"{os.cpu_count()} CPUs, torch {torch.__version__}")
     lines = [head, "", "| what | figure |", "| --- | ---: |"] + [f"| {a} | {b} |" for a, b in figures]

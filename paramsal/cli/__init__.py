@@ -25,7 +25,7 @@ DEBUG_ENV = "PARAMSAL_DEBUG"
 
 #: The command groups, in the order ``paramsal --help`` lists them: each module has ``register(subparsers)``.
 GROUPS = ("paramsal.cli.profiling", "paramsal.cli.runs", "paramsal.cli.curves", "paramsal.cli.explain",
-          "paramsal.cli.bench")
+          "paramsal.cli.bench", "paramsal.cli.compare")
 
 __all__ = ["DEBUG_ENV", "OneLineParser", "UsageError", "build_parser", "main"]
 

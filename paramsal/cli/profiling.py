@@ -13,11 +13,14 @@ from paramsal.options import (AGGREGATIONS, BACKENDS, COMPUTE_PRECISIONS, DECODE
 
 def register(sub: argparse._SubParsersAction) -> None:
     profile = sub.add_parser("profile", help="profile a whole data set into a run directory (resumable)")
-    profile.add_argument("--model", required=True, help="demo | torchvision:NAME | module.path:factory")
+    profile.add_argument("--model", required=True,
+                         help="demo | usps-mnist | torchvision:NAME | module.path:factory")
     profile.add_argument("--weights", help="state dict file for the model (loaded with weights_only=True)")
     profile.add_argument("--num-classes", type=positive_int,
                          help="classes of a torchvision model (default: its own)")
-    profile.add_argument("--data", required=True, help="demo[:SPLIT] | imagefolder:DIR | module.path:factory")
+    profile.add_argument("--data", required=True,
+                         help="demo[:SPLIT] | usps-mnist[:SPLIT] | imagefolder:DIR | module.path:factory, "
+                              "each optionally +noise:STD or +blur:SIGMA (a shifted copy, paramsal.zoo.shifts)")
     profile.add_argument("--transform", default="imagenet", choices=TRANSFORMS,
                          help="image transform for imagefolder data")
     profile.add_argument("--decode", default="torchvision", choices=DECODERS,
@@ -138,7 +141,7 @@ def verify_command(args: argparse.Namespace) -> int:
 
 def demo_command(args: argparse.Namespace) -> int:
     """The embedded default end to end: profile the held-out split, run every analysis, write the report."""
-    from paramsal.analyses import FineTune, Neighbors, Pruning, write_report
+    from paramsal.analyses import DepthBias, FineTune, Neighbors, Pruning, write_report
     from paramsal.engine.dataset import profile_dataset
     from paramsal.zoo.specs import load_data, load_model
 
@@ -157,6 +160,11 @@ def demo_command(args: argparse.Namespace) -> int:
     Pruning(model, progress=not args.quiet).evaluate(run, data).save(analyses)
     print("one-step fine-tuning ...", flush=True)
     FineTune(model, progress=not args.quiet).evaluate(run, data).save(analyses)
+    depth = DepthBias().evaluate(run)
+    depth.save(analyses)
+    shares = depth.summary.set_index("ranking")["deep_share"]
+    print(f"top-10 filters of mistakes in the deepest third of layers: z-score {shares['zscore']:.3f}, POT "
+          f"{shares['pot']:.3f}, all filters {depth.summary['uniform_deep_share'].iloc[0]:.3f}")
     report = write_report(run, model=model, data=data)
     print(f"\nThe run is in {run.path}/ (profiles/part-*.parquet, stats.parquet, units.parquet, manifest.json),")
     print(f"the analyses in {analyses}/, the report in {report}: open it in a browser.")

