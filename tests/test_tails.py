@@ -234,8 +234,11 @@ def test_tails_of_a_run_another_job_holds_are_kept_in_memory_with_a_note(synthet
     np.testing.assert_array_equal(scores, paramsal.open_run(run.path).scores("pot"))
 
 
-def test_bad_methods_and_references_are_named(synthetic):
-    run = synthetic[0]
+def test_bad_methods_and_references_are_named(synthetic, tmp_path):
+    run, profiles, targets, preds = synthetic
+    other = make_run(tmp_path / "other", profiles[:, :12], targets, preds, np.repeat(np.arange(4), 3))
+    with pytest.raises(InputError, match="other units than .*A has 20 units and B 12"):
+        run.scores(reference=other.path)
     with pytest.raises(InputError, match="ranking"):
         run.scores("gumbel")
     with pytest.raises(InputError, match="reference"):

@@ -49,14 +49,13 @@ from paramsal.analyses.sources import open_for_analysis
 from paramsal.analyses.twosample import (RESAMPLE_CHUNK, ResampleCounts, bh_qvalues, bootstrap_shifts,
                                          mann_whitney, percentile_interval, unit_moments)
 from paramsal.engine.rundir import Run
+from paramsal.engine.scoring import units_difference
 from paramsal.errors import InputError, ParamsalWarning, check_integer
 
 #: What ``only=`` takes: None (every sample with finite numbers), a named selection, or sample ids.
 Only = str | Sequence[int] | np.ndarray | None
 #: The named selections a comparison accepts (the same one applies to both runs).
 COMPARE_SELECTIONS = ("correct", "misclassified")
-#: The columns of units.parquet that must agree between the two runs.
-UNIT_COLUMNS = ("param", "module", "layer", "channel", "size")
 
 
 @dataclass(repr=False)
@@ -245,8 +244,8 @@ def comparable_units(a: Run, b: Run) -> pd.DataFrame:
             weights, another name) is only noted, since comparing two
             checkpoints is a purpose of the comparison.
     """
-    units, other = a.units.to_pandas(), b.units.to_pandas()  # rows in profile column order, i.e. by unit id
-    difference = _units_difference(units, other)
+    units = a.units.to_pandas()  # rows in profile column order, i.e. by unit id
+    difference = units_difference(a, b)
     if difference:
         raise InputError(f"the runs {a.path} (A) and {b.path} (B) have different units: {difference}; compare two "
                          "runs of the same architecture profiled with the same --units")
@@ -261,24 +260,6 @@ def comparable_units(a: Run, b: Run) -> pd.DataFrame:
                       f"{b.manifest.get('model_fingerprint')}): the shifts measure the change of model as well",
                       ParamsalWarning, stacklevel=3)
     return units
-
-
-def _units_difference(a: pd.DataFrame, b: pd.DataFrame) -> str | None:
-    """The first way two units tables differ, in words, or None when they agree."""
-    if len(a) != len(b):
-        return f"A has {len(a)} units and B {len(b)}"
-    for name in UNIT_COLUMNS:
-        differs = np.flatnonzero(a[name].to_numpy() != b[name].to_numpy())
-        if len(differs):
-            row = int(differs[0])
-            return (f"unit {int(a['unit_id'].iloc[row])} has {name} {_plain(a[name].iloc[row])!r} in A and "
-                    f"{_plain(b[name].iloc[row])!r} in B")
-    return None
-
-
-def _plain(value: Any) -> Any:
-    """A table's value as Python writes it (``3``, not ``np.int32(3)``)."""
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _run_facts(a: Run, b: Run) -> dict[str, Any]:

@@ -45,6 +45,8 @@ from paramsal.options import RANKINGS, REFERENCES
 MIN_CLASS_SAMPLES = 10
 #: The version of the stored tails' layout and method; other versions are fitted again.
 TAILS_FORMAT = "paramsal-tails/1"
+#: The columns of ``units.parquet`` that must agree between two runs compared with each other.
+UNIT_COLUMNS = ("param", "module", "layer", "channel", "size")
 #: Rows read per block while gathering reference values.
 _READ_ROWS = 4096
 #: Bytes per reference value while tails are fitted (the float32 values, their float64 sorted copy, the tail).
@@ -256,6 +258,26 @@ def _store_tails(run: Run, name: str, tails: Tails) -> None:
 
 
 def _check_same_units(run: Run, other: Run) -> None:
-    if other.num_units != run.num_units or not other.units.drop(["unit_id"]).equals(run.units.drop(["unit_id"])):
-        raise InputError(f"the reference run {other.path} has other units than {run.path} ({other.num_units} vs "
-                         f"{run.num_units}, or other layers): compare runs of the same model and unit scheme")
+    difference = units_difference(run, other)
+    if difference:
+        raise InputError(f"the reference run {other.path} has other units than {run.path} ({difference}): score "
+                         "against a run of the same model and unit scheme")
+
+
+def units_difference(a: Run, b: Run) -> str | None:
+    """The first way two runs' units differ (A is ``a``), in words, or None when they are the same units."""
+    first, second = a.units.to_pandas(), b.units.to_pandas()
+    if len(first) != len(second):
+        return f"A has {len(first)} units and B {len(second)}"
+    for name in UNIT_COLUMNS:
+        differs = np.flatnonzero(first[name].to_numpy() != second[name].to_numpy())
+        if len(differs):
+            row = int(differs[0])
+            return (f"unit {int(first['unit_id'].iloc[row])} has {name} {_plain(first[name].iloc[row])!r} in A and "
+                    f"{_plain(second[name].iloc[row])!r} in B")
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """A table's value as Python writes it (``3``, not ``np.int32(3)``)."""
+    return value.item() if isinstance(value, np.generic) else value
