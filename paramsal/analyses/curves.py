@@ -24,8 +24,8 @@ fraction, as each paper figure gives it).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
