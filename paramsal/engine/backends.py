@@ -144,12 +144,76 @@ def hooks_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
             out = model_outputs(model, inputs if leaf is None else leaf, len(inputs))
             losses = sample_losses(loss_fn, out, targets)
         session.check(losses)
+        check_sample_dim(session, len(inputs))
         wrt = [leaf] if leaf is not None else session.output_edges
         if wrt:
             torch.autograd.grad(precision.scaled(losses).sum(), wrt, allow_unused=True)
         profiles = precision.unscaled(session.assemble(len(inputs), params[0]))
     return BatchResult(profiles, precision.restored(out.detach(), profiles.dtype),
                        precision.restored(losses.detach(), profiles.dtype))
+
+
+def check_sample_dim(session: HookSession, batch: int, samples: str = "the batch's") -> None:
+    """Every served call's input must have the batch's samples along its first dimension, which is where the
+    reducers take them from.
+
+    Raises:
+        UnsupportedUseError: for an input of another first size (a sequence-first layout, windows folded into
+            the batch, ...), naming the call.
+    """
+    for where, name, activations in session.served_inputs():
+        if activations.dim() == 0 or activations.shape[0] != batch:
+            raise UnsupportedUseError(
+                f"parameter {name!r} is used by {where} on an input of shape {tuple(activations.shape)}, whose "
+                f"first dimension is not {samples} {batch} samples (a sequence-first layout, or windows folded "
+                "into the batch), so the reducers cannot tell the samples apart: use backend='vmap' "
+                "(backend='auto' falls back to it)")
+
+
+def prove_sample_layout(model: nn.Module, inputs: torch.Tensor, index: UnitIndex) -> bool:
+    """Proves on two probes of two samples that row 1 of every served call's input belongs to sample 1 alone.
+
+    The shapes alone cannot tell a sequence-first tensor ``[T, N, C]`` with
+    ``T == N`` from a batch-first one, and reducers that took the time steps
+    for samples would give wrong profiles. So the forward pass is run on
+    ``[x0, x1]`` and on ``[x0', x1]``, where ``x0'`` differs from ``x0`` in
+    every element: in a batch-first input, row 1 is the same in both.
+
+    Returns:
+        True once proven; False when ``inputs`` holds a single sample (then
+        any layout whose first dimension has size 1 is that sample's).
+
+    Raises:
+        UnsupportedUseError: when row 1 of some served input changed (or the probes took different paths).
+    """
+    if len(inputs) < 2:
+        return False
+    first, other = inputs[0], inputs[1]
+    if inputs.is_floating_point():
+        changed = first + 1
+    else:  # token ids and the like: another id at every position, within the ids the batch uses
+        top = inputs.max()
+        changed = (first + 1) % (top + 1) if top > 0 else first + 1
+    plan = hook_plan(model, index)
+    params = [model.get_parameter(g.param_name) for g in index]
+    seen = []
+    for probe in (torch.stack([first, other]), torch.stack([changed, other])):
+        with _params_require_grad(params), HookSession(plan, index, "mean_abs", None) as session:
+            with session.tracking():
+                model_outputs(model, probe, 2, shown=inputs)
+            check_sample_dim(session, 2, "a probe's")
+            seen.append(session.served_inputs())
+    if [(where, name) for where, name, _ in seen[0]] != [(where, name) for where, name, _ in seen[1]]:
+        raise UnsupportedUseError("the forward pass took other paths for two probes of two samples, so the hooks "
+                                  "backend cannot prove where the samples are: use backend='vmap'")
+    for (where, name, before), (_, _, after) in zip(*seen):
+        scale = float(before.abs().max()) if before.numel() else 0.0
+        if not torch.allclose(before[1:], after[1:], rtol=1e-5, atol=1e-6 * scale):
+            raise UnsupportedUseError(
+                f"parameter {name!r} is used by {where} on inputs whose rows are not samples: changing sample 0 "
+                "changed row 1 (a sequence-first layout [T, N, ...], or a batch that mixes samples), so the "
+                "reducers would mix samples: use backend='vmap' (backend='auto' falls back to it)")
+    return True
 
 
 def model_outputs(model: nn.Module, inputs: torch.Tensor, batch: int | None = None,

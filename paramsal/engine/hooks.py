@@ -45,6 +45,7 @@ from paramsal.kernels.registry import OP_RULES, GradSample, Reducer, ReducerEntr
 
 _next_node = torch._C._autograd._get_sequence_nr
 
+
 @dataclass(frozen=True)
 class _Layer:
     module: nn.Module
@@ -152,6 +153,7 @@ class HookSession:
         self._calls_of: dict[str, int] = {}
         self._params: dict[int, tuple[torch.Tensor, UnitGroup]] = {}
         self._uses_of: dict[int, list[_Use]] = {}
+        self._uses: list[_Use] = []
         self._unserved_calls: list[_Call] = []
         self._results: dict[int, torch.Tensor] = {}
         self._summed: dict[int, list[_Use]] = {}
@@ -180,6 +182,7 @@ class HookSession:
             handle.remove()
         self._handles.clear()
         self._uses_of.clear()
+        self._uses.clear()
         self._summed.clear()
         self.output_edges.clear()
 
@@ -247,8 +250,14 @@ class HookSession:
         # later in-place op (ReLU(inplace=True)) overwrites the tensor.
         output.register_hook(partial(self._on_backprop, use))
         self.output_edges.append(torch.autograd.graph.get_gradient_edge(output))
+        self._uses.append(use)
         for group in use.groups:
             self._uses_of.setdefault(group.position, []).append(use)
+
+    def served_inputs(self) -> list[tuple[str, str, torch.Tensor]]:
+        """``(call, first parameter's name, input)`` of every served call of the forward pass, in call order."""
+        return [(use.where, use.groups[0].param_name, use.activations) for use in self._uses
+                if use.activations is not None]
 
     # ------------------------------------------------------------------ between forward and backward
 

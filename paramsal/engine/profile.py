@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from paramsal.engine.backends import BACKEND_FUNCTIONS, BatchResult, model_outputs
+from paramsal.engine.backends import BACKEND_FUNCTIONS, BatchResult, model_outputs, prove_sample_layout
 from paramsal.engine.functional import LossFn, Precision, cross_entropy_per_sample
 from paramsal.engine.hooks import hooks_supported
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
@@ -107,6 +107,7 @@ class Profiler:
         self.features = _features_module(model, features)
         self._run = BACKEND_FUNCTIONS[backend]
         self._class_counts: dict[tuple, int] = {}
+        self._layout_proven = False  # the hooks backend's proof that rows are samples (prove_sample_layout)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, *, check_finite: bool = True) -> BatchResult:
         """Profiles one batch.
@@ -152,8 +153,11 @@ class Profiler:
         loss = self.loss or cross_entropy_per_sample
         while True:
             try:
-                return self._run(self.model, inputs, targets, self.index, loss, self.aggregation, self.chunk_size,
-                                 self._precision)
+                result = self._run(self.model, inputs, targets, self.index, loss, self.aggregation, self.chunk_size,
+                                   self._precision)
+                if self.backend == "hooks" and not self._layout_proven:  # after the batch: its errors come first
+                    self._layout_proven = prove_sample_layout(self.model, inputs, self.index)
+                return result
             except UnsupportedUseError as exc:
                 if not self._falls_back or self.backend not in FALLBACKS:
                     raise

@@ -110,6 +110,19 @@ class ParameterInLoss(nn.Module):
         return self.fc(self.conv(x).mean((2, 3)))
 
 
+class SequenceFirst(nn.Module):
+    """A Linear applied to a time-major tensor ``[T, N, C]`` (as ``batch_first=False`` models do): its input's
+    first dimension is time, so a reducer that took rows for samples would mix them, silently when T == N."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):  # x [N, T, C]
+        return self.head(torch.tanh(self.lin(x.transpose(0, 1))).mean(0))
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -136,6 +149,10 @@ CASES = [
          refusal=r"out_proj\.weight' is passed to torch\.nn\.functional\.multi_head_attention_forward"),
     Case("scaled_weight", ScaledWeight, images(), hooks_exact=False,
          refusal=r"'conv\.weight' is passed to torch\.Tensor\.mul at test_parameter_uses\.py:\d+"),
+    # T != N: the shapes tell; T == N (4) and T == 2 (the probe's size): only the two-sample probe tells
+    *(Case(f"sequence_first_T{steps}", SequenceFirst, images((4, steps, 4)), "conv+linear", hooks_exact=False,
+           refusal=r"'lin\.weight' is used by torch\.nn\.functional\.linear on (an input of shape|inputs whose "
+                   r"rows are not samples)") for steps in (3, 4, 2)),
     Case("standardized_conv", lambda: nn.Sequential(StandardizedConv(3, 4, 3), nn.Flatten(), nn.Linear(144, 5)),
          images(), hooks_exact=False,
          refusal=r"'0\.weight' is passed to torch\.Tensor\.(mean|std) at test_parameter_uses\.py:\d+"),
