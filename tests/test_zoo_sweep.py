@@ -46,9 +46,7 @@ ARCHITECTURES = [
     Architecture("regnet_y_400mf", lambda: tvm.regnet_y_400mf(num_classes=10)),
     Architecture("shufflenet_v2_x0_5", lambda: tvm.shufflenet_v2_x0_5(num_classes=10)),
     Architecture("squeezenet1_1", lambda: tvm.squeezenet1_1(num_classes=10), size=64),
-    # nn.MultiheadAttention runs its projections time-major, inside F.multi_head_attention_forward
-    Architecture("vit_small", small_vit,
-                 falls_back=(("conv+linear", r"out_proj\.weight' is passed to .*multi_head_attention_forward"),)),
+    Architecture("vit_small", small_vit),  # nn.MultiheadAttention: the attention rule serves it
     # Swin folds its attention windows into the batch dimension before its qkv Linear
     Architecture("swin_t", lambda: tvm.swin_t(num_classes=10),
                  falls_back=(("conv+linear", r"attn\.qkv\.weight' is used by .*linear on an input of shape"),)),

@@ -213,7 +213,8 @@ class HookSession:
             if not found:
                 return  # served by the module's own reducer
         rule = OP_RULES.get(func)
-        if rule is not None and isinstance(out, torch.Tensor) and out.requires_grad:
+        main = rule.output(out) if rule is not None else None  # the output the rule's gradient is taken at
+        if rule is not None and isinstance(main, torch.Tensor) and main.requires_grad:
             with torch.no_grad():
                 layer, inputs, roles = rule.parse(args, kwargs)
             by_role = [(role, id(p)) for role, p in roles.items() if p is not None and id(p) in self._params]
@@ -221,7 +222,7 @@ class HookSession:
                 groups = tuple(dataclasses.replace(self._params[key][1], attr=role) for role, key in by_role)
                 use = _Use(resolve_name(func), layer, rule.reducer, rule.grad_sample, groups, first, stop,
                            activations=inputs.detach())
-                self._capture(use, out)
+                self._capture(use, main)
                 return
         names = tuple(self._params[key][1].param_name for key in found)
         self._unserved_calls.append(_Call(resolve_name(func) or repr(func), names, first, stop, caller_outside()))
@@ -254,10 +255,9 @@ class HookSession:
         for group in use.groups:
             self._uses_of.setdefault(group.position, []).append(use)
 
-    def served_inputs(self) -> list[tuple[str, str, torch.Tensor]]:
+    def served_inputs(self) -> list[tuple[str, str, Any]]:
         """``(call, first parameter's name, input)`` of every served call of the forward pass, in call order."""
-        return [(use.where, use.groups[0].param_name, use.activations) for use in self._uses
-                if use.activations is not None]
+        return [(use.where, use.groups[0].param_name, use.activations) for use in self._uses]
 
     # ------------------------------------------------------------------ between forward and backward
 

@@ -7,7 +7,8 @@ module's MRO, so subclasses are found, but only while they keep the
 registered class's ``forward``: a subclass that computes something else with
 the same weights (weight standardization, say) would make the rule wrong.
 
-The built-in layers (Conv1d/2d/3d, Linear) are served one level lower: their
+The built-in layers (Conv1d/2d/3d, Linear; ``nn.MultiheadAttention`` through
+``F.multi_head_attention_forward``) are served one level lower: their
 forward is one call of a torch function on their parameters, and
 :data:`OP_RULES` serves such calls wherever they happen (inside the module,
 on a weight shared with another module, in a second call, or through
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from paramsal.errors import InputError
+from paramsal.kernels.attention import PARAMETERS as ATTENTION_PARAMETERS
+from paramsal.kernels.attention import attention_call, attention_grad_sample, reduce_attention
 from paramsal.kernels.conv import conv_call, conv_grad_sample, reduce_conv
 from paramsal.kernels.linear import linear_call, linear_grad_sample, reduce_linear
 from paramsal.kernels.reduce import Aggregation, ParamUnits
@@ -57,11 +60,15 @@ class OpRule:
     parse: ParseCall
     reducer: Reducer
     grad_sample: GradSample
+    #: The output whose gradient the reducer takes (for a function that returns a tuple).
+    output: Callable[[Any], Any] = lambda out: out
 
 
 OP_RULES: dict[Callable, OpRule] = {
     **{op: OpRule(conv_call, reduce_conv, conv_grad_sample) for op in (torch.conv1d, torch.conv2d, torch.conv3d)},
     F.linear: OpRule(linear_call, reduce_linear, linear_grad_sample),
+    F.multi_head_attention_forward: OpRule(attention_call, reduce_attention, attention_grad_sample,
+                                           output=lambda out: out[0]),
 }
 
 
@@ -88,6 +95,8 @@ _REGISTRY: dict[type[nn.Module], ReducerEntry] = {
     module_type: ReducerEntry(OP_RULES[op].reducer, frozenset({"weight", "bias"}), op)
     for module_type, op in _BUILT_IN.items()
 }
+_REGISTRY[nn.MultiheadAttention] = ReducerEntry(reduce_attention, frozenset(ATTENTION_PARAMETERS),
+                                                F.multi_head_attention_forward)
 
 
 def register_reducer(module_type: type[nn.Module], reducer: Reducer, *,

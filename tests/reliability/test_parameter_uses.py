@@ -145,8 +145,8 @@ CASES = [
     Case("shared_parameter_conv_linear", SharedParameter, images(), units="conv+linear"),
     Case("tied_embedding_lm_head", TiedLanguageModel, lambda: torch.randint(0, 11, (4, 7)), "linear-columns",
          hooks_exact=False, refusal=r"'head\.weight' is passed to torch\.nn\.functional\.embedding", classes=11),
-    Case("vit_out_proj", small_vit, images((3, 3, 16, 16)), "conv+linear", hooks_exact=False,
-         refusal=r"out_proj\.weight' is passed to torch\.nn\.functional\.multi_head_attention_forward"),
+    # out_proj's weight reaches F.multi_head_attention_forward, which the attention rule serves whole
+    Case("vit_out_proj", small_vit, images((3, 3, 16, 16)), "conv+linear"),
     Case("scaled_weight", ScaledWeight, images(), hooks_exact=False,
          refusal=r"'conv\.weight' is passed to torch\.Tensor\.mul at test_parameter_uses\.py:\d+"),
     # T != N: the shapes tell; T == N (4) and T == 2 (the probe's size): only the two-sample probe tells
