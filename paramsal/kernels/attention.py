@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -118,15 +118,16 @@ def _grads(call: AttentionCall, query: torch.Tensor, backprops: torch.Tensor, at
             out, _ = F.multi_head_attention_forward(
                 q[:, None], k[:, None], v[:, None], settings["embed_dim_to_check"], settings["num_heads"],
                 used["in_proj_weight"], used["in_proj_bias"], used["bias_k"], used["bias_v"],
-                settings["add_zero_attn"], 0.0, used["out_proj_weight"], used["out_proj_bias"], training=False,
+                settings["add_zero_attn"], 0.0, cast(torch.Tensor, used["out_proj_weight"]), used["out_proj_bias"],
+                training=False,
                 key_padding_mask=None if mask is None else mask[None], need_weights=True,
                 attn_mask=settings["attn_mask"], use_separate_proj_weight=settings["use_separate_proj_weight"],
                 q_proj_weight=used["q_proj_weight"], k_proj_weight=used["k_proj_weight"],
                 v_proj_weight=used["v_proj_weight"])  # a causal call's attn_mask holds its causality
             return out[:, 0]
 
-        _, pullback = torch.func.vjp(attention, *(params[a] for a in attrs))
-        return pullback(grad)
+        pullback = torch.func.vjp(attention, *(params[a] for a in attrs))[1]
+        return tuple(pullback(grad))
 
     mask = call.key_padding_mask
     with torch.enable_grad():
