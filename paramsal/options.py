@@ -17,6 +17,9 @@ UNIT_SCHEMES = ("filters", "conv", "conv+linear", "linear-columns")
 AGGREGATIONS = ("mean_abs", "abs_mean")
 #: What the forward and backward pass compute in: float32, or bf16/fp16 under torch.autocast (reductions in float32).
 COMPUTE_PRECISIONS = ("float32", "bf16", "fp16")
+#: Which class a sample's loss is taken at, by name (a class index is the other choice): its label (the paper) or
+#: the class the model predicts.
+TARGETS = ("label", "predicted")
 #: What a bulk job does with a sample whose loss or gradient is NaN/inf.
 NONFINITE_POLICIES = ("skip", "fail")
 #: Devices, as the messages write them.

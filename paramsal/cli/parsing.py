@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from paramsal.errors import InputError
-from paramsal.options import DECODERS, DEVICES, TRANSFORMS
+from paramsal.options import DECODERS, DEVICES, TARGETS, TRANSFORMS
 
 
 class UsageError(InputError):
@@ -70,6 +70,15 @@ def shard_spec(text: str) -> tuple[int, int]:
     if not 0 <= shard[0] < shard[1]:
         raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (e.g. 0/4 for the first of four), got {text!r}")
     return shard
+
+
+def target_choice(text: str) -> str | int:
+    """``--target``: "label", "predicted" or a class index."""
+    if text in TARGETS:
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected {' or '.join(TARGETS)} or a class index, got {text!r}")
 
 
 def choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from paramsal.cli.parsing import non_negative_int, positive_int, shard_spec
+from paramsal.cli.parsing import non_negative_int, positive_int, shard_spec, target_choice
 from paramsal.options import (AGGREGATIONS, BACKENDS, COMPUTE_PRECISIONS, DECODERS, DEVICES, NONFINITE_POLICIES,
                               TRANSFORMS, UNIT_SCHEMES)
 
@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="DataLoader worker processes (default: several per GPU from the CPU count, "
                               "none on the CPU)")
     profile.add_argument("--features", action="store_true", help="also record penultimate features")
+    profile.add_argument("--target", type=target_choice, default="label", metavar="label|predicted|CLASS",
+                         help="the class each sample's loss is taken at: its label (default, the paper), the "
+                              "model's prediction (explains predictions, no label needed) or a class index")
     profile.add_argument("--precision", default="float32", choices=COMPUTE_PRECISIONS,
                          help="bf16/fp16: forward and backward under autocast, reductions and statistics in "
                               "float32/float64 (faster on GPUs; the README states the error); default float32")
@@ -92,7 +95,7 @@ def profile_command(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite or args.restart, progress=not args.quiet,
                           part_size=args.part_size, repair=args.repair, on_nonfinite=args.on_nonfinite,
                           model_name=args.model, data_name=args.data, source=_source(args), shard=args.shard,
-                          precision=args.precision, channels_last=args.channels_last)
+                          precision=args.precision, channels_last=args.channels_last, target=args.target)
     print(run.summary())
     return 0
 

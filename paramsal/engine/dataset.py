@@ -65,7 +65,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
                     part_size: int | None = None, chunk_size: int | None = None, model_name: str | None = None,
                     data_name: str | None = None, source: dict[str, Any] | None = None,
                     shard: tuple[int, int] | None = None, precision: str = "float32",
-                    channels_last: bool = False) -> Run:
+                    channels_last: bool = False, target: str | int = "label") -> Run:
     """Profiles every sample of a classification data set and writes a run directory.
 
     Each sample's raw profile (the gradient of its own cross-entropy loss,
@@ -121,6 +121,8 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
             :class:`paramsal.Profiler`; the README states the error).
         channels_last: the model and the image batches in
             ``torch.channels_last`` memory format (faster convolutions on GPUs).
+        target: the class each sample's loss is taken at (:class:`paramsal.Profiler`): "label", "predicted" or a
+            class index; the run records the labels either way.
         shard: ``(i, n)``: profile only the i-th of n contiguous shares of the
             parts (0 <= i < n), for machines that share no filesystem: each
             writes its own directory, and :func:`paramsal.engine.merge.merge_runs`
@@ -141,7 +143,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
     device = rank_device(resolve_device(device), ranks)
     model = model.to(device)
     profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, chunk_size=chunk_size,
-                        features=features or None, precision=precision, channels_last=channels_last)
+                        features=features or None, precision=precision, channels_last=channels_last, target=target)
     wanted = _manifest(model, data, profiler, backend, batch_size, _batches_per_part(part_size, batch_size,
                        len(data), ranks.world_size), chunk_size, device, model_name, data_name, ranks.world_size)
     wanted["source"] = dict(source or {})
@@ -378,7 +380,7 @@ def _manifest(model: nn.Module, data: MapDataset, profiler: Profiler, backend: s
                    "batches_per_part": batches_per_part, "chunk_size": chunk_size, "device": device.type,
                    "dtype": str(next(iter(model.parameters())).dtype).removeprefix("torch."),
                    "features_module": profiler.features, "precision": profiler.precision,
-                   "channels_last": profiler.channels_last, "world_size": world_size},
+                   "channels_last": profiler.channels_last, "target": profiler.target, "world_size": world_size},
         "aggregation": profiler.aggregation,
         "features": profiler.features is not None,
         "num_units": len(profiler.index),

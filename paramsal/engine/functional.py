@@ -93,6 +93,27 @@ def cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> to
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
+def targeted_loss(loss: LossFn | None, target: str | int) -> LossFn | None:
+    """The loss of a target choice (:data:`paramsal.options.TARGETS`, or a class index).
+
+    "label": ``loss`` as given (None: cross-entropy with the labels, the
+    paper); "predicted": the loss at the class the model predicts for that
+    sample (its own argmax, no label needed); a class index ``c``: the loss at
+    class ``c`` for every sample ("why not c?").
+    """
+    if target == "label":
+        return loss
+    base = loss or cross_entropy_per_sample
+
+    def of_predicted(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return base(outputs, outputs.detach().argmax(-1))
+
+    def of_class(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return base(outputs, torch.full(outputs.shape[:-1], int(target), dtype=torch.long, device=outputs.device))
+
+    return of_predicted if target == "predicted" else of_class
+
+
 class SampleLoss:
     """One sample's loss as a function of some of the model's parameters, the form ``torch.func`` differentiates.
 

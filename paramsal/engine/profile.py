@@ -6,16 +6,17 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
 from paramsal.engine.backends import BACKEND_FUNCTIONS, BatchResult, model_outputs, prove_sample_layout
-from paramsal.engine.functional import LossFn, Precision, cross_entropy_per_sample
+from paramsal.engine.functional import LossFn, Precision, cross_entropy_per_sample, targeted_loss
 from paramsal.engine.hooks import hooks_supported
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, UnsupportedUseError, check_choice
 from paramsal.kernels.reduce import Aggregation, check_aggregation
-from paramsal.options import BACKENDS, COMPUTE_PRECISIONS
+from paramsal.options import BACKENDS, COMPUTE_PRECISIONS, TARGETS
 
 
 #: What :meth:`Profiler.nonfinite` (and a run's ``nonfinite_param``) says of a sample whose loss alone is not finite.
@@ -50,6 +51,11 @@ class Profiler:
         loss: ``loss(outputs, targets) -> [N]`` per-sample losses; default
             cross-entropy (targets are class indices, checked against the
             number of outputs).
+        target: the class each sample's loss is taken at: "label" (its
+            target, the paper), "predicted" (the model's own prediction for
+            it: a profile that explains a prediction, no label needed) or a
+            class index c (the loss at c for every sample). The targets are
+            still checked and returned as given.
         chunk_size: samples per chunk of per-sample work (bounds memory);
             None chooses automatically.
         features: name of a module whose input is returned as each sample's
@@ -83,7 +89,7 @@ class Profiler:
     def __init__(self, model: nn.Module, *, units: UnitsSpec | UnitIndex = "filters", backend: str = "auto",
                  aggregation: Aggregation = "mean_abs", loss: LossFn | None = None,
                  chunk_size: int | None = None, features: str | bool | None = None, precision: str = "float32",
-                 channels_last: bool = False):
+                 channels_last: bool = False, target: str | int = "label"):
         check_aggregation(aggregation)
         check_choice("backend", backend, BACKENDS)
         check_choice("precision", precision, COMPUTE_PRECISIONS)
@@ -103,6 +109,8 @@ class Profiler:
         self.backend = backend
         self.aggregation = aggregation
         self.loss = loss
+        self.target = check_target(target)
+        self._loss = targeted_loss(loss, self.target)
         self.chunk_size = chunk_size
         self.features = _features_module(model, features)
         self._run = BACKEND_FUNCTIONS[backend]
@@ -128,6 +136,8 @@ class Profiler:
             if self.loss is None:
                 # The labels as given: a bulk job's are still on the host, so checking them costs no device sync.
                 self._check_labels(inputs, labels)
+            if not isinstance(self.target, str) and self.target >= self._classes(inputs):
+                raise InputError(f"target={self.target} is outside the model's {self._classes(inputs)} classes")
             result = self._profile(inputs, targets)
             if self.features is not None:
                 result.features = self._features_of(inputs, result.profiles.dtype)
@@ -150,7 +160,7 @@ class Profiler:
         return next(g.param_name for g in self.index if g.offset <= unit < g.stop)
 
     def _profile(self, inputs: torch.Tensor, targets: torch.Tensor) -> BatchResult:
-        loss = self.loss or cross_entropy_per_sample
+        loss = self._loss or cross_entropy_per_sample
         while True:
             try:
                 result = self._run(self.model, inputs, targets, self.index, loss, self.aggregation, self.chunk_size,
@@ -219,6 +229,15 @@ class Profiler:
                                  f"{self._param_of(unit)!r} (unit {unit}); {len(bad)} entries affected")
 
 
+def check_target(target: str | int) -> str | int:
+    """``target`` if it is one of :data:`~paramsal.options.TARGETS` or a class index, else :class:`InputError`."""
+    if isinstance(target, str) and target in TARGETS:
+        return target
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool) and target >= 0:
+        return int(target)
+    raise InputError(f"target={target!r}: expected {' or '.join(map(repr, TARGETS))} or a class index >= 0")
+
+
 def check_batch(inputs: torch.Tensor, targets: torch.Tensor, *, class_indices: bool) -> None:
     """Raises :class:`InputError` unless ``inputs [N, ...]`` and ``targets [N, ...]`` form a batch.
 
@@ -240,7 +259,7 @@ def check_batch(inputs: torch.Tensor, targets: torch.Tensor, *, class_indices: b
 def profile_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, backend: str = "auto",
                   units: UnitsSpec | UnitIndex = "filters", aggregation: Aggregation = "mean_abs",
                   loss: LossFn | None = None, chunk_size: int | None = None, precision: str = "float32",
-                  channels_last: bool = False) -> torch.Tensor:
+                  channels_last: bool = False, target: str | int = "label") -> torch.Tensor:
     """Raw parameter-saliency profiles of a batch, one row per sample.
 
     Row n is ``s_k = mean_{i in unit k} |dL_n/dθ_i|`` (``aggregation="mean_abs"``),
@@ -260,12 +279,13 @@ def profile_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         precision: "float32", or "bf16"/"fp16" under autocast (see :class:`Profiler`).
         channels_last: the model's 4-D parameters (converted in place) and
             the inputs in ``torch.channels_last`` (see :class:`Profiler`).
+        target: "label", "predicted" or a class index (see :class:`Profiler`).
 
     Returns:
         ``[N, F]`` in the dtype of the model's parameters.
     """
     profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, loss=loss,
-                        chunk_size=chunk_size, precision=precision, channels_last=channels_last)
+                        chunk_size=chunk_size, precision=precision, channels_last=channels_last, target=target)
     return profiler(inputs, targets).profiles
 
 
