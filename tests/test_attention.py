@@ -76,7 +76,8 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs() / scale).max().item()
 
 
-@pytest.mark.parametrize("units", [rows_of_every_matrix, every_parameter, "conv+linear"], ids=str)
+@pytest.mark.parametrize("units", [rows_of_every_matrix, every_parameter, "conv+linear", "heads", "linear-rows"],
+                         ids=str)
 @pytest.mark.parametrize("name", SERVED)
 def test_served_attention_equals_the_loop(name, units):
     model, x, y = build(**SERVED[name])

@@ -207,6 +207,7 @@ def prove_sample_layout(model: nn.Module, inputs: torch.Tensor, index: UnitIndex
         raise UnsupportedUseError("the forward pass took other paths for two probes of two samples, so the hooks "
                                   "backend cannot prove where the samples are: use backend='vmap'")
     for (where, name, before), (_, _, after) in zip(*seen):
+        before, after = before.double(), after.double()  # token ids too
         scale = float(before.abs().max()) if before.numel() else 0.0
         if not torch.allclose(before[1:], after[1:], rtol=1e-5, atol=1e-6 * scale):
             raise UnsupportedUseError(

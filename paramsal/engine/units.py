@@ -122,14 +122,18 @@ def units_of(model: nn.Module, units: UnitsSpec = "filters") -> UnitIndex:
             channel, exactly the paper's reference code), "conv" (Conv1d/2d/3d
             weights, per output channel), "conv+linear" (plus Linear weight
             rows), "linear-columns" (Linear weight columns, the paper's
-            column-wise variant for transformers), or a callable
+            column-wise variant for transformers), "linear-rows" (Linear
+            weight rows and attention input projections' rows), "embedding-rows"
+            (one unit per row of an Embedding table, i.e. per token), "heads"
+            (one unit per head of each ``nn.MultiheadAttention``'s Q, K, V and
+            output projections), or a callable
             ``fn(param_name, param) -> LongTensor | None`` giving each element's
             unit (the general scatter path).
 
     Returns:
         The unit index; ``len()`` is the profile length.
     """
-    select = _scheme(units)
+    select = _heads_of(model) if units == "heads" else _scheme(units)
     groups: list[UnitGroup] = []
     offset = 0
     for name, param in model.named_parameters():
@@ -166,11 +170,41 @@ def _scheme(units: UnitsSpec) -> Callable[[str, torch.Tensor, nn.Module], _Choic
         return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, CONV_TYPES + (nn.Linear,)) else None
     if units == "linear-columns":
         return lambda name, p, m: ("columns", None) if _is_weight_of(name, m, (nn.Linear,)) else None
+    if units == "linear-rows":
+        return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, (nn.Linear,)) or _is_projection_of(
+            name, m) else None
+    if units == "embedding-rows":
+        return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, (nn.Embedding,)) else None
     raise InputError(f"unknown units {units!r}; expected one of {', '.join(UNIT_SCHEMES)} or a callable")
+
+
+def _heads_of(model: nn.Module) -> Callable[[str, torch.Tensor, nn.Module], _Choice]:
+    """One unit per attention head of each ``nn.MultiheadAttention``'s Q, K, V (rows of the input projections)
+    and output projection (the columns each head's values feed)."""
+    heads = {name: module for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+
+    def select(name: str, param: torch.Tensor, module: nn.Module) -> _Choice:
+        owner, _, attr = name.rpartition(".")
+        if owner in heads and _is_projection_of(name, module):
+            width = heads[owner].head_dim
+            return "custom", (torch.arange(param.shape[0]) // width)[:, None].expand(param.shape).contiguous()
+        parent, _, leaf = owner.rpartition(".")
+        if leaf == "out_proj" and parent in heads and attr == "weight":
+            width = heads[parent].head_dim
+            return "custom", (torch.arange(param.shape[1]) // width)[None, :].expand(param.shape).contiguous()
+        return None
+
+    return select
 
 
 def _is_weight_of(name: str, module: nn.Module, types: tuple[type, ...]) -> bool:
     return isinstance(module, types) and name.rpartition(".")[2] == "weight"
+
+
+def _is_projection_of(name: str, module: nn.Module) -> bool:
+    """An input projection of ``nn.MultiheadAttention`` (packed Q/K/V, or one of the three): Linear rows too."""
+    return isinstance(module, nn.MultiheadAttention) and name.rpartition(".")[2] in (
+        "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 def _make_group(name: str, module_name: str, attr: str, position: int, shape: tuple[int, ...],

@@ -7,7 +7,7 @@ module's MRO, so subclasses are found, but only while they keep the
 registered class's ``forward``: a subclass that computes something else with
 the same weights (weight standardization, say) would make the rule wrong.
 
-The built-in layers (Conv1d/2d/3d, Linear; ``nn.MultiheadAttention`` through
+The built-in layers (Conv1d/2d/3d, Linear, Embedding; ``nn.MultiheadAttention`` through
 ``F.multi_head_attention_forward``) are served one level lower: their
 forward is one call of a torch function on their parameters, and
 :data:`OP_RULES` serves such calls wherever they happen (inside the module,
@@ -30,6 +30,7 @@ from paramsal.errors import InputError
 from paramsal.kernels.attention import PARAMETERS as ATTENTION_PARAMETERS
 from paramsal.kernels.attention import attention_call, attention_grad_sample, reduce_attention
 from paramsal.kernels.conv import conv_call, conv_grad_sample, reduce_conv
+from paramsal.kernels.embedding import embedding_call, embedding_grad_sample, reduce_embedding
 from paramsal.kernels.linear import linear_call, linear_grad_sample, reduce_linear
 from paramsal.kernels.reduce import Aggregation, ParamUnits
 
@@ -67,6 +68,7 @@ class OpRule:
 OP_RULES: dict[Callable, OpRule] = {
     **{op: OpRule(conv_call, reduce_conv, conv_grad_sample) for op in (torch.conv1d, torch.conv2d, torch.conv3d)},
     F.linear: OpRule(linear_call, reduce_linear, linear_grad_sample),
+    F.embedding: OpRule(embedding_call, reduce_embedding, embedding_grad_sample),
     F.multi_head_attention_forward: OpRule(attention_call, reduce_attention, attention_grad_sample,
                                            output=lambda out: out[0]),
 }
@@ -89,7 +91,8 @@ class ReducerEntry:
 
 
 _BUILT_IN: dict[type[nn.Module], Callable[..., Any]] = {nn.Conv1d: torch.conv1d, nn.Conv2d: torch.conv2d,
-                                                        nn.Conv3d: torch.conv3d, nn.Linear: F.linear}
+                                                        nn.Conv3d: torch.conv3d, nn.Linear: F.linear,
+                                                        nn.Embedding: F.embedding}
 
 _REGISTRY: dict[type[nn.Module], ReducerEntry] = {
     module_type: ReducerEntry(OP_RULES[op].reducer, frozenset({"weight", "bias"}), op)
