@@ -34,6 +34,8 @@ UnitsSpec = Union[str, UnitAssigner]
 
 #: The convolutions whose output channels are filters.
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: The normalization layers whose affine weight and bias carry one unit per channel (``units="norm"``).
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,7 +128,8 @@ def units_of(model: nn.Module, units: UnitsSpec = "filters") -> UnitIndex:
             weight rows and attention input projections' rows), "embedding-rows"
             (one unit per row of an Embedding table, i.e. per token), "heads"
             (one unit per head of each ``nn.MultiheadAttention``'s Q, K, V and
-            output projections), or a callable
+            output projections), "norm" (BatchNorm / LayerNorm / GroupNorm
+            weight and bias, one unit per channel), or a callable
             ``fn(param_name, param) -> LongTensor | None`` giving each element's
             unit (the general scatter path).
 
@@ -173,6 +176,9 @@ def _scheme(units: UnitsSpec) -> Callable[[str, torch.Tensor, nn.Module], _Choic
     if units == "linear-rows":
         return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, (nn.Linear,)) or _is_projection_of(
             name, m) else None
+    if units == "norm":
+        return lambda name, p, m: ("rows", None) if isinstance(m, NORM_TYPES) and name.rpartition(".")[2] in (
+            "weight", "bias") else None
     if units == "embedding-rows":
         return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, (nn.Embedding,)) else None
     raise InputError(f"unknown units {units!r}; expected one of {', '.join(UNIT_SCHEMES)} or a callable")

@@ -7,7 +7,7 @@ module's MRO, so subclasses are found, but only while they keep the
 registered class's ``forward``: a subclass that computes something else with
 the same weights (weight standardization, say) would make the rule wrong.
 
-The built-in layers (Conv1d/2d/3d, Linear, Embedding; ``nn.MultiheadAttention`` through
+The built-in layers (Conv1d/2d/3d, Linear, Embedding, the norms' affine parameters; ``nn.MultiheadAttention`` through
 ``F.multi_head_attention_forward``) are served one level lower: their
 forward is one call of a torch function on their parameters, and
 :data:`OP_RULES` serves such calls wherever they happen (inside the module,
@@ -32,6 +32,7 @@ from paramsal.kernels.attention import attention_call, attention_grad_sample, re
 from paramsal.kernels.conv import conv_call, conv_grad_sample, reduce_conv
 from paramsal.kernels.embedding import embedding_call, embedding_grad_sample, reduce_embedding
 from paramsal.kernels.linear import linear_call, linear_grad_sample, reduce_linear
+from paramsal.kernels.norm import batch_norm_call, group_norm_call, layer_norm_call, norm_grad_sample, reduce_norm
 from paramsal.kernels.reduce import Aggregation, ParamUnits
 
 
@@ -69,6 +70,9 @@ OP_RULES: dict[Callable, OpRule] = {
     **{op: OpRule(conv_call, reduce_conv, conv_grad_sample) for op in (torch.conv1d, torch.conv2d, torch.conv3d)},
     F.linear: OpRule(linear_call, reduce_linear, linear_grad_sample),
     F.embedding: OpRule(embedding_call, reduce_embedding, embedding_grad_sample),
+    F.batch_norm: OpRule(batch_norm_call, reduce_norm, norm_grad_sample),
+    F.layer_norm: OpRule(layer_norm_call, reduce_norm, norm_grad_sample),
+    F.group_norm: OpRule(group_norm_call, reduce_norm, norm_grad_sample),
     F.multi_head_attention_forward: OpRule(attention_call, reduce_attention, attention_grad_sample,
                                            output=lambda out: out[0]),
 }
@@ -92,7 +96,9 @@ class ReducerEntry:
 
 _BUILT_IN: dict[type[nn.Module], Callable[..., Any]] = {nn.Conv1d: torch.conv1d, nn.Conv2d: torch.conv2d,
                                                         nn.Conv3d: torch.conv3d, nn.Linear: F.linear,
-                                                        nn.Embedding: F.embedding}
+                                                        nn.Embedding: F.embedding,
+                                                        nn.modules.batchnorm._BatchNorm: F.batch_norm,
+                                                        nn.LayerNorm: F.layer_norm, nn.GroupNorm: F.group_norm}
 
 _REGISTRY: dict[type[nn.Module], ReducerEntry] = {
     module_type: ReducerEntry(OP_RULES[op].reducer, frozenset({"weight", "bias"}), op)
