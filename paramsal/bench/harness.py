@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
-from paramsal.bench.models import cifar_resnet18, imagenet_resnet50
+from paramsal.bench.models import cifar_resnet18, imagenet_resnet50, small_vit
 from paramsal.engine.profile import Profiler
 from paramsal.kernels import fused
 
@@ -35,6 +36,8 @@ class Case:
     batch: int = 64
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    #: the unit scheme profiled (the peers are timed on filters only)
+    units: str = "filters"
 
     def build(self, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         torch.manual_seed(seed)
@@ -54,6 +57,11 @@ CASES = {
     "small-cnn": Case("small-cnn", _small_cnn, (1, 28, 28), 10),
     # the GPU case of the performance targets; on a CPU it takes minutes per method
     "resnet50-imagenet": Case("resnet50-imagenet", imagenet_resnet50, (3, 224, 224), 1000, batch=128),
+    # ConvNeXt's depthwise 7x7 convs and its channels-last Linear layers (conv+linear: both kinds of units)
+    "convnext-tiny": Case("convnext-tiny", lambda: torchvision.models.convnext_tiny(num_classes=10), (3, 32, 32), 10,
+                          batch=32, units="conv+linear"),
+    # a small ViT: patch conv, nn.MultiheadAttention (served whole) and MLP Linear rows
+    "vit-small": Case("vit-small", small_vit, (3, 32, 32), 10, batch=32, units="linear-rows"),
 }
 
 METHODS = ("plain", "loop", "hooks", "vmap")
@@ -66,8 +74,9 @@ VMAP_WHOLE = "vmap-whole"
 PEERS = ("opacus", "backpack")
 
 
-def method(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
-    """A zero-argument callable doing one batch's work with the named method."""
+def method(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+           units: str = "filters") -> Callable[[], object]:
+    """A zero-argument callable doing one batch's work with the named method (profiling ``units``)."""
     if name == "plain":
         def plain() -> None:
             model.zero_grad(set_to_none=True)
@@ -76,16 +85,16 @@ def method(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Cal
     if name in PEERS:
         return _peer(name, model, x, y)
     if name == HOOKS_TORCH:
-        profiler = Profiler(model, backend="hooks")
+        profiler = Profiler(model, backend="hooks", units=units)
 
         def torch_path() -> object:
             with fused.mode("off"):
                 return profiler(x, y)
         return torch_path
     if name == VMAP_WHOLE:
-        profiler = Profiler(model, backend="vmap", chunk_size=len(x))
+        profiler = Profiler(model, backend="vmap", chunk_size=len(x), units=units)
     else:
-        profiler = Profiler(model, backend=name)
+        profiler = Profiler(model, backend=name, units=units)
     return lambda: profiler(x, y)
 
 
@@ -222,7 +231,7 @@ def run(case: Case, methods: tuple[str, ...] = METHODS, repeats: int = 3, memory
     wanted = ["plain", "loop"] + [m for m in methods if m not in ("plain", "loop")]
     timings = []
     for name in wanted:
-        seconds = time_method(method(name, model, x, y), repeats, device=case.device)
+        seconds = time_method(method(name, model, x, y, case.units), repeats, device=case.device)
         timing = Timing(case.name, name, case.batch, seconds, device=case.device,
                         dtype=str(case.dtype).removeprefix("torch."))
         if memory:
@@ -242,8 +251,8 @@ def isolated_peak_memory_mb(case: Case, name: str) -> float:
 def _first_call_peak(case: Case, name: str, threads: int) -> float:
     torch.set_num_threads(threads)
     model, x, y = case.build()
-    method(name, model, x[:1], y[:1])()  # one-time costs (kernel compilation, caches) are not the batch's
-    return peak_memory_mb(method(name, model, x, y), case.device)
+    method(name, model, x[:1], y[:1], case.units)()  # one-time costs (kernel compilation, caches) are not the batch's
+    return peak_memory_mb(method(name, model, x, y, case.units), case.device)
 
 
 def table(timings: list[Timing]) -> str:

@@ -17,3 +17,11 @@ def cifar_resnet18(num_classes: int = 10) -> nn.Module:
 def imagenet_resnet50(num_classes: int = 1000) -> nn.Module:
     """torchvision's resnet50 as is (224x224 inputs), randomly initialized: timings do not depend on the weights."""
     return torchvision.models.resnet50(num_classes=num_classes)
+
+
+def small_vit(num_classes: int = 10) -> nn.Module:
+    """A ViT for 32x32 inputs: 4x4 patches, 4 layers of width 128 with 4 heads (its head starts random, not zero)."""
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=4, num_heads=4,
+                                                 hidden_dim=128, mlp_dim=256, num_classes=num_classes)
+    nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
