@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
-from paramsal.bench.models import cifar_resnet18, imagenet_resnet50, small_vit
+from paramsal.bench.models import cifar_resnet18, imagenet_resnet50, small_convnext, small_vit
 from paramsal.engine.profile import Profiler
 from paramsal.kernels import fused
 
@@ -58,8 +57,7 @@ CASES = {
     # the GPU case of the performance targets; on a CPU it takes minutes per method
     "resnet50-imagenet": Case("resnet50-imagenet", imagenet_resnet50, (3, 224, 224), 1000, batch=128),
     # ConvNeXt's depthwise 7x7 convs and its channels-last Linear layers (conv+linear: both kinds of units)
-    "convnext-tiny": Case("convnext-tiny", lambda: torchvision.models.convnext_tiny(num_classes=10), (3, 32, 32), 10,
-                          batch=32, units="conv+linear"),
+    "convnext-tiny": Case("convnext-tiny", small_convnext, (3, 32, 32), 10, batch=32, units="conv+linear"),
     # a small ViT: patch conv, nn.MultiheadAttention (served whole) and MLP Linear rows
     "vit-small": Case("vit-small", small_vit, (3, 32, 32), 10, batch=32, units="linear-rows"),
 }

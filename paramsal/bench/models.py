@@ -25,3 +25,8 @@ def small_vit(num_classes: int = 10) -> nn.Module:
                                                  hidden_dim=128, mlp_dim=256, num_classes=num_classes)
     nn.init.normal_(model.heads.head.weight, std=0.02)
     return model
+
+
+def small_convnext(num_classes: int = 10) -> nn.Module:
+    """torchvision's convnext_tiny as is (depthwise 7x7 convs, channels-last Linear layers, LayerNorm2d)."""
+    return torchvision.models.convnext_tiny(num_classes=num_classes)
