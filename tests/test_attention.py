@@ -109,3 +109,16 @@ def test_a_chunk_of_samples_at_a_time_gives_the_same_numbers():
     whole = profile_batch(model, x, y, backend="hooks", units=rows_of_every_matrix)
     chunked = profile_batch(model, x, y, backend="hooks", units=rows_of_every_matrix, chunk_size=2)
     assert relative_error(chunked, whole) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["batch_first", "time_major", "causal_mask", "key_padding"])
+def test_plain_self_attention_takes_the_batched_path(name, monkeypatch):
+    from paramsal.kernels import attention
+
+    def per_sample_vjp(*args, **kwargs):
+        raise AssertionError("the per-sample vjp path ran")
+
+    monkeypatch.setattr(attention, "_grads", per_sample_vjp)
+    model, x, y = build(**SERVED[name])
+    want = profile_batch(model, x, y, backend="loop", units="linear-rows")
+    assert relative_error(profile_batch(model, x, y, backend="hooks", units="linear-rows"), want) <= TOLERANCE

@@ -76,7 +76,57 @@ def attention_call(args: tuple, kwargs: dict[str, Any]
 def attention_grad_sample(call: AttentionCall, activations: torch.Tensor, backprops: torch.Tensor,
                           attr: str) -> torch.Tensor:
     """Each sample's whole gradient of the parameter in role ``attr``: ``[B, *shape]``."""
+    if _projections_suffice(call, [attr]):
+        return _projection_grads(call, activations, backprops, [attr], slice(None))[attr]
     return _grads(call, activations, backprops, [attr], None)[attr]
+
+
+def _projections_suffice(call: AttentionCall, attrs: Sequence[str]) -> bool:
+    """Whether the units sit in the two projections of a plain self-attention (ViT, ``nn.TransformerEncoderLayer``):
+    then the batch's own backward through the attention gives each projection's output gradient, per sample."""
+    return (call.self_attention and call.params["in_proj_weight"] is not None and call.params["bias_k"] is None
+            and not call.settings["add_zero_attn"] and not call.settings["use_separate_proj_weight"]
+            and set(attrs) <= {"in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias"})
+
+
+def _projection_grads(call: AttentionCall, query: torch.Tensor, backprops: torch.Tensor, attrs: Sequence[str],
+                      rows: slice) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of the two projections from one batched pass, no per-sample autograd.
+
+    The packed input projection ``P = x W_in^T + b_in`` is formed as the call
+    formed it, then the call runs again on ``P`` with identity projections
+    (a product with an identity is exact), which gives the attention's output
+    ``O`` before ``out_proj``. Attention keeps samples apart, so autograd on
+    the batch gives each sample's gradient of ``P``; with ``O`` and the output
+    gradient ``G`` the per-sample gradients are those of two Linear layers.
+    """
+    dtype, settings = query.dtype, call.settings
+    params = {n: (None if p is None else p.detach().to(dtype)) for n, p in call.params.items()}
+    x = query[rows].transpose(0, 1)  # [L, B, E], time-major as the call saw it
+    steps, batch, width = x.shape
+    grad_out = backprops[:, rows].to(dtype)  # [L, B, E]
+    identity = torch.eye(width, dtype=dtype, device=x.device)
+    mask = call.key_padding_mask
+    attn_mask = settings["attn_mask"]
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = attn_mask.to(dtype)
+    with torch.enable_grad():
+        packed = F.linear(x, cast(torch.Tensor, params["in_proj_weight"]), params["in_proj_bias"])
+        packed = packed.detach().requires_grad_(True)
+        q, k, v = packed.chunk(3, dim=-1)
+        mixed, _ = F.multi_head_attention_forward(
+            q, k, v, width, settings["num_heads"], None, None, None, None, False, 0.0, identity, None,
+            training=False, key_padding_mask=None if mask is None else mask[rows], need_weights=False,
+            attn_mask=attn_mask, use_separate_proj_weight=True, q_proj_weight=identity, k_proj_weight=identity,
+            v_proj_weight=identity)
+        grad_packed, = torch.autograd.grad(mixed, [packed], grad_out @ cast(torch.Tensor, params["out_proj_weight"]))
+    sides = {"in_proj": (x.transpose(0, 1), grad_packed.transpose(0, 1)),
+             "out_proj": (mixed.detach().transpose(0, 1), grad_out.transpose(0, 1))}
+    grads = {}
+    for attr in attrs:
+        inputs, grad = sides[attr.rpartition("_")[0]]
+        grads[attr] = grad.sum(1) if attr.endswith("bias") else torch.bmm(grad.transpose(1, 2), inputs)
+    return grads
 
 
 def reduce_attention(call: AttentionCall, activations: torch.Tensor, backprops: torch.Tensor,
@@ -91,8 +141,9 @@ def reduce_attention(call: AttentionCall, activations: torch.Tensor, backprops: 
     """
     attrs = list(dict.fromkeys(g.attr for g in groups))
     out: dict[str, list[torch.Tensor]] = {g.attr: [] for g in groups}
+    fast = _projections_suffice(call, attrs)
     for rows in chunk_slices(len(activations), chunk_size or _CHUNK):
-        grads = _grads(call, activations, backprops, attrs, rows)
+        grads = (_projection_grads if fast else _grads)(call, activations, backprops, attrs, rows)
         for group in groups:
             out[group.attr].append(reduce_grad(grads[group.attr], group, aggregation))
     return [torch.cat(out[g.attr]) for g in groups]
