@@ -217,6 +217,46 @@ def prove_sample_layout(model: nn.Module, inputs: torch.Tensor, index: UnitIndex
     return True
 
 
+#: How far a batched backend's row may sit from the loop's for the same sample, relative to the row's largest entry.
+APART_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
+#: ... under bf16/fp16, where both sides round the forward pass (measured: within 4e-3).
+APART_TOLERANCE_REDUCED = 0.1
+
+
+def check_samples_apart(result: BatchResult, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                        index: UnitIndex, loss_fn: LossFn, aggregation: Aggregation,
+                        precision: Precision = FLOAT32) -> bool:
+    """Checks a batched backend's first row against the loop on that sample alone (the reference semantics).
+
+    A model whose forward pass keeps samples apart can still mix them in its
+    backward pass (a custom autograd function, or a cache of a batch's
+    values): then the gradient of the batch's summed losses is not the sum of
+    the samples' own gradients, and every batched backend, hooks and vmap
+    alike, is wrong. One sample's loop costs little next to a data set.
+
+    Returns:
+        True once checked; False when the batch has a single sample or row 0 is not finite (check a later batch).
+
+    Raises:
+        UnsupportedUseError: when the rows differ, naming how far.
+    """
+    row = result.profiles[0]
+    if len(inputs) < 2 or not bool(torch.isfinite(row).all()):
+        return False
+    alone = loop_backend(model, inputs[:1], targets[:1], index, loss_fn, aggregation, None, precision).profiles[0]
+    if not bool(torch.isfinite(alone).all()):
+        return False
+    scale = float(alone.abs().max())
+    error = float((row - alone).abs().max()) / scale if scale > 0 else float((row - alone).abs().max())
+    limit = APART_TOLERANCE_REDUCED if precision.dtype is not None else APART_TOLERANCE.get(row.dtype, 1e-3)
+    if error > limit:
+        raise UnsupportedUseError(
+            f"the batch gives sample 0 another profile than the sample alone (relative difference {error:.2g}): "
+            f"{type(model).__name__}'s backward pass mixes the samples of a batch, so batched per-sample gradients "
+            "are not the samples' own: use backend='loop' (backend='auto' falls back to it)")
+    return True
+
+
 def model_outputs(model: nn.Module, inputs: torch.Tensor, batch: int | None = None,
                   shown: torch.Tensor | None = None) -> torch.Tensor:
     """``model(inputs)``; the model's failures (wrong shapes, ...) become one :class:`InputError`.

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from paramsal.engine.backends import BACKEND_FUNCTIONS, BatchResult, model_outputs, prove_sample_layout
+from paramsal.engine.backends import (BACKEND_FUNCTIONS, BatchResult, check_samples_apart, model_outputs,
+                                      prove_sample_layout)
 from paramsal.engine.functional import LossFn, Precision, cross_entropy_per_sample, targeted_loss
 from paramsal.engine.hooks import hooks_supported
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
@@ -116,6 +117,7 @@ class Profiler:
         self._run = BACKEND_FUNCTIONS[backend]
         self._class_counts: dict[tuple, int] = {}
         self._layout_proven = False  # the hooks backend's proof that rows are samples (prove_sample_layout)
+        self._apart: set[str] = set()  # batched backends checked against the loop on one sample
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, *, check_finite: bool = True) -> BatchResult:
         """Profiles one batch.
@@ -167,6 +169,10 @@ class Profiler:
                                    self._precision)
                 if self.backend == "hooks" and not self._layout_proven:  # after the batch: its errors come first
                     self._layout_proven = prove_sample_layout(self.model, inputs, self.index)
+                if self.backend != "loop" and self.backend not in self._apart:
+                    if check_samples_apart(result, self.model, inputs, targets, self.index, loss, self.aggregation,
+                                           self._precision):
+                        self._apart.add(self.backend)
                 return result
             except UnsupportedUseError as exc:
                 if not self._falls_back or self.backend not in FALLBACKS:

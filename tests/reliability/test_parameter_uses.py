@@ -285,3 +285,44 @@ def test_summing_keeps_every_sample_apart():
     want = profile_batch(model, x, y, backend="loop", aggregation="abs_mean")
     got = profile_batch(model, x, y, backend="hooks", aggregation="abs_mean", chunk_size=3)
     assert relative_error(got, want) <= TOLERANCE
+
+
+class _MixesInBackward(torch.autograd.Function):
+    """The identity forward, a backward that adds the batch's mean gradient: samples apart forward, mixed backward."""
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad + grad.mean(0, keepdim=True)
+
+
+class BackwardMixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(_MixesInBackward.apply(torch.relu(self.conv(x))).mean((2, 3)))
+
+
+def test_a_backward_that_mixes_samples_falls_back_to_the_loop():
+    torch.manual_seed(0)
+    model = BackwardMixer().double().eval()
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    want = profile_batch(model, x, y, backend="loop")
+    with pytest.raises(UnsupportedModuleError, match="backward pass mixes the samples"):
+        profile_batch(model, x, y, backend="hooks")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        profiler = Profiler(model)
+        got = profiler(x, y).profiles
+    assert profiler.backend != "hooks" and relative_error(got, want) <= TOLERANCE
+    assert any("backward pass mixes the samples" in str(w.message) for w in caught)
