@@ -290,6 +290,8 @@ def test_summing_keeps_every_sample_apart():
 class _MixesInBackward(torch.autograd.Function):
     """The identity forward, a backward that adds the batch's mean gradient: samples apart forward, mixed backward."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x):
         return x.clone()
