@@ -200,3 +200,25 @@ def rgb32_classifier() -> nn.Module:
     """A factory for the ``module.path:factory`` model spec: 3x32x32 images, 2 classes."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error of each row relative to that row's largest entry."""
+    scale = want.abs().amax(1, keepdim=True).clamp_min(torch.finfo(want.dtype).tiny)
+    return ((got - want).abs() / scale).max().item()
+
+
+def settled(model: nn.Module, affine: bool = False) -> nn.Module:
+    """Float64, eval mode, BatchNorm running statistics away from the identity (random but fixed by the seed);
+    with ``affine``, the norms' weights and biases too."""
+    torch.manual_seed(0)
+    model = model.double().eval()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+        if affine and isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model

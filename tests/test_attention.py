@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from nets import relative_error
 from paramsal import Profiler, UnsupportedModuleError, profile_batch
 from paramsal.errors import ParamsalWarning
 
@@ -69,11 +70,6 @@ def build(**options):
     x = torch.randn(5, 6, 3, dtype=torch.float64)
     x[:, 0, 0] = 0.0  # every sample keeps its first position under the padding mask
     return model, x, torch.tensor([0, 1, 2, 3, 1])
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = want.abs().amax(1, keepdim=True).clamp_min(torch.finfo(want.dtype).tiny)
-    return ((got - want).abs() / scale).max().item()
 
 
 @pytest.mark.parametrize("units", [rows_of_every_matrix, every_parameter, "conv+linear", "heads", "linear-rows"],

@@ -6,18 +6,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from nets import SMALL_CASES, TORCHVISION_CASES, Case, batch, build
+from nets import SMALL_CASES, TORCHVISION_CASES, Case, batch, build, relative_error
 from paramsal import profile_batch, units_of
 from paramsal.reference.profiles import reference_profiles
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 AGGREGATIONS = ["mean_abs", "abs_mean"]
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Largest error of each row relative to that row's largest entry."""
-    scale = want.abs().amax(1, keepdim=True).clamp_min(torch.finfo(want.dtype).tiny)
-    return ((got - want).abs() / scale).max().item()
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)

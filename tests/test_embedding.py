@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from nets import relative_error
 from paramsal import Profiler, UnsupportedModuleError, profile_batch, units_of
 from paramsal.errors import ParamsalWarning
 
@@ -38,11 +39,6 @@ def tokens() -> torch.Tensor:
 
 def every_parameter(name: str, param: torch.Tensor) -> torch.Tensor:
     return torch.zeros(param.shape, dtype=torch.long)
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = want.abs().amax(1, keepdim=True).clamp_min(torch.finfo(want.dtype).tiny)
-    return ((got - want).abs() / scale).max().item()
 
 
 @pytest.mark.parametrize("padding_idx", [0, -20, None])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from nets import relative_error
 from paramsal import InputError, open_run, profile_batch, units_of
 from paramsal.cli import main
 from paramsal.zoo import usps_mnist
@@ -19,12 +20,6 @@ from paramsal.zoo.specs import is_builtin_spec, load_data, load_model
 
 #: Three misclassified (2, 5, 7: the first mistakes) and three correct test images, for the profile checks.
 MIXED = [0, 2, 5, 7, 9, 11]
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Largest error of each row relative to that row's largest entry (as in test_backends)."""
-    scale = want.abs().amax(1, keepdim=True).clamp_min(torch.finfo(want.dtype).tiny)
-    return ((got - want).abs() / scale).max().item()
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from nets import relative_error, settled
 from paramsal import Profiler, profile_batch
 from paramsal.errors import ParamsalWarning
 
@@ -51,22 +52,6 @@ ARCHITECTURES = [
     Architecture("swin_t", lambda: tvm.swin_t(num_classes=10),
                  falls_back=(("conv+linear", r"attn\.qkv\.weight' is used by .*linear on an input of shape"),)),
 ]
-
-
-def settled(model: nn.Module) -> nn.Module:
-    """Float64, eval mode, BatchNorm statistics away from the identity (random but fixed)."""
-    torch.manual_seed(0)
-    model = model.double().eval()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
-    return model
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = want.abs().amax(1, keepdim=True).clamp_min(torch.finfo(want.dtype).tiny)
-    return ((got - want).abs() / scale).max().item()
 
 
 @pytest.mark.parametrize("units", ["filters", "conv+linear"])

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from paramsal._io import atomic_path, file_record
 from paramsal.engine.lock import RunLock, manifest_update
 from paramsal.engine.manifest import STATS, TAILS_DIR, read_manifest, tails_file, write_manifest
+from paramsal.engine.reading import iter_vectors
 from paramsal.engine.rundir import Rows, Run, open_run
 from paramsal.engine.stats import SaliencyStats
 from paramsal.engine.tails import Tails, fit_tails, join_units, stack_tails
@@ -189,16 +190,11 @@ def _fit(ref: ReferenceSet, budget_mb: int) -> Tails:
         columns = np.arange(start, min(start + width, run.num_units))
         values = np.empty((len(ids), len(columns)), np.float32)
         filled = 0
-        for _, block in _iter_columns(run, columns, ref.only):
+        for _, block in iter_vectors(run, "profile", _READ_ROWS, columns, ref.only, None):
             values[filled:filled + len(block)] = block
             filled += len(block)
         blocks.append(stack_tails([fit_tails(values if g == -1 else values[labels == g]) for g in groups], groups))
     return join_units(blocks)
-
-
-def _iter_columns(run: Run, columns: np.ndarray, only: Rows):
-    from paramsal.engine.reading import iter_vectors
-    return iter_vectors(run, "profile", _READ_ROWS, columns, only, None)
 
 
 def _group_rows(ref: ReferenceSet, run: Run, sample_ids: np.ndarray) -> np.ndarray:

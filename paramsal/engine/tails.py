@@ -52,6 +52,9 @@ _GRID = np.concatenate([-1.0 + np.logspace(-6, np.log10(0.5), 10), -np.logspace(
                         np.logspace(-5, 5, 31), np.logspace(6, 30, 13)])  # heavy tails: max(y) decades above beta
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 _REFINE_STEPS = 48
+# The per-unit fields of :class:`Tails` beside ``groups``: one number per (group, unit), then the stored lists.
+_SCALARS = ("count", "threshold", "exceedances", "fitted", "xi", "beta")
+_FIELDS = (*_SCALARS, "bulk", "top")
 # Values scored at once: the empirical tail compares each with up to 9 stored exceedances.
 _CHUNK_ELEMENTS = 1 << 20
 
@@ -186,8 +189,7 @@ class Tails:
     def to_arrow(self) -> pa.Table:
         """One row per (group, unit)."""
         num_groups, num_units = self.threshold.shape
-        flat = {name: getattr(self, name).reshape(-1) for name in
-                ("count", "threshold", "exceedances", "fitted", "xi", "beta")}
+        flat = {name: getattr(self, name).reshape(-1) for name in _SCALARS}
         return pa.table({
             "group": np.repeat(self.groups, num_units), "unit_id": np.tile(np.arange(num_units), num_groups),
             **flat,
@@ -200,7 +202,7 @@ class Tails:
         groups = np.unique(table.column("group").to_numpy())
         num_units = table.num_rows // max(len(groups), 1)
         shaped = {name: table.column(name).to_numpy(zero_copy_only=False).reshape(len(groups), num_units)
-                  for name in ("count", "threshold", "exceedances", "fitted", "xi", "beta")}
+                  for name in _SCALARS}
         lists = {name: _list_values(table.column(name)).reshape(len(groups), num_units, -1)
                  for name in ("bulk", "top")}
         return cls(groups=groups, **shaped, **lists)
@@ -239,15 +241,13 @@ def fit_tails(values: np.ndarray) -> Tails:
 def stack_tails(parts: list[Tails], groups: np.ndarray) -> Tails:
     """One :class:`Tails` of several groups (each part one group, all of the same units), labelled ``groups``."""
     return Tails(groups=np.asarray(groups, np.int64),
-                 **{name: np.concatenate([getattr(p, name) for p in parts]) for name in
-                    ("count", "threshold", "exceedances", "fitted", "xi", "beta", "bulk", "top")})
+                 **{name: np.concatenate([getattr(p, name) for p in parts]) for name in _FIELDS})
 
 
 def join_units(parts: list[Tails]) -> Tails:
     """One :class:`Tails` of the same groups over the units of ``parts`` in turn (blocks of units fitted apart)."""
     return Tails(groups=parts[0].groups,
-                 **{name: np.concatenate([getattr(p, name) for p in parts], axis=1) for name in
-                    ("count", "threshold", "exceedances", "fitted", "xi", "beta", "bulk", "top")})
+                 **{name: np.concatenate([getattr(p, name) for p in parts], axis=1) for name in _FIELDS})
 
 
 def _quantiles(ordered: np.ndarray, levels: np.ndarray) -> np.ndarray:

@@ -100,16 +100,14 @@ def _projection_grads(call: AttentionCall, query: torch.Tensor, backprops: torch
     the batch gives each sample's gradient of ``P``; with ``O`` and the output
     gradient ``G`` the per-sample gradients are those of two Linear layers.
     """
-    dtype, settings = query.dtype, call.settings
-    params = {n: (None if p is None else p.detach().to(dtype)) for n, p in call.params.items()}
+    dtype = query.dtype
+    params, settings = _in_dtype(call, dtype)
     x = query[rows].transpose(0, 1)  # [L, B, E], time-major as the call saw it
     steps, batch, width = x.shape
     grad_out = backprops[:, rows].to(dtype)  # [L, B, E]
     identity = torch.eye(width, dtype=dtype, device=x.device)
     mask = call.key_padding_mask
     attn_mask = settings["attn_mask"]
-    if attn_mask is not None and attn_mask.is_floating_point():
-        attn_mask = attn_mask.to(dtype)
     with torch.enable_grad():
         packed = F.linear(x, cast(torch.Tensor, params["in_proj_weight"]), params["in_proj_bias"])
         packed = packed.detach().requires_grad_(True)
@@ -149,14 +147,21 @@ def reduce_attention(call: AttentionCall, activations: torch.Tensor, backprops: 
     return [torch.cat(out[g.attr]) for g in groups]
 
 
-def _grads(call: AttentionCall, query: torch.Tensor, backprops: torch.Tensor, attrs: list[str],
-           rows: slice | None) -> dict[str, torch.Tensor]:
-    rows = rows or slice(None)
-    dtype = query.dtype  # under autocast the reducers take float32 copies of what the forward pass saw in bf16
+def _in_dtype(call: AttentionCall, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor | None], dict[str, Any]]:
+    """The call's parameters (detached) and settings with a float ``attn_mask``, in ``dtype``: under autocast the
+    reducers take float32 copies of what the forward pass saw in bf16."""
     params = {name: (None if p is None else p.detach().to(dtype)) for name, p in call.params.items()}
     settings = dict(call.settings)
     if settings["attn_mask"] is not None and settings["attn_mask"].is_floating_point():
         settings["attn_mask"] = settings["attn_mask"].to(dtype)
+    return params, settings
+
+
+def _grads(call: AttentionCall, query: torch.Tensor, backprops: torch.Tensor, attrs: list[str],
+           rows: slice | None) -> dict[str, torch.Tensor]:
+    rows = rows or slice(None)
+    dtype = query.dtype
+    params, settings = _in_dtype(call, dtype)
 
     def one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
             grad: torch.Tensor) -> tuple[torch.Tensor, ...]:

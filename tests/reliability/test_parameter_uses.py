@@ -17,18 +17,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from nets import SharedParameter
+from nets import SharedParameter, relative_error
 from paramsal import Profiler, UnsupportedModuleError, profile_batch
 from paramsal.errors import ParamsalWarning
 from paramsal.kernels import register_reducer, unregister_reducer
 from paramsal.kernels.conv import reduce_conv
 
 TOLERANCE = 1e-9
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = want.abs().amax(1, keepdim=True).clamp_min(torch.finfo(want.dtype).tiny)
-    return ((got - want).abs() / scale).max().item()
 
 
 class FunctionalOnly(nn.Module):
