@@ -38,7 +38,7 @@ from paramsal.analyses.pictures import channel_max, plot_explanations, visual_ma
 from paramsal.analyses.selection import run_tails, select_units
 from paramsal.analyses.sources import Samples, open_for_analysis, run_units
 from paramsal.engine.functional import LossFn, SampleLoss
-from paramsal.engine.profile import check_batch, eval_mode, profile_batch
+from paramsal.engine.profile import Profiler, check_batch, eval_mode
 from paramsal.engine.rundir import Run
 from paramsal.engine.stats import SaliencyStats
 from paramsal.engine.tails import Tails
@@ -157,6 +157,7 @@ class InputSaliency(Analysis):
                                                                 check_integer("batch_size", batch_size))
         self.aggregation = aggregation or (stats.aggregation if stats is not None else None)
         self._index: UnitIndex | None = None
+        self._profiler: Profiler | None = None
         if model is not None and stats is not None:
             self._index = self._checked_index(model, stats, units)
             self.aggregation = self.aggregation or "mean_abs"
@@ -186,10 +187,15 @@ class InputSaliency(Analysis):
 
     def profiles(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Standardized profiles ``ŝ`` ``[N, F]`` of ``inputs [N, ...]`` with targets ``targets [N]``."""
+        return self._bound().stats.standardize(self.raw_profiles(inputs, targets))
+
+    def raw_profiles(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Raw profiles ``[N, F]``, from one :class:`~paramsal.Profiler` per model, so that its once-per-model
+        checks (the backend's proofs against the loop) are not repeated on every batch."""
         bound = self._bound()
-        raw = profile_batch(bound.model, inputs, targets, units=bound.index, aggregation=bound.aggregation,
-                            loss=self.loss)
-        return bound.stats.standardize(raw)
+        if self._profiler is None or self._profiler.model is not bound.model:
+            self._profiler = Profiler(bound.model, units=bound.index, aggregation=bound.aggregation, loss=self.loss)
+        return self._profiler(inputs, targets).profiles
 
     def choose(self, inputs: torch.Tensor, targets: torch.Tensor,
                sample_ids: Sequence[int] | np.ndarray | None = None) -> torch.Tensor:

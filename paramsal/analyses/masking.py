@@ -27,7 +27,7 @@ from paramsal.analyses.pictures import channel_max, gaussian_kernel
 from paramsal.analyses.selection import run_tails
 from paramsal.analyses.sources import Samples
 from paramsal.engine.distributed import current_ranks
-from paramsal.engine.profile import eval_mode, profile_batch
+from paramsal.engine.profile import eval_mode
 from paramsal.engine.rundir import Run
 from paramsal.errors import InputError, check_choice, check_integer
 from paramsal.options import MASK_PERCENTS, MASK_VALUES, RANKINGS
@@ -273,7 +273,7 @@ class Masking(Analysis):
         bound = ex._bound()
         with eval_mode(bound.model), torch.no_grad():
             probs = torch.softmax(bound.model(inputs).double(), dim=1).cpu().numpy()
-        raw = profile_batch(bound.model, inputs, targets, units=bound.index, aggregation=bound.aggregation).double()
+        raw = ex.raw_profiles(inputs, targets).double()
         z = bound.stats.standardize(raw)
         rows = torch.arange(len(inputs), device=raw.device)[:, None]
         unit_ids = unit_ids.to(raw.device)
