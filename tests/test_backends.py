@@ -1,5 +1,7 @@
 """Every backend equals the one-sample-at-a-time reference."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,6 +10,7 @@ from torch import nn
 
 from nets import SMALL_CASES, TORCHVISION_CASES, Case, batch, build, relative_error
 from paramsal import profile_batch, units_of
+from paramsal.errors import ParamsalWarning
 from paramsal.reference.profiles import reference_profiles
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -49,19 +52,43 @@ def test_torchvision_architectures_equal_loop(case: Case, backend: str):
     assert relative_error(got, want) <= TOLERANCE[torch.float64]
 
 
-def test_auto_picks_hooks_when_every_module_has_a_reducer_else_vmap():
+class OwnConv(nn.Module):
+    """A layer of no registered type that convolves with its own weight, as given or standardized first."""
+
+    def __init__(self, standardize: bool = False):
+        super().__init__()
+        self.standardize = standardize
+        self.weight = nn.Parameter(torch.randn(3, 2, 2, 2, dtype=torch.float64))
+
+    def forward(self, x):
+        w = self.weight
+        if self.standardize:  # a use before the convolution: no reducer sees it
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / w.std((1, 2, 3), keepdim=True)
+        return nn.functional.conv2d(x, w).mean((2, 3))
+
+
+def test_auto_serves_a_functional_use_of_a_layers_own_weight_and_falls_back_from_a_transformed_one():
     from paramsal import Profiler
 
-    class Scaled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(3, 2, 2, 2))
+    x, y = torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 0])
+    for standardize, backend in ((False, "hooks"), (True, "vmap")):
+        model = OwnConv(standardize)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            profiler = Profiler(model)
+            got = profiler(x, y).profiles
+        notes = [str(w.message) for w in caught if issubclass(w.category, ParamsalWarning)]
+        assert profiler.backend == backend
+        assert len(notes) == standardize and all("'weight' is passed to" in note for note in notes)
+        assert relative_error(got, profile_batch(model, x, y, backend="loop")) <= TOLERANCE[torch.float64]
 
-        def forward(self, x):
-            return nn.functional.conv2d(x, self.weight).mean((2, 3))
 
-    assert Profiler(nn.Sequential(nn.Conv2d(2, 3, 2), nn.Flatten())).backend == "hooks"
-    assert Profiler(Scaled()).backend == "vmap"
+def test_auto_says_why_it_starts_on_vmap():
+    from paramsal import Profiler
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.BatchNorm2d(3, track_running_stats=False), nn.Flatten())
+    with pytest.warns(ParamsalWarning, match="batch statistics even in eval mode.*with the vmap backend"):
+        assert Profiler(model).backend == "vmap"
 
 
 def test_custom_unit_callable_uses_scatter_path_on_every_backend():

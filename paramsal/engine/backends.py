@@ -92,7 +92,8 @@ def vmap_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     with _params_require_grad(list(real.values())):
         for s in chunk_slices(len(inputs), chunk):
             with user_code(f"the model ({type(model).__name__}) under torch.func.vmap on inputs of shape "
-                           f"{tuple(inputs[s].shape)}", hint="; backend='loop' needs no vmap support"):
+                           f"{tuple(inputs[s].shape)}", hint="; backend='loop' needs no vmap support"), \
+                    _vmap_limits(model):
                 grads, (out, loss) = per_sample(inputs[s], targets[s])
             _check_functional(loss, real)
             loss = checked_losses(loss.reshape(-1), s.stop - s.start)
@@ -100,6 +101,21 @@ def vmap_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
             outputs.append(precision.restored(out.detach(), like.dtype))
             losses.append(precision.restored(loss.detach(), like.dtype))
     return BatchResult(precision.unscaled(torch.cat(profiles)), torch.cat(outputs), torch.cat(losses))
+
+
+@contextmanager
+def _vmap_limits(model: nn.Module) -> Iterator[None]:
+    """A forward pass that branches on a tensor's value (``if mask.all():``) cannot run under vmap at all: that
+    is a limit of torch.func, not bad input, so ``backend="auto"`` takes the loop instead."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "data-dependent control flow" not in str(exc):
+            raise
+        raise UnsupportedUseError(
+            f"the model ({type(model).__name__}) cannot run under torch.func.vmap: its forward pass branches on "
+            "a tensor's value (.item(), if tensor:, ...): use backend='loop' (backend='auto' falls back to it)"
+        ) from exc
 
 
 def _check_functional(losses: torch.Tensor, real: dict[str, nn.Parameter]) -> None:
@@ -138,7 +154,7 @@ def hooks_backend(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     plan = hook_plan(model, index)
     params = [model.get_parameter(g.param_name) for g in index]
     dtype = params[0].dtype if precision.dtype is not None else None
-    with _params_require_grad(params), HookSession(plan, index, aggregation, chunk_size, dtype) as session:
+    with _params_require_grad(params), HookSession(plan, index, aggregation, chunk_size, dtype, len(inputs)) as session:
         leaf = inputs.detach().requires_grad_(True) if inputs.is_floating_point() else None
         with session.tracking(), precision.forward(inputs.device):
             out = model_outputs(model, inputs if leaf is None else leaf, len(inputs))
@@ -198,7 +214,7 @@ def prove_sample_layout(model: nn.Module, inputs: torch.Tensor, index: UnitIndex
     params = [model.get_parameter(g.param_name) for g in index]
     seen = []
     for probe in (torch.stack([first, other]), torch.stack([changed, other])):
-        with _params_require_grad(params), HookSession(plan, index, "mean_abs", None) as session:
+        with _params_require_grad(params), HookSession(plan, index, "mean_abs", None, batch=2) as session:
             with session.tracking():
                 model_outputs(model, probe, 2, shown=inputs)
             check_sample_dim(session, 2, "a probe's")

@@ -41,7 +41,7 @@ from paramsal.engine.units import UnitGroup, UnitIndex
 from paramsal.errors import UnsupportedModuleError, UnsupportedUseError, engine_code
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
-from paramsal.kernels.registry import OP_RULES, GradSample, Reducer, ReducerEntry, find_reducer
+from paramsal.kernels.registry import OP_RULES, GradSample, Reducer, ReducerEntry, find_reducer, op_served
 
 _next_node = torch._C._autograd._get_sequence_nr
 
@@ -68,23 +68,20 @@ def hook_plan(model: nn.Module, index: UnitIndex) -> dict[str, _Layer]:
     for name, groups in by_module.items():
         module = model.get_submodule(name)
         entry = find_reducer(module)
-        missing = [g.attr for g in groups if entry is None or g.attr not in entry.params]
-        if missing or entry is None:
-            raise UnsupportedModuleError(
-                f"module {name or '<root>'!r} ({type(module).__qualname__}) has no per-sample reducer for "
-                f"its parameter(s) {missing}; register one with paramsal.kernels.register_reducer, "
-                "or use backend='vmap'")
+        if entry is None or any(g.attr not in entry.params for g in groups):
+            entry = op_served(module)  # the forward pass proves or refuses each use
         plan[name] = _Layer(module, entry, tuple(groups))
     return plan
 
 
-def hooks_supported(model: nn.Module, index: UnitIndex) -> bool:
-    """Whether every unit's module has a reducer (the forward pass may still reveal a use none serves)."""
+def hooks_refusal(model: nn.Module, index: UnitIndex) -> str | None:
+    """Why the hooks backend cannot profile ``model`` at all, or None (a forward pass may still show a use no
+    reducer serves)."""
     try:
         hook_plan(model, index)
-    except UnsupportedModuleError:
-        return False
-    return True
+    except UnsupportedModuleError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass(eq=False)
@@ -140,9 +137,11 @@ class HookSession:
     """
 
     def __init__(self, plan: dict[str, _Layer], index: UnitIndex, aggregation: Aggregation,
-                 chunk_size: int | None, dtype: torch.dtype | None = None):
-        """``dtype``: what the reducers compute in (float32 under autocast); None: the captured tensors' own."""
+                 chunk_size: int | None, dtype: torch.dtype | None = None, batch: int | None = None):
+        """``dtype``: what the reducers compute in (float32 under autocast); None: the captured tensors' own.
+        ``batch``: the samples of the forward pass, to which a rule may widen an input shared by all of them."""
         self._plan = plan
+        self._batch = batch
         self._dtype = dtype
         self._index = index
         self._aggregation = aggregation
@@ -196,6 +195,9 @@ class HookSession:
 
     def on_call(self, func, args: tuple, kwargs: dict, found: list[int]):
         """Runs a torch function that received unit parameters (``found``: their ids) and records the use."""
+        rule = OP_RULES.get(func)
+        if rule is not None and rule.widen is not None and self._batch:
+            args, kwargs = rule.widen(args, kwargs, self._batch)
         first = _next_node()
         out = func(*args, **kwargs)
         stop = _next_node()
@@ -304,9 +306,9 @@ class HookSession:
                f"used by an operation paramsal cannot see (autograd node {node_name})")
         others = len({n for n, _, _ in unserved}) - 1
         more = f" ({others} more parameter(s) too)" if others > 0 else ""
-        return (f"parameter {name!r} is {how}, outside the calls the hooks backend serves (F.conv1d/2d/3d, "
-                f"F.linear, and modules with a registered reducer){more}; its per-sample gradient would miss "
-                "that use: use backend='vmap' (backend='auto' falls back to it)")
+        return (f"parameter {name!r} is {how}, outside the calls the hooks backend serves (convolutions, "
+                f"F.linear, F.embedding, the norms, attention, registered modules){more}; its per-sample "
+                "gradient would miss that use: use backend='vmap' (backend='auto' falls back to it)")
 
     # ------------------------------------------------------------------ backward and assembly
 

@@ -13,7 +13,7 @@ from torch import nn
 from paramsal.engine.backends import (BACKEND_FUNCTIONS, BatchResult, check_samples_apart, model_outputs,
                                       prove_sample_layout)
 from paramsal.engine.functional import LossFn, Precision, cross_entropy_per_sample, targeted_loss
-from paramsal.engine.hooks import hooks_supported
+from paramsal.engine.hooks import hooks_refusal
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, UnsupportedUseError, check_choice
 from paramsal.kernels.reduce import Aggregation, check_aggregation
@@ -106,7 +106,11 @@ class Profiler:
         self.index = units if isinstance(units, UnitIndex) else units_of(model, units)
         self._falls_back = backend == "auto"
         if backend == "auto":
-            backend = "hooks" if hooks_supported(model, self.index) else "vmap"
+            refusal = hooks_refusal(model, self.index)
+            backend = "hooks" if refusal is None else "vmap"
+            if refusal is not None:
+                warnings.warn(f"{refusal}. Profiling {type(model).__name__} with the vmap backend", ParamsalWarning,
+                              stacklevel=2)
         self.backend = backend
         self.aggregation = aggregation
         self.loss = loss

@@ -127,8 +127,9 @@ def units_of(model: nn.Module, units: UnitsSpec = "filters") -> UnitIndex:
             column-wise variant for transformers), "linear-rows" (Linear
             weight rows and attention input projections' rows), "embedding-rows"
             (one unit per row of an Embedding table, i.e. per token), "heads"
-            (one unit per head of each ``nn.MultiheadAttention``'s Q, K, V and
-            output projections), "norm" (BatchNorm / LayerNorm / GroupNorm
+            (one unit per head of each attention's Q, K, V and output
+            projections: ``nn.MultiheadAttention`` and transformers-style
+            attention modules with Linear projections), "norm" (BatchNorm / LayerNorm / GroupNorm
             weight and bias, one unit per channel), or a callable
             ``fn(param_name, param) -> LongTensor | None`` giving each element's
             unit (the general scatter path).
@@ -184,21 +185,47 @@ def _scheme(units: UnitsSpec) -> Callable[[str, torch.Tensor, nn.Module], _Choic
     raise InputError(f"unknown units {units!r}; expected one of {', '.join(UNIT_SCHEMES)} or a callable")
 
 
+#: Where a transformers-style attention module keeps its per-head projections: Q/K/V layers (one unit per head's
+#: rows), the output layer (one per head's columns), and the output layer BERT's family keeps beside it, in the
+#: parent's ``output.dense``.
+_QKV_NAMES = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "q", "k", "v")
+_OUT_NAMES = ("out_proj", "o_proj", "o")
+_SIBLING_OUT = ("output", "dense")
+
+
 def _heads_of(model: nn.Module) -> Callable[[str, torch.Tensor, nn.Module], _Choice]:
-    """One unit per attention head of each ``nn.MultiheadAttention``'s Q, K, V (rows of the input projections)
-    and output projection (the columns each head's values feed)."""
-    heads = {name: module for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+    """One unit per attention head of each attention's Q, K, V (rows of the input projections) and output
+    projection (the columns each head's values feed): ``nn.MultiheadAttention``, and modules that hold their
+    projections as Linear layers beside a ``head_dim`` / ``attention_head_size`` (transformers' BERT, GPT-Neo,
+    Llama, ...)."""
+    heads: dict[str, tuple[str, int]] = {}  # weight name -> (axis, head width)
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.MultiheadAttention):
+            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                heads[prefix + attr] = ("rows", module.head_dim)
+            heads[prefix + "out_proj.weight"] = ("columns", module.head_dim)
+            continue
+        width = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
+        if not isinstance(width, int) or width < 1:
+            continue
+        for axis, children in (("rows", _QKV_NAMES), ("columns", _OUT_NAMES)):
+            for child in children:
+                if isinstance(modules.get(prefix + child), nn.Linear):
+                    heads[f"{prefix}{child}.weight"] = (axis, width)
+        parent = name.rpartition(".")[0]
+        sibling = ".".join(filter(None, (parent, *_SIBLING_OUT)))
+        if parent and isinstance(modules.get(sibling), nn.Linear):
+            heads[sibling + ".weight"] = ("columns", width)
 
     def select(name: str, param: torch.Tensor, module: nn.Module) -> _Choice:
-        owner, _, attr = name.rpartition(".")
-        if owner in heads and _is_projection_of(name, module):
-            width = heads[owner].head_dim
+        if name not in heads:
+            return None
+        axis, width = heads[name]
+        if axis == "rows":
             return "custom", (torch.arange(param.shape[0]) // width)[:, None].expand(param.shape).contiguous()
-        parent, _, leaf = owner.rpartition(".")
-        if leaf == "out_proj" and parent in heads and attr == "weight":
-            width = heads[parent].head_dim
-            return "custom", (torch.arange(param.shape[1]) // width)[None, :].expand(param.shape).contiguous()
-        return None
+        return "custom", (torch.arange(param.shape[1]) // width)[None, :].expand(param.shape).contiguous()
 
     return select
 

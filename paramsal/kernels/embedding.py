@@ -52,6 +52,17 @@ def embedding_call(args: tuple, kwargs: dict[str, Any]
             {"weight": weight} if served else {})
 
 
+def embedding_widened(args: tuple, kwargs: dict[str, Any], batch: int) -> tuple[tuple, dict[str, Any]]:
+    """A lookup of ids ``[1, *]`` in a batch of ``batch`` samples (position ids shared by every sample) as a lookup
+    of ``[batch, *]`` copies: the same rows, broadcast alike, with each sample's output gradient apart."""
+    bound = _SIGNATURE.bind(*args, **kwargs)
+    ids = bound.arguments["input"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 2 or ids.shape[0] != 1 or batch == 1:
+        return args, kwargs
+    bound.arguments["input"] = ids.expand(batch, *ids.shape[1:])
+    return bound.args, bound.kwargs
+
+
 def embedding_grad_sample(call: EmbeddingCall, activations: torch.Tensor, backprops: torch.Tensor,
                           attr: str) -> torch.Tensor:
     """Each sample's whole gradient of the table, ``[B, V, D]``."""

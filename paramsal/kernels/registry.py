@@ -30,7 +30,7 @@ from paramsal.errors import InputError
 from paramsal.kernels.attention import PARAMETERS as ATTENTION_PARAMETERS
 from paramsal.kernels.attention import attention_call, attention_grad_sample, reduce_attention
 from paramsal.kernels.conv import conv_call, conv_grad_sample, reduce_conv
-from paramsal.kernels.embedding import embedding_call, embedding_grad_sample, reduce_embedding
+from paramsal.kernels.embedding import embedding_call, embedding_grad_sample, embedding_widened, reduce_embedding
 from paramsal.kernels.linear import linear_call, linear_grad_sample, reduce_linear
 from paramsal.kernels.norm import batch_norm_call, group_norm_call, layer_norm_call, norm_grad_sample, reduce_norm
 from paramsal.kernels.reduce import Aggregation, ParamUnits
@@ -64,12 +64,16 @@ class OpRule:
     grad_sample: GradSample
     #: The output whose gradient the reducer takes (for a function that returns a tuple).
     output: Callable[[Any], Any] = lambda out: out
+    #: ``widen(args, kwargs, batch) -> (args, kwargs)``: the call on an input shared by every sample made into
+    #: the same call on one copy per sample, whose output broadcasts alike, so that each sample's gradient is
+    #: apart (a position embedding looked up once for the whole batch).
+    widen: Callable[[tuple, dict, int], tuple[tuple, dict]] | None = None
 
 
 OP_RULES: dict[Callable, OpRule] = {
     **{op: OpRule(conv_call, reduce_conv, conv_grad_sample) for op in (torch.conv1d, torch.conv2d, torch.conv3d)},
     F.linear: OpRule(linear_call, reduce_linear, linear_grad_sample),
-    F.embedding: OpRule(embedding_call, reduce_embedding, embedding_grad_sample),
+    F.embedding: OpRule(embedding_call, reduce_embedding, embedding_grad_sample, widen=embedding_widened),
     F.batch_norm: OpRule(batch_norm_call, reduce_norm, norm_grad_sample),
     F.layer_norm: OpRule(layer_norm_call, reduce_norm, norm_grad_sample),
     F.group_norm: OpRule(group_norm_call, reduce_norm, norm_grad_sample),
@@ -133,9 +137,33 @@ def unregister_reducer(module_type: type[nn.Module]) -> None:
 
 
 def find_reducer(module: nn.Module) -> ReducerEntry | None:
-    """The reducer for ``module``: its type's, else its nearest registered base's with the same forward."""
+    """The reducer for ``module``: its type's, else its nearest registered base's.
+
+    A user's reducer serves the module's own call, so a subclass matches only
+    while it keeps that base's ``forward``. The built-in layers are served
+    call by call, so any subclass matches (timm's ``Linear``, a ``LayerNorm2d``
+    that permutes around ``F.layer_norm``): whatever its forward does with the
+    parameters, the hooks backend serves the calls of :data:`OP_RULES` and
+    refuses every other use it finds in the autograd graph.
+    """
     for cls in type(module).__mro__:
         entry = _REGISTRY.get(cls)
         if entry is not None:
-            return entry if type(module).forward is getattr(cls, "forward") else None
+            return entry if entry.op is not None or type(module).forward is getattr(cls, "forward") else None
     return None
+
+
+def op_served(module: nn.Module) -> ReducerEntry:
+    """The entry of a module no reducer is registered for: its own parameters, served at the calls of
+    :data:`OP_RULES` its forward makes (``F.linear(x, self.weight)`` in a user's layer); any other use is
+    refused when the forward pass shows it."""
+    return ReducerEntry(_no_module_reducer, frozenset(name for name, _ in module.named_parameters(recurse=False)),
+                        op=_served_by_op_rules)
+
+
+def _no_module_reducer(*args: Any) -> list[torch.Tensor]:
+    raise AssertionError("an op-served module has no module reducer")  # the hooks backend never calls it
+
+
+def _served_by_op_rules(*args: Any) -> Any:
+    raise AssertionError("a marker, never called")
