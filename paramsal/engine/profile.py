@@ -14,10 +14,11 @@ from paramsal.engine.backends import (BACKEND_FUNCTIONS, BatchResult, check_samp
                                       prove_sample_layout)
 from paramsal.engine.functional import LossFn, Precision, cross_entropy_per_sample, targeted_loss
 from paramsal.engine.hooks import hooks_refusal
+from paramsal.engine.tasks import check_sequence_labels, is_sequence_task, task_loss
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, UnsupportedUseError, check_choice
 from paramsal.kernels.reduce import Aggregation, check_aggregation
-from paramsal.options import BACKENDS, COMPUTE_PRECISIONS, TARGETS
+from paramsal.options import BACKENDS, COMPUTE_PRECISIONS, TARGETS, TASKS
 
 
 #: What :meth:`Profiler.nonfinite` (and a run's ``nonfinite_param``) says of a sample whose loss alone is not finite.
@@ -57,6 +58,13 @@ class Profiler:
             it: a profile that explains a prediction, no label needed) or a
             class index c (the loss at c for every sample). The targets are
             still checked and returned as given.
+        task: what the model is trained for (:data:`~paramsal.options.TASKS`), which gives the loss when
+            ``loss`` is None: "classification" (cross-entropy, ``[N]``
+            labels), or a sequence task with ``[N, T]`` labels per position,
+            :data:`~paramsal.engine.tasks.IGNORE_INDEX` where none:
+            "token-classification" and "masked-lm" (mean cross-entropy over
+            the labelled positions), "causal-lm" (position t predicts label
+            t + 1). See :mod:`paramsal.engine.tasks`.
         chunk_size: samples per chunk of per-sample work (bounds memory);
             None chooses automatically.
         features: name of a module whose input is returned as each sample's
@@ -90,8 +98,12 @@ class Profiler:
     def __init__(self, model: nn.Module, *, units: UnitsSpec | UnitIndex = "filters", backend: str = "auto",
                  aggregation: Aggregation = "mean_abs", loss: LossFn | None = None,
                  chunk_size: int | None = None, features: str | bool | None = None, precision: str = "float32",
-                 channels_last: bool = False, target: str | int = "label"):
+                 channels_last: bool = False, target: str | int = "label", task: str = "classification"):
         check_aggregation(aggregation)
+        check_choice("task", task, TASKS)
+        if task == "causal-lm" and target != "label":
+            raise InputError(f"target={target!r} is not defined for task='causal-lm' (each position's label is the "
+                             "next input id); use target='label'")
         check_choice("backend", backend, BACKENDS)
         check_choice("precision", precision, COMPUTE_PRECISIONS)
         if chunk_size is not None and chunk_size < 1:
@@ -114,8 +126,10 @@ class Profiler:
         self.backend = backend
         self.aggregation = aggregation
         self.loss = loss
+        self.task = task
         self.target = check_target(target)
-        self._loss = targeted_loss(loss, self.target)
+        self._loss = targeted_loss(loss if loss is not None or task == "classification" else task_loss(task),
+                                   self.target)
         self.chunk_size = chunk_size
         self.features = _features_module(model, features)
         self._run = BACKEND_FUNCTIONS[backend]
@@ -200,7 +214,7 @@ class Profiler:
 
     def _checked(self, inputs: torch.Tensor, targets: torch.Tensor,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        check_batch(inputs, targets, class_indices=self.loss is None)
+        check_batch(inputs, targets, class_indices=self.loss is None and not is_sequence_task(self.task))
         inputs = inputs.to(device)
         if self.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -208,6 +222,9 @@ class Profiler:
 
     def _check_labels(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         classes = self._classes(inputs)
+        if is_sequence_task(self.task):
+            check_sequence_labels(targets, classes)
+            return
         bad = ((targets < 0) | (targets >= classes)).nonzero().flatten()
         if len(bad):
             first = int(bad[0])
@@ -269,7 +286,8 @@ def check_batch(inputs: torch.Tensor, targets: torch.Tensor, *, class_indices: b
 def profile_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, backend: str = "auto",
                   units: UnitsSpec | UnitIndex = "filters", aggregation: Aggregation = "mean_abs",
                   loss: LossFn | None = None, chunk_size: int | None = None, precision: str = "float32",
-                  channels_last: bool = False, target: str | int = "label") -> torch.Tensor:
+                  channels_last: bool = False, target: str | int = "label",
+                  task: str = "classification") -> torch.Tensor:
     """Raw parameter-saliency profiles of a batch, one row per sample.
 
     Row n is ``s_k = mean_{i in unit k} |dL_n/dθ_i|`` (``aggregation="mean_abs"``),
@@ -290,12 +308,14 @@ def profile_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         channels_last: the model's 4-D parameters (converted in place) and
             the inputs in ``torch.channels_last`` (see :class:`Profiler`).
         target: "label", "predicted" or a class index (see :class:`Profiler`).
+        task: "classification" or a sequence task, whose ``targets`` are ``[N, T]`` (see :class:`Profiler`).
 
     Returns:
         ``[N, F]`` in the dtype of the model's parameters.
     """
     profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, loss=loss,
-                        chunk_size=chunk_size, precision=precision, channels_last=channels_last, target=target)
+                        chunk_size=chunk_size, precision=precision, channels_last=channels_last, target=target,
+                        task=task)
     return profiler(inputs, targets).profiles
 
 

