@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import torch
 
 from nets import relative_error
 from paramsal import Profiler, profile_batch

@@ -75,7 +75,7 @@ class SentenceClassifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.pad_id = pad_id
-        self.head = nn.Linear(encoder.config.hidden_size, classes)
+        self.head = nn.Linear(int(getattr(encoder, "config").hidden_size), classes)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """``[N, hidden]`` unit-length sentence embeddings."""
