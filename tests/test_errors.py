@@ -53,16 +53,23 @@ def test_loss_without_per_sample_values_is_rejected():
                       loss=lambda out, y: nn.functional.cross_entropy(out, y))
 
 
-def test_unsupported_module_names_path_type_and_ways_out():
+def test_a_built_in_subclass_with_its_own_forward_is_served_call_by_call_and_a_weight_it_rescales_is_refused():
     class Odd(nn.Conv2d):
-        def forward(self, x):  # a different computation: the conv rule would be wrong
+        def forward(self, x):  # its conv sees other inputs: the call's rule still holds
             return super().forward(x * 2)
 
-    model = nn.Sequential(nn.Sequential(Odd(3, 2, 3)), nn.Flatten(), nn.LazyLinear(2))
-    model(X)
-    with pytest.raises(UnsupportedModuleError, match=r"'0\.0' \(.*Odd\).*register_reducer.*backend='vmap'"):
-        profile_batch(model, X, torch.tensor([0, 1, 0]), backend="hooks")
-    assert profile_batch(model, X, torch.tensor([0, 1, 0])).shape == (3, 2)  # auto falls back to vmap
+    class Rescaled(nn.Conv2d):
+        def forward(self, x):  # its weight is used before the conv: no rule sees that use
+            return self._conv_forward(x, self.weight * 2, self.bias)
+
+    x, y = X.double(), torch.tensor([0, 1, 0])
+    odd = nn.Sequential(nn.Sequential(Odd(3, 2, 3)), nn.Flatten(), nn.Linear(2 * 12 * 12, 2)).double()
+    assert torch.allclose(profile_batch(odd, x, y, backend="hooks"), profile_batch(odd, x, y, backend="loop"),
+                          rtol=1e-10, atol=0)
+    rescaled = nn.Sequential(nn.Sequential(Rescaled(3, 2, 3)), nn.Flatten(), nn.Linear(2 * 12 * 12, 2)).double()
+    with pytest.raises(UnsupportedModuleError, match=r"parameter '0\.0\.weight' is passed to .*mul.*backend='vmap'"):
+        profile_batch(rescaled, x, y, backend="hooks")
+    assert profile_batch(rescaled, x, y).shape == (3, 2)  # auto falls back to vmap
 
 
 def test_subclass_keeping_forward_uses_parent_reducer_and_registry_guards_overrides():

@@ -23,7 +23,8 @@ from torch import nn
 
 from paramsal.engine.functional import FLOAT32, LossFn, Precision, SampleLoss
 from paramsal.engine.graph import parameter_edges
-from paramsal.engine.hooks import HookSession, hook_plan
+from paramsal.engine.hooks import HookSession
+from paramsal.engine.plan import hook_plan
 from paramsal.engine.units import UnitIndex
 from paramsal.errors import InputError, UnsupportedUseError, user_code
 from paramsal.kernels.chunks import auto_chunk, chunk_slices

@@ -124,9 +124,8 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
             ``torch.channels_last`` memory format (faster convolutions on GPUs).
         target: the class each sample's loss is taken at (:class:`paramsal.Profiler`): "label", "predicted" or a
             class index; the run records the labels either way.
-        task: what the model is trained for (:mod:`paramsal.engine.tasks`): "classification" (the default) or a
-            sequence task, whose samples' labels are ``[T]`` per position; the sample table then describes each
-            sample's first labelled position.
+        task: "classification" (the default) or a sequence task (:mod:`paramsal.engine.tasks`: labels ``[T]``
+            per sample; the sample table describes each sample's first labelled position).
         shard: ``(i, n)``: profile only the i-th of n contiguous shares of the
             parts (0 <= i < n), for machines that share no filesystem: each
             writes its own directory, and :func:`paramsal.engine.merge.merge_runs`
@@ -389,10 +388,8 @@ def _manifest(model: nn.Module, data: MapDataset, profiler: Profiler, backend: s
                    "features_module": profiler.features, "precision": profiler.precision,
                    "channels_last": profiler.channels_last, "target": profiler.target, "task": profiler.task,
                    "world_size": world_size},
-        "aggregation": profiler.aggregation,
-        "features": profiler.features is not None,
-        "num_units": len(profiler.index),
-        "num_samples": len(data),
+        "aggregation": profiler.aggregation, "features": profiler.features is not None,
+        "num_units": len(profiler.index), "num_samples": len(data),
         "model_fingerprint": model_fingerprint(model),
         "data_fingerprint": data_fingerprint(data),
         "units_fingerprint": profiler.index.fingerprint(),

@@ -33,55 +33,19 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
 from paramsal.engine.graph import caller_outside, parameter_edges
 from paramsal.engine.units import UnitGroup, UnitIndex
-from paramsal.errors import UnsupportedModuleError, UnsupportedUseError, engine_code
+from paramsal.errors import UnsupportedUseError, engine_code
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
-from paramsal.kernels.registry import OP_RULES, GradSample, Reducer, ReducerEntry, find_reducer, op_served
+from paramsal.engine.plan import Layer
+from paramsal.kernels.registry import OP_RULES, GradSample, Reducer
 
 _next_node = torch._C._autograd._get_sequence_nr
-
-
-@dataclass(frozen=True)
-class _Layer:
-    module: nn.Module
-    entry: ReducerEntry
-    groups: tuple[UnitGroup, ...]
-
-
-def hook_plan(model: nn.Module, index: UnitIndex) -> dict[str, _Layer]:
-    """Which module's reducer serves which unit groups; raises for modules without one."""
-    by_module: dict[str, list[UnitGroup]] = {}
-    for group in index:
-        by_module.setdefault(group.module_name, []).append(group)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
-            raise UnsupportedModuleError(
-                f"module {name!r} ({type(module).__qualname__}) normalizes with batch statistics even in eval "
-                "mode (track_running_stats=False), so a sample's output depends on the rest of its batch; "
-                "use backend='vmap' or 'loop', which see one sample at a time")
-    plan = {}
-    for name, groups in by_module.items():
-        module = model.get_submodule(name)
-        entry = find_reducer(module)
-        if entry is None or any(g.attr not in entry.params for g in groups):
-            entry = op_served(module)  # the forward pass proves or refuses each use
-        plan[name] = _Layer(module, entry, tuple(groups))
-    return plan
-
-
-def hooks_refusal(model: nn.Module, index: UnitIndex) -> str | None:
-    """Why the hooks backend cannot profile ``model`` at all, or None (a forward pass may still show a use no
-    reducer serves)."""
-    try:
-        hook_plan(model, index)
-    except UnsupportedModuleError as exc:
-        return str(exc)
-    return None
 
 
 @dataclass(eq=False)
@@ -136,7 +100,7 @@ class HookSession:
             profiles = session.assemble(len(x), like)
     """
 
-    def __init__(self, plan: dict[str, _Layer], index: UnitIndex, aggregation: Aggregation,
+    def __init__(self, plan: dict[str, Layer], index: UnitIndex, aggregation: Aggregation,
                  chunk_size: int | None, dtype: torch.dtype | None = None, batch: int | None = None):
         """``dtype``: what the reducers compute in (float32 under autocast); None: the captured tensors' own.
         ``batch``: the samples of the forward pass, to which a rule may widen an input shared by all of them."""
@@ -198,6 +162,10 @@ class HookSession:
         rule = OP_RULES.get(func)
         if rule is not None and rule.widen is not None and self._batch:
             args, kwargs = rule.widen(args, kwargs, self._batch)
+        if rule is not None and rule.decompose is not None:
+            out = rule.decompose(args, kwargs, self._served_linear)
+            if out is not None:
+                return out
         first = _next_node()
         out = func(*args, **kwargs)
         stop = _next_node()
@@ -206,6 +174,10 @@ class HookSession:
         with engine_code("tracking of parameter uses"):
             self._record(func, args, kwargs, found, first, stop, out)
         return out
+
+    def _served_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        found = [id(p) for p in (weight, bias) if id(p) in self._params]
+        return self.on_call(F.linear, (x, weight, bias), {}, found) if found else F.linear(x, weight, bias)
 
     def _record(self, func, args: tuple, kwargs: dict, found: list[int], first: int, stop: int, out) -> None:
         owner = self._stack[-1] if self._stack else None

@@ -13,7 +13,7 @@ from torch import nn
 from paramsal.engine.backends import (BACKEND_FUNCTIONS, BatchResult, check_samples_apart, model_outputs,
                                       prove_sample_layout)
 from paramsal.engine.functional import LossFn, Precision, cross_entropy_per_sample, targeted_loss
-from paramsal.engine.hooks import hooks_refusal
+from paramsal.engine.plan import hooks_refusal
 from paramsal.engine.tasks import check_sequence_labels, is_sequence_task, task_loss
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, UnsupportedUseError, check_choice

@@ -3,10 +3,13 @@
 The projections inside the function run on time-major tensors ``[L, N, E]``
 (whatever the module's ``batch_first``), and its packed ``in_proj_weight``
 serves Q, K and V at once, so the Linear reducers cannot serve them. This rule
-serves the whole call instead: each sample's gradients of the call's
-parameters are the vector-Jacobian product of that sample's own attention
-(``torch.func.vjp`` under ``vmap``, a chunk of samples at a time) with its
-output gradient, then reduced to units like any whole gradient.
+serves the whole call instead. A plain self-attention (ViT,
+``nn.TransformerEncoderLayer``) is run as its parts in the forward pass
+(:func:`decomposed_attention`): its projections become batch-first Linear
+calls, served as such. Any other call keeps the function: each sample's
+gradients of its parameters are the vector-Jacobian product of that sample's
+own attention (``torch.func.vjp`` under ``vmap``, a chunk of samples at a
+time) with its output gradient, then reduced to units like any whole gradient.
 
 Served calls: batched (3-D) inputs, no dropout in effect, ``need_weights=False``
 (otherwise the returned attention weights are a second output a loss could
@@ -20,7 +23,7 @@ Other calls are not served, so the hooks backend refuses them by name and
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -51,7 +54,7 @@ class AttentionCall:
 
 
 def attention_call(args: tuple, kwargs: dict[str, Any]
-                   ) -> tuple[AttentionCall | None, torch.Tensor, dict[str, torch.Tensor | None]]:
+                   ) -> tuple[AttentionCall, torch.Tensor, dict[str, torch.Tensor | None]]:
     """Parses a call: ``(call, query [N, L, E], parameters by role)``; no roles for a call this rule cannot serve."""
     bound = _SIGNATURE.bind(*args, **kwargs)
     bound.apply_defaults()
@@ -71,6 +74,42 @@ def attention_call(args: tuple, kwargs: dict[str, Any]
                          None if mask is None else mask.detach(),
                          {name: given[name] for name in PARAMETERS})
     return call, query.transpose(0, 1), roles
+
+
+def decomposed_attention(args: tuple, kwargs: dict[str, Any], linear: Callable[..., torch.Tensor]) -> Any:
+    """A plain self-attention call (:func:`_projections_suffice`) run as its parts, or None for any other call.
+
+    The two projections go through ``linear`` on batch-first tensors, where
+    the hooks backend serves them as Linear layers (rows are samples), and the
+    attention between them through ``F.scaled_dot_product_attention``. Nothing
+    is computed twice then: the batch's own backward pass gives each
+    projection's output gradient. The output equals the call's up to rounding.
+    """
+    call, query, roles = attention_call(args, kwargs)
+    if not roles or not _projections_suffice(call, list(PARAMETERS[:2]) + list(PARAMETERS[4:6])):
+        return None
+    params, heads = call.params, call.settings["num_heads"]
+    batch, steps, width = query.shape
+    packed = linear(query, params["in_proj_weight"], params["in_proj_bias"])  # [N, L, 3E]
+    q, k, v = (t.reshape(batch, steps, heads, width // heads).transpose(1, 2) for t in packed.chunk(3, dim=-1))
+    mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=_additive_mask(call, query, steps))
+    out = linear(mixed.transpose(1, 2).reshape(batch, steps, width), params["out_proj_weight"],
+                 params["out_proj_bias"])
+    return out.transpose(0, 1), None  # time-major, as the call returns it; no weights (need_weights=False)
+
+
+def _additive_mask(call: AttentionCall, query: torch.Tensor, steps: int) -> torch.Tensor | None:
+    """The call's ``attn_mask [L, S]`` and ``key_padding_mask [N, S]`` as one float mask ``[N or 1, 1, L, S]``."""
+    masks = [call.settings["attn_mask"], call.key_padding_mask]
+    if all(m is None for m in masks):
+        return None
+    total = query.new_zeros(1, 1, steps, steps)
+    for mask, shape in zip(masks, ((1, 1, steps, steps), (-1, 1, 1, steps))):
+        if mask is not None:
+            mask = mask.reshape(shape)
+            total = total + (mask.to(query.dtype) if mask.is_floating_point()
+                             else torch.zeros_like(mask, dtype=query.dtype).masked_fill(mask, float("-inf")))
+    return total
 
 
 def attention_grad_sample(call: AttentionCall, activations: torch.Tensor, backprops: torch.Tensor,

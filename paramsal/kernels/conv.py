@@ -282,29 +282,37 @@ def _padded(layer: ConvLayer, activations: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def _tiled_mean_abs(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
-    """``[b, K]`` mean ``|G|`` per output channel, G formed one tile of samples x columns at a time.
-
-    With few output positions L, each per-sample gradient ``G[n] = gy[n] @ P[n]``
-    costs only L multiply-adds per element, so writing all of G out and
-    reading it back would cost more than computing it; each tile is reduced
-    right after its batched matmul instead. Tiles span several samples so that
-    the batched matmul splits its work by sample rather than inside one small
-    product.
-    """
+    """``[b, K]`` mean ``|G|`` per output channel of a convolution, from its patches (:func:`tile_abs_means`)."""
     b, k = backprops.shape[:2]
     g = layer.groups
     columns = conv_patch_columns(layer, activations)  # [b, C * prod(kernel), L]
     positions = columns.shape[2]
-    columns = columns.view(b, g, -1, positions)  # [b, g, J, L]
-    grad_out = backprops.reshape(b, g, k // g, positions)
-    width, rows = columns.shape[2], k // g
+    return tile_abs_means(columns.view(b, g, -1, positions), backprops.reshape(b, g, k // g, positions)).view(b, k)
+
+
+def tile_abs_means(columns: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """``[b, g, R]`` mean over j of ``|G[n, g, r, j]|``, ``G[n, g] = grad_out[n, g] @ columns[n, g]^T``, formed one
+    tile of samples x columns at a time.
+
+    With few positions L, each element of ``G`` costs only L multiply-adds,
+    so writing all of ``G`` out and reading it back would cost more than
+    computing it; each tile is reduced right after its batched matmul
+    instead. Tiles span several samples so that the batched matmul splits its
+    work by sample rather than inside one small product.
+
+    Args:
+        columns: ``[b, g, J, L]`` (a group's patch rows, or a Linear layer's inputs), any strides.
+        grad_out: ``[b, g, R, L]`` the output gradients at the same positions.
+    """
+    b, g, width = columns.shape[:3]
+    rows = grad_out.shape[2]
     cols = min(width, TILE_COLUMNS)
-    sums = backprops.new_zeros(b, g, rows)
+    sums = grad_out.new_zeros(b, g, rows)
     for s in chunk_slices(b, max(1, TILE_ELEMENTS // (g * rows * cols))):
         grad_tile = grad_out[s]
         for patch_tile in columns[s].split(cols, dim=2):
             sums[s] += torch.matmul(grad_tile, patch_tile.transpose(2, 3)).abs_().sum(-1)
-    return sums.view(b, k) / width
+    return sums / width
 
 
 def conv_patch_columns(layer: ConvLayer, activations: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ from torch import nn
 
 from paramsal.errors import InputError
 from paramsal.kernels.attention import PARAMETERS as ATTENTION_PARAMETERS
-from paramsal.kernels.attention import attention_call, attention_grad_sample, reduce_attention
+from paramsal.kernels.attention import (attention_call, attention_grad_sample, decomposed_attention,
+                                        reduce_attention)
 from paramsal.kernels.conv import conv_call, conv_grad_sample, reduce_conv
 from paramsal.kernels.embedding import embedding_call, embedding_grad_sample, embedding_widened, reduce_embedding
 from paramsal.kernels.linear import linear_call, linear_grad_sample, reduce_linear
@@ -68,6 +69,9 @@ class OpRule:
     #: the same call on one copy per sample, whose output broadcasts alike, so that each sample's gradient is
     #: apart (a position embedding looked up once for the whole batch).
     widen: Callable[[tuple, dict, int], tuple[tuple, dict]] | None = None
+    #: ``decompose(args, kwargs, linear) -> output or None``: the call run as parts whose projections go through
+    #: ``linear`` (served as Linear layers), which saves the rule's own pass; None where it does not apply.
+    decompose: Callable[[tuple, dict, Callable[..., torch.Tensor]], Any] | None = None
 
 
 OP_RULES: dict[Callable, OpRule] = {
@@ -78,7 +82,7 @@ OP_RULES: dict[Callable, OpRule] = {
     F.layer_norm: OpRule(layer_norm_call, reduce_norm, norm_grad_sample),
     F.group_norm: OpRule(group_norm_call, reduce_norm, norm_grad_sample),
     F.multi_head_attention_forward: OpRule(attention_call, reduce_attention, attention_grad_sample,
-                                           output=lambda out: out[0]),
+                                           output=lambda out: out[0], decompose=decomposed_attention),
 }
 
 
