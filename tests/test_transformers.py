@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from nets import relative_error
 from paramsal import Profiler, profile_batch, profile_dataset
 from paramsal.engine.tasks import IGNORE_INDEX, first_labelled, next_token_cross_entropy, token_cross_entropy
-from paramsal.errors import InputError, ParamsalWarning
+from paramsal.errors import InputError, ParamsalWarning, UnsupportedUseError
 from paramsal.zoo.hf import TextModel, load_hf_model
 from paramsal.zoo.specs import load_model
 
@@ -165,3 +165,14 @@ def test_timm_architecture_takes_its_weights_from_a_safetensors_file(tmp_path):
         load_model("timm:resnet18")
     with pytest.raises(InputError, match="timm has no model 'nosuchnet'"):
         load_model("timm:nosuchnet", str(tmp_path / "w.safetensors"))
+
+
+def test_an_encoders_additive_mask_gives_the_same_logits_and_lets_vmap_run_it():
+    model = bert()
+    additive = TextModel(model.model, PAD, "classification", additive_mask=True)
+    ids, labels = sentences(), torch.tensor([0, 2, 1, 1, 0])
+    torch.testing.assert_close(additive(ids), model(ids))
+    with pytest.raises(UnsupportedUseError, match="cannot run under torch.func.vmap"):
+        profile_batch(model, ids, labels, backend="vmap", units="linear-columns")
+    got = profile_batch(additive, ids, labels, backend="vmap", units="linear-columns")
+    assert relative_error(got, profile_batch(model, ids, labels, backend="loop", units="linear-columns")) <= TOLERANCE

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paramsal.bench.models import cifar_resnet18, imagenet_resnet50, small_convnext, small_vit
+from paramsal.bench.models import (BERT_LENGTH, BERT_VOCAB, cifar_resnet18, efficientnet_b0, imagenet_resnet50,
+                                   small_bert, small_convnext, small_vit)
 from paramsal.engine.profile import Profiler
+from paramsal.errors import ParamsalWarning, UnsupportedModuleError
 from paramsal.kernels import fused
 
 
@@ -37,11 +39,14 @@ class Case:
     device: str = "cpu"
     #: the unit scheme profiled (the peers are timed on filters only)
     units: str = "filters"
+    #: > 0: the inputs are token ids in ``1..vocab-1`` of shape ``[batch, *input_shape]``
+    vocab: int = 0
 
     def build(self, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         torch.manual_seed(seed)
         model = self.make_model().to(self.device, self.dtype).eval()
-        x = torch.randn(self.batch, *self.input_shape, dtype=self.dtype, device=self.device)
+        x = (torch.randint(1, self.vocab, (self.batch, *self.input_shape), device=self.device) if self.vocab else
+             torch.randn(self.batch, *self.input_shape, dtype=self.dtype, device=self.device))
         y = torch.randint(0, self.classes, (self.batch,), device=self.device)
         return model, x, y
 
@@ -58,8 +63,12 @@ CASES = {
     "resnet50-imagenet": Case("resnet50-imagenet", imagenet_resnet50, (3, 224, 224), 1000, batch=128),
     # ConvNeXt's depthwise 7x7 convs and its channels-last Linear layers (conv+linear: both kinds of units)
     "convnext-tiny": Case("convnext-tiny", small_convnext, (3, 32, 32), 10, batch=32, units="conv+linear"),
-    # a small ViT: patch conv, nn.MultiheadAttention (served whole) and MLP Linear rows
+    # a small ViT: patch conv, nn.MultiheadAttention (its projections served as Linear layers) and MLP Linear rows
     "vit-small": Case("vit-small", small_vit, (3, 32, 32), 10, batch=32, units="linear-rows"),
+    "efficientnet-b0": Case("efficientnet-b0", efficientnet_b0, (3, 32, 32), 10, batch=32, units="conv+linear"),
+    # transformers' BERT with the paper's column units for transformers
+    "bert-small": Case("bert-small", small_bert, (BERT_LENGTH,), 10, batch=32, units="linear-columns",
+                       vocab=BERT_VOCAB),
 }
 
 METHODS = ("plain", "loop", "hooks", "vmap")
@@ -229,7 +238,11 @@ def run(case: Case, methods: tuple[str, ...] = METHODS, repeats: int = 3, memory
     wanted = ["plain", "loop"] + [m for m in methods if m not in ("plain", "loop")]
     timings = []
     for name in wanted:
-        seconds = time_method(method(name, model, x, y, case.units), repeats, device=case.device)
+        try:
+            seconds = time_method(method(name, model, x, y, case.units), repeats, device=case.device)
+        except UnsupportedModuleError as exc:  # a backend that cannot run this model at all (vmap on BERT)
+            warnings.warn(f"{case.name}: method {name} left out: {exc}", ParamsalWarning, stacklevel=2)
+            continue
         timing = Timing(case.name, name, case.batch, seconds, device=case.device,
                         dtype=str(case.dtype).removeprefix("torch."))
         if memory:
@@ -257,7 +270,7 @@ def table(timings: list[Timing]) -> str:
     """A Markdown table: samples/s (median), ratio to plain forward+backward and to the loop."""
     by_method = {t.method: t for t in timings}
     plain, loop = by_method["plain"].samples_per_s, by_method["loop"].samples_per_s
-    peers = [t for t in timings if t.method in PEERS]
+    peers = [t for t in timings if t.method in PEERS + ("vmap", VMAP_WHOLE)]
     lines = [f"case {timings[0].case}, batch {timings[0].batch}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, {device_name(timings[0].device)}, {timings[0].dtype}",
              "", "| method | samples/s | x plain | x loop |" + "".join(f" x {p.method} |" for p in peers)

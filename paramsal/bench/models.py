@@ -30,3 +30,27 @@ def small_vit(num_classes: int = 10) -> nn.Module:
 def small_convnext(num_classes: int = 10) -> nn.Module:
     """torchvision's convnext_tiny as is (depthwise 7x7 convs, channels-last Linear layers, LayerNorm2d)."""
     return torchvision.models.convnext_tiny(num_classes=num_classes)
+
+
+def efficientnet_b0(num_classes: int = 10) -> nn.Module:
+    """torchvision's efficientnet_b0 as is: depthwise convs, squeeze-and-excitation, SiLU."""
+    return torchvision.models.efficientnet_b0(num_classes=num_classes)
+
+
+#: The small BERT-style encoder's vocabulary and sequence length.
+BERT_VOCAB, BERT_LENGTH = 8000, 64
+
+
+def small_bert(num_classes: int = 10) -> nn.Module:
+    """A BERT-style sequence classifier of ``transformers`` (4 layers of width 256, 4 heads), random weights,
+    taking token ids ``[N, 64]`` (:class:`paramsal.zoo.hf.TextModel`, with the mask vmap can run)."""
+    import transformers
+
+    from paramsal.zoo.hf import TextModel
+
+    config = transformers.BertConfig(vocab_size=BERT_VOCAB, hidden_size=256, num_hidden_layers=4,
+                                     num_attention_heads=4, intermediate_size=1024, max_position_embeddings=128,
+                                     pad_token_id=0)
+    config.num_labels = num_classes
+    # the additive mask lets the vmap baselines run it too (an encoder: no causality to lose)
+    return TextModel(transformers.BertForSequenceClassification(config), 0, "classification", additive_mask=True)

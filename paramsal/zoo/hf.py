@@ -39,15 +39,25 @@ class TextModel(nn.Module):
         task: what its head is trained for (:data:`~paramsal.options.TASKS`).
     """
 
-    def __init__(self, model: nn.Module, pad_token_id: int | None, task: str):
+    def __init__(self, model: nn.Module, pad_token_id: int | None, task: str, *, additive_mask: bool = False):
+        """``additive_mask``: pass the mask as the 4-D float mask ``[N, 1, 1, T]`` an encoder adds to its attention
+        scores, which ``torch.func.vmap`` can run (the 2-D mask goes through a branch on its values). Only for
+        bidirectional encoders: a causal model takes a 4-D mask as its whole mask, without its causality."""
         super().__init__()
         self.model = model
         self.pad_token_id = pad_token_id
         self.task = task
+        self.additive_mask = additive_mask
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        mask = None if self.pad_token_id is None else (ids != self.pad_token_id).long()
-        return self.model(input_ids=ids, attention_mask=mask).logits
+        if self.pad_token_id is None:
+            return self.model(input_ids=ids).logits
+        kept = ids != self.pad_token_id
+        if not self.additive_mask:
+            return self.model(input_ids=ids, attention_mask=kept.long()).logits
+        dtype = next(self.model.parameters()).dtype
+        scores = torch.zeros(kept.shape, dtype=dtype, device=ids.device).masked_fill(~kept, torch.finfo(dtype).min)
+        return self.model(input_ids=ids, attention_mask=scores[:, None, None, :]).logits
 
 
 def task_of(config) -> str:
