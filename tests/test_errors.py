@@ -138,3 +138,25 @@ def test_analysis_counts_must_be_integers_of_at_least_one(analysis, option):
     assert getattr(cls(**{option: np.int64(3)}), option) == 3
     with pytest.raises(InputError, match="seed must be an integer >= 0, got -1"):
         paramsal.Pruning(seed=-1)
+
+
+def test_a_parameter_added_to_or_multiplied_with_something_else_than_a_batch_is_refused():
+    class Masked(nn.Module):
+        def __init__(self, use: str):
+            super().__init__()
+            self.use = use
+            self.layer_scale = nn.Parameter(torch.rand(4, 1, 1, dtype=torch.float64))
+            self.conv = nn.Conv2d(3, 4, 3).double()
+
+        def forward(self, x):
+            h = self.conv(x)
+            if self.use == "twice":  # scaled by a number first: a use no rule serves
+                return (h * (2 * self.layer_scale)).mean((2, 3))
+            return (h * self.layer_scale).mean((2, 3))
+
+    x, y = X.double(), torch.tensor([0, 1, 3])
+    served = Masked("batch")
+    assert torch.allclose(profile_batch(served, x, y, backend="hooks", units="layer-scale"),
+                          profile_batch(served, x, y, backend="loop", units="layer-scale"), rtol=1e-10, atol=0)
+    with pytest.raises(UnsupportedModuleError, match=r"parameter 'layer_scale' is passed to torch.*mul"):
+        profile_batch(Masked("twice"), x, y, backend="hooks", units="layer-scale")

@@ -32,8 +32,10 @@ class Architecture:
 
 
 def small_vit() -> nn.Module:
-    return tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-                                 num_classes=10)
+    model = tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                                  num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts it at zero: no gradient below it
+    return model
 
 
 def timm_model(name: str, **options) -> Callable[[], nn.Module]:
@@ -118,3 +120,34 @@ def test_inceptions_auxiliary_branch_gets_exactly_no_gradient_in_eval_mode():
     aux = [g for g in profiler.index if g.module_name.startswith("AuxLogits.")]
     assert aux and all((profiles[:, g.offset:g.stop] == 0).all() for g in aux)
     assert (profiles[:, [g.offset for g in profiler.index if not g.module_name.startswith("AuxLogits.")]] > 0).any()
+
+
+#: (architecture, unit scheme, the backend auto ends on): the optional units of parameters added to or multiplied
+#: with a batch. timm's ConvNeXt reshapes its gamma before the product, a use no rule serves.
+ELEMENTWISE_UNITS = [
+    ("convnext_tiny", lambda: tvm.convnext_tiny(num_classes=10), "layer-scale", "hooks"),
+    ("vit_small", small_vit, "position-embedding", "hooks"),
+    ("timm:vit_tiny", timm_model("vit_tiny_patch16_224", img_size=32, patch_size=8, init_values=0.1), "layer-scale",
+     "hooks"),
+    ("timm:vit_tiny", timm_model("vit_tiny_patch16_224", img_size=32, patch_size=8), "position-embedding", "hooks"),
+    ("timm:convnext_atto", timm_model("convnext_atto"), "layer-scale", "vmap"),
+]
+
+
+@pytest.mark.parametrize("name, make, units, backend", ELEMENTWISE_UNITS, ids=lambda v: v if isinstance(v, str) else "")
+def test_layer_scale_and_position_embedding_units_equal_the_loop(name: str, make, units: str, backend: str):
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = settled(make())
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    y = torch.tensor([1, 7, 3])
+    want = profile_batch(model, x, y, backend="loop", units=units)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        profiler = Profiler(model, units=units)
+        got = profiler(x, y).profiles
+    notes = [str(w.message) for w in caught if issubclass(w.category, ParamsalWarning)]
+    assert profiler.backend == backend and len(notes) == (backend != "hooks")
+    assert relative_error(got, want) <= TOLERANCE
+    assert (want > 0).all()  # every position and channel carries gradient: the units are not trivially zero

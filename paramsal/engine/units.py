@@ -130,7 +130,11 @@ def units_of(model: nn.Module, units: UnitsSpec = "filters") -> UnitIndex:
             (one unit per head of each attention's Q, K, V and output
             projections: ``nn.MultiheadAttention`` and transformers-style
             attention modules with Linear projections), "norm" (BatchNorm / LayerNorm / GroupNorm
-            weight and bias, one unit per channel), or a callable
+            weight and bias, one unit per channel), "layer-scale" (one unit
+            per channel of each layer-scale vector: ConvNeXt's
+            ``layer_scale``, timm's ``gamma``), "position-embedding" (one unit
+            per position of each learned position embedding ``[1, T, D]``:
+            ViT's ``pos_embedding``, timm's ``pos_embed``), or a callable
             ``fn(param_name, param) -> LongTensor | None`` giving each element's
             unit (the general scatter path).
 
@@ -182,6 +186,10 @@ def _scheme(units: UnitsSpec) -> Callable[[str, torch.Tensor, nn.Module], _Choic
             "weight", "bias") else None
     if units == "embedding-rows":
         return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, (nn.Embedding,)) else None
+    if units == "layer-scale":
+        return _layer_scale
+    if units == "position-embedding":
+        return _position_embedding
     raise InputError(f"unknown units {units!r}; expected one of {', '.join(UNIT_SCHEMES)} or a callable")
 
 
@@ -228,6 +236,32 @@ def _heads_of(model: nn.Module) -> Callable[[str, torch.Tensor, nn.Module], _Cho
         return "custom", (torch.arange(param.shape[1]) // width)[None, :].expand(param.shape).contiguous()
 
     return select
+
+
+#: What layer-scale and position-embedding parameters are called (torchvision's ConvNeXt and ViT, timm).
+_LAYER_SCALE_NAMES = ("layer_scale", "gamma", "gamma_1", "gamma_2", "layer_scale_1", "layer_scale_2")
+_POSITION_NAMES = ("pos_embedding", "pos_embed", "position_embedding", "position_embeddings")
+
+
+def _layer_scale(name: str, param: torch.Tensor, module: nn.Module) -> _Choice:
+    """One unit per channel of a per-channel scale (``[C]``, ``[C, 1, 1]``): the only dimension longer than 1."""
+    long = [d for d, size in enumerate(param.shape) if size > 1]
+    if name.rpartition(".")[2] not in _LAYER_SCALE_NAMES or len(long) != 1:
+        return None
+    return _along(param, long[0])
+
+
+def _position_embedding(name: str, param: torch.Tensor, module: nn.Module) -> _Choice:
+    """One unit per position of a learned position embedding ``[1, T, D]``: the positions' dimension."""
+    if name.rpartition(".")[2] not in _POSITION_NAMES or isinstance(module, nn.Embedding) or param.dim() < 2:
+        return None
+    return _along(param, param.dim() - 2)
+
+
+def _along(param: torch.Tensor, dim: int) -> _Choice:
+    shape = [1] * param.dim()
+    shape[dim] = param.shape[dim]
+    return "custom", torch.arange(param.shape[dim]).reshape(shape).expand(param.shape).contiguous()
 
 
 def _is_weight_of(name: str, module: nn.Module, types: tuple[type, ...]) -> bool:

@@ -8,7 +8,8 @@ registered class's ``forward``: a subclass that computes something else with
 the same weights (weight standardization, say) would make the rule wrong.
 
 The built-in layers (Conv1d/2d/3d, Linear, Embedding, the norms' affine parameters; ``nn.MultiheadAttention`` through
-``F.multi_head_attention_forward``) are served one level lower: their
+``F.multi_head_attention_forward``) are served one level lower, and so is a parameter added to or multiplied with a
+batch (position embeddings, layer scales): their
 forward is one call of a torch function on their parameters, and
 :data:`OP_RULES` serves such calls wherever they happen (inside the module,
 on a weight shared with another module, in a second call, or through
@@ -31,6 +32,7 @@ from paramsal.kernels.attention import PARAMETERS as ATTENTION_PARAMETERS
 from paramsal.kernels.attention import (attention_call, attention_grad_sample, decomposed_attention,
                                         reduce_attention)
 from paramsal.kernels.conv import conv_call, conv_grad_sample, reduce_conv
+from paramsal.kernels.elementwise import add_call, elementwise_grad_sample, mul_call, reduce_elementwise
 from paramsal.kernels.embedding import embedding_call, embedding_grad_sample, embedding_widened, reduce_embedding
 from paramsal.kernels.linear import linear_call, linear_grad_sample, reduce_linear
 from paramsal.kernels.norm import batch_norm_call, group_norm_call, layer_norm_call, norm_grad_sample, reduce_norm
@@ -81,6 +83,8 @@ OP_RULES: dict[Callable, OpRule] = {
     F.batch_norm: OpRule(batch_norm_call, reduce_norm, norm_grad_sample),
     F.layer_norm: OpRule(layer_norm_call, reduce_norm, norm_grad_sample),
     F.group_norm: OpRule(group_norm_call, reduce_norm, norm_grad_sample),
+    **{op: OpRule(add_call, reduce_elementwise, elementwise_grad_sample) for op in (torch.add, torch.Tensor.add)},
+    **{op: OpRule(mul_call, reduce_elementwise, elementwise_grad_sample) for op in (torch.mul, torch.Tensor.mul)},
     F.multi_head_attention_forward: OpRule(attention_call, reduce_attention, attention_grad_sample,
                                            output=lambda out: out[0], decompose=decomposed_attention),
 }
