@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nets import relative_error
+import paramsal
 from paramsal import Profiler, profile_batch, profile_dataset
 from paramsal.engine.tasks import IGNORE_INDEX, first_labelled, next_token_cross_entropy, token_cross_entropy
 from paramsal.errors import InputError, ParamsalWarning, UnsupportedUseError
@@ -119,6 +120,11 @@ def test_masked_lm_run_profiles_the_masked_tokens_loss_and_records_the_masked_to
     np.testing.assert_allclose(run.profiles(standardized=False), want.float().numpy(), rtol=2e-5, atol=1e-12)
     logits = model(ids)[rows, masked]
     assert table.column("pred").to_pylist() == logits.argmax(1).tolist()
+    from paramsal.analyses import Neighbors, Pruning
+
+    with pytest.raises(InputError, match="profiled a 'masked-lm' model: the analyses that evaluate the model again"):
+        Pruning(model, ks=(1,)).evaluate(run, data)
+    assert len(Neighbors(k=1, among="all", spaces=("saliency",)).evaluate(run, samples=[0, 1]).table) == 2
 
 
 def test_token_classification_checks_its_labels():
@@ -176,3 +182,29 @@ def test_an_encoders_additive_mask_gives_the_same_logits_and_lets_vmap_run_it():
         profile_batch(model, ids, labels, backend="vmap", units="linear-columns")
     got = profile_batch(additive, ids, labels, backend="vmap", units="linear-columns")
     assert relative_error(got, profile_batch(model, ids, labels, backend="loop", units="linear-columns")) <= TOLERANCE
+
+
+def test_the_command_line_profiles_an_hf_directory_with_its_heads_task(tmp_path, monkeypatch, capsys):
+    from paramsal.cli import main
+
+    model = bert("masked-lm")
+    model.model.config.architectures = ["BertForMaskedLM"]
+    model.model.save_pretrained(tmp_path / "bert")
+    ids = sentences(4)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 2] = ids[:, 2]
+    torch.save({"ids": ids, "labels": labels}, tmp_path / "tokens.pt")
+    (tmp_path / "text_data.py").write_text(
+        "import torch\n"
+        "def masked():\n"
+        f"    saved = torch.load({str(tmp_path / 'tokens.pt')!r})\n"
+        "    return torch.utils.data.TensorDataset(saved['ids'], saved['labels'])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert main(["profile", "--model", f"hf:{tmp_path / 'bert'}", "--data", "text_data:masked", "--units", "heads",
+                 "--out", str(out), "--quiet"]) == 0
+    run = paramsal.open_run(out)
+    assert run.manifest["config"]["task"] == "masked-lm" and run.manifest["source"]["model"].startswith("hf:/")
+    want = profile_batch(load_model(f"hf:{tmp_path / 'bert'}"), ids, labels, backend="loop", units="heads",
+                         task="masked-lm")
+    np.testing.assert_allclose(run.profiles(standardized=False), want.numpy(), rtol=2e-4, atol=1e-7)

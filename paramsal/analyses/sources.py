@@ -182,6 +182,11 @@ def run_units(run: Run, model: nn.Module, units: UnitsSpec | UnitIndex | None = 
             act on the wrong filters without a sign.
     """
     config = run.manifest.get("config", {})
+    task = config.get("task", "classification")
+    if task != "classification":  # the analyses that run the model again take its loss as a classifier's
+        raise InputError(f"{run.path} profiled a {task!r} model: the analyses that evaluate the model again "
+                         "(pruning, fine-tuning, input saliency, masking, sanity checks) take classification runs "
+                         "only; neighbours, statistics and the comparisons of runs take any run")
     units = units if units is not None else config.get("units", "filters")
     index = units if isinstance(units, UnitIndex) else units_of(model, units)
     if index.fingerprint() != run.manifest.get("units_fingerprint"):
