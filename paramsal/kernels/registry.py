@@ -1,20 +1,21 @@
-"""The one registry of per-layer reducers, keyed by module type.
+"""The one registry of per-layer reducers, keyed by module type, and the rules for torch functions.
 
 A reducer turns a layer's saved input and its output gradient into per-sample,
 per-unit saliency ``[B, units]`` for each of the layer's parameters that carry
-units; it never returns the full per-sample gradient. Lookup walks the
-module's MRO, so subclasses are found, but only while they keep the
-registered class's ``forward``: a subclass that computes something else with
-the same weights (weight standardization, say) would make the rule wrong.
+units; it never returns the full per-sample gradient.
 
-The built-in layers (Conv1d/2d/3d, Linear, Embedding, the norms' affine parameters; ``nn.MultiheadAttention`` through
-``F.multi_head_attention_forward``) are served one level lower, and so is a parameter added to or multiplied with a
-batch (position embeddings, layer scales): their
-forward is one call of a torch function on their parameters, and
-:data:`OP_RULES` serves such calls wherever they happen (inside the module,
-on a weight shared with another module, in a second call, or through
-``F.conv2d(x, self.conv.weight)`` elsewhere). A user's reducer serves the
-module's own call.
+The built-in layers (Conv1d/2d/3d, Linear, Embedding, the norms' affine
+parameters; ``nn.MultiheadAttention`` through ``F.multi_head_attention_forward``)
+are served one level lower: their forward is one call of a torch function on
+their parameters, and :data:`OP_RULES` serves such calls wherever they happen
+(inside the module or a subclass with its own forward, on a weight shared with
+another module, in a second call, or through ``F.conv2d(x, self.conv.weight)``
+elsewhere), and so a parameter added to or multiplied with a batch (position
+embeddings, layer scales). A module of no registered type is served the same
+way (:func:`op_served`). A user's reducer serves the module's own call, so
+lookup walks the module's MRO but finds a registered base only while the
+subclass keeps that base's ``forward``: a subclass that computes something
+else with the same weights would make that reducer wrong.
 """
 
 from __future__ import annotations
