@@ -167,3 +167,26 @@ def test_tiled_strategy_with_many_small_tiles_equals_loop(case: Case, monkeypatc
     with conv.conv_strategy("tiled"):
         got = profile_batch(model, x, y, backend="hooks", units=case.units)
     assert relative_error(got, want) <= TOLERANCE[torch.float64]
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_depthwise_convs_on_small_maps_equal_loop(size: int):
+    """The small-map path of depthwise convolutions: 7x7 kernels with 'same' padding on 1x1 and 2x2 maps, where
+    most of each filter's weights see only padding (their gradient is exactly 0)."""
+    from paramsal.kernels import conv
+
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 7, padding=3, groups=6), nn.Tanh(),
+                          nn.Conv2d(6, 6, (5, 3), padding=(2, 1), groups=6), nn.Flatten(),
+                          nn.Linear(6 * size * size, 4)).double()
+    x, y = torch.randn(5, 3, size, size, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0])
+    maps = torch.zeros(5, 6, size, size, dtype=torch.float64)
+    for position, padding in ((1, (3, 3)), (3, (2, 1))):
+        layer = conv.ConvCall(model[position].weight, (1, 1), padding, (1, 1), 6)
+        group = units_of(model, "filters").groups[(position + 1) // 2]
+        assert conv._strategy(layer, maps, maps, group, "mean_abs") is conv.small_map_depthwise_units
+    want = profile_batch(model, x, y, backend="loop", units="filters")
+    for aggregation in ("mean_abs", "abs_mean"):
+        got = profile_batch(model, x, y, backend="hooks", units="filters", aggregation=aggregation)
+        assert relative_error(got, profile_batch(model, x, y, backend="loop", units="filters",
+                                                 aggregation=aggregation)) <= TOLERANCE[torch.float64]
+    assert (want[:, 6:] > 0).all()  # the depthwise filters' units carry gradient

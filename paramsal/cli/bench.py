@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from paramsal.cli.parsing import positive_int
-from paramsal.options import DEVICES
+from paramsal.options import DEVICES, UNIT_SCHEMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "(vmap over the whole batch at once) and hooks-torch (hooks without the fused "
                             "GPU kernel)")
     bench.add_argument("--batch", type=positive_int, default=None, help="batch size (default: the case's)")
+    bench.add_argument("--units", choices=UNIT_SCHEMES, default=None, help="unit scheme (default: the case's)")
     bench.add_argument("--device", default=None, help=f"{DEVICES} (default: cuda when there is one)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     bench.add_argument("--repeats", type=positive_int, default=3)
@@ -63,6 +64,8 @@ def bench_command(args: argparse.Namespace) -> int:
         case = dataclasses.replace(CASES[name], device=device, dtype=getattr(torch, args.dtype))
         if args.batch:
             case = dataclasses.replace(case, batch=args.batch)
+        if args.units:
+            case = dataclasses.replace(case, units=args.units)
         timings = run(case, methods, args.repeats)
         results.extend(records(timings))
         print(table(timings))

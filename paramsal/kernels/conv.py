@@ -34,14 +34,19 @@ TILE_COLUMNS = 256
 #: layer, tiled vs grouped in ms: resnet 1x32x32 stem 3.6 vs 9.3, 16x16 maps
 #: (256 positions) 33 vs 32, 8x8 maps 35 vs 64, 4x4 maps 47 vs 190; demo CNN
 #: 14x14 maps 3.1 vs 1.6, 7x7 maps 2.9 vs 3.0. A fixed rule keeps every
-#: run's numbers identical to the last bit. Depthwise convolutions (one filter
-#: per group) always go the grouped way: their per-sample gradient (49 weights
-#: per channel for 7x7) is far smaller than their patches. ConvNeXt-tiny's 7x7
-#: ones at batch 32, grouped vs tiled, in ms: 96 channels on 8x8 maps 3.4 vs
-#: 26, 192 on 4x4 3.6 vs 9.1, 384 on 2x2 4.0 vs 8.3 (the patch copy dominates);
-#: on 1x1 maps (768 channels) tiles win again, 3 vs 7 ms.
+#: run's numbers identical to the last bit.
 TILED_MAX_POSITIONS = 64
 TILED_MAX_WIDTH = 64
+
+#: Depthwise convolutions (one filter per group) go the grouped way: their
+#: per-sample gradient (49 weights per channel for 7x7) is far smaller than
+#: their patches. ConvNeXt-tiny's 7x7 ones at batch 32, grouped vs tiled, in
+#: ms: 96 channels on 8x8 maps 3.4 vs 26, 192 on 4x4 3.6 vs 9.1 (the patch
+#: copy dominates). On maps of at most this many positions (with "same" zero
+#: padding, stride 1) the gradient is a correlation of a few shifts instead
+#: (:func:`small_map_depthwise_units`): 384 channels on 2x2 maps 1.9 vs 5.5 ms
+#: grouped; on 4x4 maps that loses, 8.6 vs 3.7.
+SMALL_MAP_POSITIONS = 4
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,27 @@ def tiled_weight_units(layer: ConvLayer, activations: torch.Tensor, backprops: t
     return torch.cat([_tiled_mean_abs(layer, activations[s], backprops[s]) for s in chunk_slices(batch, chunk)])
 
 
+def small_map_depthwise_units(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor,
+                              group: ParamUnits, aggregation: Aggregation, chunk_size: int | None) -> torch.Tensor:
+    """``[B, K]`` mean ``|G|`` per filter of a depthwise 2-D conv with "same" zero padding on maps of a few positions.
+
+    Filter weight ``(i, j)`` of sample n sees the input shifted by
+    ``(i - P, j - P)``; on an ``H x W`` map only the ``(2H-1) x (2W-1)``
+    shifts around the centre see any input, the others only padding (their
+    gradient is exactly 0). So ``G`` is the full correlation of the input with
+    the output gradient, cut to the kernel: ``[B, C, 2H-1, 2W-1]`` products of
+    ``H x W`` terms, against the ``K x K`` patches of every position.
+    """
+    b, c, h, w = activations.shape
+    kh, kw = layer.kernel_size
+    ph, pw = (int(p) for p in layer.padding)
+    padded = F.pad(activations, (w - 1, w - 1, h - 1, h - 1))
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # [B, C, 2H-1, 2W-1, H, W]
+    full = torch.einsum("ncabhw,nchw->ncab", windows, backprops)
+    kept = full[:, :, max(0, h - 1 - ph):h - 1 - ph + kh, max(0, w - 1 - pw):w - 1 - pw + kw]
+    return kept.abs().flatten(2).sum(2) / (kh * kw)
+
+
 STRATEGIES = {"grouped": grouped_weight_units, "tiled": tiled_weight_units}
 
 _forced: list[str] = []
@@ -229,10 +255,23 @@ def _strategy(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tens
     if _forced:
         return STRATEGIES[_forced[-1]]
     positions = math.prod(backprops.shape[2:])
+    if _small_map_depthwise(layer, activations, backprops, positions):
+        return small_map_depthwise_units
     if layer.weight.shape[0] == layer.groups and positions > 1:
         return grouped_weight_units  # one filter per group (depthwise): its gradient is smaller than its patches
     width = layer.weight[0].numel()
     return tiled_weight_units if positions <= TILED_MAX_POSITIONS or width <= TILED_MAX_WIDTH else grouped_weight_units
+
+
+def _small_map_depthwise(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor,
+                         positions: int) -> bool:
+    """A depthwise 2-D conv (one input and one output channel per group), stride and dilation 1, zero padding
+    that keeps the map's size, on maps of at most :data:`SMALL_MAP_POSITIONS` positions."""
+    padding = layer.padding
+    return (layer.weight.dim() == 4 and layer.weight.shape[0] == layer.groups == layer.in_channels
+            and positions <= SMALL_MAP_POSITIONS and layer.padding_mode == "zeros" and not isinstance(padding, str)
+            and tuple(layer.stride) == (1, 1) and tuple(layer.dilation) == (1, 1)
+            and tuple(activations.shape[2:]) == tuple(backprops.shape[2:]))
 
 
 def _fusable(layer: ConvLayer, group: ParamUnits, aggregation: Aggregation) -> bool:
