@@ -27,13 +27,13 @@ $(STAMP): pyproject.toml Makefile
 test: lint browser
 	$(BIN)/python -m pytest -q
 
-# Everything make test runs, plus the whole of the model sweeps (marked full): about N minutes on 2 cores.
+# Everything make test runs, plus the whole of the model sweeps (the tests marked full, about a minute more).
 test-all: lint browser
 	$(BIN)/python -m pytest -q -m 'not bench'
 
 # The linter and the type checker, configured in pyproject.toml; both must be clean.
 lint: $(STAMP)
-	$(BIN)/ruff check paramsal tests scripts
+	$(BIN)/ruff check paramsal tests scripts examples
 	$(BIN)/mypy
 
 # The report's browser test needs Debian's chromium; without root or a registry it is skipped, with a note.
