@@ -17,6 +17,9 @@ Prints and saves:
   fused kernel and with the torch path (medians), the ratio to plain, the
   projected time for the 50,000 ImageNet validation images and the peak
   memory of a first call;
+* the architectures of the model-coverage table (ResNet-18, ConvNeXt, ViT,
+  EfficientNet, BERT) at batch 64: hooks against plain, loop, vmap and
+  whole-batch vmap;
 * the data path: ``profile_dataset`` end to end on ImageNet-sized JPEGs
   decoded by the default DataLoader workers, against the profiler alone on
   in-memory batches (how busy the GPU is kept), in float32 and bf16.
@@ -37,7 +40,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from paramsal import profile_batch  # noqa: E402
-from paramsal.bench.harness import CASES, HOOKS_TORCH, device_name, records, run, table  # noqa: E402
+from paramsal.bench.harness import CASES, HOOKS_TORCH, VMAP_WHOLE, device_name, records, run, table  # noqa: E402
 from paramsal.kernels import fused  # noqa: E402
 from paramsal.kernels.conv import conv_weight_grad_sample  # noqa: E402
 
@@ -96,6 +99,24 @@ def throughput(batch: int, repeats: int, device: str) -> list[dict]:
     plain = next(t for t in timings if t.method == "plain")
     return [{**row, "x_plain": plain.median / row["median_s"], "projected_50k_s": 50_000 * row["median_s"] / batch}
             for row in records(timings)]
+
+
+#: The architectures of the model-coverage table, each with the units its bench case profiles (and ConvNeXt with
+#: the paper's filters too).
+ARCHITECTURES = (("resnet18-cifar", None), ("convnext-tiny", None), ("convnext-tiny", "filters"), ("vit-small", None),
+                 ("efficientnet-b0", None), ("bert-small", None))
+
+
+def architectures(batch: int, repeats: int, device: str) -> list[dict]:
+    """The model-coverage cases through the harness: plain, loop, hooks, vmap and whole-batch vmap."""
+    rows = []
+    for name, units in ARCHITECTURES:
+        case = dataclasses.replace(CASES[name], batch=batch, device=device, units=units or CASES[name].units)
+        timings = run(case, ("hooks", "vmap", VMAP_WHOLE), repeats, memory=False)
+        print(table(timings), flush=True)
+        plain = next(t for t in timings if t.method == "plain")
+        rows += [{**row, "units": case.units, "x_plain": plain.median / row["median_s"]} for row in records(timings)]
+    return rows
 
 
 def _sync(device: str) -> None:
@@ -181,6 +202,7 @@ def main() -> None:
     stage("correctness", lambda: correctness(args.device))
     torch.backends.cudnn.allow_tf32 = True  # torch's default, for plain and hooks alike
     stage("resnet50", lambda: throughput(args.batch, args.repeats, args.device))
+    stage("architectures", lambda: architectures(64, args.repeats, args.device))
     stage("data_path", lambda: [data_path(args.device, args.samples, args.batch, precision)
                                 for precision in ("float32", "bf16")])
 
