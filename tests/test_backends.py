@@ -190,3 +190,34 @@ def test_depthwise_convs_on_small_maps_equal_loop(size: int):
         assert relative_error(got, profile_batch(model, x, y, backend="loop", units="filters",
                                                  aggregation=aggregation)) <= TOLERANCE[torch.float64]
     assert (want[:, 6:] > 0).all()  # the depthwise filters' units carry gradient
+
+
+def test_pointwise_convs_on_one_position_and_on_small_maps_equal_loop():
+    """A squeeze-and-excitation block's 1x1 convs on a 1x1 map (rank-one gradients), grouped too, and a 1x1 conv on
+    a 3x3 map (its patches are its input)."""
+    from paramsal.kernels import conv
+
+    class Excite(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 1)
+            self.squeeze = nn.Conv2d(8, 4, 1)
+            self.expand = nn.Conv2d(4, 8, 1, groups=2)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.stem(x))
+            scale = torch.sigmoid(self.expand(torch.tanh(self.squeeze(h.mean((2, 3), keepdim=True)))))
+            return self.fc((h * scale).mean((2, 3)))
+
+    model = Excite().double()
+    x, y = torch.randn(5, 3, 3, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+    one = torch.zeros(5, 8, 1, 1, dtype=torch.float64)
+    groups = units_of(model, "filters").groups
+    assert conv._strategy(conv.ConvCall(model.expand.weight, (1, 1), (0, 0), (1, 1), 2), one[:, :4], one,
+                          groups[2], "mean_abs") is conv.single_position_units
+    assert torch.equal(conv.conv_patch_columns(model.stem, x), x.reshape(5, 3, 9))
+    for aggregation in ("mean_abs", "abs_mean"):
+        got = profile_batch(model, x, y, backend="hooks", units="filters", aggregation=aggregation)
+        want = profile_batch(model, x, y, backend="loop", units="filters", aggregation=aggregation)
+        assert relative_error(got, want) <= TOLERANCE[torch.float64] and (want > 0).all()
