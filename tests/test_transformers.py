@@ -156,6 +156,12 @@ def test_hf_directory_loads_offline_with_its_own_head(tmp_path):
     torch.testing.assert_close(loaded.double()(ids), model(ids))
     with pytest.raises(InputError, match="holds no config.json"):
         load_hf_model(tmp_path)
+    model.model.bert.save_pretrained(tmp_path / "encoder")  # an encoder without the classifier
+    with pytest.raises(InputError, match=r"no weights for 2 parameter\(s\) of a classification model \(classifier"):
+        load_model(f"hf:{tmp_path / 'encoder'}")
+    torch.save(loaded.state_dict(), tmp_path / "whole.pt")
+    again = load_model(f"hf:{tmp_path / 'encoder'}", str(tmp_path / "whole.pt"))
+    torch.testing.assert_close(again.double()(ids), model(ids))
 
 
 def test_timm_architecture_takes_its_weights_from_a_safetensors_file(tmp_path):

@@ -69,16 +69,20 @@ def task_of(config) -> str:
     return "classification"
 
 
-def load_hf_model(directory: str | os.PathLike, task: str | None = None, num_classes: int | None = None) -> TextModel:
+def load_hf_model(directory: str | os.PathLike, task: str | None = None, num_classes: int | None = None, *,
+                  weights_follow: bool = False) -> TextModel:
     """A local ``transformers`` model directory as a :class:`TextModel` in eval mode.
 
     Args:
         directory: holds ``config.json`` and the weights (a sentence-transformers package's ``model`` folder too).
         task: the head to build (:data:`~paramsal.options.TASKS`); None: the one the config's architecture names.
         num_classes: the classification head's size, where the config gives none.
+        weights_follow: a weights file will be loaded into the model afterwards, so parameters the directory
+            lacks (a new head) are allowed.
 
     Raises:
-        InputError: when the directory is not a model directory, or transformers is not installed.
+        InputError: when the directory is not a model directory, lacks weights for some parameters (a base
+            encoder without the task's head: random weights explain no mistakes), or transformers is not installed.
     """
     root = Path(directory)
     if not (root / "config.json").is_file():
@@ -95,10 +99,16 @@ def load_hf_model(directory: str | os.PathLike, task: str | None = None, num_cla
         config.num_labels = num_classes
     auto = getattr(transformers, _AUTO_CLASSES[task])
     try:
-        model = auto.from_pretrained(root, config=config, local_files_only=True, trust_remote_code=False)
+        model, loading = auto.from_pretrained(root, config=config, local_files_only=True, trust_remote_code=False,
+                                              output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise InputError(f"model spec 'hf:{directory}': transformers cannot build a {task} model from it ({exc})"
                          ) from exc
+    missing = sorted(loading.get("missing_keys", ()))
+    if missing and not weights_follow:
+        raise InputError(f"model spec 'hf:{directory}': the directory has no weights for {len(missing)} parameter(s) "
+                         f"of a {task} model ({missing[0]}, ...), which would start random and explain no mistakes; "
+                         "give a directory with the trained head, or --weights FILE")
     return TextModel(model, getattr(config, "pad_token_id", None), task).eval()
 
 

@@ -90,7 +90,7 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
     elif spec.startswith("hf:"):
         from paramsal.zoo.hf import load_hf_model
 
-        model = load_hf_model(spec.partition(":")[2], num_classes=num_classes)
+        model = load_hf_model(spec.partition(":")[2], num_classes=num_classes, weights_follow=weights is not None)
     else:
         model = _call_factory(spec, "model")
         if not isinstance(model, nn.Module):
