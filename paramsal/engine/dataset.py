@@ -41,7 +41,7 @@ from paramsal.engine.manifest import (FORMAT, config_mismatches, mismatches, par
 from paramsal.engine.profile import LOSS_FLAG, Profiler
 from paramsal.engine.resume import prepare_run
 from paramsal.engine.rundir import Run
-from paramsal.engine.tasks import first_labelled
+from paramsal.engine.tasks import first_labelled, sample_labels
 from paramsal.engine.units import UnitsSpec
 from paramsal.engine.writing import PartBuffer, PartWriter, finish_run, now
 from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, RunMismatchError, check_choice
@@ -92,34 +92,27 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
         aggregation: "mean_abs" (the paper) or "abs_mean".
         device: where to compute; default CUDA when available (under
             torchrun the GPU ``LOCAL_RANK``), else CPU.
-        num_workers: DataLoader worker processes; default
-            :func:`default_workers` (several on a GPU, none on the CPU, where
-            they would take the cores the computation uses).
+        num_workers: DataLoader worker processes; default :func:`default_workers` (several on a GPU, none on
+            the CPU, where they would take the cores the computation uses).
         features: also record penultimate features (the input of the last
             ``nn.Linear``, or of the named module), for the feature-space baseline.
-        resume: continue a run found in ``out_dir``; False starts over only
-            with ``overwrite``.
+        resume: continue a run found in ``out_dir``; False starts over only with ``overwrite``.
         overwrite: replace a run in ``out_dir`` made with another model, data
             set or units (or any run, with ``resume=False``).
-        repair: check every finished part's checksum, rows and ids, and
-            profile the damaged or missing ones again (stray part files are
-            removed).
-        on_nonfinite: a sample whose loss or gradient is NaN/inf: "skip" keeps
-            its row, flagged (``nonfinite``, ``nonfinite_param``), leaves it out
-            of the statistics and warns at the end; "fail" stops, naming its
+        repair: check every finished part's checksum, rows and ids, and profile the damaged or missing ones
+            again (stray part files are removed).
+        on_nonfinite: a sample whose loss or gradient is NaN/inf: "skip" keeps its row, flagged (``nonfinite``,
+            ``nonfinite_param``), leaves it out of the statistics and warns at the end; "fail" stops, naming its
             dataset index.
         progress: show a progress bar (samples/s, time left; rank 0's share under torchrun).
-        part_size: rows per Parquet part, a multiple of ``batch_size``
-            (default about 2,048, fewer where that leaves a rank under
-            :data:`PARTS_PER_RANK` parts); a resumed run keeps its own.
+        part_size: rows per Parquet part, a multiple of ``batch_size`` (default about 2,048, fewer where that
+            leaves a rank under :data:`PARTS_PER_RANK` parts); a resumed run keeps its own.
         chunk_size: samples per chunk of per-sample work (memory bound).
         model_name, data_name: descriptions stored in the manifest.
-        source: how to load the model and data again (the command line's
-            specs: model, weights, num_classes, data, transform), stored in the
-            manifest so that analyses can rebuild them from the run alone.
-        precision: "float32", or "bf16"/"fp16": forward and backward under
-            autocast, reductions and statistics in float32/float64 (see
-            :class:`paramsal.Profiler`; the README states the error).
+        source: how to load the model and data again (the command line's specs: model, weights, num_classes,
+            data, transform), stored in the manifest so that analyses can rebuild them from the run alone.
+        precision: "float32", or "bf16"/"fp16": forward and backward under autocast, reductions and statistics
+            in float32/float64 (see :class:`paramsal.Profiler`; the README states the error).
         channels_last: the model and the image batches in
             ``torch.channels_last`` memory format (faster convolutions on GPUs).
         target: the class each sample's loss is taken at (:class:`paramsal.Profiler`): "label", "predicted" or a
@@ -294,9 +287,8 @@ class _Parts:
         """Adds a batch's results (writing its part when whole); returns its number of samples."""
         if self.buffer is None:
             self.buffer = PartBuffer(int(batch.ids[0]) // rows_per_part(self.manifest))
-        result, flags = batch.land(self.profiler, self.on_nonfinite)
-        result.outputs, labels = first_labelled(result.outputs, batch.targets, self.profiler.task)
-        self.buffer.add(batch.ids, labels, result, flags)
+        self.buffer.add(batch.ids, sample_labels(batch.targets, self.profiler.task),
+                        *batch.land(self.profiler, self.on_nonfinite))
         if self.buffer.stop == part_range(self.manifest, self.buffer.index)[1]:
             self.writer.write(self.buffer, self.profiler.backend)
             self.buffer = None
@@ -321,13 +313,21 @@ class _InFlight:
     def launch(cls, profiler: Profiler, device: torch.device, ids: torch.Tensor, inputs: torch.Tensor,
                targets: torch.Tensor) -> _InFlight:
         inputs = inputs.to(device, non_blocking=True)
-        return cls(ids, inputs, targets, profiler(inputs, targets, check_finite=False))
+        return cls(ids, inputs, targets, _profiled(profiler, inputs, targets, check_finite=False))
 
     def land(self, profiler: Profiler, on_nonfinite: str) -> tuple[BatchResult, list[str | None]]:
         """The batch's results on the host, and per sample None or the parameter whose gradient was not finite."""
         if self.copied is not None:
             self.copied.synchronize()
         return _checked_finite(profiler, self.ids, self.inputs, self.targets, self.result, on_nonfinite)
+
+
+def _profiled(profiler: Profiler, inputs: torch.Tensor, targets: torch.Tensor, check_finite: bool) -> BatchResult:
+    """A batch's results with the logits the sample table describes (a sequence's first labelled position's, taken
+    on the device: a language model's ``[N, T, vocabulary]`` outputs never travel to the host)."""
+    result = profiler(inputs, targets, check_finite=check_finite)
+    result.outputs = first_labelled(result.outputs, targets.to(result.outputs.device), profiler.task)[0]
+    return result
 
 
 def _to_host(values: torch.Tensor) -> torch.Tensor:
@@ -355,7 +355,7 @@ def _checked_finite(profiler: Profiler, ids: torch.Tensor, inputs: torch.Tensor,
             "--on-nonfinite skip (on_nonfinite='skip', the default) flags such samples and goes on")
     good = torch.tensor([flag is None for flag in flags])
     if good.any():
-        clean = profiler(inputs[good.to(inputs.device)], targets[good])
+        clean = _profiled(profiler, inputs[good.to(inputs.device)], targets[good], check_finite=True)
         result.profiles[good] = clean.profiles.cpu()
         result.outputs[good] = clean.outputs.cpu()
         result.losses[good] = clean.losses.cpu()

@@ -22,7 +22,7 @@ from paramsal.errors import InputError, check_choice
 from paramsal.options import TASKS
 
 __all__ = ["IGNORE_INDEX", "check_sequence_labels", "first_labelled", "is_sequence_task", "next_token_cross_entropy",
-           "task_loss", "token_cross_entropy"]
+           "sample_labels", "task_loss", "token_cross_entropy"]
 
 
 def token_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -62,15 +62,26 @@ def first_labelled(outputs: torch.Tensor, targets: torch.Tensor, task: str) -> t
     if not is_sequence_task(task):
         return outputs, targets
     if task == "causal-lm":
-        outputs, targets = outputs[:, :-1], targets[:, 1:]
-    if outputs.dim() != 3 or targets.shape != outputs.shape[:2]:
+        outputs = outputs[:, :-1]
+    position, labels = _first_positions(targets, task)
+    if outputs.dim() != 3 or outputs.shape[:2] != (targets.shape[0], targets.shape[1] - (task == "causal-lm")):
         raise InputError(f"task {task!r} needs logits [N, T, C] and labels [N, T], got {tuple(outputs.shape)} and "
                          f"{tuple(targets.shape)}")
+    return outputs[torch.arange(len(position), device=outputs.device), position], labels
+
+
+def sample_labels(targets: torch.Tensor, task: str) -> torch.Tensor:
+    """``[N]`` the label the sample table records: the class index, or a sequence's first label (-1 for none)."""
+    return _first_positions(targets, task)[1] if is_sequence_task(task) else targets
+
+
+def _first_positions(targets: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if task == "causal-lm":
+        targets = targets[:, 1:]
     labelled = targets != IGNORE_INDEX
     position = labelled.to(torch.int8).argmax(1)
     rows = torch.arange(len(targets), device=targets.device)
-    labels = torch.where(labelled.any(1), targets[rows, position], torch.full_like(position, -1))
-    return outputs[rows, position], labels
+    return position, torch.where(labelled.any(1), targets[rows, position], torch.full_like(position, -1))
 
 
 def check_sequence_labels(targets: torch.Tensor, classes: int) -> None:

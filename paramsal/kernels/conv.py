@@ -38,14 +38,11 @@ TILE_COLUMNS = 256
 TILED_MAX_POSITIONS = 64
 TILED_MAX_WIDTH = 64
 
-#: Depthwise convolutions (one filter per group) go the grouped way: their
-#: per-sample gradient (49 weights per channel for 7x7) is far smaller than
-#: their patches. ConvNeXt-tiny's 7x7 ones at batch 32, grouped vs tiled, in
-#: ms: 96 channels on 8x8 maps 3.4 vs 26, 192 on 4x4 3.6 vs 9.1 (the patch
-#: copy dominates). On maps of at most this many positions (with "same" zero
-#: padding, stride 1) the gradient is a correlation of a few shifts instead
-#: (:func:`small_map_depthwise_units`): 384 channels on 2x2 maps 1.9 vs 5.5 ms
-#: grouped; on 4x4 maps that loses, 8.6 vs 3.7.
+#: Depthwise convolutions (one filter per group) go the grouped way: their per-sample gradient (49 weights per
+#: channel for 7x7) is far smaller than their patches. ConvNeXt-tiny's 7x7 ones at batch 32, grouped vs tiled, in
+#: ms: 96 channels on 8x8 maps 3.4 vs 26, 192 on 4x4 3.6 vs 9.1 (the patch copy dominates). On maps of at most
+#: this many positions ("same" zero padding, stride 1) the gradient is a correlation of a few shifts instead
+#: (:func:`small_map_depthwise_units`): 384 channels on 2x2 maps 1.9 vs 5.5 ms grouped; on 4x4 it loses, 8.6 vs 3.7.
 SMALL_MAP_POSITIONS = 4
 
 
@@ -214,12 +211,9 @@ def small_map_depthwise_units(layer: ConvLayer, activations: torch.Tensor, backp
                               group: ParamUnits, aggregation: Aggregation, chunk_size: int | None) -> torch.Tensor:
     """``[B, K]`` mean ``|G|`` per filter of a depthwise 2-D conv with "same" zero padding on maps of a few positions.
 
-    Filter weight ``(i, j)`` of sample n sees the input shifted by
-    ``(i - P, j - P)``; on an ``H x W`` map only the ``(2H-1) x (2W-1)``
-    shifts around the centre see any input, the others only padding (their
-    gradient is exactly 0). So ``G`` is the full correlation of the input with
-    the output gradient, cut to the kernel: ``[B, C, 2H-1, 2W-1]`` products of
-    ``H x W`` terms, against the ``K x K`` patches of every position.
+    Weight ``(i, j)`` sees the input shifted by ``(i - P, j - P)``; on an ``H x W`` map only the ``(2H-1) x (2W-1)``
+    central shifts see any input (the others' gradient is exactly 0), so ``G`` is the full correlation of input
+    and output gradient cut to the kernel, not ``K x K`` patches per position.
     """
     b, c, h, w = activations.shape
     kh, kw = layer.kernel_size
