@@ -61,13 +61,12 @@ def first_labelled(outputs: torch.Tensor, targets: torch.Tensor, task: str) -> t
     records of a sequence task (a sample with none gets position 0 and label -1, never "correct")."""
     if not is_sequence_task(task):
         return outputs, targets
-    if task == "causal-lm":
-        outputs = outputs[:, :-1]
-    position, labels = _first_positions(targets, task)
-    if outputs.dim() != 3 or outputs.shape[:2] != (targets.shape[0], targets.shape[1] - (task == "causal-lm")):
+    if outputs.dim() != 3 or targets.dim() != 2 or outputs.shape[:2] != targets.shape:
         raise InputError(f"task {task!r} needs logits [N, T, C] and labels [N, T], got {tuple(outputs.shape)} and "
                          f"{tuple(targets.shape)}")
-    return outputs[torch.arange(len(position), device=outputs.device), position], labels
+    position, labels = _first_positions(targets, task)
+    rows = torch.arange(len(position), device=outputs.device)
+    return (outputs[:, :-1] if task == "causal-lm" else outputs)[rows, position], labels
 
 
 def sample_labels(targets: torch.Tensor, task: str) -> torch.Tensor:
