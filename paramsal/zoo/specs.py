@@ -20,7 +20,9 @@ downloaded: weights and images come from local files only.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -62,10 +64,7 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
     elif spec == "usps-mnist":
         from paramsal.zoo.usps_mnist import UspsNet, usps_mnist_model
 
-        try:
-            model = usps_mnist_model() if weights is None else UspsNet()
-        except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
-            raise InputError(f"model spec {spec!r}: {exc}") from exc
+        model = _from_wheels("model", spec, usps_mnist_model if weights is None else UspsNet)
     elif spec.startswith("torchvision:"):
         import torchvision
 
@@ -79,10 +78,8 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
     elif spec == "minilm-trec":
         from paramsal.zoo.minilm import CLASSES, SentenceClassifier, minilm_encoder, minilm_trec_model
 
-        try:
-            model = minilm_trec_model() if weights is None else SentenceClassifier(minilm_encoder(), len(CLASSES))
-        except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
-            raise InputError(f"model spec {spec!r}: {exc}") from exc
+        model = _from_wheels("model", spec, minilm_trec_model if weights is None else
+                             lambda: SentenceClassifier(minilm_encoder(), len(CLASSES)))
     elif spec.startswith("timm:"):
         from paramsal.zoo.hf import timm_model
 
@@ -113,33 +110,17 @@ def load_data(spec: str, transform: str = "imagenet", decode: str = "torchvision
         from paramsal.zoo import demo_dataset
         from paramsal.zoo.datasets import SPLITS
 
-        split = spec.partition(":")[2] or "test"
-        if split not in SPLITS:
-            raise InputError(f"data spec {spec!r}: the demo data has no split {split!r}; expected "
-                             + " or ".join(f"demo:{name}" for name in SPLITS))
-        return demo_dataset(split)
+        return demo_dataset(_split_of(spec, "demo", SPLITS))
     if spec == "usps-mnist" or spec.startswith("usps-mnist:"):
         from paramsal.zoo.usps_mnist import SPLITS as USPS_MNIST_SPLITS, usps_mnist_dataset
 
-        split = spec.partition(":")[2] or "test"
-        if split not in USPS_MNIST_SPLITS:
-            raise InputError(f"data spec {spec!r}: the usps-mnist data has no split {split!r}; expected "
-                             + " or ".join(f"usps-mnist:{name}" for name in USPS_MNIST_SPLITS))
-        try:
-            return usps_mnist_dataset(split)
-        except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
-            raise InputError(f"data spec {spec!r}: {exc}") from exc
+        split = _split_of(spec, "usps-mnist", USPS_MNIST_SPLITS)
+        return _from_wheels("data", spec, lambda: usps_mnist_dataset(split))
     if spec == "trec" or spec.startswith("trec:"):
         from paramsal.zoo.minilm import SPLITS as TREC_SPLITS, TrecDataset
 
-        split = spec.partition(":")[2] or "test"
-        if split not in TREC_SPLITS:
-            raise InputError(f"data spec {spec!r}: the trec data has no split {split!r}; expected "
-                             + " or ".join(f"trec:{name}" for name in TREC_SPLITS))
-        try:
-            return TrecDataset(split)
-        except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
-            raise InputError(f"data spec {spec!r}: {exc}") from exc
+        split = _split_of(spec, "trec", TREC_SPLITS)
+        return _from_wheels("data", spec, lambda: TrecDataset(split))
     if spec.startswith("imagefolder:"):
         from torchvision.datasets import ImageFolder
         from torchvision.datasets.folder import default_loader
@@ -193,6 +174,24 @@ def _read_tensor_image(path: str):
     from torchvision import io
 
     return io.decode_image(io.read_file(path), mode=io.ImageReadMode.RGB)
+
+
+def _split_of(spec: str, name: str, splits: Sequence[str]) -> str:
+    """The split a ``NAME[:SPLIT]`` data spec asks for ("test" by default), one of ``splits``."""
+    split = spec.partition(":")[2] or "test"
+    if split not in splits:
+        raise InputError(f"data spec {spec!r}: the {name} data has no split {split!r}; expected "
+                         + " or ".join(f"{name}:{choice}" for choice in splits))
+    return split
+
+
+def _from_wheels(what: str, spec: str, load: Callable[[], Any]) -> Any:
+    """``load()`` of a case read from pinned wheels: a wheel missing, incomplete or of another version is the
+    user's to install, named with the spec (the message gives the pip command)."""
+    try:
+        return load()
+    except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
+        raise InputError(f"{what} spec {spec!r}: {exc}") from exc
 
 
 def _call_factory(spec: str, what: str):
