@@ -222,3 +222,18 @@ def settled(model: nn.Module, affine: bool = False) -> nn.Module:
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.2, 0.2)
     return model
+
+
+def profiled_by_auto(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     **options) -> tuple[torch.Tensor, str, list[str]]:
+    """``backend="auto"``'s profiles of a batch, the backend it ended on, and the notes (ParamsalWarnings) it gave."""
+    import warnings
+
+    from paramsal import Profiler
+    from paramsal.errors import ParamsalWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        profiler = Profiler(model, **options)
+        got = profiler(x, y).profiles
+    return got, profiler.backend, [str(w.message) for w in caught if issubclass(w.category, ParamsalWarning)]

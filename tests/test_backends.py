@@ -1,6 +1,5 @@
 """Every backend equals the one-sample-at-a-time reference."""
 
-import warnings
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from nets import SMALL_CASES, TORCHVISION_CASES, Case, batch, build, relative_error
+from nets import SMALL_CASES, TORCHVISION_CASES, Case, batch, build, profiled_by_auto, relative_error
 from paramsal import profile_batch, units_of
 from paramsal.errors import ParamsalWarning
 from paramsal.reference.profiles import reference_profiles
@@ -68,17 +67,12 @@ class OwnConv(nn.Module):
 
 
 def test_auto_serves_a_functional_use_of_a_layers_own_weight_and_falls_back_from_a_transformed_one():
-    from paramsal import Profiler
 
     x, y = torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 0])
     for standardize, backend in ((False, "hooks"), (True, "vmap")):
         model = OwnConv(standardize)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            profiler = Profiler(model)
-            got = profiler(x, y).profiles
-        notes = [str(w.message) for w in caught if issubclass(w.category, ParamsalWarning)]
-        assert profiler.backend == backend
+        got, ended_on, notes = profiled_by_auto(model, x, y)
+        assert ended_on == backend
         assert len(notes) == standardize and all("'weight' is passed to" in note for note in notes)
         assert relative_error(got, profile_batch(model, x, y, backend="loop")) <= TOLERANCE[torch.float64]
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 
-from nets import relative_error
-from paramsal import Profiler, profile_batch
-from paramsal.errors import InputError, ParamsalWarning
+from nets import profiled_by_auto, relative_error
+from paramsal import profile_batch
+from paramsal.errors import InputError
 
 minilm = pytest.importorskip("paramsal.zoo.minilm")
 try:
@@ -34,11 +33,8 @@ def test_hooks_equal_the_loop_on_real_questions(model, questions, units: str):
     assert len({int((questions.ids[i] != 0).sum()) for i in picked}) == 3
     ids, labels = questions.ids[picked], questions.labels[picked]
     want = profile_batch(model, ids, labels, backend="loop", units=units)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        profiler = Profiler(model, units=units)
-        got = profiler(ids, labels).profiles
-    assert profiler.backend == "hooks" and not [w for w in caught if issubclass(w.category, ParamsalWarning)]
+    got, backend, notes = profiled_by_auto(model, ids, labels, units=units)
+    assert backend == "hooks" and not notes
     assert relative_error(got, want) <= 1e-9
 
 

@@ -3,18 +3,17 @@ with every transformer unit scheme and equals the loop; the sequence tasks' loss
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nets import relative_error
+from nets import profiled_by_auto, relative_error
 import paramsal
 from paramsal import Profiler, profile_batch, profile_dataset
 from paramsal.engine.tasks import IGNORE_INDEX, first_labelled, next_token_cross_entropy, token_cross_entropy
-from paramsal.errors import InputError, ParamsalWarning, UnsupportedUseError
+from paramsal.errors import InputError, UnsupportedUseError
 from paramsal.zoo.hf import TextModel, load_hf_model
 from paramsal.zoo.specs import load_model
 
@@ -52,12 +51,8 @@ def sentences(n: int = 5, length: int = 8) -> torch.Tensor:
 
 
 def auto_and_loop(model, ids, targets, **options):
-    want = profile_batch(model, ids, targets, backend="loop", **options)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        profiler = Profiler(model, **options)
-        got = profiler(ids, targets).profiles
-    return got, want, profiler.backend, [str(w.message) for w in caught if issubclass(w.category, ParamsalWarning)]
+    got, backend, notes = profiled_by_auto(model, ids, targets, **options)
+    return got, profile_batch(model, ids, targets, backend="loop", **options), backend, notes
 
 
 @pytest.mark.parametrize("units", ["linear-columns", "linear-rows", "heads", "embedding-rows", "norm"])
