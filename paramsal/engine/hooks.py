@@ -43,7 +43,7 @@ from paramsal.errors import UnsupportedUseError, engine_code
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
 from paramsal.engine.plan import Layer
-from paramsal.kernels.registry import OP_RULES, GradSample, Reducer
+from paramsal.kernels.registry import OP_RULES, GradSample, OpRule, Reducer
 
 _next_node = torch._C._autograd._get_sequence_nr
 
@@ -172,21 +172,21 @@ class HookSession:
         if stop == first:
             return out  # no autograd node: a metadata query or a use no gradient flows through
         with engine_code("tracking of parameter uses"):
-            self._record(func, args, kwargs, found, first, stop, out)
+            self._record(func, rule, args, kwargs, found, first, stop, out)
         return out
 
     def _served_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         found = [id(p) for p in (weight, bias) if id(p) in self._params]
         return self.on_call(F.linear, (x, weight, bias), {}, found) if found else F.linear(x, weight, bias)
 
-    def _record(self, func, args: tuple, kwargs: dict, found: list[int], first: int, stop: int, out) -> None:
+    def _record(self, func, rule: OpRule | None, args: tuple, kwargs: dict, found: list[int], first: int, stop: int,
+                out) -> None:
         owner = self._stack[-1] if self._stack else None
         if owner is not None and owner[1]:
             owned = {id(g) for g in self._module_reducers[owner[0]].groups}
             found = [key for key in found if id(self._params[key][1]) not in owned]
             if not found:
                 return  # served by the module's own reducer
-        rule = OP_RULES.get(func)
         main = rule.output(out) if rule is not None else None  # the output the rule's gradient is taken at
         if rule is not None and isinstance(main, torch.Tensor) and main.requires_grad:
             with torch.no_grad():

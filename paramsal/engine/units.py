@@ -193,6 +193,8 @@ def _scheme(units: UnitsSpec) -> Callable[[str, torch.Tensor, nn.Module], _Choic
     raise InputError(f"unknown units {units!r}; expected one of {', '.join(UNIT_SCHEMES)} or a callable")
 
 
+#: ``nn.MultiheadAttention``'s input projections (packed Q/K/V, or one of the three).
+_IN_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 #: Where a transformers-style attention module keeps its per-head projections: Q/K/V layers (one unit per head's
 #: rows), the output layer (one per head's columns), and the output layer BERT's family keeps beside it, in the
 #: parent's ``output.dense``.
@@ -211,7 +213,7 @@ def _heads_of(model: nn.Module) -> Callable[[str, torch.Tensor, nn.Module], _Cho
     for name, module in modules.items():
         prefix = f"{name}." if name else ""
         if isinstance(module, nn.MultiheadAttention):
-            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            for attr in _IN_PROJECTIONS:
                 heads[prefix + attr] = ("rows", module.head_dim)
             heads[prefix + "out_proj.weight"] = ("columns", module.head_dim)
             continue
@@ -270,8 +272,7 @@ def _is_weight_of(name: str, module: nn.Module, types: tuple[type, ...]) -> bool
 
 def _is_projection_of(name: str, module: nn.Module) -> bool:
     """An input projection of ``nn.MultiheadAttention`` (packed Q/K/V, or one of the three): Linear rows too."""
-    return isinstance(module, nn.MultiheadAttention) and name.rpartition(".")[2] in (
-        "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+    return isinstance(module, nn.MultiheadAttention) and name.rpartition(".")[2] in _IN_PROJECTIONS
 
 
 def _make_group(name: str, module_name: str, attr: str, position: int, shape: tuple[int, ...],
