@@ -41,7 +41,7 @@ from paramsal.engine.manifest import (FORMAT, config_mismatches, mismatches, par
 from paramsal.engine.profile import LOSS_FLAG, Profiler
 from paramsal.engine.resume import prepare_run
 from paramsal.engine.rundir import Run
-from paramsal.engine.tasks import first_labelled, sample_labels
+from paramsal.engine.tasks import first_labelled, is_sequence_task, sample_labels
 from paramsal.engine.units import UnitsSpec
 from paramsal.engine.writing import PartBuffer, PartWriter, finish_run, now
 from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, RunMismatchError, check_choice
@@ -113,8 +113,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
             data, transform), stored in the manifest so that analyses can rebuild them from the run alone.
         precision: "float32", or "bf16"/"fp16": forward and backward under autocast, reductions and statistics
             in float32/float64 (see :class:`paramsal.Profiler`; the README states the error).
-        channels_last: the model and the image batches in
-            ``torch.channels_last`` memory format (faster convolutions on GPUs).
+        channels_last: the model and the image batches in ``torch.channels_last`` (faster convolutions on GPUs).
         target: the class each sample's loss is taken at (:class:`paramsal.Profiler`): "label", "predicted" or a
             class index; the run records the labels either way.
         task: "classification" (the default) or a sequence task (:mod:`paramsal.engine.tasks`: labels ``[T]``
@@ -323,10 +322,11 @@ class _InFlight:
 
 
 def _profiled(profiler: Profiler, inputs: torch.Tensor, targets: torch.Tensor, check_finite: bool) -> BatchResult:
-    """A batch's results with the logits the sample table describes (a sequence's first labelled position's, taken
-    on the device: a language model's ``[N, T, vocabulary]`` outputs never travel to the host)."""
+    """A batch's results with the logits the sample table describes: a sequence's at its first labelled position,
+    taken on the device (a language model's ``[N, T, vocabulary]`` outputs never travel to the host)."""
     result = profiler(inputs, targets, check_finite=check_finite)
-    result.outputs = first_labelled(result.outputs, targets.to(result.outputs.device), profiler.task)[0]
+    if is_sequence_task(profiler.task):  # a classifier's are the table's already: no copy of its labels
+        result.outputs = first_labelled(result.outputs, targets.to(result.outputs.device), profiler.task)[0]
     return result
 
 
