@@ -17,6 +17,7 @@ About 2 minutes on a 2-core CPU. Needs the wheels ``make setup`` installs
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 from paramsal import profile_dataset
 from paramsal.analyses import Neighbors
@@ -44,11 +45,9 @@ def main() -> None:
 
     table = run.table()
     wrong = table.filter(~table.column("correct").to_numpy(zero_copy_only=False))
-    pairs = {}
-    for true, pred in zip(wrong.column("target").to_pylist(), wrong.column("pred").to_pylist()):
-        pairs[(CLASSES[true], CLASSES[pred])] = pairs.get((CLASSES[true], CLASSES[pred]), 0) + 1
-    print("\nmost common mistakes:", ", ".join(f"{t} as {p}: {n}" for (t, p), n in
-                                            sorted(pairs.items(), key=lambda item: -item[1])[:5]))
+    pairs = Counter((CLASSES[true], CLASSES[pred])
+                    for true, pred in zip(wrong.column("target").to_pylist(), wrong.column("pred").to_pylist()))
+    print("\nmost common mistakes:", ", ".join(f"{t} as {p}: {n}" for (t, p), n in pairs.most_common(5)))
     example = int(wrong.column("sample_id")[0])
     print(f"e.g. question {example}: {data.texts[example]!r}")
 
