@@ -27,18 +27,47 @@ TMP_MARK = ".tmp-"
 _HASH_BLOCK = 1 << 20
 
 
+#: Flags that make ``os.open`` refuse a symbolic link as the last component (0 where the platform has none).
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary sibling of ``path``; makes it ``path``, durably, only if the block succeeds."""
+    """Yields a temporary sibling of ``path``, created empty; makes it ``path``, durably, only if the block succeeds.
+
+    The temporary is created afresh (never opened through a link someone left
+    under its name), and ``path`` is never a link or a folder that the rename
+    would replace.
+
+    Raises:
+        InputError: ``path`` is a symbolic link or a folder.
+    """
     final = Path(path)
     tmp = final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
+    _refuse_replacing(final)
+    _create_empty(tmp)
     try:
         yield tmp
         _fsync(tmp)
+        _refuse_replacing(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _refuse_replacing(final: Path) -> None:
+    if final.is_symlink() or final.is_dir():
+        raise InputError(f"{final} is a {'symbolic link' if final.is_symlink() else 'folder'}: paramsal replaces only "
+                         "files it wrote; move it away")
+
+
+def _create_empty(path: Path) -> None:
+    """Creates ``path`` as a new empty file; a leftover of an earlier process with this pid is removed first."""
+    if path.is_symlink():
+        raise InputError(f"{path} is a symbolic link where paramsal writes a temporary file; remove it")
+    path.unlink(missing_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644))
 
 
 def writable_folder(folder: str | os.PathLike, option: str = "--out DIR") -> Path:
@@ -55,7 +84,7 @@ def writable_folder(folder: str | os.PathLike, option: str = "--out DIR") -> Pat
     probe = folder / f".paramsal-write-test-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
+        _create_empty(probe)
         probe.unlink()
     except OSError as exc:
         raise InputError(f"cannot write to {folder} ({exc.strerror or type(exc).__name__}): the directory is not "
@@ -65,14 +94,15 @@ def writable_folder(folder: str | os.PathLike, option: str = "--out DIR") -> Pat
 
 def is_temporary(path: Path) -> bool:
     """Whether ``path`` is a temporary file :func:`atomic_path` left behind (a job killed while writing)."""
-    return path.name.startswith(".") and TMP_MARK in path.name
+    stem, mark, pid = path.name.rpartition(TMP_MARK)
+    return bool(mark) and stem.startswith(".") and len(stem) > 1 and pid.isdigit()
 
 
 def file_record(path: str | os.PathLike) -> dict[str, int | str]:
     """``{"bytes": size, "sha256": hex digest}`` of a file, read in blocks (memory stays small)."""
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb") as file:
+    with os.fdopen(os.open(path, os.O_RDONLY | NOFOLLOW), "rb") as file:
         while block := file.read(_HASH_BLOCK):
             digest.update(block)
             size += len(block)

@@ -67,6 +67,13 @@ def check_integer(what: str, value: object, least: int = 1) -> int:
     return int(value)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line, so that the error it becomes stays one line (a library's
+    message may run to many lines of advice)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ParamsalWarning(UserWarning):
     """Something paramsal did differently from what was asked, to keep the numbers exact (a fallback, a skipped
     sample, a k left out), said once."""

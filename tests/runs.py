@@ -9,7 +9,8 @@ import pyarrow as pa
 
 from paramsal import SaliencyStats, open_run
 from paramsal.engine.manifest import FORMAT, STATS, UNITS, write_manifest
-from paramsal.engine.rundir import Run, profile_table, write_part, write_stats, write_units
+from paramsal.engine.rundir import Run
+from paramsal.engine.writing import profile_table, write_part, write_stats, write_units
 
 
 def make_run(root: Path, profiles: np.ndarray, targets: np.ndarray, preds: np.ndarray, layer_of_unit,

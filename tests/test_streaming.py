@@ -12,7 +12,7 @@ from paramsal import InputError, RunCorruptError
 from paramsal.analyses import knn
 from paramsal.analyses.knn import Search, block_rows, screening_margin
 from paramsal.analyses.neighbors import Neighbors
-from paramsal.engine import rundir
+from paramsal.engine import writing
 from runs import make_run
 
 
@@ -75,7 +75,7 @@ def test_iter_profiles_blocks_concatenate_to_profiles(reading_run, rows, only, l
 def test_parts_are_written_in_bounded_row_groups_and_old_single_group_parts_still_read(tmp_path, monkeypatch):
     run = random_run(tmp_path / "new", n=600, part_rows=600)
     assert pq.ParquetFile(run.path / run.parts[0].file).metadata.num_row_groups == 3  # 256 + 256 + 88
-    monkeypatch.setattr(rundir, "ROW_GROUP_ROWS", None)  # as parts were written before: one row group
+    monkeypatch.setattr(writing, "ROW_GROUP_ROWS", None)  # as parts were written before: one row group
     old = random_run(tmp_path / "old", n=600, part_rows=600)
     assert pq.ParquetFile(old.path / old.parts[0].file).metadata.num_row_groups == 1
     for each in (run, old):

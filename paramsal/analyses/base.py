@@ -22,7 +22,6 @@ import base64
 import html
 import importlib
 import io
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,15 +38,18 @@ import torch
 from torch import nn
 
 from paramsal._typing import MapDataset
-from paramsal._io import atomic_path, writable_folder
 from paramsal.analyses.sources import (Samples, check_run_data, chosen_samples, load_source, open_for_analysis,
                                        run_inputs, run_units)
-from paramsal.errors import ParamsalWarning
+from paramsal.errors import ParamsalError, ParamsalWarning
+from paramsal.engine.distributed import is_main_process
+from paramsal.engine.ownership import MANIFEST, is_regular
+from paramsal.engine.published import RESULT_FORMAT, is_plain, owned_folder, publish, read_record, records_in
 from paramsal.engine.rundir import Run
 from paramsal.engine.units import UnitIndex, UnitsSpec
 from paramsal.errors import InputError
 
-RESULT_FORMAT = "paramsal-result/1"
+#: Saved results are read in this format and the one before it (which recorded no files and no run identity).
+RESULT_FORMATS = (RESULT_FORMAT, "paramsal-result/1")
 
 _RESULTS: dict[str, type[Result]] = {}
 
@@ -104,27 +106,41 @@ class Result:
         return figure
 
     def save(self, directory: str | os.PathLike) -> dict[str, Path]:
-        """Writes ``NAME.parquet`` (table), ``NAME-summary.parquet``, ``NAME.json`` (config), ``NAME.png``
-        and one ``NAME-ARRAY.npy`` per array into ``directory``; returns the paths by role."""
-        folder = writable_folder(directory)
-        paths = {"table": folder / f"{self.name}.parquet", "summary": folder / f"{self.name}-summary.parquet",
-                 "config": folder / f"{self.name}.json", "figure": folder / f"{self.name}.png"}
-        for role in ("table", "summary"):
-            with atomic_path(paths[role]) as tmp:
-                pq.write_table(pa.Table.from_pandas(getattr(self, role), preserve_index=False), tmp)
-        for key, values in self.arrays.items():
-            paths[key] = folder / f"{self.name}-{key}.npy"
-            with atomic_path(paths[key]) as tmp, open(tmp, "wb") as file:
-                np.save(file, values, allow_pickle=False)
-        with atomic_path(paths["config"]) as tmp:
-            tmp.write_text(json.dumps({"format": RESULT_FORMAT, "kind": self.kind, "arrays": sorted(self.arrays),
-                                       "config": self.config}, indent=1, default=_plain))
-        with atomic_path(paths["figure"]) as tmp:
-            self.plot().savefig(tmp, format="png", dpi=120)
+        """Writes ``NAME.parquet`` (table), ``NAME-summary.parquet``, ``NAME.png``, one ``NAME-ARRAY.npy`` per array,
+        then ``NAME.json`` (config, run identity, every file's size and sha256) into ``directory``; returns the paths
+        by role.
+
+        The JSON record is written last and lists the others, so that a save
+        stopped part-way (a kill) never reads as a result: :func:`load_result`
+        refuses files that are not the ones their record lists.
+
+        Raises:
+            InputError: ``directory`` is a non-empty folder that is neither a
+                run's own nor one holding saved results.
+        """
+        def table(frame: pd.DataFrame) -> Any:
+            return lambda tmp: pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+
+        def array(values: np.ndarray) -> Any:
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as file:
+                    np.save(file, values, allow_pickle=False)
+            return write
+
+        record = f"{self.name}.json"
+        roles = {"table": (f"{self.name}.parquet", table(self.table)),
+                 "summary": (f"{self.name}-summary.parquet", table(self.summary)),
+                 **{key: (f"{self.name}-{key}.npy", array(values)) for key, values in self.arrays.items()},
+                 "figure": (f"{self.name}.png", lambda tmp: self.plot().savefig(tmp, format="png", dpi=120))}
+        paths = {role: Path(directory) / name for role, (name, _) in roles.items()} | \
+            {"config": Path(directory) / record}
+        if is_main_process():  # under torchrun every rank holds the result; rank 0 alone writes it
+            publish(owned_folder(directory, "--out DIR (directory= in Python)"), record, dict(roles.values()),
+                    {"format": RESULT_FORMAT, "kind": self.kind, "arrays": sorted(self.arrays), "config": self.config})
         return paths
 
     def _repr_html_(self) -> str:
-        shown = {k: v for k, v in self.config.items() if k not in ("run", "name_parts") and _short(v)}
+        shown = {k: v for k, v in self.config.items() if k not in ("run", "run_id", "name_parts") and _short(v)}
         settings = ", ".join(f"{k}={v}" for k, v in shown.items())
         buffer = io.BytesIO()
         self.plot().savefig(buffer, format="png", dpi=80)
@@ -149,42 +165,64 @@ class Result:
         raise NotImplementedError
 
 
-def load_result(directory: str | os.PathLike, name: str) -> Result:
+def load_result(directory: str | os.PathLike, name: str, run: Run | None = None) -> Result:
     """Reads a result written by :meth:`Result.save` (tables, config and arrays; the figure is redrawn).
 
     Args:
         directory: the folder it was saved to.
         name: its file stem (``result.name``, e.g. "pruning").
+        run: the run it must have been computed from; by default, when
+            ``directory`` is a run's own folder (``RUN/analyses``), that run.
 
     Raises:
-        InputError: when the files are missing or are not a saved result.
+        InputError: when the files are missing, are not a saved result, are
+            not the files its record lists (a save that was stopped), or were
+            computed from another run than ``run``.
     """
     folder = Path(directory)
-    path = folder / f"{name}.json"
+    record = read_record(folder, f"{name}.json", RESULT_FORMATS)
+    config, arrays = record.get("config"), record.get("arrays", [])
+    if record.get("kind") not in _known_results() or not isinstance(config, dict) or \
+            not isinstance(arrays, list) or not all(is_plain(f"{name}-{key}.npy") for key in arrays):
+        raise InputError(f"{folder / name}.json is not a saved paramsal result (kind, config and arrays in the form "
+                         f"paramsal writes them)")
+    run = run if run is not None else _run_of(folder)
+    if run is not None:
+        if "run_id" not in config:
+            raise InputError(f"{folder / name}.json was saved by an older paramsal, which did not record the run it "
+                             f"was computed from: evaluate the analysis again on {run.path}")
+        if config["run_id"] != run.identity:
+            raise InputError(f"{folder / name}.json was computed from another run than {run.path} (the run was made "
+                             "again or replaced since): evaluate the analysis again on this run")
     try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path} is not a saved paramsal result ({exc})") from exc
-    if not isinstance(saved, dict) or saved.get("format") != RESULT_FORMAT or saved.get("kind") not in _known_results():
-        raise InputError(f"{path} is not a saved paramsal result (format {RESULT_FORMAT})")
-    arrays = {key: np.load(folder / f"{name}-{key}.npy", allow_pickle=False) for key in saved.get("arrays", [])}
-    return _known_results()[saved["kind"]](pq.read_table(folder / f"{name}.parquet").to_pandas(),
-                                   pq.read_table(folder / f"{name}-summary.parquet").to_pandas(),
-                                   saved["config"], arrays)
+        values = {key: np.load(folder / f"{name}-{key}.npy", allow_pickle=False) for key in arrays}
+        table, summary = (pq.read_table(folder / f"{name}{suffix}.parquet").to_pandas() for suffix in ("", "-summary"))
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise InputError(f"{folder / name}: the files of the saved result cannot be read ({exc})") from exc
+    return _known_results()[record["kind"]](table, summary, config, values)
 
 
-def find_results(directory: str | os.PathLike) -> list[Result]:
-    """Every result saved in ``directory`` (files that are not saved results are ignored), by name."""
+def find_results(directory: str | os.PathLike, run: Run | None = None) -> tuple[list[Result], list[str]]:
+    """Every result saved in ``directory`` that belongs to ``run`` (see :func:`load_result`), by name; and, for each
+    one left out (another run's, or a save that was stopped), why."""
     folder = Path(directory)
-    found = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    found, skipped = [], []
+    for record in records_in(folder, RESULT_FORMATS):
         try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(saved, dict) and saved.get("format") == RESULT_FORMAT and saved.get("kind") in _known_results():
-            found.append(load_result(folder, path.stem))
-    return found
+            found.append(load_result(folder, record.removesuffix(".json"), run))
+        except InputError as exc:
+            skipped.append(str(exc))
+    return found, skipped
+
+
+def _run_of(folder: Path) -> Run | None:
+    """The run whose own folder ``folder`` is, or None."""
+    if not is_regular(folder.parent / MANIFEST):
+        return None
+    try:
+        return Run(folder.parent)
+    except ParamsalError:
+        return None
 
 
 #: The modules that define the result kinds (a kind is known once its module is imported).
@@ -196,15 +234,6 @@ def _known_results() -> dict[str, type[Result]]:
     for module in _RESULT_MODULES:
         importlib.import_module(f"paramsal.analyses.{module}")
     return _RESULTS
-
-
-def _plain(value: Any) -> Any:
-    """JSON for numpy scalars and arrays in a config."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def _short(value: Any) -> bool:
@@ -323,4 +352,5 @@ def result_config(run: Run | None, analysis: Analysis, **facts: Any) -> dict[str
     of the evaluation."""
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(analysis).items()
                 if k not in ("model", "device", "progress") and not k.startswith("_")}
-    return {"run": str(run.path) if run is not None else None, **settings, **facts}
+    return {"run": str(run.path) if run is not None else None, "run_id": run.identity if run is not None else None,
+            **settings, **facts}

@@ -97,8 +97,8 @@ class CompareResult(Result):
         ax.scatter(x[~moved], table["d"][~moved], s=4, color="0.7", linewidths=0, label="unit")
         ax.scatter(x[moved], table["d"][moved], s=4, color="tab:red", linewidths=0, label="unit, moved")
         mean = summary["mean_d"].to_numpy()
-        ax.errorbar(np.arange(len(summary)), mean, yerr=[mean - summary["mean_d_low"], summary["mean_d_high"] - mean],
-                    fmt="o", color="black", markersize=3, capsize=2, label="layer mean")
+        _intervals(ax, np.arange(len(summary)), mean, summary["mean_d_low"], summary["mean_d_high"], "black",
+                   vertical=True, label="layer mean")
         ax.axhline(0, color="0.4", linewidth=0.6)
         ax.set_xticks(np.arange(len(summary)), [str(layer) for layer in summary["layer"]], fontsize=7)
         ax.set_xlabel("layer")
@@ -110,8 +110,7 @@ class CompareResult(Result):
         top = self.top(int(self.config.get("top", 10)), moved_only=False)[::-1]
         y = np.arange(len(top))
         colors = np.where(top["moved"], "tab:red", "0.5")
-        for row, (d, low, high, color) in enumerate(zip(top["d"], top["d_low"], top["d_high"], colors)):
-            ax.errorbar([d], [row], xerr=[[d - low], [high - d]], fmt="o", color=color, markersize=3, capsize=2)
+        _intervals(ax, y, top["d"].to_numpy(), top["d_low"], top["d_high"], colors, vertical=False)
         ax.set_yticks(y, [f"{m}[{c}]" for m, c in zip(top["module"], top["channel"])], fontsize=7)
         ax.axvline(0, color="0.4", linewidth=0.6)
         ax.set_xlabel(f"d with its {self.config.get('level', 0.95):.0%} interval")
@@ -184,7 +183,9 @@ class Compare:
         stats = self._unit_statistics(a, b, units, n_a, n_b, plan)
         table = _unit_table(units, stats, self.fdr)
         summary = _layer_summary(table, stats.pop("layer_resamples"), self.level)
-        config = {"run": str(a.path), "run_b": str(b.path), **self._settings(),
+        # The result belongs to B (saved in B's analyses, shown in B's report): it says how B moved from A.
+        config = {"run": str(a.path), "run_b": str(b.path), "run_id": b.identity, "run_a_id": a.identity,
+                  **self._settings(),
                   **_run_facts(a, b), "samples_a": n_a, "samples_b": n_b, "units_per_block": plan.units,
                   "passes": plan.passes, "moved": int(table["moved"].sum()),
                   "rule": f"moved: q < {self.fdr:g} and the {self.level:.0%} interval of d excludes 0",
@@ -289,6 +290,14 @@ def _columns(run: Run, only: Only, cols: slice, n: int, rows: int) -> np.ndarray
         columns[filled:filled + len(profiles)] = profiles[:, cols]
         filled += len(profiles)
     return columns
+
+
+def _intervals(ax: Any, at: np.ndarray, estimate: np.ndarray, low: Any, high: Any, color: Any, *, vertical: bool,
+               label: str | None = None) -> None:
+    """Each estimate as a dot and its bootstrap interval as a line from ``low`` to ``high``: a percentile interval
+    need not contain its estimate (few resamples, a skewed statistic), which error bars cannot draw."""
+    (ax.vlines if vertical else ax.hlines)(at, np.asarray(low), np.asarray(high), colors=color, linewidth=1)
+    ax.scatter(*((at, estimate) if vertical else (estimate, at)), s=9, color=color, zorder=3, label=label)
 
 
 @dataclass(frozen=True)

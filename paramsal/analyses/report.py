@@ -15,6 +15,7 @@ import html
 import os
 import shutil
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,12 +25,14 @@ import torch
 from torch import nn
 
 from paramsal._typing import MapDataset
-from paramsal._io import atomic_path, writable_folder
 from paramsal.analyses.base import Analysis, Prepared, Result, find_results
 from paramsal.analyses.neighbors import Neighbors
 from paramsal.analyses.pictures import displayable
 from paramsal.analyses.profiles import SaliencyProfiles
 from paramsal.analyses.sources import open_for_analysis
+from paramsal.engine.distributed import is_main_process
+from paramsal.engine.ownership import is_regular
+from paramsal.engine.published import REPORT_FORMAT, Writer, owned_folder, publish
 from paramsal.engine.rundir import Run
 
 #: How saved results are titled, by kind, in the order the page shows them.
@@ -44,6 +47,8 @@ SECTIONS = {
     "compare": "Units that moved from another run to this one (paramsal compare)",
 }
 
+#: The report's record: its files, their checksums and the run they show (written last).
+RECORD = "report.json"
 #: Summary columns shown at most per table: wider tables are hard to read in a 1,400 px window.
 MAX_COLUMNS = 8
 
@@ -77,14 +82,16 @@ def write_report(run: Run | str | os.PathLike, out: str | os.PathLike | None = N
     # Every sample: the checks need some, and an all-correct run still has a report.
     checked = _Checked(model, **common).prepare(opened, data, opened.sample_ids())
     run = checked.run
-    folder = writable_folder(out if out is not None else run.path / "report")
-    sections = [_overview(run), _profiles_section(run, folder, common),
-                _neighbours_section(checked, folder, queries, k, common),
-                *_saved_sections(run.path / "analyses", folder),
-                _explain_section(checked, folder, explain, common)]
+    folder = owned_folder(out if out is not None else run.path / "report", "--out DIR (out= in Python)")
+    files: dict[str, Writer] = {}
+    sections = [_overview(run), _profiles_section(run, files, common),
+                _neighbours_section(checked, files, queries, k, common),
+                *_saved_sections(run, files),
+                _explain_section(checked, files, explain, common)]
     page = _page(f"paramsal report: {run.path.name}", [s for s in sections if s])
-    with atomic_path(folder / "index.html") as tmp:
-        tmp.write_text(page)
+    files["index.html"] = partial(Path.write_text, data=page)
+    if is_main_process():  # under torchrun every rank drew the page; rank 0 alone writes it
+        publish(folder, RECORD, files, {"format": REPORT_FORMAT, "run": str(run.path), "run_id": run.identity})
     return folder / "index.html"
 
 
@@ -103,20 +110,21 @@ def _overview(run: Run) -> str:
     return f"<h2>Run</h2><table class='facts'>{body}</table>"
 
 
-def _profiles_section(run: Run, folder: Path, common: dict[str, Any]) -> str:
+def _profiles_section(run: Run, files: dict[str, Writer], common: dict[str, Any]) -> str:
     result = SaliencyProfiles(allow_partial=common.get("allow_partial", False)).evaluate(run)
-    _figure(result, folder / "profiles.png")
+    files["profiles.png"] = _figure(result)
     return ("<h2>Saliency profiles (paper Figs. 1-2)</h2>"
             "<p>Mean raw profile per layer, filters sorted within each layer; below, the mean standardized "
             "profile of correct vs misclassified samples:</p>" + _img("profiles.png", "saliency profiles"))
 
 
-def _neighbours_section(checked: Prepared, folder: Path, queries: int, k: int, common: dict[str, Any]) -> str:
+def _neighbours_section(checked: Prepared, files: dict[str, Writer], queries: int, k: int, common: dict[str, Any]) \
+        -> str:
     run = checked.run
     if len(run.sample_ids("misclassified")) <= max(k, 10):
         return ""
     result = Neighbors(k=10, allow_partial=common.get("allow_partial", False)).evaluate(run)
-    _figure(result, folder / "neighbors.png")
+    files["neighbors.png"] = _figure(result)
     parts = ["<h2>Nearest neighbours among misclassified samples (paper 3.2)</h2>"
              "<p>Share of the 10 nearest neighbours with the query's (true, predicted) class pair:</p>",
              _table(result.summary), _img("neighbors.png", "pair sharing per space")]
@@ -126,7 +134,7 @@ def _neighbours_section(checked: Prepared, folder: Path, queries: int, k: int, c
         labels = _labels_by_id(run)
         for space in galleries.table["space"].unique():
             name = f"neighbours-{space}.png"
-            _gallery(checked.data, shown, galleries.neighbor_ids(space), labels, folder / name, f"{space} space")
+            files[name] = _gallery(checked.data, shown, galleries.neighbor_ids(space), labels, f"{space} space")
             parts.append(f"<h3>In {space} space: the {len(shown)} most frequent confusions</h3>"
                          + _img(name, f"neighbour gallery, {space} space"))
     return "".join(parts)
@@ -144,9 +152,11 @@ def _confusion_queries(checked: Prepared, count: int) -> np.ndarray:
     return np.asarray(chosen, np.int64)
 
 
-def _saved_sections(analyses: Path, folder: Path) -> list[str]:
-    """A section per kind of saved result; results of one kind (e.g. several learning rates) side by side."""
-    results = find_results(analyses)
+def _saved_sections(run: Run, files: dict[str, Writer]) -> list[str]:
+    """A section per kind of result saved in ``RUN/analyses`` from this run; results of one kind (e.g. several
+    learning rates) side by side; a note for those left out (another run's, or a save that was stopped)."""
+    analyses = run.path / "analyses"
+    results, skipped = find_results(analyses, run)
     sections = []
     for kind, title in SECTIONS.items():
         same = [r for r in results if r.kind == kind]
@@ -155,20 +165,20 @@ def _saved_sections(analyses: Path, folder: Path) -> list[str]:
         images = []
         for result in same:
             name = f"{result.name}.png"
-            source = analyses / name
-            if source.is_file():
-                shutil.copyfile(source, folder / name)
-            else:
-                _figure(result, folder / name)
+            files[name] = partial(shutil.copyfile, analyses / name) if is_regular(analyses / name) else \
+                _figure(result)
             images.append(_img(name, result.name))
         tables = [_table(r.summary, caption=r.name if len(same) > 1 else None) for r in same]
         layout = "side" if len(images) > 1 else "whole"
         sections.append(f"<h2>{html.escape(title)}</h2><div class='{layout}'>{''.join(images)}</div>"
                         + "".join(tables))
+    if skipped:
+        items = "".join(f"<li>{html.escape(reason)}</li>" for reason in skipped)
+        sections.append(f"<h2>Saved results left out</h2><ul>{items}</ul>")
     return sections
 
 
-def _explain_section(checked: Prepared, folder: Path, count: int, common: dict[str, Any]) -> str:
+def _explain_section(checked: Prepared, files: dict[str, Writer], count: int, common: dict[str, Any]) -> str:
     from paramsal.analyses.attribution import InputSaliency
 
     wrong = checked.run.sample_ids("misclassified")
@@ -177,14 +187,14 @@ def _explain_section(checked: Prepared, folder: Path, count: int, common: dict[s
     table = checked.run.table().to_pandas().set_index("sample_id").loc[wrong]
     shown = table.sort_values("pred_prob", ascending=False, kind="stable").index[:count].to_numpy()
     result = InputSaliency(checked.model, **common).evaluate(checked.run, checked.data, samples=shown)
-    _figure(result, folder / "explain.png")
+    files["explain.png"] = _figure(result)
     return ("<h2>Input-space saliency of the most confident mistakes (paper 2.2)</h2>"
             "<p>Pixels that make the top 10 salient filters salient, next to 10 random filters "
             "(true -> predicted class):</p>" + _img("explain.png", "input-space saliency overlays"))
 
 
 def _gallery(data: MapDataset, queries: np.ndarray, neighbours: np.ndarray, labels: dict[int, tuple[int, int]],
-             path: Path, space: str) -> None:
+             space: str) -> Writer:
     """Query image, then its neighbours; each titled with its id and (true -> predicted) classes."""
     from matplotlib.figure import Figure
 
@@ -201,13 +211,11 @@ def _gallery(data: MapDataset, queries: np.ndarray, neighbours: np.ndarray, labe
             ax.set_yticks([])
     figure.suptitle(f"neighbours in {space} (true -> predicted class)", fontsize=9)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
+    return lambda tmp: figure.savefig(tmp, format="png", dpi=110)
 
 
-def _figure(result: Result, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        result.plot().savefig(tmp, format="png", dpi=110)
+def _figure(result: Result) -> Writer:
+    return lambda tmp: result.plot().savefig(tmp, format="png", dpi=110)
 
 
 def _labels_by_id(run: Run) -> dict[int, tuple[int, int]]:

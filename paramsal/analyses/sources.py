@@ -207,6 +207,10 @@ def open_for_analysis(run: Run | str | os.PathLike, allow_partial: bool = False)
     written so far; an analysis of it would silently describe another data set.
     """
     run = run if isinstance(run, Run) else open_run(run)
+    if not run.parts:
+        raise InputError(f"{run.path} holds no finished part yet (0 of {run.manifest['num_samples']} samples): "
+                         "there is nothing to analyse; continue it by running the same `paramsal profile` command "
+                         "again (it resumes)")
     if not run.complete and not allow_partial:
         raise InputError(f"{run.path} is unfinished ({run.num_samples} of {run.manifest.get('num_samples', '?')} "
                          "samples); finish it by running the same `paramsal profile` command again, or pass "

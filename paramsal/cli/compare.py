@@ -32,12 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def compare_command(args: argparse.Namespace) -> int:
     """Prints the per-layer summary and the top movers, and saves the result (tables, config, figure)."""
-    from paramsal._io import writable_folder
     from paramsal.analyses.comparison import Compare
     from paramsal.analyses.sources import open_for_analysis
+    from paramsal.engine.published import owned_folder
 
     run_a, run_b = (open_for_analysis(run, args.allow_partial) for run in (args.run_a, args.run_b))
-    out = writable_folder(args.out or run_b.path / "analyses")  # checked before the work: a run may be read-only
+    out = owned_folder(args.out or run_b.path / "analyses", "--out DIR")  # before the work: a run may be read-only
     result = Compare(args.only, num_resamples=args.resamples, level=args.level, seed=args.seed, fdr=args.fdr,
                      top=args.top, budget_mb=args.budget_mb, allow_partial=args.allow_partial).evaluate(run_a, run_b)
     config = result.config

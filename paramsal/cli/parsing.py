@@ -139,12 +139,13 @@ def analysis_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def opened_run(args: argparse.Namespace, default: str = "analyses") -> tuple[Any, Any]:
     """The command's run (refused while unfinished, unless ``--allow-partial``) and its output folder
-    (``--out``, default ``RUN/<default>``), checked writable before any work: the run may be read-only."""
-    from paramsal._io import writable_folder
+    (``--out``, default ``RUN/<default>``), checked before any work to be writable (the run may be read-only) and
+    paramsal's to write (:func:`paramsal.engine.published.owned_folder`)."""
     from paramsal.analyses.sources import open_for_analysis
+    from paramsal.engine.published import owned_folder
 
     run = open_for_analysis(args.run, args.allow_partial)
-    return run, writable_folder(args.out or run.path / default)
+    return run, owned_folder(args.out or run.path / default, "--out DIR")
 
 
 def loaded_source(args: argparse.Namespace, run: Any, parts: tuple[str, ...] = ("model", "data")) -> dict[str, Any]:

@@ -32,22 +32,25 @@ from paramsal._typing import MapDataset
 from paramsal._version import __version__
 from paramsal.engine.backends import BatchResult
 from paramsal.engine.devices import resolve_device
-from paramsal.engine.distributed import Ranks, current_ranks, local_rank, local_world_size
+from paramsal.engine.distributed import (Ranks, check_ranks_agree, check_ranks_share, current_ranks,
+                                         local_world_size, rank_device)
 from paramsal.engine.fingerprints import data_fingerprint, model_fingerprint
 from paramsal.engine.loading import BadBatch, Indexed, collate_samples
 from paramsal.engine.lock import RunLock
-from paramsal.engine.manifest import (FORMAT, config_mismatches, mismatches, part_count, part_range, parts_of,
-                                      read_manifest, rows_per_part)
+from paramsal.engine.manifest import FORMAT, new_run_id, part_count, part_range, parts_of, read_manifest, rows_per_part
+from paramsal.engine.ownership import claim
 from paramsal.engine.profile import LOSS_FLAG, Profiler
 from paramsal.engine.resume import prepare_run
 from paramsal.engine.rundir import Run
 from paramsal.engine.tasks import first_labelled, is_sequence_task, sample_labels
 from paramsal.engine.units import UnitsSpec
 from paramsal.engine.writing import PartBuffer, PartWriter, finish_run, now
-from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, RunMismatchError, check_choice
+from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, check_choice
 from paramsal.kernels.reduce import Aggregation
 from paramsal.options import NONFINITE_POLICIES
 
+#: How a user names another run directory, for messages.
+OUT_OPTION = "--out DIR (out_dir= in Python)"
 #: Rows per part aimed at when ``part_size`` is not given (rounded to whole batches).
 DEFAULT_PART_ROWS = 2048
 #: Under torchrun, parts are made smaller until each rank has at least this many: ranks share whole parts,
@@ -134,7 +137,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
     """
     _check_arguments(data, batch_size, num_workers, part_size, on_nonfinite, shard)
     ranks = current_ranks()
-    root = writable_folder(out_dir, "--out DIR (out_dir= in Python)")
+    root = Path(out_dir)
     device = rank_device(resolve_device(device), ranks)
     model = model.to(device)
     profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, chunk_size=chunk_size,
@@ -143,13 +146,14 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
     wanted = _manifest(model, data, profiler, backend, batch_size, _batches_per_part(part_size, batch_size,
                        len(data), ranks.world_size), chunk_size, device, model_name, data_name, ranks.world_size)
     wanted["source"] = dict(source or {})
-    _check_ranks_agree(ranks, wanted)
-    lock = RunLock(root)
+    check_ranks_agree(ranks, wanted)
+    lock = RunLock(root, job=ranks.on_main(new_run_id))
     todo = ranks.on_main(lambda: _start(lock, root, wanted, data, profiler, resume, overwrite, repair,
                                         ranks.world_size, shard))
     try:
         error = None
         try:
+            check_ranks_share(ranks, root, lock.job)
             manifest = read_manifest(root)
             assert manifest is not None  # rank 0 wrote it before anyone got here
             workers = default_workers(device) if num_workers is None else num_workers
@@ -169,7 +173,10 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
 
 def _start(lock: RunLock, root: Path, wanted: dict[str, Any], data: MapDataset, profiler: Profiler, resume: bool,
            overwrite: bool, repair: bool, world_size: int, shard: tuple[int, int] | None) -> list[int]:
-    """Rank 0: takes the run's lock for the whole job, prepares the run; returns the parts still to profile."""
+    """Rank 0: claims the folder and takes the run's lock for the whole job, prepares the run; returns the parts still
+    to profile."""
+    claim(root, OUT_OPTION)  # before anything is made there: no lock file in a folder that is not paramsal's
+    writable_folder(root, OUT_OPTION)
     lock.acquire()
     try:
         manifest, notes = prepare_run(root, wanted, data, profiler, resume=resume, overwrite=overwrite,
@@ -187,25 +194,6 @@ def _start(lock: RunLock, root: Path, wanted: dict[str, Any], data: MapDataset, 
     for note in notes:
         warnings.warn(note, ParamsalWarning, stacklevel=4)
     return todo
-
-
-def _check_ranks_agree(ranks: Ranks, wanted: dict[str, Any]) -> None:
-    """Every rank has the model, data, units and settings rank 0 has: ranks that differ would mix their rows."""
-    if ranks.world_size == 1:
-        return
-    everyone = ranks.gather(wanted)
-    for rank, theirs in enumerate(everyone):
-        differ = mismatches(everyone[0], theirs) + config_mismatches(everyone[0], theirs)
-        if differ:
-            raise RunMismatchError(f"rank {rank} of {ranks.world_size} has another {', '.join(differ)} than rank 0: "
-                                   "every rank must profile the same model and data with the same settings")
-
-
-def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
-    """Under torchrun, a bare "cuda" (or the default) means this rank's own GPU, ``cuda:LOCAL_RANK``."""
-    if device.type == "cuda" and device.index is None and ranks.world_size > 1:
-        return torch.device("cuda", local_rank())
-    return device
 
 
 def default_workers(device: torch.device) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import pickle
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,7 +23,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from paramsal.errors import EngineError, ParamsalError
+from paramsal.engine.lock import job_of
+from paramsal.engine.manifest import config_mismatches, mismatches
+from paramsal.errors import EngineError, InputError, ParamsalError, RunMismatchError
 
 T = TypeVar("T")
 
@@ -98,6 +101,38 @@ class Ranks:
                     other, ParamsalError) else EngineError(f"rank {rank} of {self.world_size} failed: {other!r}")
 
 
+def check_ranks_agree(ranks: Ranks, wanted: dict[str, Any]) -> None:
+    """Every rank has the model, data, units and settings rank 0 has: ranks that differ would mix their rows."""
+    if ranks.world_size == 1:
+        return
+    everyone = ranks.gather(wanted)
+    for rank, theirs in enumerate(everyone):
+        differ = mismatches(everyone[0], theirs) + config_mismatches(everyone[0], theirs)
+        if differ:
+            raise RunMismatchError(f"rank {rank} of {ranks.world_size} has another {', '.join(differ)} than rank 0: "
+                                   "every rank must profile the same model and data with the same settings")
+
+
+def check_ranks_share(ranks: Ranks, root: Path, job: str | None) -> None:
+    """Every rank sees the run directory rank 0 prepared (its lock holds this job's token): ranks on machines that
+    share no filesystem would each write a run of their own, or list their parts in another job's run."""
+    if ranks.world_size == 1:
+        return
+    blind = [rank for rank, sees in enumerate(ranks.gather(job_of(root) == job)) if not sees]
+    if blind:
+        raise InputError(f"rank(s) {', '.join(map(str, blind))} of {ranks.world_size} do not see the run directory "
+                         f"{root} that rank 0 prepared: the ranks of one torchrun job must share --out (one "
+                         "filesystem); on machines without one, profile each machine's share into its own directory "
+                         "with --shard I/N and join them with `paramsal merge`")
+
+
+def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
+    """Under torchrun, a bare "cuda" (or the default) means this rank's own GPU, ``cuda:LOCAL_RANK``."""
+    if device.type == "cuda" and device.index is None and ranks.world_size > 1:
+        return torch.device("cuda", local_rank())
+    return device
+
+
 def current_ranks() -> Ranks:
     """The ranks of the initialized default process group (one rank when there is none)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -108,6 +143,11 @@ def current_ranks() -> Ranks:
         # Every rank creates it at the same call, as new_group requires.
         _groups[key] = dist.new_group(backend="gloo", timeout=MEETING_TIMEOUT)
     return Ranks(dist.get_rank(), world, _groups[key])
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the initialized process group, or a process outside one (no meeting: safe to call anywhere)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def init_from_environment() -> bool:
@@ -153,4 +193,5 @@ def _portable(exc: BaseException) -> BaseException:
         return EngineError(f"{type(exc).__name__}: {exc}")
 
 
-__all__ = ["Ranks", "current_ranks", "init_from_environment", "leave", "local_rank", "local_world_size"]
+__all__ = ["Ranks", "check_ranks_agree", "check_ranks_share", "current_ranks", "init_from_environment",
+           "is_main_process", "leave", "local_rank", "local_world_size", "rank_device"]

@@ -19,18 +19,20 @@ error naming what is wrong, never a run read differently.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from paramsal._io import atomic_path
+from paramsal.engine.ownership import MANIFEST, entries, is_run_manifest, linked, read_json
 from paramsal.errors import RunCorruptError, RunMismatchError, StorageError
-from paramsal.options import REFERENCES, UNRECORDED_DECODE
+from paramsal.options import AGGREGATIONS, REFERENCES, UNRECORDED_DECODE
 
 FORMAT = "paramsal-run/2"
-MANIFEST = "manifest.json"
 UNITS = "units.parquet"
 STATS = "stats.parquet"
 PROFILES_DIR = "profiles"
@@ -122,17 +124,73 @@ def parts_of(manifest: dict[str, Any]) -> list[Part]:
                   key=lambda part: part.index)
 
 
+def run_identity(manifest: dict[str, Any]) -> str:
+    """What tells this run from any other, even one made again in the same folder: the ``run_id`` drawn when it was
+    created (runs written before there was one: a hash of when it was created and what it profiled)."""
+    if isinstance(manifest.get("run_id"), str):
+        return manifest["run_id"]
+    keys = [manifest.get(k) for k in ("created", "model_fingerprint", "data_fingerprint", "units_fingerprint")]
+    return hashlib.sha256(json.dumps(keys, default=str).encode()).hexdigest()[:32]
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def own_files(root: Path, manifest: Any) -> list[str]:
+    """The files of the run a manifest describes, which paramsal may delete: those it lists and, while the run is
+    unfinished, those its jobs write just before listing them (a part's two files; the statistics).
+
+    The manifest may be damaged or foreign: only names of this format are
+    made, from the entries that have the right type, so no manifest can name
+    a file elsewhere.
+    """
+    if not isinstance(manifest, dict):
+        return []
+    known = {UNITS, STATS, *map(tails_file, REFERENCES)}
+    files = manifest.get("files")
+    names = [name for name in files if name in known] if isinstance(files, dict) else []
+    parts = manifest["parts"] if isinstance(manifest.get("parts"), list) else []
+    indices = {p["index"] for p in parts if isinstance(p, dict) and _is(p.get("index"), int) and p["index"] >= 0}
+    if _problem(manifest) is None and not manifest["complete"]:
+        names.append(STATS)
+        for folder in (PROFILES_DIR, PART_STATS_DIR):
+            indices |= {i for i in map(part_index, entries(root, folder)) if i is not None and is_pending(manifest, i)}
+    names += [name for index in sorted(indices) for name in (part_file(index), part_stats_file(index))]
+    return list(dict.fromkeys(names))
+
+
+def is_pending(manifest: dict[str, Any], index: int) -> bool:
+    """Whether a job of this (validated) run may have written part ``index`` and been stopped before listing it: the
+    run is unfinished and lacks that part, which a resume writes again."""
+    return (not manifest["complete"] and 0 <= index < part_count(manifest)
+            and all(p["index"] != index for p in manifest["parts"]))
+
+
+def part_index(path: Path) -> int | None:
+    """The index in a part file's name (``part-00012.parquet`` -> 12), or None for another name."""
+    stem = path.name.removeprefix("part-").removesuffix(".parquet")
+    return int(stem) if path.name.startswith("part-") and path.name.endswith(".parquet") and stem.isdigit() else None
+
+
 def read_manifest(root: Path) -> dict[str, Any] | None:
-    """The validated manifest of ``root``, or None when there is none."""
+    """The validated manifest of ``root``, or None when there is none.
+
+    Raises:
+        RunCorruptError: the manifest is a link, is not JSON (or nests too
+            deeply to be a manifest), is not in the run format, or is damaged.
+    """
     path = root / MANIFEST
-    if not path.is_file():
+    if path.is_symlink():
+        raise linked(root, path)
+    if not path.exists():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunCorruptError(f"{path} is not valid JSON ({exc}); restore it, or start the run over with "
-                              "--restart") from exc
-    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("paramsal-run/"):
+        manifest = read_json(path)
+    except ValueError as exc:
+        raise RunCorruptError(f"{path} {exc}; restore it from a copy of the run, or profile the data again into a "
+                              "new folder") from None
+    if not is_run_manifest(manifest):
         raise RunCorruptError(f"{path} is not a paramsal run manifest; is {root} a run directory?")
     if manifest["format"] != FORMAT:
         raise RunCorruptError(f"{path} is a {manifest['format']} manifest, written by another version of "
@@ -159,15 +217,34 @@ def storage_error(path: Path, exc: OSError) -> StorageError:
 
 
 def _problem(manifest: dict[str, Any]) -> str | None:
-    """What makes a manifest unusable, in words; None when it is sound."""
+    """What makes a manifest unusable, in words; None when it is sound.
+
+    Every field a reader or an analysis uses is checked here for its type, so
+    that a hand-edited or foreign manifest is named once, on opening, instead
+    of failing somewhere downstream.
+    """
     for key, kind in (("num_samples", int), ("num_units", int), ("parts", list), ("config", dict),
-                      ("complete", bool), ("aggregation", str)):
+                      ("complete", bool), ("aggregation", str), ("features", bool)):
         if not _is(manifest.get(key), kind):
             return f"{key!r} is missing or not a {kind.__name__}"
+    for key in ("num_samples", "num_units"):
+        if manifest[key] < 1:
+            return f"{key!r} is {manifest[key]}, not a positive integer"
+    if manifest["aggregation"] not in AGGREGATIONS:
+        return f"'aggregation' is {manifest['aggregation']!r}, not one of {', '.join(AGGREGATIONS)}"
+    for key in ("model_fingerprint", "data_fingerprint", "units_fingerprint", "created", "updated", "run_id"):
+        if key in manifest and not isinstance(manifest[key], str):
+            return f"{key!r} is not a string"
+    for key in ("source", "versions"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            return f"{key!r} is not an object"
     config = manifest["config"]
     for key in ("batch_size", "batches_per_part"):
         if not _is(config.get(key), int) or config[key] < 1:
             return f"config {key!r} is missing or not a positive integer"
+    for key in ("model", "data", "units", "backend", "device", "dtype", "precision", "task"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            return f"config {key!r} is not a string"
     files = manifest.get("files")
     if not isinstance(files, dict) or UNITS not in files or (manifest["complete"] and STATS not in files):
         return f"'files' does not record {UNITS}" + (f" and {STATS}" if manifest["complete"] else "")
@@ -225,13 +302,23 @@ def mismatches(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return [k for k in IDENTITY_KEYS if existing.get(k) != wanted.get(k)]
 
 
+def mismatch_details(existing: dict[str, Any], wanted: dict[str, Any], names: tuple[str, str] = ("run", "this job")) \
+        -> str:
+    """The identity keys on which two manifests differ, in words ("another num_units (num_units: run has 5, this job
+    6)"), or "" when they are one run's."""
+    differ = mismatches(existing, wanted)
+    if not differ:
+        return ""
+    details = "; ".join(f"{k}: {names[0]} has {existing.get(k)!r}, {names[1]} {wanted.get(k)!r}" for k in differ)
+    return f"another {', '.join(differ)} ({details})"
+
+
 def check_same_run(root: Path, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
     """Raises :class:`RunMismatchError` naming every identity key that differs."""
-    differ = mismatches(existing, wanted)
-    if differ:
-        details = "; ".join(f"{k}: run has {existing.get(k)!r}, this job {wanted.get(k)!r}" for k in differ)
-        raise RunMismatchError(f"{root} holds a run made with another {', '.join(differ)} ({details}). "
-                               "Choose another directory, or pass overwrite=True / --overwrite to replace it")
+    details = mismatch_details(existing, wanted)
+    if details:
+        raise RunMismatchError(f"{root} holds a run made with {details}. Choose another directory, or pass "
+                               "overwrite=True / --overwrite to replace it")
 
 
 def config_mismatches(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

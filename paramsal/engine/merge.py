@@ -5,6 +5,11 @@ Each machine profiles its share of the parts into a directory of its own
 directories are then copied to one place and merged. Every part is checked
 (size, sha256, rows and ids) before it is copied, and the merged run's
 statistics are merged from the parts in part order, as a single job's are.
+
+A merge is a job like a profile: it claims its output first (a manifest
+naming its sources is written before any file is copied), lists each part
+once copied, and a merge that was stopped (SIGKILL included) is finished by
+the same command, ending with the bytes an uninterrupted merge writes.
 """
 
 from __future__ import annotations
@@ -16,12 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from paramsal._io import atomic_path, file_record, writable_folder
+from paramsal.engine.integrity import check_file, check_no_links
 from paramsal.engine.lock import RunLock
 from paramsal.engine.manifest import (MANIFEST, NUMERIC_CONFIG, PART_STATS_DIR, PROFILES_DIR, UNITS, Part,
-                                      check_same_run, config_mismatches, parts_of, storage_error, write_manifest)
+                                      config_mismatches, mismatch_details, new_run_id, parts_of, read_manifest,
+                                      storage_error, write_manifest)
+from paramsal.engine.ownership import claim, folder, inside
+from paramsal.engine.resume import remove_temporaries
 from paramsal.engine.rundir import Run
 from paramsal.engine.writing import finish_run, now
 from paramsal.errors import InputError, RunCorruptError, RunMismatchError
+
+OUT_OPTION = "--out DIR (out= in Python)"
 
 
 def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> Run:
@@ -30,7 +41,8 @@ def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
     Args:
         sources: run directories made by jobs of the same run (same identity
             and numeric config; each part may be in several, with the same sha256).
-        out: a new or empty directory (not one of the sources).
+        out: a new or empty directory (not one of the sources), or the output
+            of a merge of the same sources that was stopped: it is finished.
 
     Returns:
         The merged run; complete when the sources hold every part between them.
@@ -38,37 +50,102 @@ def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
     Raises:
         RunMismatchError: sources of different runs, or a part that differs between two sources.
         RunCorruptError: a source's part does not match its manifest.
+        InputError: ``out`` is not empty and holds no merge of these sources.
     """
     if not sources:
         raise InputError("merge needs at least one run directory")
     runs = [Run(source) for source in sources]
-    root = writable_folder(out, "--out DIR")
-    if (root / MANIFEST).exists() or any(root.resolve() == run.path.resolve() for run in runs):
-        raise InputError(f"{root} already holds a run: merge into a new or empty directory")
+    root = Path(out)
+    if any(root.resolve() == run.path.resolve() for run in runs):
+        raise InputError(f"{root} already holds a run (it is one of the sources): merge into a new or empty directory")
     first = runs[0]
     for run in runs[1:]:
         _check_compatible(first, run)
     chosen = _parts_by_index(runs)
+    origin = [str(run.path.resolve()) for run in runs]
+    holds_run = claim(root, OUT_OPTION)
+    writable_folder(root, OUT_OPTION)
     with RunLock(root):
-        manifest = {**first.manifest, "complete": False, "updated": now(), "parts": [], "files": {}}
-        manifest["files"][UNITS] = _copy(first.path, root, UNITS, first.manifest["files"][UNITS])
-        for folder in (PROFILES_DIR, PART_STATS_DIR):
-            (root / folder).mkdir(exist_ok=True)
-        for index in sorted(chosen):
+        check_no_links(root)
+        manifest = _continued(root, origin) if holds_run else None
+        remove_temporaries(root)
+        if manifest is None:
+            manifest = _started(root, first, runs, origin)
+        _units_whole(root, manifest)
+        for name in (PROFILES_DIR, PART_STATS_DIR):
+            folder(root, name, create=True)
+        listed = {part.index for part in _sound_parts(root, manifest)}
+        for index in sorted(set(chosen) - listed):
             run, part = chosen[index]
             for name, record in part.records.items():
                 _copy(run.path, root, name, record)
-            manifest["parts"].append(part.to_json())
-        manifest.setdefault("merged_from", []).extend(str(run.path.resolve()) for run in runs)
-        write_manifest(root, manifest)
+            manifest["parts"] = sorted(manifest["parts"] + [part.to_json()], key=lambda p: p["index"])
+            manifest["updated"] = now()
+            write_manifest(root, manifest)
         finish_run(root)
     return Run(root)
 
 
+def _started(root: Path, first: Run, runs: list[Run], origin: list[str]) -> dict[str, Any]:
+    """A new merge's manifest, written (with its units) before any part is copied."""
+    manifest = {**first.manifest, "run_id": new_run_id(), "complete": False, "updated": now(), "parts": [],
+                "files": {}, "merged_from": [*first.manifest.get("merged_from", []),
+                                             *(str(run.path.resolve()) for run in runs)], "merge_of": origin}
+
+    def list_units(record: dict[str, Any]) -> None:
+        manifest["files"][UNITS] = record
+        write_manifest(root, manifest)
+
+    _copy(first.path, root, UNITS, first.manifest["files"][UNITS], listed=list_units)
+    return manifest
+
+
+def _continued(root: Path, origin: list[str]) -> dict[str, Any]:
+    """The manifest of the stopped merge of the same sources that ``root`` holds, with its units made whole.
+
+    Raises:
+        InputError: ``root`` holds another run (a profile, or a merge of other sources).
+    """
+    manifest = read_manifest(root)
+    if manifest is None or manifest.get("merge_of") != origin:
+        raise InputError(f"{root} already holds a run that is not a merge of these sources: merge into a new or "
+                         "empty directory")
+    return manifest
+
+
+def _sound_parts(root: Path, manifest: dict[str, Any]) -> list[Part]:
+    """The parts a stopped merge listed whose files are whole; the others are dropped, to be copied again."""
+    sound = []
+    for part in parts_of(manifest):
+        try:
+            for name, record in part.records.items():
+                check_file(root, name, record, manifest)
+        except RunCorruptError:
+            continue
+        sound.append(part)
+    if len(sound) < len(manifest["parts"]):
+        manifest["parts"] = [part.to_json() for part in sound]
+        write_manifest(root, manifest)
+    return sound
+
+
+def _units_whole(root: Path, manifest: dict[str, Any]) -> None:
+    """Copies the units again from the first source when a stopped merge listed them but was killed before they took
+    their name."""
+    try:
+        check_file(root, UNITS, manifest["files"][UNITS], manifest)
+    except RunCorruptError:
+        _copy(Path(manifest["merge_of"][0]), root, UNITS, manifest["files"][UNITS])
+
+
 def _check_compatible(first: Run, other: Run) -> None:
-    check_same_run(other.path, other.manifest, first.manifest)
+    details = mismatch_details(other.manifest, first.manifest, (str(other.path), str(first.path)))
     differ = config_mismatches(first.manifest, other.manifest) + [
         key for key in ("batches_per_part",) if first.manifest["config"][key] != other.manifest["config"][key]]
+    if details:
+        raise RunMismatchError(f"{other.path} and {first.path} are not shares of one run: the first was made with "
+                               f"{details}; merge only directories profiled with the same model, data, units and "
+                               "settings")
     if differ:
         raise RunMismatchError(f"{other.path} was profiled with another {', '.join(differ)} than {first.path} "
                                f"(one of {', '.join(NUMERIC_CONFIG)} or the part size): their parts do not make "
@@ -90,17 +167,21 @@ def _parts_by_index(runs: list[Run]) -> dict[int, tuple[Run, Part]]:
     return chosen
 
 
-def _copy(source: Path, root: Path, name: str, expected: dict[str, Any]) -> dict[str, Any]:
-    """Copies one file durably, checked against the record (size, sha256) of the source's manifest."""
+def _copy(source: Path, root: Path, name: str, expected: dict[str, Any], listed=None) -> dict[str, Any]:
+    """Copies one file durably, checked against the record (size, sha256) of the source's manifest; ``listed`` is
+    called with the record before the copy takes its name."""
+    target = inside(root, name)
     try:
-        with atomic_path(root / name) as tmp:
-            shutil.copyfile(source / name, tmp)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(inside(source, name), tmp)
             record = file_record(tmp)
-            if record != expected:
+            if (record["bytes"], record["sha256"]) != (expected["bytes"], expected["sha256"]):
                 raise RunCorruptError(f"{source / name} is not the file {source / MANIFEST} lists (size or sha256 "
                                       f"differ): run `paramsal verify {source}`, repair it, then merge again")
+            if listed is not None:
+                listed(record)
     except OSError as exc:
-        raise storage_error(root / name, exc) from exc
+        raise storage_error(target, exc) from exc
     return dict(record)
 
 

@@ -17,23 +17,32 @@ import pyarrow.parquet as pq
 
 from paramsal._typing import MapDataset
 from paramsal.engine.fingerprints import dataset_labels
-from paramsal.engine.integrity import check_file, check_no_strays, check_part, check_part_rows, stray_files, temporaries
-from paramsal.engine.manifest import (STATS, UNITS, Part, check_same_run, config_mismatches, mismatches, parts_of,
-                                      read_manifest, resume_notes, write_manifest)
+from paramsal.engine.integrity import (check_file, check_no_links, check_no_strays, check_part, check_part_rows,
+                                       stray_files, temporaries)
+from paramsal.engine.manifest import (STATS, UNITS, Part, check_same_run, config_mismatches, mismatches,
+                                      new_run_id, parts_of, read_manifest, resume_notes, write_manifest)
+from paramsal.engine.ownership import MANIFEST, read_json, remove
 from paramsal.engine.profile import Profiler
-from paramsal.engine.rundir import clear_run, write_units
+from paramsal.engine.writing import clear_run, write_units
 from paramsal.errors import InputError, RunCorruptError, RunMismatchError
 
 
 def prepare_run(root: Path, wanted: dict[str, Any], data: MapDataset, profiler: Profiler, *, resume: bool,
-             overwrite: bool, repair: bool) -> tuple[dict[str, Any], list[str]]:
-    """The manifest this job continues (the run's own) or starts; and what it kept that the job asked otherwise."""
+                overwrite: bool, repair: bool) -> tuple[dict[str, Any], list[str]]:
+    """The manifest this job continues (the run's own) or starts; and what it kept that the job asked otherwise.
+
+    The caller holds the run's lock and has claimed the folder
+    (:func:`paramsal.engine.ownership.claim`): it is new, holds only
+    paramsal's leftovers, or holds a run. A run replaced (``overwrite``) loses
+    exactly its own files and the results saved from it.
+    """
+    check_no_links(root)
     try:
-        existing = read_manifest(root)
+        existing = replaced = read_manifest(root)
     except RunCorruptError:
         if not overwrite:
             raise
-        existing = None
+        existing, replaced = None, _damaged_manifest(root)
     if existing is not None and overwrite and (not resume or mismatches(existing, wanted)
                                                or config_mismatches(existing, wanted)):
         existing = None
@@ -41,10 +50,14 @@ def prepare_run(root: Path, wanted: dict[str, Any], data: MapDataset, profiler: 
         raise InputError(f"{root} already holds a run; pass resume=True to continue it or overwrite=True "
                          "to start over")
     if existing is None:
-        clear_run(root)
-        remove_temporaries(root)
-        wanted["files"] = {UNITS: write_units(root, profiler.index.table)}
-        write_manifest(root, wanted)
+        clear_run(root, replaced)
+        wanted.update(run_id=new_run_id(), files={})
+
+        def list_units(record: dict[str, Any]) -> None:  # the manifest exists before any file of the run does
+            wanted["files"][UNITS] = record
+            write_manifest(root, wanted)
+
+        write_units(root, profiler.index.table, listed=list_units)
         return wanted, []
     check_same_run(root, existing, wanted)
     notes = resume_notes(root, existing, wanted)
@@ -54,14 +67,25 @@ def prepare_run(root: Path, wanted: dict[str, Any], data: MapDataset, profiler: 
     return existing, notes
 
 
+def _damaged_manifest(root: Path) -> dict[str, Any] | None:
+    """The content of a run's damaged manifest (to remove the files it lists), or None when it cannot be read."""
+    try:
+        return read_json(root / MANIFEST)
+    except ValueError:
+        return None
+
+
 def _keep_sound_files(root: Path, manifest: dict[str, Any], profiler: Profiler, repair: bool) -> list[str]:
-    """``units.parquet`` (rewritten from the model) and ``stats.parquet`` (merged again) when damaged and ``repair``."""
+    """``units.parquet`` (rewritten from the model) and ``stats.parquet`` (merged again) when damaged and ``repair``,
+    or when missing: both are derived from what the run keeps, so nothing is lost by making them again (a job killed
+    while it created the run lists its units just before they take their name)."""
     notes = []
     for name, record in list(manifest["files"].items()):
         try:
             check_file(root, name, record, manifest, checksum=repair)
         except RunCorruptError as exc:
-            if not repair:
+            derived = name in (UNITS, STATS) and not (root / name).exists() and not (root / name).is_symlink()
+            if not (repair or derived):
                 raise
             notes.append(f"{exc.problem}: " + ("written again from the model" if name == UNITS else
                                                 "merged again from the parts"))
@@ -87,7 +111,7 @@ def _keep_sound_parts(root: Path, manifest: dict[str, Any], data: MapDataset, re
     kept, notes = [], []
     for part in parts_of(manifest):
         problem = None
-        if not (root / part.file).is_file() or not (root / part.stats_file).is_file():
+        if not all((root / name).exists() or (root / name).is_symlink() for name in (part.file, part.stats_file)):
             problem = f"part {part.index}'s files are missing"
         else:
             try:
@@ -102,11 +126,11 @@ def _keep_sound_parts(root: Path, manifest: dict[str, Any], data: MapDataset, re
             continue
         notes.append(f"{problem}: profiling samples {part.start}..{part.stop - 1} again")
         for name in (part.file, part.stats_file):
-            (root / name).unlink(missing_ok=True)
+            remove(root, name)
     if repair:
         for path in stray_files(root, manifest):
             notes.append(f"{path} was not listed in the manifest: removed")
-            path.unlink()
+            remove(root, str(path.relative_to(root)))
     if len(kept) < len(manifest["parts"]):
         manifest["complete"] = False
         manifest["files"].pop(STATS, None)
@@ -137,4 +161,4 @@ def _check_labels(root: Path, part: Part, manifest: dict[str, Any], labels: np.n
 def remove_temporaries(root: Path) -> None:
     """Temporary files of killed jobs: nobody else writes here while this job holds the lock."""
     for path in temporaries(root):
-        path.unlink(missing_ok=True)
+        remove(root, str(path.relative_to(root)))

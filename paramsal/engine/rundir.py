@@ -1,4 +1,5 @@
-"""Reading and writing a run directory's data files; the layout and manifest are in :mod:`paramsal.engine.manifest`.
+"""Reading a run directory's data files (:class:`Run`); the layout and manifest are in
+:mod:`paramsal.engine.manifest`, the writing in :mod:`paramsal.engine.writing`.
 
 Every file a reader opens is checked against the manifest first (size,
 sha256, and for parts the row count and sample ids), so a damaged, swapped or
@@ -17,115 +18,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from paramsal._io import atomic_path, file_record
-from paramsal.engine.integrity import check_file, check_no_strays, check_part_rows
-from paramsal.engine.manifest import (MANIFEST, PART_STATS_DIR, PROFILES_DIR, STATS, TAILS_DIR, UNITS, Part,
-                                      part_file, part_stats_file, parts_of, read_manifest, storage_error)
-from paramsal.engine.reading import ROW_GROUP_ROWS, Block, iter_vectors
+from paramsal.engine.integrity import PART_COLUMNS, check_file, check_no_strays, check_part_rows, check_schema
+from paramsal.engine.manifest import MANIFEST, STATS, TAILS_DIR, UNITS, Part, parts_of, read_manifest, run_identity
+from paramsal.engine.ownership import inside
+from paramsal.engine.reading import Block, iter_vectors
 from paramsal.errors import InputError
 from paramsal.options import ROW_SELECTIONS
 from paramsal.engine.stats import SaliencyStats
 
 
 #: The per-sample columns of a part besides ``profile`` and ``features``.
-SAMPLE_COLUMNS = ["sample_id", "target", "pred", "loss", "target_prob", "pred_prob", "correct", "nonfinite",
-                  "nonfinite_param"]
+SAMPLE_COLUMNS = list(PART_COLUMNS)
 
 Rows = str | Sequence[int] | np.ndarray | None
-
-
-def profile_table(sample_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarray, losses: np.ndarray,
-                  profiles: np.ndarray, features: np.ndarray | None,
-                  nonfinite_params: Sequence[str | None] | None = None) -> pa.Table:
-    """One row per sample, as in the run format.
-
-    Args:
-        sample_ids: ``[N]`` dataset indices.
-        targets: ``[N]`` true classes.
-        outputs: ``[N, C]`` logits.
-        losses: ``[N]`` each sample's loss.
-        profiles: ``[N, F]`` raw profiles.
-        features: ``[N, D]`` penultimate features, or None.
-        nonfinite_params: per sample, None, or the first parameter whose
-            gradient was not finite ("(loss)" when only the loss was): the row is
-            flagged and left out of statistics and default selections.
-    """
-    logits = outputs.astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        probs = np.exp(logits - logits.max(1, keepdims=True))
-        probs /= probs.sum(1, keepdims=True)
-    pred = np.nan_to_num(probs, nan=-1.0).argmax(1)
-    rows = np.arange(len(pred))
-    flags = list(nonfinite_params) if nonfinite_params is not None else [None] * len(pred)
-    columns = {
-        "sample_id": pa.array(sample_ids, pa.int64()),
-        "target": pa.array(targets, pa.int64()),
-        "pred": pa.array(pred, pa.int64()),
-        "loss": pa.array(losses, pa.float32()),
-        "target_prob": pa.array(probs[rows, targets], pa.float32()),
-        "pred_prob": pa.array(probs[rows, pred], pa.float32()),
-        "correct": pa.array(pred == targets),
-        "nonfinite": pa.array([flag is not None for flag in flags]),
-        "nonfinite_param": pa.array(flags, pa.string()),
-        "profile": _fixed_size_list(profiles),
-    }
-    if features is not None:
-        columns["features"] = _fixed_size_list(features)
-    return pa.table(columns)
-
-
-def _fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
-
-
-def write_part(root: Path, index: int, table: pa.Table, stats: SaliencyStats, backend: str) -> Part:
-    """Writes a part's moments, then its rows, durably; returns its record for the manifest (listed by the caller).
-
-    Args:
-        table: the part's rows (:func:`profile_table`), samples ``start..stop-1`` in order.
-        stats: the moments of the part's finite rows.
-        backend: the backend that computed the rows.
-    """
-    ids = table.column("sample_id").to_numpy()
-    for folder in (PROFILES_DIR, PART_STATS_DIR):
-        (root / folder).mkdir(exist_ok=True)
-    moments = _write_table(root / part_stats_file(index), stats.to_arrow())
-    rows = _write_table(root / part_file(index), table, ROW_GROUP_ROWS)  # readers decode a row group at a time
-    return Part(index, int(ids[0]), int(ids[-1]) + 1, rows["bytes"], rows["sha256"], moments["bytes"],
-                moments["sha256"], backend, int(np.asarray(table.column("nonfinite")).sum()))
-
-
-def write_units(root: Path, table: pa.Table) -> dict[str, Any]:
-    """Writes ``units.parquet``; returns its record for the manifest's ``files``."""
-    return _write_table(root / UNITS, table)
-
-
-def write_stats(root: Path, stats: SaliencyStats) -> dict[str, Any]:
-    """Writes ``stats.parquet``; returns its record for the manifest's ``files``."""
-    return _write_table(root / STATS, stats.to_arrow())
-
-
-def _write_table(path: Path, table: pa.Table, row_group_rows: int | None = None) -> dict[str, Any]:
-    """Writes ``table`` to ``path`` durably (row groups of at most ``row_group_rows``); returns the file's size and
-    sha256 for the manifest."""
-    try:
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp, row_group_size=row_group_rows)
-            record = file_record(tmp)
-    except OSError as exc:
-        raise storage_error(path, exc) from exc
-    return record
-
-
-def clear_run(root: Path) -> None:
-    """Removes paramsal's own files from a run directory (and nothing else; the lock stays with its holder)."""
-    for name in (MANIFEST, UNITS, STATS):
-        (root / name).unlink(missing_ok=True)
-    for folder, pattern in ((PROFILES_DIR, "part-*.parquet"), (PART_STATS_DIR, "part-*.parquet"),
-                            (TAILS_DIR, "*.parquet")):
-        for path in (root / folder).glob(pattern):
-            path.unlink()
 
 
 class Run:
@@ -144,7 +49,7 @@ class Run:
         check_no_strays(self.path, manifest)
         self.manifest = manifest
         self.parts = parts_of(manifest)
-        self._checked: set[tuple[str, int, int]] = set()
+        self._checked: set[tuple[str, int, int] | None] = set()
         #: What readers derive from the stored files once per open run (reference statistics, tails).
         self.derived: dict[tuple, Any] = {}
 
@@ -154,6 +59,11 @@ class Run:
     @property
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
+
+    @property
+    def identity(self) -> str:
+        """What tells this run from any other, even one made again in this folder (results record it)."""
+        return run_identity(self.manifest)
 
     @property
     def num_units(self) -> int:
@@ -203,8 +113,7 @@ class Run:
         tables = list(self.iter_parts(SAMPLE_COLUMNS))
         if tables:
             return pa.concat_tables(tables)
-        return profile_table(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 1)), np.zeros(0),
-                             np.zeros((0, 1)), None).select(SAMPLE_COLUMNS)
+        return pa.schema(PART_COLUMNS).empty_table()  # no part finished yet: the columns, typed, with no rows
 
     @property
     def accuracy(self) -> float:
@@ -311,12 +220,13 @@ class Run:
         return "\n".join(lines)
 
     def check_file(self, name: str, record: dict[str, Any]) -> None:
-        """Checks a file once per reader, again only if it changed on disk since."""
-        path = self.path / name
-        key = (name, path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
-        if key is None or key not in self._checked:
-            check_file(self.path, name, record, self.manifest)  # raises for a missing file
-            self._checked.add((name, path.stat().st_size, path.stat().st_mtime_ns))
+        """Checks a file (size, sha256, and a table's schema) once per reader, again only if it changed on disk."""
+        path = inside(self.path, name)
+        if _state(name, path) not in self._checked:
+            check_file(self.path, name, record, self.manifest)  # raises for a missing file, or a link
+            if not name.startswith(f"{TAILS_DIR}/"):
+                check_schema(self.path, name, self.manifest)
+            self._checked.add(_state(name, path))  # the file exists: checked above
 
     def _check_part(self, part: Part) -> None:
         for name, record in part.records.items():
@@ -380,6 +290,15 @@ class Run:
             blocks.append(values)
         width = len(unit_columns) if unit_columns is not None else (self.num_units if column == "profile" else 0)
         return np.concatenate(blocks) if blocks else np.zeros((0, width), np.float32)
+
+
+def _state(name: str, path: Path) -> tuple[str, int, int] | None:
+    """A file's name, size and modification time (not through a link), or None when it is not there."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return name, info.st_size, info.st_mtime_ns
 
 
 def open_run(path: str | os.PathLike) -> Run:

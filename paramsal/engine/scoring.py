@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from paramsal._io import atomic_path, file_record
 from paramsal.engine.lock import RunLock, manifest_update
 from paramsal.engine.manifest import STATS, TAILS_DIR, read_manifest, tails_file, write_manifest
+from paramsal.engine.ownership import folder, inside
 from paramsal.engine.reading import iter_vectors
 from paramsal.engine.rundir import Rows, Run, open_run
 from paramsal.engine.stats import SaliencyStats
@@ -240,8 +241,8 @@ def _store_tails(run: Run, name: str, tails: Tails) -> None:
             manifest = read_manifest(run.path)
             if manifest is None or manifest["files"].get(STATS) != run.manifest["files"].get(STATS):
                 raise InputError("the run changed since it was opened")
-            (run.path / TAILS_DIR).mkdir(exist_ok=True)
-            with atomic_path(run.path / tails_file(name)) as tmp:
+            folder(run.path, TAILS_DIR, create=True)
+            with atomic_path(inside(run.path, tails_file(name))) as tmp:
                 pq.write_table(tails.to_arrow(), tmp)
                 record: dict[str, Any] = file_record(tmp)
             manifest["files"][tails_file(name)] = {**record, "format": TAILS_FORMAT,

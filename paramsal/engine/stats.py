@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from paramsal._io import atomic_path, load_tensor_file
-from paramsal.errors import InputError
+from paramsal.errors import InputError, first_line
 
 #: Standard deviations at or below this are replaced by 1, as the reference code does.
 STD_FLOOR = 1e-14
@@ -157,7 +157,7 @@ class SaliencyStats:
         try:
             table = pq.read_table(path)
         except (pa.ArrowException, OSError) as exc:
-            raise InputError(f"{path} is not a statistics file paramsal can read ({_first_line(exc)}); "
+            raise InputError(f"{path} is not a statistics file paramsal can read ({first_line(exc)}); "
                              "give the stats.parquet of a run, or a file written by SaliencyStats.save") from exc
         missing = {"count", "mean", "m2"} - set(table.column_names)
         if missing:
@@ -209,12 +209,6 @@ def _check_finite(values: np.ndarray) -> None:
         raise InputError(f"profiles contain a non-finite value at row {row}, unit {unit} ({values[row, unit]}); "
                          f"{int(bad.any(axis=1).sum())} of {len(values)} rows are affected: leave those samples "
                          "out (their loss or gradient overflowed) before updating the statistics")
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's message cut to its first line, so that the error it becomes stays one line."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _as_float64(profiles: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -14,13 +14,14 @@ only).
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from paramsal.errors import InputError
+from paramsal.errors import InputError, first_line
 
 #: What a transformers architecture's class name ends with, and the task its head is trained for.
 _HEADS = (("ForSequenceClassification", "classification"), ("ForTokenClassification", "token-classification"),
@@ -93,7 +94,11 @@ def load_hf_model(directory: str | os.PathLike, task: str | None = None, num_cla
         import transformers
     except ModuleNotFoundError as exc:
         raise InputError("model spec 'hf:DIR' needs the transformers package: pip install 'paramsal[models]'") from exc
-    config = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"model spec 'hf:{directory}': {root / 'config.json'} is not a config transformers can use "
+                         f"({_first_sentence(exc)}); give a directory written by save_pretrained") from None
     task = task or task_of(config)
     if num_classes is not None:
         config.num_labels = num_classes
@@ -101,15 +106,27 @@ def load_hf_model(directory: str | os.PathLike, task: str | None = None, num_cla
     try:
         model, loading = auto.from_pretrained(root, config=config, local_files_only=True, trust_remote_code=False,
                                               output_loading_info=True)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"model spec 'hf:{directory}': transformers cannot build a {task} model from it ({exc})"
-                         ) from exc
+    except pickle.UnpicklingError:
+        raise InputError(f"model spec 'hf:{directory}': its weights are a pickle holding objects other than tensors, "
+                         "which torch.load(weights_only=True) refuses; paramsal never unpickles such a file, which "
+                         "could run code: save the weights as safetensors (save_pretrained) from a copy you trust"
+                         ) from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise InputError(f"model spec 'hf:{directory}': transformers cannot build a {task} model from it "
+                         f"({_first_sentence(exc)})") from None
     missing = sorted(loading.get("missing_keys", ()))
     if missing and not weights_follow:
         raise InputError(f"model spec 'hf:{directory}': the directory has no weights for {len(missing)} parameter(s) "
                          f"of a {task} model ({missing[0]}, ...), which would start random and explain no mistakes; "
                          "give a directory with the trained head, or --weights FILE")
     return TextModel(model, getattr(config, "pad_token_id", None), task).eval()
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """A library's message cut to its first sentence: transformers and torch follow it with paragraphs of advice
+    (torch's includes retrying with ``weights_only=False``, which would run whatever code a file holds)."""
+    line = first_line(exc)
+    return line.split(". ")[0].rstrip(".")
 
 
 def timm_model(name: str, num_classes: int | None = None) -> nn.Module:

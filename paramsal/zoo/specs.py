@@ -20,10 +20,11 @@ downloaded: weights and images come from local files only.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from paramsal._typing import MapDataset
@@ -207,12 +208,19 @@ def _call_factory(spec: str, what: str):
 
 
 def _load_weights(model: nn.Module, path: str) -> None:
+    if Path(path).is_dir():
+        raise InputError(f"--weights {path} is a directory, not a weights file: name the state dict file in it "
+                         "(.pt, .pth or .safetensors)")
     if not Path(path).is_file():
         raise InputError(f"weights file {path} does not exist")
     state = _read_safetensors(path) if path.endswith(".safetensors") else load_tensor_file(
         path, "a weights file (state dict)")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in state.items()):
+        raise InputError(f"weights file {path} holds a {type(state).__name__}, not a state dict (parameter names "
+                         "mapped to tensors): save model.state_dict() with torch.save")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -9,6 +9,7 @@ exactly, not merely to rounding.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,35 @@ def test_ranks_with_other_data_are_refused_before_writing(tmp_path):
     assert done.returncode != 0
     assert "rank 1 of 2 has another data_fingerprint than rank 0" in done.stderr
     assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("rank1_holds", ["nothing", "another run being written"])
+def test_ranks_that_do_not_share_the_run_directory_are_refused(rank1_holds, single, tmp_path):
+    """Machines without a shared filesystem: each rank sees its own DIR; rank 1's may hold another job's run."""
+    out = tmp_path / "run"
+    rank1 = tmp_path / "run-rank1"
+    holder = None
+    if rank1_holds != "nothing":
+        shutil.copytree(single, rank1)
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                                   "from paramsal.engine.lock import RunLock\n"
+                                   f"with RunLock(Path({str(rank1)!r})):\n    print('locked', flush=True)\n"
+                                   "    time.sleep(120)\n"], stdout=subprocess.PIPE, text=True, env=environment())
+        assert holder.stdout.readline().strip() == "locked"
+    before = {p: p.read_bytes() for p in rank1.rglob("*") if p.is_file() and p.name != "lock"}
+    try:
+        done = profile([*TORCHRUN[:-2], "-m", "rank_dirs"], out, check=False)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("paramsal: error:")]
+    assert errors and all("do not see the run directory" in line and "--shard" in line for line in errors), \
+        done.stderr[-3000:]
+    assert "AssertionError" not in done.stderr and "paramsal/engine" not in done.stderr  # torchrun's own traceback only
+    assert {p: p.read_bytes() for p in rank1.rglob("*") if p.is_file() and p.name != "lock"} == before
+    assert not open_run(tmp_path / "run-rank0").parts  # nothing was profiled
 
 
 def test_the_default_part_size_gives_every_rank_parts(tmp_path):

@@ -157,11 +157,13 @@ def test_a_part_swapped_in_consistently_is_caught_by_its_ids(run_dir):
 def test_leftover_temporaries_are_removed_on_resume_and_ignored_by_readers(run_dir, data, pristine):
     leftover = run_dir / "profiles" / ".part-00001.parquet.tmp-4242"
     leftover.write_bytes(b"half a part")
-    assert verify_run(run_dir) == []
+    # verify names it (issue 20: a leftover that no command mentions stays for good), readers skip it
+    assert [p for p in verify_run(run_dir) if str(leftover) in p and "temporary file" in p] != []
     pd = pytest.importorskip("pandas")
     assert len(pd.read_parquet(run_dir / "profiles")) == SAMPLES
     profile_dataset(demo_model(), data, run_dir, batch_size=BATCH, part_size=PART, progress=False)
     assert not leftover.exists()
+    assert verify_run(run_dir) == []
     assert_same_run(run_dir, pristine)
 
 
