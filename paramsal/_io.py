@@ -10,12 +10,13 @@ file the rename got ahead of.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -127,6 +128,35 @@ def load_tensor_file(path: str | os.PathLike, what: str) -> Any:
         raise InputError(f"{path} is not {what} paramsal can read safely: torch.load(weights_only=True) refused it "
                          f"({type(exc).__name__}); paramsal reads plain tensors only and never unpickles other "
                          "objects, which could run code") from exc
+
+
+class HashingFile(io.RawIOBase):
+    """A binary file being written, and the size and sha256 of what went through it: the record of a file taken as
+    it is written, instead of reading it back.
+
+    Args:
+        file: an open binary file (written through, never closed here).
+    """
+
+    def __init__(self, file: BinaryIO):
+        super().__init__()
+        self._file = file
+        self._digest = hashlib.sha256()
+        self._size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._digest.update(view)  # hashlib and the write below release the GIL for large buffers
+        self._file.write(view)
+        self._size += len(view)
+        return len(view)
+
+    def record(self) -> dict[str, int | str]:
+        """``{"bytes": size, "sha256": hex digest}`` of everything written, as :func:`file_record` gives it."""
+        return {"bytes": self._size, "sha256": self._digest.hexdigest()}
 
 
 def _fsync(path: Path) -> None:

@@ -65,3 +65,9 @@ MASK_VALUES = ("blur", "mean", "zero")
 PRUNING_KS = (1, 2, 5, 10, 20, 30, 50, 100)
 FINETUNE_KS = (1, 5, 25, 75, 150, 300)
 MASK_PERCENTS = (1, 5, 10, 20)
+
+# --------------------------------------------------------------------------------------------- the benchmarks
+
+#: ``paramsal bench --dataset``'s data: the demo's test split, or rows of ResNet-50's 26,560 units from a model whose
+#: compute is cheap (what the host's work per row must keep up with).
+DATASET_CASES = ("demo", "resnet50-rows")

@@ -151,10 +151,10 @@ def test_each_conv_strategy_equals_loop(case: Case, strategy: str):
 @pytest.mark.parametrize("case", [c for c in SMALL_CASES if c.units in ("filters", "conv")], ids=lambda c: c.name)
 def test_tiled_strategy_with_many_small_tiles_equals_loop(case: Case, monkeypatch: pytest.MonkeyPatch):
     """Tiles of a few samples and a few columns, the last one ragged, as large layers get them."""
-    from paramsal.kernels import conv
+    from paramsal.kernels import conv, tiles
 
-    monkeypatch.setattr(conv, "TILE_ELEMENTS", 64)
-    monkeypatch.setattr(conv, "TILE_COLUMNS", 5)
+    monkeypatch.setattr(tiles, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(tiles, "TILE_COLUMNS", 5)
     model = build(case, torch.float64)
     x, y = batch(case, 5, torch.float64)
     want = profile_batch(model, x, y, backend="loop", units=case.units)

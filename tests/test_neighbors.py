@@ -5,11 +5,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
 from torch.utils.data import Subset
 
 from paramsal import InputError, profile_dataset
+from paramsal.analyses import knn
 from paramsal.analyses.base import load_result
-from paramsal.analyses.knn import cosine_top_k
+from paramsal.analyses.knn import Search, cosine_top_k
 from paramsal.analyses.neighbors import Neighbors, chance_pair_sharing_rate, pair_sharing_rate, parse_layers
 from paramsal.cli import main
 from paramsal.zoo import demo_dataset, demo_model
@@ -166,6 +168,94 @@ def test_a_query_is_never_its_own_neighbour_but_its_duplicate_is(tmp_path):
     assert first[4] == 17 and first[17] == 4
 
 
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+#: Where the torch screen runs: the CPU always (the same code as on a GPU), a GPU where there is one.
+SCREENS = [torch.device("cpu"), pytest.param(torch.device("cuda"), marks=cuda, id="cuda")]
+
+
+def screened_search(run, screen_on, among, block_size, k, precision="float32"):
+    """``(ids [Q, k], similarities [Q, k], blocks screened)`` of every pool member's neighbours."""
+    search = Search(run, "saliency", None, among, precision, block_size, screen_on=screen_on)
+    screened = []
+    real = knn._Screen.passing
+
+    def counting(screen, *args):
+        screened.append(real(screen, *args))
+        return screened[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(knn._Screen, "passing", counting)
+        index, similarity = search.query(search.pool_ids, k)
+    return search.pool_ids[index], similarity, len(screened)
+
+
+@pytest.mark.parametrize("screen_on", SCREENS)
+@pytest.mark.parametrize("among, block_size, k, pair_cost", [
+    ("all", 4, 3, None), ("all", 16, 6, None), ("all", 8, 10, None),
+    ("misclassified", 2, 3, 0.0),  # pairs for free: every block after the first is screened, pair by pair
+], ids=["4", "16", "8", "misclassified-pairs"])
+def test_the_torch_screen_answers_as_numpy_and_float64(demo_run, synthetic, monkeypatch, screen_on, among,
+                                                         block_size, k, pair_cost):
+    """Screened by torch or by numpy: the same neighbours, with the same float64 similarities; not screened at all
+    (float64 throughout, each query's products as a row, not pair by pair): the same neighbours."""
+    if pair_cost is not None:
+        monkeypatch.setattr(knn, "_pair_cost", lambda width: pair_cost)
+    for run in (demo_run, synthetic):
+        ids, sims, screened = screened_search(run, screen_on, among, block_size, k)
+        numpy_ids, numpy_sims, numpy_screened = screened_search(run, None, among, block_size, k)
+        exact_ids, exact_sims, none = screened_search(run, None, among, block_size, k, "float64")
+        assert screened == numpy_screened > 0 and none == 0  # the screens took part, in as many blocks
+        np.testing.assert_array_equal(ids, numpy_ids)
+        np.testing.assert_array_equal(sims, numpy_sims)
+        np.testing.assert_array_equal(ids, exact_ids)
+        np.testing.assert_allclose(sims, exact_sims, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("screen_on", SCREENS)
+def test_screens_pass_the_same_pairs_given_the_same_products(screen_on):
+    """Rows of multiples of 1/4: every float32 product is exact, in any order, so the numpy and torch screens see
+    equal products and must keep equal top-k and pass equal pairs, ties with the threshold included."""
+    rng = np.random.default_rng(3)
+    queries = rng.integers(-2, 3, (40, 16)) / 4.0
+    screens = knn._Screen(queries, 5, 0.25, 8), knn._DeviceScreen(queries, 5, 0.25, 8, screen_on)
+    kth, ties, passes = np.full(40, -np.inf), 0, []
+    for _ in range(6):
+        candidates = rng.integers(-2, 3, (8, 16)) / 4.0
+        own = rng.integers(-3, 11, 40)  # some queries' own rows are in this block, the others' not
+        passed, device_passed = (screen.passing(candidates, own, kth) for screen in screens)
+        np.testing.assert_array_equal(device_passed, passed)
+        np.testing.assert_array_equal(screens[1].lowest, screens[0].lowest)
+        products = queries @ candidates.T
+        ties += np.count_nonzero(products == knn._threshold(kth, screens[0].lowest, 0.25)[:, None])
+        passes.append(passed.mean())
+        kth = np.maximum(kth, np.sort(products, axis=1)[:, -3])
+    assert ties > 0 and 0 < min(passes[1:]) and max(passes[1:]) < 1  # the decisions were not all alike
+
+
+@cuda
+def test_the_gpu_screen_is_full_float32_whatever_the_tf32_setting():
+    """Entries 1 + 2**-12: TF32 (10-bit significand) rounds them to 1, so its products would be 1024, not the
+    float32 1024.5; the user's TF32 setting is theirs again after."""
+    rows = np.full((256, 1024), 1 + 2.0**-12)
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        screen = knn._DeviceScreen(rows, 1, 0.25, 256, torch.device("cuda"))
+        screen.passing(rows, np.full(256, -1), np.full(256, -np.inf))
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+    np.testing.assert_allclose(screen.lowest, 1024.5, rtol=0, atol=1e-3)
+
+
+@cuda
+def test_neighbors_on_the_gpu_equal_the_cpu(demo_run):
+    cpu, gpu = (Neighbors(k=5, among="all", block_size=16, device=device).evaluate(demo_run)
+                for device in ("cpu", "cuda"))
+    pd = pytest.importorskip("pandas")
+    pd.testing.assert_frame_equal(gpu.table, cpu.table, check_exact=True)
+
+
 def direct_pair_sharing(run, neighbors_of):
     """A plain loop: for each misclassified query, count neighbours with pair (t, p) or (p, t)."""
     rows = {r["sample_id"]: (r["target"], r["pred"]) for r in run.table().to_pylist()}
@@ -222,7 +312,8 @@ def test_save_next_to_the_run_and_load_back(demo_run, tmp_path):
 
 def test_command_line(demo_run, tmp_path, capsys):
     out = tmp_path / "nn"
-    assert main(["neighbors", str(demo_run.path), "--k", "3", "--layers", "5:", "--out", str(out)]) == 0
+    assert main(["neighbors", str(demo_run.path), "--k", "3", "--layers", "5:", "--device", "cpu", "--out",
+                 str(out)]) == 0
     printed = capsys.readouterr().out
     assert "saliency space" in printed and "feature space" in printed and "chance" in printed
     table = pq.read_table(out / "neighbors-layers5-.parquet").to_pandas()
@@ -263,3 +354,5 @@ def test_errors_name_the_problem(demo_run, tmp_path):
         Neighbors(layers=slice(20, 30)).evaluate(demo_run)
     with pytest.raises(InputError, match="space='saliency' only"):
         Neighbors(spaces=("features",), layers=slice(0, 3))
+    with pytest.raises(InputError, match="unknown device 'tpu'"):
+        Neighbors(k=3, device="tpu").evaluate(demo_run)

@@ -17,20 +17,31 @@ equal similarities ranked by candidate row:
   parallel profiles, whose cosines differ in the 8th digit), a query's row of
   float64 products is cheaper and taken instead, and a query block stops
   screening while screening does not pay, checking again after each block.
+  The float32 products are numpy's on the CPU, or torch's on a GPU
+  (``screen_on``, full float32: no TF32); either way the float64 products,
+  and so the answer, are taken by numpy on the CPU.
 
 :func:`cosine_top_k` is the same float64 top-k for matrices held in memory.
+
+The module is longer than 400 lines because the search, its float32 screen
+(numpy or torch) and :func:`cosine_top_k` share one running top-k
+(``_Best``, ``_hide``): split apart, those would become public names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
+from paramsal.engine.devices import resolve_device
 from paramsal.engine.reading import Block, iter_vectors
 from paramsal.engine.rundir import Rows, Run
 from paramsal.errors import EngineError, InputError
+from paramsal.kernels.tf32 import full_float32
 
 Layers = slice | Sequence[int] | None
 
@@ -69,11 +80,15 @@ def screening_margin(width: int) -> float:
     * rounding the rows: ``|x'.y' - x.y| <= (2u + u**2) sum |x_i y_i| <= (2u + u**2) nu``;
     * float32 accumulation, in any order, with or without FMA (Higham,
       *Accuracy and Stability of Numerical Algorithms*, 2002, eq. 3.5):
-      ``|fl32(x'.y') - x'.y'| <= gamma(width, u) sum |x'_i y'_i| <= gamma(width, u) (1 + u)**2 nu``;
+      ``|fl32(x'.y') - x'.y'| <= gamma(width, u) sum |x'_i y'_i| <= gamma(width, u) (1 + u)**2 nu``.
+      So it holds for any BLAS's float32 products, numpy's on the CPU or
+      cuBLAS's on a GPU (split sums, any tiling), as long as every operation
+      rounds to float32: not TF32 (a 10-bit significand);
     * the float64 product it stands for, in any order: ``|fl64(x.y) - x.y| <= gamma(width, v) nu``;
-    * underflow (the ``t_i``, and float32 products below ``2**-126``): at most
-      ``width * 2**-148`` in all; and ``2**-50`` covers the roundings of the
-      threshold arithmetic itself (similarities are at most about 1).
+    * underflow (the ``t_i``, and float32 values below ``2**-126``, whether
+      kept subnormal or flushed to zero as a GPU may): at most
+      ``width * 2**-124`` in all; and ``2**-50`` covers the roundings of the
+      threshold arithmetic itself, in float64 (similarities are at most about 1).
 
     The sum of these is returned: about ``width * 6e-8`` (1.6e-3 for 26,560
     units), infinite where ``width * u`` nears 1. It is a worst case: typical
@@ -87,7 +102,7 @@ def screening_margin(width: int) -> float:
     if width * u >= 0.5:
         return float("inf")
     nu = ((1 + v) / (1 - gamma(width + 2, v)))**2
-    return (gamma(width, u) * (1 + u)**2 + 2 * u + u * u + gamma(width, v)) * nu + width * 2.0**-148 + 2.0**-50
+    return (gamma(width, u) * (1 + u)**2 + 2 * u + u * u + gamma(width, v)) * nu + width * 2.0**-124 + 2.0**-50
 
 
 def _pair_cost(width: int) -> float:
@@ -136,7 +151,7 @@ def cosine_top_k(candidates: np.ndarray, queries: np.ndarray, k: int, exclude: n
     return index, similarity
 
 
-def _hide(values: np.ndarray, column: np.ndarray, value: float | bool) -> None:
+def _hide(values: np.ndarray | torch.Tensor, column: np.ndarray, value: float | bool) -> None:
     """Sets ``values[i, column[i]]`` to ``value`` where that column lies in this block (a query's own row)."""
     rows = np.flatnonzero((column >= 0) & (column < values.shape[1]))
     values[rows, column[rows]] = value
@@ -182,6 +197,95 @@ class _Best:
         self.merge(rows, chosen + start, np.take_along_axis(sim, chosen, 1))
 
 
+def _threshold(kth: np.ndarray, lowest: np.ndarray, margin: float) -> np.ndarray:
+    """``[q]`` float64: a candidate whose float32 product lies below this cannot be among the query's k best.
+
+    ``floor`` is at most the query's final k-th similarity: ``kth``, the k-th
+    of its exact similarities so far, or ``lowest``, the k-th of its float32
+    products so far, less the margin. A float32 product more than the margin
+    below ``floor`` is below it in float64 too. In float64: ``lowest - margin``
+    rounded to float32 could exceed the bound by 2**-25.
+    """
+    return np.maximum(kth, lowest.astype(np.float64) - margin) - margin
+
+
+class _Screen:
+    """The float32 screen of a block of queries ``[q, f]`` (float64 unit rows), its products taken by numpy.
+
+    It keeps each query's k largest float32 products so far and decides which
+    candidates of a block may be among its k best. :class:`_DeviceScreen`
+    takes and keeps the products elsewhere but decides in the same
+    :meth:`passing`: given equal float32 products, both pass the same pairs.
+    """
+
+    def __init__(self, queries: np.ndarray, k: int, margin: float, rows: int):
+        self.k, self.margin = k, margin
+        self.queries32 = self._to_device(queries.astype(np.float32))
+        self.top32 = self._to_device(np.full((len(queries), k), -np.inf, np.float32))
+        self.lowest = np.full(len(queries), -np.inf, np.float32)  # on the host: the smallest of each row of top32
+        self._rows32 = np.empty((rows, queries.shape[1]), np.float32)
+
+    def passing(self, candidates: np.ndarray, own: np.ndarray, kth: np.ndarray) -> np.ndarray:
+        """``[q, m]`` bool: the pairs that may be among the k best (the block's products join the top-k first).
+
+        Args:
+            candidates: ``[m, f]`` the candidates' float64 unit rows, at most ``rows``.
+            own: ``[q]`` each query's own column in this block (out of ``0..m-1`` if not in it): never passed.
+            kth: ``[q]`` each query's k-th exact similarity so far (-inf while fewer are known).
+        """
+        candidates32 = self._rows32[:len(candidates)]
+        np.copyto(candidates32, candidates)
+        sim32 = self._products(candidates32)
+        _hide(sim32, own, -np.inf)  # a query's product with itself must not raise its floor
+        self.lowest = self._keep_largest(sim32)
+        passed = self._to_host(sim32 >= self._to_device(_threshold(kth, self.lowest, self.margin))[:, None])
+        _hide(passed, own, False)
+        return passed
+
+    def _products(self, candidates32: np.ndarray) -> Any:
+        return self.queries32 @ candidates32.T
+
+    def _keep_largest(self, sim32: Any) -> np.ndarray:
+        """Keeps the k largest of ``top32`` and ``sim32`` in each row; returns their smallest, on the host."""
+        pooled = np.concatenate([self.top32, sim32], axis=1)
+        self.top32 = np.partition(pooled, pooled.shape[1] - self.k, axis=1)[:, -self.k:]
+        return self.top32.min(axis=1)
+
+    def _to_device(self, values: np.ndarray) -> Any:
+        return values
+
+    def _to_host(self, values: Any) -> np.ndarray:
+        return values
+
+
+class _DeviceScreen(_Screen):
+    """:class:`_Screen` with its float32 products taken by torch on ``device``, in full float32 (no TF32).
+
+    The queries' rows stay on the device for the whole pass over the pool;
+    each block of candidates goes there, and only each query's smallest top-k
+    product ``[q]`` and the pairs that pass ``[q, m]`` come back.
+    """
+
+    def __init__(self, queries: np.ndarray, k: int, margin: float, rows: int, device: torch.device):
+        self.device = device
+        super().__init__(queries, k, margin, rows)
+
+    def _products(self, candidates32: np.ndarray) -> torch.Tensor:
+        with full_float32():  # TF32 rounds to a 10-bit significand: errors far beyond the margin
+            return self.queries32 @ self._to_device(candidates32).T
+
+    def _keep_largest(self, sim32: torch.Tensor) -> np.ndarray:
+        # Whichever of equal values topk picks, the k largest values are np.partition's.
+        self.top32 = torch.topk(torch.cat([self.top32, sim32], dim=1), self.k, dim=1).values
+        return self._to_host(self.top32.amin(dim=1))
+
+    def _to_device(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values).to(self.device)
+
+    def _to_host(self, values: torch.Tensor) -> np.ndarray:
+        return values.cpu().numpy()
+
+
 class Search:
     """Exact cosine k-NN among the candidates of one space, streamed from the run for each block of queries.
 
@@ -196,11 +300,15 @@ class Search:
         block_size: rows per block of queries and of candidates, instead of
             the rows ``budget_mb`` allows.
         budget_mb: MiB the blocks may hold (:func:`block_rows`).
+        screen_on: where the float32 products are taken: None for numpy on
+            the CPU (fastest there), or a torch device, "cuda" above all (the
+            CPU runs the same code, for tests). The answer is the same.
     """
 
     def __init__(self, run: Run, space: str, layers: Layers, among: str, precision: str = "float32",
-                 block_size: int | None = None, budget_mb: int = 256):
+                 block_size: int | None = None, budget_mb: int = 256, screen_on: str | torch.device | None = None):
         self.run, self.space, self.among, self.precision = run, space, among, precision
+        self.screen_on = None if screen_on is None else resolve_device(screen_on)
         self.columns = run.unit_columns(layers) if space == "saliency" else None
         self._only: Rows = None if among == "all" else "misclassified"
         self.pool_ids = np.sort(run.sample_ids(self._only))
@@ -245,52 +353,38 @@ class Search:
     def _top_k(self, queries: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(rows [q, k], similarities [q, k])``: the k best candidates of a block of queries (float64 unit rows)."""
         best = _Best(len(queries), k)
-        screening = self.precision == "float32" and self.margin < 0.5
-        queries32 = queries.astype(np.float32) if screening else None
-        top32 = np.full((len(queries), k), -np.inf, np.float32)  # the k largest float32 products so far
-        screen = False  # the first block is multiplied in float64: until k products are known, every candidate passes
+        screen: _Screen | None = None
+        if self.precision == "float32" and self.margin < 0.5:
+            screen = (_Screen(queries, k, self.margin, self.pool_rows) if self.screen_on is None
+                      else _DeviceScreen(queries, k, self.margin, self.pool_rows, self.screen_on))
+        screening = False  # the first block is multiplied in float64: until k products are known, all would pass
         rows64 = np.empty((self.pool_rows, self.width))
-        rows32 = np.empty((self.pool_rows, self.width), np.float32) if screening else None
         start = 0
         for ids, raw in self._read(self.pool_rows, self._only):
             if not np.array_equal(ids, self.pool_ids[start:start + len(ids)]):
                 raise EngineError(f"the candidates read from {self.run.path} are not its pool, in order")
             candidates = self._unit_rows(ids, raw, rows64[:len(ids)])
             own = exclude - start
-            if screen:
-                assert queries32 is not None and rows32 is not None
-                np.copyto(rows32[:len(ids)], candidates)
-                screen = self._screened(best, top32, queries, queries32, candidates, rows32[:len(ids)], own, start)
+            if screening:
+                assert screen is not None
+                screening = self._screened(best, screen, queries, candidates, own, start)
             else:
                 sim = queries @ candidates.T
                 _hide(sim, own, -np.inf)
                 best.merge_products(sim, start)
-                if screening:
-                    floor = np.maximum(best.sim[:, -1], top32.min(axis=1) - self.margin)
-                    screen = self._pays(np.count_nonzero(sim >= (floor - 2 * self.margin)[:, None], axis=1), sim.shape)
+                if screen is not None:  # would these have passed? a float32 product may lie a margin below sim
+                    threshold = _threshold(best.sim[:, -1], screen.lowest, self.margin) - self.margin
+                    screening = self._pays(np.count_nonzero(sim >= threshold[:, None], axis=1), sim.shape)
             start += len(ids)
             del raw, candidates
         return best.index, best.sim
 
-    def _screened(self, best: _Best, top32: np.ndarray, queries: np.ndarray, queries32: np.ndarray,
-                  candidates: np.ndarray, candidates32: np.ndarray, own: np.ndarray, start: int) -> bool:
-        """Merges one block of candidates screened by float32 products; returns whether screening the next pays.
-
-        ``floor`` is at most each query's final k-th similarity: the k-th of
-        its exact similarities so far, or the k-th of its float32 products so
-        far less the margin (those k candidates are within the margin of
-        it). A candidate whose float32 product lies more than the margin below
-        ``floor`` is below ``floor`` in float64 too, so below k others.
-        """
-        sim32 = queries32 @ candidates32.T
-        _hide(sim32, own, -np.inf)
-        pooled = np.concatenate([top32, sim32], axis=1)
-        top32[:] = np.partition(pooled, pooled.shape[1] - best.k, axis=1)[:, -best.k:]
-        floor = np.maximum(best.sim[:, -1], top32.min(axis=1) - self.margin)
-        passed = sim32 >= (floor - self.margin)[:, None]
-        _hide(passed, own, False)
+    def _screened(self, best: _Best, screen: _Screen, queries: np.ndarray, candidates: np.ndarray, own: np.ndarray,
+                  start: int) -> bool:
+        """Merges one block of candidates screened by float32 products; returns whether screening the next pays."""
+        passed = screen.passing(candidates, own, best.sim[:, -1])
         counts = np.count_nonzero(passed, axis=1)
-        pays = self._pays(counts, sim32.shape)
+        pays = self._pays(counts, passed.shape)
         dense = counts * _pair_cost(self.width) > len(candidates)  # these queries' rows of products are cheaper
         if dense.all():
             sim = queries @ candidates.T

@@ -26,11 +26,13 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
 
 from paramsal.analyses.base import Analysis, Result, result_config
 from paramsal.analyses.knn import Layers, Search, checked_k
 from paramsal.analyses.sources import Samples, chosen_samples, open_for_analysis
-from paramsal.engine.distributed import current_ranks
+from paramsal.engine.devices import resolve_device
+from paramsal.engine.distributed import current_ranks, rank_device
 from paramsal.engine.rundir import Run
 from paramsal.errors import InputError, check_integer
 from paramsal.options import POOLS, PRECISIONS, SPACES
@@ -99,7 +101,10 @@ class Neighbors(Analysis):
             blocks, so memory is set by this, not by the number of samples
             (besides the per-sample table and the results, a few dozen bytes a
             sample); a larger budget means fewer passes over the run.
-        **common: see :class:`~paramsal.analyses.base.Analysis` (the run alone is read: no model, no data).
+        **common: see :class:`~paramsal.analyses.base.Analysis` (the run alone is read: no model, no data);
+            ``device`` is where the float32 screening products run: a CUDA GPU
+            (the default when there is one; each ``torchrun`` rank its own),
+            in full float32, or "cpu" (numpy). The neighbours are the same.
 
     ``evaluate(run, samples=...)`` takes the queries: "misclassified" (the
     default), "correct", or sample ids (in or out of the pool; a query is never
@@ -132,10 +137,11 @@ class Neighbors(Analysis):
         run = open_for_analysis(run, self.allow_partial)
         spaces = self._spaces(run)
         queries = _query_ids(run, samples)
+        screen_on = _screening_device(self.device)
         tables, pool = [], np.zeros(0, np.int64)
         for space in spaces:
             search = Search(run, space, self.layers if space == "saliency" else None, self.among, self.precision,
-                            self.block_size, self.budget_mb)
+                            self.block_size, self.budget_mb, screen_on)
             index, similarity = _query_across_ranks(search, queries, self.k)
             pool = search.pool_ids
             tables.append(pd.DataFrame({
@@ -154,6 +160,12 @@ class Neighbors(Analysis):
             raise InputError(f"{run.path} has no features for space='features': profile it with "
                              "features=True (--features)")
         return tuple(s for s in self.spaces if s != "features")
+
+
+def _screening_device(device: str | torch.device | None) -> torch.device | None:
+    """The GPU :class:`Search` screens on for ``device`` (None: CUDA when available), or None for numpy on the CPU."""
+    chosen = rank_device(resolve_device(device), current_ranks())
+    return chosen if chosen.type == "cuda" else None
 
 
 def _query_across_ranks(search: Search, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,19 @@ def imagenet_resnet50(num_classes: int = 1000) -> nn.Module:
     return torchvision.models.resnet50(num_classes=num_classes)
 
 
+#: Every distinct convolution of :func:`imagenet_resnet50` on 224x224 images, in the order the network first runs
+#: it: ``(in channels, out channels, kernel, stride, padding, input side)`` (square kernels and maps, no groups).
+#: The fused kernel is checked and timed on these (tests/test_gpu_path.py checks the list against the model).
+RESNET50_CONVS = (
+    (3, 64, 7, 2, 3, 224), (64, 64, 1, 1, 0, 56), (64, 64, 3, 1, 1, 56), (64, 256, 1, 1, 0, 56),
+    (256, 64, 1, 1, 0, 56), (256, 128, 1, 1, 0, 56), (128, 128, 3, 2, 1, 56), (128, 512, 1, 1, 0, 28),
+    (256, 512, 1, 2, 0, 56), (512, 128, 1, 1, 0, 28), (128, 128, 3, 1, 1, 28), (512, 256, 1, 1, 0, 28),
+    (256, 256, 3, 2, 1, 28), (256, 1024, 1, 1, 0, 14), (512, 1024, 1, 2, 0, 28), (1024, 256, 1, 1, 0, 14),
+    (256, 256, 3, 1, 1, 14), (1024, 512, 1, 1, 0, 14), (512, 512, 3, 2, 1, 14), (512, 2048, 1, 1, 0, 7),
+    (1024, 2048, 1, 2, 0, 14), (2048, 512, 1, 1, 0, 7), (512, 512, 3, 1, 1, 7),
+)
+
+
 def small_vit(num_classes: int = 10) -> nn.Module:
     """A ViT for 32x32 inputs: 4x4 patches, 4 layers of width 128 with 4 heads (its head starts random, not zero)."""
     model = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=4, num_heads=4,

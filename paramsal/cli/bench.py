@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from paramsal.cli.parsing import positive_int
-from paramsal.options import DEVICES, UNIT_SCHEMES
+from paramsal.options import DATASET_CASES, DEVICES, UNIT_SCHEMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,12 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--peers", action="store_true", help="add the installed peers (Opacus, BackPACK)")
     bench.add_argument("--save", help="also write the results (with device, versions, date) to this file: "
                                       "JSON if it ends in .json, else Parquet")
-    bench.add_argument("--dataset", action="store_true",
-                       help="instead: profile_dataset end to end on the demo data vs the engine alone")
+    bench.add_argument("--dataset", nargs="?", const="demo", default=None, choices=DATASET_CASES,
+                       help="instead: profile_dataset end to end vs the Profiler alone on the same batches, on the "
+                            "demo data (the default) or on resnet50-rows (26,560 units per row, a cheap model)")
     bench.add_argument("--scale", action="store_true",
                        help="instead: build a run with ResNet-50's 26,560 units (a model cheap per sample) and "
                             "report profiling time, bytes on disk, read rates and neighbours' time and memory")
-    bench.add_argument("--samples", type=positive_int, default=50_000, help="--scale: samples (default 50,000)")
+    bench.add_argument("--samples", type=positive_int, default=None,
+                       help="--scale: samples (default 50,000); --dataset resnet50-rows: samples (default 8,192)")
     bench.add_argument("--out", default=None, help="--scale: where the run is built (default: a folder under /tmp)")
     bench.set_defaults(func=bench_command)
 
@@ -50,10 +52,11 @@ def bench_command(args: argparse.Namespace) -> int:
 
         from paramsal.bench.scale import scale_report
 
-        print(scale_report(args.samples, args.out or tempfile.mkdtemp(prefix="paramsal-scale-")))
+        print(scale_report(args.samples or 50_000, args.out or tempfile.mkdtemp(prefix="paramsal-scale-")))
         return 0
     if args.dataset:
-        print(dataset_overhead(args.batch or 64, args.repeats))
+        print(dataset_overhead(args.batch or (256 if args.dataset == "resnet50-rows" else 64), args.repeats,
+                               case=args.dataset, samples=args.samples or 8192))
         return 0
     for name in args.case:
         check_choice("bench case", name, CASES)

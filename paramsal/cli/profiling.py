@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="image decoder for imagefolder data: torchvision (default: torchvision.io, twice "
                               "PIL's rate per core) or pil"),
     profile.add_argument("--out", required=True, help="run directory")
-    profile.add_argument("--batch-size", type=positive_int, default=64)
+    profile.add_argument("--batch-size", type=positive_int, default=None,
+                         help="samples per batch (default: the run's own when resuming, else 256 on a GPU and 64 "
+                              "on the CPU)")
     profile.add_argument("--backend", default="auto", choices=BACKENDS)
     profile.add_argument("--units", default="filters", choices=UNIT_SCHEMES)
     profile.add_argument("--aggregation", default="mean_abs", choices=AGGREGATIONS)
@@ -45,8 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     profile.add_argument("--precision", default="float32", choices=COMPUTE_PRECISIONS,
                          help="bf16/fp16: forward and backward under autocast, reductions and statistics in "
                               "float32/float64 (faster on GPUs; the README states the error); default float32")
-    profile.add_argument("--channels-last", action="store_true",
-                         help="model and image batches in channels-last memory format (faster convolutions on GPUs)")
+    profile.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                         help="model and image batches in channels-last memory format (faster convolutions on GPUs; "
+                              "default: the run's own when resuming, else on for a GPU)")
+    profile.add_argument("--deterministic", action="store_true",
+                         help="the same bits from every run on a GPU too: deterministic algorithms only, no cuDNN "
+                              "benchmarking (slower); on the CPU every run gives the same bits either way")
     profile.add_argument("--part-size", type=positive_int, default=None, help="rows per Parquet part")
     profile.add_argument("--limit", type=positive_int, default=None, help="profile only the first N samples")
     profile.add_argument("--overwrite", action="store_true", help="replace a run made with other model/data/units")
@@ -85,6 +91,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def profile_command(args: argparse.Namespace) -> int:
     """One process, or every rank of ``torchrun --nproc-per-node N -m paramsal profile ...`` (same arguments)."""
+    if args.deterministic:  # cuBLAS reads it once, when the process first uses it: before anything touches CUDA
+        from paramsal.engine.devices import CUBLAS_DETERMINISTIC
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     from paramsal.engine.dataset import profile_dataset
     from paramsal.engine.devices import resolve_device
     from paramsal.zoo.specs import first_samples, load_data, load_model
@@ -99,7 +109,8 @@ def profile_command(args: argparse.Namespace) -> int:
                           part_size=args.part_size, repair=args.repair, on_nonfinite=args.on_nonfinite,
                           model_name=args.model, data_name=args.data, source=_source(args), shard=args.shard,
                           precision=args.precision, channels_last=args.channels_last, target=args.target,
-                          task=args.task or getattr(model, "task", "classification"))
+                          task=args.task or getattr(model, "task", "classification"),
+                          deterministic=args.deterministic)
     print(run.summary())
     return 0
 

@@ -6,7 +6,7 @@ import argparse
 
 from paramsal.cli.parsing import (add_output_arguments, add_run_argument, add_source_arguments, analysis_options,
                                   choice_list, opened_run, positive_int)
-from paramsal.options import POOLS, PRECISIONS, SAMPLE_SELECTIONS, SPACES
+from paramsal.options import DEVICES, POOLS, PRECISIONS, SAMPLE_SELECTIONS, SPACES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     neighbors.add_argument("--precision", default="float32", choices=PRECISIONS,
                            help="products: float32 screening with float64 ranking (default) or float64 throughout; "
                                 "both give the exact float64 neighbours")
+    neighbors.add_argument("--device", help=f"where the float32 screening products run: {DEVICES} (default: CUDA "
+                                            "when available); the neighbours are the same")
     add_output_arguments(neighbors, "analyses")
     neighbors.set_defaults(func=neighbors_command)
 

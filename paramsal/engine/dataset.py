@@ -24,28 +24,24 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from paramsal._io import writable_folder
 from paramsal._typing import MapDataset
 from paramsal._version import __version__
-from paramsal.engine.backends import BatchResult
-from paramsal.engine.devices import resolve_device
+from paramsal.engine.devices import default_batch_size, default_workers, job_settings, resolve_device, writer_threads
 from paramsal.engine.distributed import (Ranks, check_ranks_agree, check_ranks_share, current_ranks,
-                                         local_world_size, rank_device)
+                                         rank_device)
 from paramsal.engine.fingerprints import data_fingerprint, model_fingerprint
-from paramsal.engine.loading import BadBatch, Indexed, collate_samples
 from paramsal.engine.lock import RunLock
-from paramsal.engine.manifest import FORMAT, new_run_id, part_count, part_range, parts_of, read_manifest, rows_per_part
+from paramsal.engine.manifest import FORMAT, new_run_id, part_count, parts_of, read_manifest
 from paramsal.engine.ownership import claim
-from paramsal.engine.profile import LOSS_FLAG, Profiler
+from paramsal.engine.profile import Profiler
 from paramsal.engine.resume import prepare_run
 from paramsal.engine.rundir import Run
-from paramsal.engine.tasks import first_labelled, is_sequence_task, sample_labels
 from paramsal.engine.units import UnitsSpec
-from paramsal.engine.writing import PartBuffer, PartWriter, finish_run, now
-from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, check_choice
+from paramsal.engine.pipeline import profile_parts
+from paramsal.engine.writing import finish_run, now
+from paramsal.errors import InputError, ParamsalError, ParamsalWarning, check_choice
 from paramsal.kernels.reduce import Aggregation
 from paramsal.options import NONFINITE_POLICIES
 
@@ -61,7 +57,7 @@ PARTS_PER_RANK = 8
 __all__ = ["DEFAULT_PART_ROWS", "data_fingerprint", "default_workers", "model_fingerprint", "profile_dataset"]
 
 
-def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLike, *, batch_size: int = 64,
+def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLike, *, batch_size: int | None = None,
                     backend: str = "auto", units: UnitsSpec = "filters", aggregation: Aggregation = "mean_abs",
                     device: str | torch.device | None = None, num_workers: int | None = None,
                     features: bool | str = False, resume: bool = True, overwrite: bool = False,
@@ -69,7 +65,8 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
                     part_size: int | None = None, chunk_size: int | None = None, model_name: str | None = None,
                     data_name: str | None = None, source: dict[str, Any] | None = None,
                     shard: tuple[int, int] | None = None, precision: str = "float32",
-                    channels_last: bool = False, target: str | int = "label", task: str = "classification") -> Run:
+                    channels_last: bool | None = None, target: str | int = "label", task: str = "classification",
+                    deterministic: bool = False) -> Run:
     """Profiles every sample of a classification data set and writes a run directory.
 
     Each sample's raw profile (the gradient of its own cross-entropy loss,
@@ -89,14 +86,16 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
         model: a trained classifier; moved to ``device`` and profiled in eval mode.
         data: a map-style data set of ``(input, class index)``.
         out_dir: the run directory (created if needed); one job at a time may write it.
-        batch_size: samples per batch.
+        batch_size: samples per batch; default the run's own when it resumes one, else 256 on a GPU and 64 on
+            the CPU (:data:`~paramsal.engine.devices.BATCH_SIZES`).
         backend: "auto", "hooks", "vmap" or "loop".
         units: see :func:`paramsal.units_of`.
         aggregation: "mean_abs" (the paper) or "abs_mean".
         device: where to compute; default CUDA when available (under
             torchrun the GPU ``LOCAL_RANK``), else CPU.
-        num_workers: DataLoader worker processes; default :func:`default_workers` (several on a GPU, none on
-            the CPU, where they would take the cores the computation uses).
+        num_workers: DataLoader worker processes; default :func:`~paramsal.engine.devices.default_workers`
+            (every core but one per rank on a GPU machine, none on the CPU, where they would take the cores the
+            computation uses).
         features: also record penultimate features (the input of the last
             ``nn.Linear``, or of the named module), for the feature-space baseline.
         resume: continue a run found in ``out_dir``; False starts over only with ``overwrite``.
@@ -116,7 +115,11 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
             data, transform), stored in the manifest so that analyses can rebuild them from the run alone.
         precision: "float32", or "bf16"/"fp16": forward and backward under autocast, reductions and statistics
             in float32/float64 (see :class:`paramsal.Profiler`; the README states the error).
-        channels_last: the model and the image batches in ``torch.channels_last`` (faster convolutions on GPUs).
+        channels_last: the model and the image batches in ``torch.channels_last`` (faster convolutions on GPUs);
+            default the run's own when it resumes one, else on for a CUDA device (:class:`paramsal.Profiler`).
+        deterministic: the same bits from every run on a GPU too: deterministic algorithms only, no cuDNN
+            benchmarking (:func:`~paramsal.engine.devices.job_settings`); slower. On a CPU every run gives the
+            same bits either way.
         target: the class each sample's loss is taken at (:class:`paramsal.Profiler`): "label", "predicted" or a
             class index; the run records the labels either way.
         task: "classification" (the default) or a sequence task (:mod:`paramsal.engine.tasks`: labels ``[T]``
@@ -135,16 +138,21 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
             units or numeric config (batch size, backend, device, ...).
         RunCorruptError: a finished part is damaged (``repair=True`` mends it).
     """
-    _check_arguments(data, batch_size, num_workers, part_size, on_nonfinite, shard)
     ranks = current_ranks()
     root = Path(out_dir)
     device = rank_device(resolve_device(device), ranks)
+    own = _resumed_config(root) if resume else {}
+    if batch_size is None:
+        batch_size = own.get("batch_size") or default_batch_size(device)
+    channels_last = own.get("channels_last") if channels_last is None else channels_last
+    _check_arguments(data, batch_size, num_workers, part_size, on_nonfinite, shard)
     model = model.to(device)
     profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, chunk_size=chunk_size,
                         features=features or None, precision=precision, channels_last=channels_last, target=target,
                         task=task)
     wanted = _manifest(model, data, profiler, backend, batch_size, _batches_per_part(part_size, batch_size,
                        len(data), ranks.world_size), chunk_size, device, model_name, data_name, ranks.world_size)
+    wanted["config"]["deterministic"] = bool(deterministic)
     wanted["source"] = dict(source or {})
     check_ranks_agree(ranks, wanted)
     lock = RunLock(root, job=ranks.on_main(new_run_id))
@@ -157,8 +165,9 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
             manifest = read_manifest(root)
             assert manifest is not None  # rank 0 wrote it before anyone got here
             workers = default_workers(device) if num_workers is None else num_workers
-            _profile_parts(root, manifest, ranks.share(todo), data, profiler, device, workers, on_nonfinite,
-                           progress and ranks.is_main)
+            with job_settings(device, deterministic):
+                profile_parts(root, manifest, ranks.share(todo), data, profiler, device, workers, on_nonfinite,
+                              progress and ranks.is_main, writer_threads())
         except Exception as exc:  # the other ranks must hear of it before they wait for this one
             error = exc
         ranks.all_succeed(error)
@@ -196,11 +205,14 @@ def _start(lock: RunLock, root: Path, wanted: dict[str, Any], data: MapDataset, 
     return todo
 
 
-def default_workers(device: torch.device) -> int:
-    """DataLoader workers when none are asked for: on a GPU, this machine's CPUs shared by its ranks (at most 8)."""
-    if device.type != "cuda":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 1) // local_world_size() - 1))
+def _resumed_config(root: Path) -> dict[str, Any]:
+    """The config of the run a job would resume in ``root`` (what it keeps when the job names no value), or {}: a
+    damaged manifest is the job's to report, once it holds the lock."""
+    try:
+        manifest = read_manifest(root)
+    except ParamsalError:
+        return {}
+    return manifest["config"] if manifest is not None else {}
 
 
 def _batches_per_part(part_size: int | None, batch_size: int, num_samples: int, world_size: int) -> int:
@@ -223,136 +235,9 @@ def _check_arguments(data: MapDataset, batch_size: int, num_workers: int | None,
         raise InputError(f"the data set ({type(data).__name__}) is empty: there is nothing to profile")
 
 
-def _profile_parts(root: Path, manifest: dict[str, Any], parts: list[int], data: MapDataset, profiler: Profiler,
-                   device: torch.device, num_workers: int, on_nonfinite: str, progress: bool) -> None:
-    """Profiles the given parts, batch by batch, and lists each in the manifest once it is written.
-
-    The device is kept busy: inputs are copied to it without blocking, a
-    batch's results travel back to the host while the next batch computes
-    (they are looked at one batch later), and the finished parts are
-    written by a thread of their own.
-    """
-    batch_size = manifest["config"]["batch_size"]
-    batches = [list(range(s, min(s + batch_size, stop))) for i in parts
-               for start, stop in [part_range(manifest, i)] for s in range(start, stop, batch_size)]
-    loader = DataLoader(Indexed(data), batch_sampler=batches, num_workers=num_workers,
-                        collate_fn=collate_samples, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if num_workers else None)
-    bar = tqdm(total=sum(len(b) for b in batches), unit="samples", disable=not progress, desc="profiling",
-               dynamic_ncols=True)
-    parts_out = _Parts(root, manifest, profiler, on_nonfinite)
-    in_flight: _InFlight | None = None
-    try:
-        for batch in loader:
-            try:
-                if isinstance(batch, BadBatch):
-                    raise batch.error()
-                launched = _InFlight.launch(profiler, device, *batch)
-            except BaseException:
-                if in_flight is not None:  # what was computed before the error is kept
-                    parts_out.land(in_flight)
-                raise
-            if in_flight is not None:
-                bar.update(parts_out.land(in_flight))
-            in_flight = launched
-        if in_flight is not None:
-            bar.update(parts_out.land(in_flight))
-    finally:
-        bar.close()
-        parts_out.close()
-
-
-class _Parts:
-    """Landed batches gathered into parts; each part, once whole, goes to the writer thread."""
-
-    def __init__(self, root: Path, manifest: dict[str, Any], profiler: Profiler, on_nonfinite: str):
-        self.manifest, self.profiler, self.on_nonfinite = manifest, profiler, on_nonfinite
-        self.writer = PartWriter(root, manifest["aggregation"], len(profiler.index))
-        self.buffer: PartBuffer | None = None
-
-    def land(self, batch: _InFlight) -> int:
-        """Adds a batch's results (writing its part when whole); returns its number of samples."""
-        if self.buffer is None:
-            self.buffer = PartBuffer(int(batch.ids[0]) // rows_per_part(self.manifest))
-        self.buffer.add(batch.ids, sample_labels(batch.targets, self.profiler.task),
-                        *batch.land(self.profiler, self.on_nonfinite))
-        if self.buffer.stop == part_range(self.manifest, self.buffer.index)[1]:
-            self.writer.write(self.buffer, self.profiler.backend)
-            self.buffer = None
-        return len(batch.ids)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class _InFlight:
-    """A batch whose results are on their way to the host: launched now, looked at one batch later."""
-
-    def __init__(self, ids: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, result: BatchResult):
-        self.ids, self.inputs, self.targets = ids, inputs, targets
-        self.result = BatchResult(_to_host(result.profiles), _to_host(result.outputs), _to_host(result.losses),
-                                  None if result.features is None else _to_host(result.features))
-        self.copied = torch.cuda.Event() if inputs.is_cuda else None
-        if self.copied is not None:
-            self.copied.record()
-
-    @classmethod
-    def launch(cls, profiler: Profiler, device: torch.device, ids: torch.Tensor, inputs: torch.Tensor,
-               targets: torch.Tensor) -> _InFlight:
-        inputs = inputs.to(device, non_blocking=True)
-        return cls(ids, inputs, targets, _profiled(profiler, inputs, targets, check_finite=False))
-
-    def land(self, profiler: Profiler, on_nonfinite: str) -> tuple[BatchResult, list[str | None]]:
-        """The batch's results on the host, and per sample None or the parameter whose gradient was not finite."""
-        if self.copied is not None:
-            self.copied.synchronize()
-        return _checked_finite(profiler, self.ids, self.inputs, self.targets, self.result, on_nonfinite)
-
-
-def _profiled(profiler: Profiler, inputs: torch.Tensor, targets: torch.Tensor, check_finite: bool) -> BatchResult:
-    """A batch's results with the logits the sample table describes: a sequence's at its first labelled position,
-    taken on the device (a language model's ``[N, T, vocabulary]`` outputs never travel to the host)."""
-    result = profiler(inputs, targets, check_finite=check_finite)
-    if is_sequence_task(profiler.task):  # a classifier's are the table's already: no copy of its labels
-        result.outputs = first_labelled(result.outputs, targets.to(result.outputs.device), profiler.task)[0]
-    return result
-
-
-def _to_host(values: torch.Tensor) -> torch.Tensor:
-    """A copy on the host that a GPU makes in the background (into pinned memory); valid once synchronized."""
-    return values.detach().to("cpu", non_blocking=True)
-
-
-def _checked_finite(profiler: Profiler, ids: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
-                    result: BatchResult, on_nonfinite: str) -> tuple[BatchResult, list[str | None]]:
-    """A batch's results (on the host) and, per sample, None or the parameter whose gradient was not finite.
-
-    The samples of a batch with a bad one are profiled again without it, so
-    that no kernel that works on several samples at once can carry its NaN
-    into theirs.
-    """
-    flags = profiler.nonfinite(result)
-    bad = [row for row, flag in enumerate(flags) if flag is not None]
-    if not bad:
-        return result, flags
-    if on_nonfinite == "fail":
-        row = bad[0]
-        raise NonFiniteError(
-            f"sample {int(ids[row])} (dataset index) has a non-finite loss or gradient "
-            f"({'loss ' + str(float(result.losses[row])) if flags[row] == LOSS_FLAG else 'in ' + repr(flags[row])}); "
-            "--on-nonfinite skip (on_nonfinite='skip', the default) flags such samples and goes on")
-    good = torch.tensor([flag is None for flag in flags])
-    if good.any():
-        clean = _profiled(profiler, inputs[good.to(inputs.device)], targets[good], check_finite=True)
-        result.profiles[good] = clean.profiles.cpu()
-        result.outputs[good] = clean.outputs.cpu()
-        result.losses[good] = clean.losses.cpu()
-        if result.features is not None and clean.features is not None:
-            result.features[good] = clean.features.cpu()
-    return result, flags
-
-
 def _warn_nonfinite(run: Run) -> None:
+    if not any(part.nonfinite for part in run.parts):  # the manifest counts them: no part need be read again
+        return
     skipped = run.nonfinite_ids()
     if len(skipped):
         shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")

@@ -71,6 +71,8 @@ class _Use:
     backprops: torch.Tensor | None = field(default=None, repr=False)
     at_once: tuple[UnitGroup, ...] = ()
     kept: bool = False
+    #: The reducer takes bf16/fp16 captures as they are (:attr:`~paramsal.kernels.registry.OpRule.reduced_precision`).
+    reduced_precision: bool = False
 
     def owns(self, node: int) -> bool:
         return self.first <= node < self.stop
@@ -195,7 +197,7 @@ class HookSession:
             if sorted(key for _, key in by_role) == sorted(found):
                 groups = tuple(dataclasses.replace(self._params[key][1], attr=role) for role, key in by_role)
                 use = _Use(resolve_name(func), layer, rule.reducer, rule.grad_sample, groups, first, stop,
-                           activations=inputs.detach())
+                           activations=inputs.detach(), reduced_precision=rule.reduced_precision)
                 self._capture(use, main)
                 return
         names = tuple(self._params[key][1].param_name for key in found)
@@ -285,15 +287,16 @@ class HookSession:
     # ------------------------------------------------------------------ backward and assembly
 
     def _on_backprop(self, use: _Use, backprops: torch.Tensor) -> None:
-        backprops = self._computed(backprops.detach())
+        backprops = backprops.detach()
         if use.at_once and use.activations is not None:
-            with _autocast_off(backprops):
-                reduced = use.reducer(use.layer, self._computed(use.activations), backprops, use.at_once,
-                                      self._aggregation, self._chunk_size)
+            x, gy = (use.activations, backprops) if use.reduced_precision else \
+                (self._computed(use.activations), self._computed(backprops))
+            with _autocast_off(gy):
+                reduced = use.reducer(use.layer, x, gy, use.at_once, self._aggregation, self._chunk_size)
             for group, values in zip(use.at_once, reduced):
                 self._results[group.position] = values
         if use.kept:
-            use.backprops = backprops
+            use.backprops = self._computed(backprops)
         else:
             use.activations = None
 

@@ -46,9 +46,10 @@ IDENTITY_KEYS = ("model_fingerprint", "data_fingerprint", "units_fingerprint", "
 
 #: Config keys a resume must repeat: another value could change the numbers (rounding, batch composition).
 NUMERIC_CONFIG = ("backend", "batch_size", "chunk_size", "device", "dtype", "features_module", "precision",
-                  "channels_last", "target", "task")
+                  "channels_last", "target", "task", "deterministic")
 #: What a config key added after runs were first written means when a run's manifest lacks it.
-CONFIG_DEFAULTS = {"precision": "float32", "channels_last": False, "target": "label", "task": "classification"}
+CONFIG_DEFAULTS = {"precision": "float32", "channels_last": False, "target": "label", "task": "classification",
+                   "deterministic": False}
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

@@ -12,11 +12,14 @@ from torch import nn
 
 from paramsal.engine.backends import (BACKEND_FUNCTIONS, BatchResult, check_samples_apart, model_outputs,
                                       prove_sample_layout)
+from paramsal.engine.model import (check_precision, default_channels_last, eval_mode, features_module,
+                                   to_channels_last)
 from paramsal.engine.functional import LossFn, Precision, cross_entropy_per_sample, targeted_loss
 from paramsal.engine.plan import hooks_refusal
 from paramsal.engine.tasks import check_sequence_labels, is_sequence_task, task_loss
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, UnsupportedUseError, check_choice
+from paramsal.kernels import tf32
 from paramsal.kernels.reduce import Aggregation, check_aggregation
 from paramsal.options import BACKENDS, COMPUTE_PRECISIONS, TARGETS, TASKS
 
@@ -91,14 +94,16 @@ class Profiler:
         channels_last: convert the model's 4-D parameters to
             ``torch.channels_last`` once, here (the model keeps that layout
             afterwards; the values are unchanged), and each 4-D input batch
-            per call (the layout cuDNN's tensor-core convolutions prefer).
-            The profiles equal the default layout's up to float32 rounding.
+            per call (the layout cuDNN's tensor-core convolutions and the
+            fused kernel's coalesced loads prefer). The profiles equal the
+            default layout's up to float32 rounding. None (the default): on
+            when the model is on a CUDA device and has 4-D parameters.
     """
 
     def __init__(self, model: nn.Module, *, units: UnitsSpec | UnitIndex = "filters", backend: str = "auto",
                  aggregation: Aggregation = "mean_abs", loss: LossFn | None = None,
                  chunk_size: int | None = None, features: str | bool | None = None, precision: str = "float32",
-                 channels_last: bool = False, target: str | int = "label", task: str = "classification"):
+                 channels_last: bool | None = None, target: str | int = "label", task: str = "classification"):
         check_aggregation(aggregation)
         check_choice("task", task, TASKS)
         if task == "causal-lm" and target != "label":
@@ -108,13 +113,13 @@ class Profiler:
         check_choice("precision", precision, COMPUTE_PRECISIONS)
         if chunk_size is not None and chunk_size < 1:
             raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
-        _check_precision(model, precision)
+        check_precision(model, precision)
         self.model = model
         self.precision = precision
         self._precision = Precision(precision)
-        self.channels_last = bool(channels_last)
+        self.channels_last = default_channels_last(model) if channels_last is None else bool(channels_last)
         if self.channels_last:
-            _to_channels_last(model)
+            to_channels_last(model)
         self.index = units if isinstance(units, UnitIndex) else units_of(model, units)
         self._falls_back = backend == "auto"
         if backend == "auto":
@@ -131,7 +136,7 @@ class Profiler:
         self._loss = targeted_loss(loss if loss is not None or task == "classification" else task_loss(task),
                                    self.target)
         self.chunk_size = chunk_size
-        self.features = _features_module(model, features)
+        self.features = features_module(model, features)
         self._run = BACKEND_FUNCTIONS[backend]
         self._class_counts: dict[tuple, int] = {}
         self._layout_proven = False  # the hooks backend's proof that rows are samples (prove_sample_layout)
@@ -159,21 +164,32 @@ class Profiler:
             if not isinstance(self.target, str) and self.target >= self._classes(inputs):
                 raise InputError(f"target={self.target} is outside the model's {self._classes(inputs)} classes")
             result = self._profile(inputs, targets)
-            if self.features is not None:
-                result.features = self._features_of(inputs, result.profiles.dtype)
         if check_finite:
             self._check_finite(result)
         return result
 
-    def nonfinite(self, result: BatchResult) -> list[str | None]:
+    def nonfinite(self, result: BatchResult, suspects: torch.Tensor | None = None) -> list[str | None]:
         """Per sample: None if its loss and profile are finite, else the first parameter whose gradient is not
-        (:data:`LOSS_FLAG` when only the loss is)."""
-        bad_units = ~torch.isfinite(result.profiles)
-        bad_rows = (bad_units.any(1) | ~torch.isfinite(result.losses)).nonzero().flatten().tolist()
+        (:data:`LOSS_FLAG` when only the loss is).
+
+        A row's sum screens it (NaN and inf carry into the sum, which a sum
+        of large finite values can also overflow to): only the rows it flags
+        are looked at entry by entry, so that a batch of ResNet-50's 26,560
+        units per row costs one pass, not an ``isfinite`` of every entry.
+
+        Args:
+            suspects: ``[N]`` bool, the rows that screen flagged, when it was taken already (on the device).
+        """
+        if suspects is None:
+            suspects = ~torch.isfinite(result.profiles.sum(1)) | ~torch.isfinite(result.losses)
+        suspects = suspects.nonzero()
         flags: list[str | None] = [None] * len(result.losses)
-        for row in bad_rows:
-            units = bad_units[row].nonzero().flatten()
-            flags[row] = self._param_of(int(units[0])) if len(units) else LOSS_FLAG
+        for row in suspects.flatten().tolist():
+            units = (~torch.isfinite(result.profiles[row])).nonzero().flatten()
+            if len(units):
+                flags[row] = self._param_of(int(units[0]))
+            elif not bool(torch.isfinite(result.losses[row])):
+                flags[row] = LOSS_FLAG
         return flags
 
     def _param_of(self, unit: int) -> str:
@@ -183,13 +199,16 @@ class Profiler:
         loss = self._loss or cross_entropy_per_sample
         while True:
             try:
-                result = self._run(self.model, inputs, targets, self.index, loss, self.aggregation, self.chunk_size,
-                                   self._precision)
+                with self._features_captured(inputs) as captured:
+                    result = self._run(self.model, inputs, targets, self.index, loss, self.aggregation,
+                                       self.chunk_size, self._precision)
+                if self.features is not None:
+                    result.features = self._precision.restored(torch.cat(captured), result.profiles.dtype) \
+                        if captured else self._features_of(inputs, result.profiles.dtype)
                 if self.backend == "hooks" and not self._layout_proven:  # after the batch: its errors come first
                     self._layout_proven = prove_sample_layout(self.model, inputs, self.index)
                 if self.backend != "loop" and self.backend not in self._apart:
-                    if check_samples_apart(result, self.model, inputs, targets, self.index, loss, self.aggregation,
-                                           self._precision):
+                    if self._samples_apart(result, inputs, targets, loss):
                         self._apart.add(self.backend)
                 return result
             except UnsupportedUseError as exc:
@@ -199,6 +218,36 @@ class Profiler:
                 warnings.warn(f"{exc}. Profiling {type(self.model).__name__} with the {fallback} backend instead",
                               ParamsalWarning, stacklevel=4)
                 self.backend, self._run = fallback, BACKEND_FUNCTIONS[fallback]
+
+    def _samples_apart(self, result: BatchResult, inputs: torch.Tensor, targets: torch.Tensor, loss: LossFn) -> bool:
+        """:func:`~paramsal.engine.backends.check_samples_apart` of the batch's first row, in full float32 where the
+        batch may have run in TF32: its rounding (up to ~1e-3 of a row's largest unit, in both the batch and the
+        loop) would sit at the check's tolerance, so the row and the loop are computed again without it."""
+        reduced = self._precision.dtype is None and tf32.reduced(next(iter(self.model.parameters())))
+        if not reduced:
+            return check_samples_apart(result, self.model, inputs, targets, self.index, loss, self.aggregation,
+                                       self._precision)
+        with tf32.full_float32():
+            exact = self._run(self.model, inputs, targets, self.index, loss, self.aggregation, self.chunk_size,
+                              self._precision)
+            return check_samples_apart(exact, self.model, inputs, targets, self.index, loss, self.aggregation,
+                                       self._precision)
+
+    @contextmanager
+    def _features_captured(self, inputs: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+        """The features module's inputs ``[n, D]`` as the profiling forward pass computes them (hooks: one batch;
+        loop: a sample at a time); none under vmap, whose forward pass sees one sample's tensors through vmap's
+        wrappers, so :meth:`_features_of` takes a pass of its own there."""
+        captured: list[torch.Tensor] = []
+        if self.features is None or self.backend == "vmap":
+            yield captured
+            return
+        module = self.model.get_submodule(self.features)
+        handle = module.register_forward_hook(lambda m, args, out: captured.append(args[0].detach().flatten(1)))
+        try:
+            yield captured
+        finally:
+            handle.remove()
 
     def _features_of(self, inputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The features module's input ``[N, D]`` from a gradient-free forward pass (at the profiles' precision)."""
@@ -215,10 +264,10 @@ class Profiler:
     def _checked(self, inputs: torch.Tensor, targets: torch.Tensor,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         check_batch(inputs, targets, class_indices=self.loss is None and not is_sequence_task(self.task))
-        inputs = inputs.to(device)
+        inputs = inputs.to(device, non_blocking=True)  # from pinned memory: no wait for the device's queued work
         if self.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return inputs, targets.to(device)
+        return inputs, targets.to(device, non_blocking=True)
 
     def _check_labels(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         classes = self._classes(inputs)
@@ -249,6 +298,8 @@ class Profiler:
         if len(bad_loss):
             raise NonFiniteError(f"non-finite loss for sample(s) at positions {bad_loss[:10].tolist()} "
                                  f"(values {result.losses[bad_loss[:3]].tolist()})")
+        if bool(torch.isfinite(result.profiles.sum())):  # the screen of :meth:`nonfinite`, for the whole batch
+            return
         bad = (~torch.isfinite(result.profiles)).nonzero()
         if len(bad):
             sample, unit = (int(v) for v in bad[0])
@@ -286,7 +337,7 @@ def check_batch(inputs: torch.Tensor, targets: torch.Tensor, *, class_indices: b
 def profile_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, backend: str = "auto",
                   units: UnitsSpec | UnitIndex = "filters", aggregation: Aggregation = "mean_abs",
                   loss: LossFn | None = None, chunk_size: int | None = None, precision: str = "float32",
-                  channels_last: bool = False, target: str | int = "label",
+                  channels_last: bool | None = None, target: str | int = "label",
                   task: str = "classification") -> torch.Tensor:
     """Raw parameter-saliency profiles of a batch, one row per sample.
 
@@ -306,7 +357,7 @@ def profile_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         chunk_size: samples per chunk of per-sample work.
         precision: "float32", or "bf16"/"fp16" under autocast (see :class:`Profiler`).
         channels_last: the model's 4-D parameters (converted in place) and
-            the inputs in ``torch.channels_last`` (see :class:`Profiler`).
+            the inputs in ``torch.channels_last``; None: on a CUDA device (see :class:`Profiler`).
         target: "label", "predicted" or a class index (see :class:`Profiler`).
         task: "classification" or a sequence task, whose ``targets`` are ``[N, T]`` (see :class:`Profiler`).
 
@@ -317,52 +368,3 @@ def profile_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                         chunk_size=chunk_size, precision=precision, channels_last=channels_last, target=target,
                         task=task)
     return profiler(inputs, targets).profiles
-
-
-def _check_precision(model: nn.Module, precision: str) -> None:
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if precision != "float32" and dtypes - {torch.float32}:
-        wrong = sorted(str(d) for d in dtypes - {torch.float32})
-        raise InputError(f"precision={precision!r} runs a float32 model under autocast, but "
-                         f"{type(model).__name__} has {', '.join(wrong)} parameters: use precision='float32' "
-                         "or model.float()")
-
-
-def _to_channels_last(model: nn.Module) -> None:
-    """The model's 4-D parameters and buffers in ``torch.channels_last``, in place (the same tensors, new strides).
-
-    ``model.to(memory_format=...)`` would refuse a model with 5-D
-    parameters (Conv3d); those, like every tensor of other ranks, stay as they are.
-    """
-    with torch.no_grad():
-        for t in (*model.parameters(), *model.buffers()):
-            if t.dim() == 4:
-                t.data = t.data.contiguous(memory_format=torch.channels_last)
-
-
-def _features_module(model: nn.Module, features: str | bool | None) -> str | None:
-    if features is None or features is False:
-        return None
-    if features is True:
-        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise InputError(f"features=True needs an nn.Linear classifier in {type(model).__name__}; "
-                             "name the module whose input is the feature vector instead")
-        return linears[-1]
-    try:
-        model.get_submodule(features)
-    except AttributeError as exc:
-        raise InputError(f"features={features!r}: no such module in {type(model).__name__}") from exc
-    return features
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration; every submodule's own flag is restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training

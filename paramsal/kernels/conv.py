@@ -14,18 +14,10 @@ import torch.nn.functional as F
 from paramsal.errors import check_choice
 from paramsal.kernels import fused
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
-from paramsal.kernels.reduce import Aggregation, ParamUnits, reduce_grad
+from paramsal.kernels.reduce import Aggregation, FullPrecision, ParamUnits, accumulated, reduce_grad
+from paramsal.kernels.tiles import tile_abs_means
 
 
-
-#: Elements of one gradient tile (4 MiB of float32) and its width in weight
-#: columns. Measured on resnet18-CIFAR at batch 64 on a 2-core CPU (1 MiB L2
-#: per core): 2**20-element tiles of 256 columns, several samples per batched
-#: matmul, reduce layer4's 3x3 convs from 60 to 47 ms and layer3's from 58 to
-#: 36 ms; tiles of 2**18 (one sample each, what fits L2) leave the cores idle
-#: between the many small products.
-TILE_ELEMENTS = 2**20
-TILE_COLUMNS = 256
 
 #: A layer goes the tiled way when its maps have at most this many output
 #: positions, or its filters at most this many weights per output channel:
@@ -158,16 +150,21 @@ def reduce_conv(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Te
         One ``[B, group.num_units]`` tensor per group, in order.
     """
     results = []
+    full = FullPrecision(activations, backprops)
     for group in groups:
+        fast = _fusable(layer, group, aggregation) and fused.wanted(activations)
+        units = fused_weight_units(layer, activations, backprops) if fast else None
+        if units is not None:
+            results.append(units)
+            continue
+        x, gy = full.tensors()
         if group.attr == "bias":
-            results.append(reduce_grad(backprops.flatten(2).sum(2), group, aggregation))
+            results.append(reduce_grad(gy.flatten(2).sum(2), group, aggregation))
         elif group.partition == "rows" and aggregation == "abs_mean":
-            results.append(row_means(layer, activations, backprops).abs())
-        elif _fusable(layer, group, aggregation) and fused.wanted(activations):
-            results.append(fused_weight_units(layer, activations, backprops))
+            results.append(row_means(layer, x, gy).abs())
         else:
-            strategy = _strategy(layer, activations, backprops, group, aggregation)
-            results.append(strategy(layer, activations, backprops, group, aggregation, chunk_size))
+            strategy = _strategy(layer, x, gy, group, aggregation)
+            results.append(strategy(layer, x, gy, group, aggregation, chunk_size))
     return results
 
 
@@ -288,20 +285,24 @@ def _small_map_depthwise(layer: ConvLayer, activations: torch.Tensor, backprops:
 
 
 def _fusable(layer: ConvLayer, group: ParamUnits, aggregation: Aggregation) -> bool:
-    """The fused kernel computes mean ``|G|`` per filter of 1-D and 2-D convolutions."""
-    return group.partition == "rows" and aggregation == "mean_abs" and layer.weight.dim() in (3, 4)
+    """The fused kernel computes mean ``|G|`` per filter of 1-D and 2-D convolutions' weights."""
+    return (group.attr == "weight" and group.partition == "rows" and aggregation == "mean_abs"
+            and layer.weight.dim() in (3, 4))
 
 
-def fused_weight_units(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
-    """``[B, K]`` mean ``|G|`` per filter from the fused Triton kernel; a Conv1d is a 2-D conv of height one."""
+def fused_weight_units(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor | None:
+    """``[B, K]`` mean ``|G|`` per filter from the fused Triton kernel; a Conv1d is a 2-D conv of height one.
+
+    None where the kernel failed on this device (:func:`paramsal.kernels.fused.row_abs_means`)."""
     x, padding = _padded(layer, activations)
+    dtype = accumulated(x)
     if x.dim() == 3:
         geometry = fused.Geometry((1, *layer.kernel_size), (1, *layer.stride), (0, *padding), (1, *layer.dilation),
                                   layer.groups)
-        return fused.row_abs_means(x.unsqueeze(2), backprops.unsqueeze(2), geometry)
+        return fused.row_abs_means(x.unsqueeze(2), backprops.unsqueeze(2), geometry, out_dtype=dtype)
     geometry = fused.Geometry(tuple(layer.kernel_size), tuple(layer.stride), padding, tuple(layer.dilation),
                               layer.groups)
-    return fused.row_abs_means(x, backprops, geometry)
+    return fused.row_abs_means(x, backprops, geometry, out_dtype=dtype)
 
 
 def conv_weight_grad_sample(layer: ConvLayer, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
@@ -347,31 +348,6 @@ def _tiled_mean_abs(layer: ConvLayer, activations: torch.Tensor, backprops: torc
     columns = conv_patch_columns(layer, activations)  # [b, C * prod(kernel), L]
     positions = columns.shape[2]
     return tile_abs_means(columns.view(b, g, -1, positions), backprops.reshape(b, g, k // g, positions)).view(b, k)
-
-
-def tile_abs_means(columns: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """``[b, g, R]`` mean over j of ``|G[n, g, r, j]|``, ``G[n, g] = grad_out[n, g] @ columns[n, g]^T``, formed one
-    tile of samples x columns at a time.
-
-    With few positions L, each element of ``G`` costs only L multiply-adds,
-    so writing all of ``G`` out and reading it back would cost more than
-    computing it; each tile is reduced right after its batched matmul
-    instead. Tiles span several samples so that the batched matmul splits its
-    work by sample rather than inside one small product.
-
-    Args:
-        columns: ``[b, g, J, L]`` (a group's patch rows, or a Linear layer's inputs), any strides.
-        grad_out: ``[b, g, R, L]`` the output gradients at the same positions.
-    """
-    b, g, width = columns.shape[:3]
-    rows = grad_out.shape[2]
-    cols = min(width, TILE_COLUMNS)
-    sums = grad_out.new_zeros(b, g, rows)
-    for s in chunk_slices(b, max(1, TILE_ELEMENTS // (g * rows * cols))):
-        grad_tile = grad_out[s]
-        for patch_tile in columns[s].split(cols, dim=2):
-            sums[s] += torch.matmul(grad_tile, patch_tile.transpose(2, 3)).abs_().sum(-1)
-    return sums / width
 
 
 def conv_patch_columns(layer: ConvLayer, activations: torch.Tensor) -> torch.Tensor:

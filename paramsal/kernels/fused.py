@@ -20,6 +20,7 @@ when it is imported, so it must be set before the process starts.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from functools import cache
 
 import torch
 
-from paramsal.errors import InputError, check_choice
+from paramsal.errors import InputError, ParamsalWarning, check_choice, first_line
+from paramsal.kernels.tf32 import tf32_allowed
 
 try:
     import triton
@@ -80,9 +82,13 @@ def mode(name: str) -> Iterator[None]:
         _modes.pop()
 
 
+def _current_mode() -> str:
+    return _modes[-1] if _modes else "auto"
+
+
 def wanted(t: torch.Tensor) -> bool:
     """True where a reducer should hand ``t``'s layer to the kernel, given the current :func:`mode`."""
-    current = _modes[-1] if _modes else "auto"
+    current = _current_mode()
     if current == "auto":
         return preferred(t)
     return current == "on"  # where the kernel cannot run, row_abs_means raises and says why
@@ -102,18 +108,25 @@ def _dtypes() -> tuple[torch.dtype, ...]:
     return INTERPRETER_DTYPES if interpreting() else GPU_DTYPES
 
 
-def row_abs_means(x: torch.Tensor, gy: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+def row_abs_means(x: torch.Tensor, gy: torch.Tensor, geometry: Geometry, op: str = "conv",
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """``[N, K]``: mean over ``j`` of ``|G[n, k, j]|`` for the conv weight gradient ``G``.
 
     Args:
-        x: the conv input ``[N, C, H, W]``, any strides.
+        x: the conv input ``[N, C, H, W]``, any strides (channels-last reads coalesce: a tile's columns are
+            ordered (kh, kw, channel), channel fastest).
         gy: the output gradient ``[N, K, OH, OW]``, any strides; row n is the
             gradient of sample n's own loss.
         geometry: kernel, stride, padding (zeros), dilation and groups.
+        op: "conv" (a convolution) or "matmul" (a Linear layer): float32 tiles use TF32 exactly where the layer's
+            own operation may (:func:`paramsal.kernels.tf32.tf32_allowed`).
+        out_dtype: the result's dtype; default ``x``'s. bf16/fp16 inputs are accumulated in float32, so
+            ``torch.float32`` keeps what rounding to the inputs' dtype would lose.
 
     Returns:
-        ``[N, K]`` in ``x``'s dtype: ``mean |G[n, k]|`` over the ``C / groups * kh * kw``
-        weights of filter k.
+        ``[N, K]``: ``mean |G[n, k]|`` over the ``C / groups * kh * kw`` weights of filter k. None where this kernel
+        variant failed to compile or launch on its first use on this device, in mode "auto": the caller takes the
+        torch path (said once).
     """
     _require(x)
     if gy.dtype != x.dtype:
@@ -127,14 +140,41 @@ def row_abs_means(x: torch.Tensor, gy: torch.Tensor, geometry: Geometry) -> torc
     block_k, block_j, block_l = _block(k_per), _block(width), _block(oh * ow)
     k_blocks, j_blocks = triton.cdiv(k_per, block_k), triton.cdiv(width, block_j)
     accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    precision = "tf32" if x.dtype == torch.float32 and tf32_allowed(op) else "ieee"
+    variant = (str(x.device), x.dtype, kh, kw, block_k, block_j, block_l, precision)
+    if variant in _broken and _current_mode() != "on":
+        return None
     partial = torch.empty(j_blocks, n, k, dtype=accumulate, device=x.device)
-    _kernel()[(n * g * k_blocks, j_blocks)](
-        x, gy, partial, n, g, k_blocks, c_per, h, w, k_per, oh, ow, *x.stride(), *gy.stride(),
-        *geometry.stride, *geometry.padding, *geometry.dilation,
-        KH=kh, KW=kw, BLOCK_K=block_k, BLOCK_J=block_j, BLOCK_L=block_l,
-        PRECISION=_precision(x.dtype), ACCUMULATE=tl.float64 if accumulate == torch.float64 else tl.float32,
-    )
-    return (partial.sum(0) / width).to(x.dtype)
+    try:
+        _kernel()[(n * g * k_blocks, j_blocks)](
+            x, gy, partial, n, g, k_blocks, c_per, h, w, k_per, oh, ow, *x.stride(), *gy.stride(),
+            *geometry.stride, *geometry.padding, *geometry.dilation,
+            KH=kh, KW=kw, BLOCK_K=block_k, BLOCK_J=block_j, BLOCK_L=block_l,
+            PRECISION=precision, ACCUMULATE=tl.float64 if accumulate == torch.float64 else tl.float32,
+        )
+    except Exception as exc:  # whatever Triton raises on a variant's first use: compiler, resources, driver
+        if variant in _proven or _current_mode() == "on":
+            raise
+        _give_up(variant, exc)
+        return None
+    _proven.add(variant)
+    return (partial.sum(0) / width).to(out_dtype or x.dtype)
+
+
+#: Kernel variants (device, dtype, kernel size, tiles, precision) that compiled and ran, and those that failed on
+#: their first use, with the reason: a failed variant takes the torch path for the rest of the process.
+_proven: set[tuple] = set()
+_broken: dict[tuple, str] = {}
+
+
+def _give_up(variant: tuple, exc: Exception) -> None:
+    """Marks a variant broken; the first on a device is said once, with Triton's reason."""
+    first_on_device = not any(v[0] == variant[0] for v in _broken)
+    _broken[variant] = f"{type(exc).__name__}: {first_line(exc)}"
+    if first_on_device:
+        warnings.warn(f"the fused Triton kernel failed on {variant[0]} ({_broken[variant]}); the layers it would "
+                      "serve take the torch path instead (the same numbers, more slowly); fused.mode('on') raises "
+                      "the error instead", ParamsalWarning, stacklevel=4)
 
 
 def _require(t: torch.Tensor) -> None:
@@ -148,13 +188,6 @@ def _require(t: torch.Tensor) -> None:
 def _block(extent: int) -> int:
     """Tile side: a power of two in [16, 64] (``tl.dot`` needs at least 16) covering ``extent`` if it can."""
     return min(64, max(16, triton.next_power_of_2(extent)))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """float32 tiles use TF32 exactly when cuDNN's own convolutions may (``torch.backends.cudnn.allow_tf32``)."""
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 @cache
@@ -173,12 +206,15 @@ def _kernel():
         sample = (pid // K_BLOCKS // GROUPS).to(tl.int64)
 
         rows = k_block * BLOCK_K + tl.arange(0, BLOCK_K)  # filters within the group
-        cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # (channel, kh, kw) within the group
+        # (kh, kw, channel) within the group, channel fastest: in channels-last inputs a tile's columns are then
+        # neighbours in memory, so its loads coalesce (with (channel, kh, kw) they were a channel count apart)
+        cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         row_ok = rows < K_PER
         col_ok = cols < C_PER * KH * KW
-        channel = group * C_PER + cols // (KH * KW)
-        tap_h = (cols % (KH * KW)) // KW * dil_h
-        tap_w = cols % KW * dil_w
+        channel = group * C_PER + cols % C_PER
+        tap = cols // C_PER
+        tap_h = tap // KW * dil_h
+        tap_w = tap % KW * dil_w
         filters = group * K_PER + rows
 
         gy_rows = gy_ptr + sample * sgn + filters.to(tl.int64)[:, None] * sgk

@@ -10,8 +10,8 @@ import torch
 
 from paramsal.kernels import fused
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
-from paramsal.kernels.conv import tile_abs_means
-from paramsal.kernels.reduce import Aggregation, ParamUnits, reduce_grad
+from paramsal.kernels.reduce import Aggregation, FullPrecision, ParamUnits, accumulated, reduce_grad
+from paramsal.kernels.tiles import tile_abs_means
 
 
 
@@ -77,17 +77,23 @@ def reduce_linear(layer: LinearLayer, activations: torch.Tensor, backprops: torc
         One ``[B, group.num_units]`` tensor per group, in order.
     """
     batch = activations.shape[0]
-    x, gy = _tokens(activations), _tokens(backprops)  # [B, T, in], [B, T, out]
+    full = FullPrecision(_tokens(activations), _tokens(backprops))  # [B, T, in], [B, T, out]
+    tokens = full.captured[0].shape[1]  # a single one makes a rank-one gradient: _outer_reduce, below
     results = []
     for group in groups:
+        fast = (group.attr == "weight" and group.partition in ("rows", "columns") and aggregation == "mean_abs"
+                and tokens > 1 and fused.wanted(activations))
+        units = _fused_reduce(*full.captured, group.partition) if fast else None
+        if units is not None:
+            results.append(units)
+            continue
+        x, gy = full.tensors()
         if group.attr == "bias":
             results.append(reduce_grad(gy.sum(1), group, aggregation))
         elif x.shape[1] == 1 and group.partition == "rows":
             results.append(_outer_reduce(gy[:, 0], x[:, 0], aggregation))
         elif x.shape[1] == 1 and group.partition == "columns":
             results.append(_outer_reduce(x[:, 0], gy[:, 0], aggregation))
-        elif group.partition in ("rows", "columns") and aggregation == "mean_abs" and fused.wanted(x):
-            results.append(_fused_reduce(x, gy, group.partition))
         elif group.partition in ("rows", "columns") and aggregation == "mean_abs" and x.shape[1] <= TILED_MAX_TOKENS:
             results.append(_tiled_reduce(x, gy, group.partition))
         else:
@@ -109,15 +115,17 @@ def _outer_reduce(kept: torch.Tensor, reduced: torch.Tensor, aggregation: Aggreg
     return (kept * reduced.mean(1, keepdim=True)).abs()
 
 
-def _fused_reduce(x: torch.Tensor, gy: torch.Tensor, partition: str) -> torch.Tensor:
-    """Mean ``|G|`` per row (or column) of ``G[n] = gy[n]^T x[n]`` from the fused kernel.
+def _fused_reduce(x: torch.Tensor, gy: torch.Tensor, partition: str) -> torch.Tensor | None:
+    """Mean ``|G|`` per row (or column) of ``G[n] = gy[n]^T x[n]`` from the fused kernel (None where it failed).
 
     ``G[n]`` is the weight gradient of a 1x1 convolution over the T positions,
     so ``[B, T, features]`` is handed over as an ``[B, features, T, 1]`` view;
-    columns are the rows of ``G[n]^T = x[n]^T gy[n]``.
+    columns are the rows of ``G[n]^T = x[n]^T gy[n]``. Its tiles take cuBLAS's
+    precision setting, as the layer's own ``F.linear`` does.
     """
     rows, cols = (gy, x) if partition == "rows" else (x, gy)
-    return fused.row_abs_means(_as_map(cols), _as_map(rows), fused.Geometry((1, 1)))
+    return fused.row_abs_means(_as_map(cols), _as_map(rows), fused.Geometry((1, 1)), op="matmul",
+                               out_dtype=accumulated(x))
 
 
 def _tiled_reduce(x: torch.Tensor, gy: torch.Tensor, partition: str) -> torch.Tensor:

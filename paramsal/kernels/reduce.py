@@ -97,3 +97,23 @@ def scatter_reduce(grad: torch.Tensor, assignment: torch.Tensor, sizes: torch.Te
     sums = grad.new_zeros(grad.shape[0], sizes.numel()).index_add_(1, index, values)
     means = sums / sizes.to(grad.device, grad.dtype)
     return means if aggregation == "mean_abs" else means.abs()
+
+
+def accumulated(t: torch.Tensor) -> torch.dtype:
+    """The dtype a reduction of ``t`` comes out in: float32 for a bf16/fp16 forward's tensors, else ``t``'s."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+class FullPrecision:
+    """A layer's captured input and output gradient as the torch paths take them: float32 copies of a bf16/fp16
+    forward's tensors, made once and only when a path needs them (the fused kernel takes them as they are)."""
+
+    def __init__(self, activations: torch.Tensor, backprops: torch.Tensor):
+        self.captured = activations, backprops
+        self._full: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._full is None:
+            x, gy = (t.to(accumulated(t)) for t in self.captured)
+            self._full = x, gy
+        return self._full

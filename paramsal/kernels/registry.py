@@ -75,11 +75,16 @@ class OpRule:
     #: ``decompose(args, kwargs, linear) -> output or None``: the call run as parts whose projections go through
     #: ``linear`` (served as Linear layers), which saves the rule's own pass; None where it does not apply.
     decompose: Callable[[tuple, dict, Callable[..., torch.Tensor]], Any] | None = None
+    #: The reducer takes a bf16/fp16 forward's captures as they are (the fused kernel multiplies them on tensor
+    #: cores, accumulating in float32; its torch paths make float32 copies themselves, where needed): no float32
+    #: copy of every captured tensor first.
+    reduced_precision: bool = False
 
 
 OP_RULES: dict[Callable, OpRule] = {
-    **{op: OpRule(conv_call, reduce_conv, conv_grad_sample) for op in (torch.conv1d, torch.conv2d, torch.conv3d)},
-    F.linear: OpRule(linear_call, reduce_linear, linear_grad_sample),
+    **{op: OpRule(conv_call, reduce_conv, conv_grad_sample, reduced_precision=True)
+       for op in (torch.conv1d, torch.conv2d, torch.conv3d)},
+    F.linear: OpRule(linear_call, reduce_linear, linear_grad_sample, reduced_precision=True),
     F.embedding: OpRule(embedding_call, reduce_embedding, embedding_grad_sample, widen=embedding_widened),
     F.batch_norm: OpRule(batch_norm_call, reduce_norm, norm_grad_sample),
     F.layer_norm: OpRule(layer_norm_call, reduce_norm, norm_grad_sample),
