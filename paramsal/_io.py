@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-
 from paramsal.errors import InputError
 
 #: Temporary names start with a dot, which pandas, pyarrow and duckdb skip when they read a folder.
@@ -122,6 +120,8 @@ def load_tensor_file(path: str | os.PathLike, what: str) -> Any:
             message is left out on purpose: it spans many lines and advises
             ``weights_only=False``, which would run whatever code the file holds.
     """
+    import torch  # only here: reading the run directory's own files needs no torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
+
+import numpy as np
+
+#: Which samples of a run: "misclassified", "correct" (or "nonfinite", for a run's rows), sample ids, or None (every
+#: finite sample, or the default an analysis names).
+Rows = str | Sequence[int] | np.ndarray | None
 
 
 class MapDataset(Protocol):

@@ -31,6 +31,12 @@ class UnsupportedUseError(UnsupportedModuleError):
     """A unit parameter is used in a way the hooks backend cannot serve exactly (found during a forward pass)."""
 
 
+def unsupported_use(problem: str, instead: str = "vmap") -> UnsupportedUseError:
+    """The error for a use a backend would miss: ``problem``, then the backend that sees it (the one
+    ``backend="auto"`` falls back to)."""
+    return UnsupportedUseError(f"{problem}: use backend={instead!r} (backend='auto' falls back to it)")
+
+
 class RunMismatchError(ParamsalError):
     """A run directory was made with another model, data set or units."""
 
@@ -55,9 +61,15 @@ class StorageError(ParamsalError, OSError):
 
 
 def check_choice(what: str, value: object, choices: Collection[str]) -> None:
-    """Raises :class:`InputError` naming ``value`` and the valid ``choices`` unless it is one of them."""
+    """Raises :class:`InputError` naming ``value`` and the valid ``choices`` unless it is one of them.
+
+    Args:
+        what: the option as the message names it: a description ("unit selection": "unknown unit selection
+            'top'") or an argument as Python spells it ("among=": "unknown among='wrong'").
+    """
     if value not in choices:
-        raise InputError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
+        shown = f"{what}{value!r}" if what.endswith("=") else f"{what} {value!r}"
+        raise InputError(f"unknown {shown}; expected one of {', '.join(choices)}")
 
 
 def check_integer(what: str, value: object, least: int = 1) -> int:

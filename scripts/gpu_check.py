@@ -71,21 +71,21 @@ if "--dry-run" in sys.argv[1:]:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from nets import SMALL_CASES, TORCHVISION_CASES, batch, build, relative_error  # noqa: E402
 from torch import nn  # noqa: E402
 
 import paramsal  # noqa: E402
-from nets import SMALL_CASES, TORCHVISION_CASES, batch, build, relative_error  # noqa: E402
 from paramsal import profile_batch  # noqa: E402
 from paramsal.bench.harness import CASES, VMAP_WHOLE, device_name, records, run, table, time_method  # noqa: E402
 from paramsal.bench.models import RESNET50_CONVS  # noqa: E402
-from paramsal.engine import writing  # noqa: E402
-from paramsal.engine.dataset import profile_dataset  # noqa: E402
-from paramsal.engine.devices import default_workers, job_settings  # noqa: E402
 from paramsal.engine.profile import Profiler  # noqa: E402
 from paramsal.engine.units import units_of  # noqa: E402
+from paramsal.jobs.bulk import profile_dataset  # noqa: E402
+from paramsal.jobs.hardware import default_workers, job_settings  # noqa: E402
 from paramsal.kernels import fused  # noqa: E402
 from paramsal.kernels.conv import conv_weight_grad_sample, reduce_conv  # noqa: E402
 from paramsal.kernels.tf32 import full_float32, tf32_allowed  # noqa: E402
+from paramsal.rundir import writing  # noqa: E402
 from paramsal.zoo.specs import first_samples, load_data  # noqa: E402
 
 #: The architectures of the model-coverage table, each with the units its bench case profiles (and ConvNeXt with

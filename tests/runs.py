@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from paramsal import SaliencyStats, open_run
-from paramsal.engine.manifest import FORMAT, STATS, UNITS, write_manifest
-from paramsal.engine.rundir import Run
-from paramsal.engine.writing import profile_table, write_part, write_stats, write_units
+from paramsal.rundir.format import FORMAT
+from paramsal.rundir.layout import STATS, UNITS
+from paramsal.rundir.ownership import MANIFEST
+from paramsal.rundir.run import Run
+from paramsal.rundir.writing import profile_table, write_part, write_stats, write_units
 
 
 def make_run(root: Path, profiles: np.ndarray, targets: np.ndarray, preds: np.ndarray, layer_of_unit,
@@ -33,10 +36,10 @@ def make_run(root: Path, profiles: np.ndarray, targets: np.ndarray, preds: np.nd
     units = pa.table({"unit_id": np.arange(num_units), "param": ["w"] * num_units, "module": ["m"] * num_units,
                       "layer": np.asarray(layer_of_unit, np.int32), "channel": np.arange(num_units),
                       "size": np.ones(num_units, np.int64)})
-    write_manifest(root, {"format": FORMAT, "parts": [p.to_json() for p in (parts[::-1] if reverse_parts else parts)],
-                          "num_units": num_units, "num_samples": n, "complete": True,
-                          "features": features is not None, "aggregation": "mean_abs",
-                          "config": {"batch_size": part_rows, "batches_per_part": 1},
-                          "files": {UNITS: write_units(root, units),
-                                    STATS: write_stats(root, SaliencyStats(num_units).update(profiles))}})
+    files = {UNITS: write_units(root, units), STATS: write_stats(root, SaliencyStats(num_units).update(profiles))}
+    document = {"format": FORMAT, "parts": [p.to_json() for p in (parts[::-1] if reverse_parts else parts)],
+                "num_units": num_units, "num_samples": n, "complete": True, "features": features is not None,
+                "aggregation": "mean_abs", "config": {"batch_size": part_rows, "batches_per_part": 1},
+                "files": {name: record.to_json() for name, record in files.items()}}
+    (root / MANIFEST).write_text(json.dumps(document))  # as written, parts in the order given: readers sort them
     return open_run(root)

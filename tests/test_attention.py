@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
+from nets import relative_error
 from torch import nn
 
-from nets import relative_error
 from paramsal import Profiler, UnsupportedModuleError, profile_batch
 from paramsal.errors import ParamsalWarning
 

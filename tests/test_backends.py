@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nets import SMALL_CASES, TORCHVISION_CASES, Case, batch, build, profiled_by_auto, relative_error
 from torch import nn
 
-from nets import SMALL_CASES, TORCHVISION_CASES, Case, batch, build, profiled_by_auto, relative_error
 from paramsal import profile_batch, units_of
 from paramsal.errors import ParamsalWarning
 from paramsal.reference.profiles import reference_profiles

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Subset
 
 from paramsal import Profiler, RunMismatchError, profile_dataset
-from paramsal.engine.dataset import default_workers
+from paramsal.jobs.bulk import default_workers
 from paramsal.zoo import demo_dataset, demo_model
 
 OPTIONS = {"batch_size": 32, "part_size": 64, "progress": False}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from runs import make_run
 from torch.utils.data import Subset
 
 import paramsal
@@ -18,10 +19,9 @@ from paramsal.analyses.base import load_result
 from paramsal.analyses.comparison import Compare, compare, plan_blocks
 from paramsal.analyses.twosample import ResampleCounts, bh_qvalues, mann_whitney
 from paramsal.cli import main
-from paramsal.engine.manifest import read_manifest, write_manifest
+from paramsal.rundir.manifest import Manifest, read_manifest, write_manifest
 from paramsal.zoo.shifts import add_noise, gaussian_blur, split_shifts
 from paramsal.zoo.specs import is_builtin_spec, load_data
-from runs import make_run
 
 UNITS = 24
 LAYERS = np.repeat([0, 1, 2], UNITS // 3)
@@ -228,7 +228,7 @@ def test_the_result_saves_plots_and_loads_back(planted, tmp_path):
 
 def _edited(run, **changes):
     manifest = read_manifest(run.path)
-    write_manifest(run.path, manifest | changes)
+    write_manifest(run.path, Manifest.from_json(manifest.to_json() | changes))
     return paramsal.open_run(run.path)
 
 

@@ -18,7 +18,9 @@ import paramsal
 import paramsal.cli
 from paramsal.analyses import Pruning
 from paramsal.analyses.base import load_result
-from paramsal.analyses.curves import FineTuneResult, PruningResult, format_summary
+from paramsal.analyses.curves import format_summary
+from paramsal.analyses.finetune import FineTuneResult
+from paramsal.analyses.pruning import PruningResult
 from paramsal.zoo import demo_dataset
 
 MODULE = "curves_test_specs"

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from paramsal.engine.writing import PartWriter
 from paramsal import InputError, RunMismatchError, SaliencyStats, open_run, profile_batch, profile_dataset
 from paramsal.cli import main
+from paramsal.rundir.writing import PartWriter
 from paramsal.zoo import demo_dataset, demo_model
 
 SUBSET = 200

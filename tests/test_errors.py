@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from nets import PlainCNN
 from torch import nn
 
-from nets import PlainCNN
 from paramsal import InputError, NonFiniteError, UnsupportedModuleError, profile_batch
 from paramsal.kernels import register_reducer, unregister_reducer
 from paramsal.kernels.conv import reduce_conv

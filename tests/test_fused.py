@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nets import SMALL_CASES, Case, batch, build
 from torch import nn
 
-from nets import SMALL_CASES, Case, batch, build
 from paramsal import profile_batch
 from paramsal.errors import InputError
 from paramsal.kernels import fused

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from nets import SMALL_CASES, batch, build
 from torch import nn
 
 import paramsal.engine.profile as profile_module
-from nets import SMALL_CASES, batch, build
 from paramsal import Profiler, profile_batch
 from paramsal.bench.models import RESNET50_CONVS
-from paramsal.engine import backends, devices
+from paramsal.engine import backends
 from paramsal.errors import ParamsalWarning
+from paramsal.jobs import hardware as devices
 from paramsal.kernels import fused
 from paramsal.kernels.conv import conv_weight_grad_sample
 from paramsal.kernels.tiles import tile_shape
@@ -307,12 +308,12 @@ def test_parts_are_written_plain_hashed_as_written_and_alike_from_several_writer
     """The profile column without compression or dictionary; the manifest's sha256, taken while writing, is the
     file's; two writer threads write the bytes one does."""
     import pyarrow.parquet as pq
+    from torch.utils.data import Subset
 
     from paramsal import open_run, profile_dataset
     from paramsal._io import file_record
-    from paramsal.engine import dataset
+    from paramsal.jobs import bulk as dataset
     from paramsal.zoo import demo_dataset, demo_model
-    from torch.utils.data import Subset
 
     data = Subset(demo_dataset("test"), range(192))
     runs = {}
@@ -342,21 +343,22 @@ def test_a_row_whose_sum_overflows_is_not_flagged_and_a_nan_is_named():
     profiles[0] = 3e38  # finite, but its sum is inf
     profiles[2, 5] = float("nan")
     flags = profiler.nonfinite(BatchResult(profiles, torch.zeros(3, 2), torch.zeros(3)))
-    assert flags[0] is None and flags[1] is None and flags[2] == profiler._param_of(5)
+    assert flags[0] is None and flags[1] is None and flags[2] == profiler.index.param_of(5)
 
 
 @pytest.mark.parametrize("where", ["device", "host"])
 def test_the_moments_of_the_finite_rows_equal_a_float64_two_pass(where):
-    """Both ways :func:`kept_moments` takes them (torch on a GPU, run here on the CPU; numpy on the CPU)."""
+    """Both ways a batch's moments are taken: in torch on the device (run here on the CPU), in numpy on the host."""
     import numpy as np
 
-    from paramsal.engine import stats
+    from paramsal.jobs.pipeline import device_moments
+    from paramsal.ranking.stats import finite_moments
 
     profiles = torch.randn(37, 300) * 10 + 1e3  # a mean that dwarfs the spread
     profiles[4, 7] = float("nan")
     profiles[9] = float("inf")
     keep = torch.isfinite(profiles).all(1)
-    moments = (stats._device_moments if where == "device" else stats._host_moments)(profiles, keep)
+    moments = device_moments(profiles, keep) if where == "device" else finite_moments(profiles.numpy(), keep.numpy())
     count, mean, m2 = (np.asarray(m) for m in moments)
     values = profiles[keep].double().numpy()
     want = values.mean(0), np.square(values - values.mean(0)).sum(0)

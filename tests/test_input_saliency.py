@@ -9,14 +9,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.utils.data import TensorDataset
 
 import paramsal
-from paramsal.analyses.attribution import AttributionResult, InputSaliency, boosted_profile, cosine_distance
 from paramsal.analyses.base import load_result
-from paramsal.analyses.masking import (Masking, MaskingResult, blurred, confidence_raised, mask_pixels, pixel_count,
-                                       random_pixels, summarize_masking, top_pixels)
+from paramsal.analyses.input_saliency import AttributionResult, InputSaliency, boosted_profile, cosine_distance
+from paramsal.analyses.masking import (
+    Masking,
+    MaskingResult,
+    blurred,
+    confidence_raised,
+    mask_pixels,
+    pixel_count,
+    random_pixels,
+    summarize_masking,
+    top_pixels,
+)
 from paramsal.analyses.pictures import channel_max, gaussian_kernel, plot_explanations, visual_map
 from paramsal.analyses.selection import select_units
 from paramsal.reference import attribution_loop

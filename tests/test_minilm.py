@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-
 import pytest
-
 from nets import profiled_by_auto, relative_error
+
 from paramsal import profile_batch
 from paramsal.errors import InputError
 

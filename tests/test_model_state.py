@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from nets import TinyResNet
 from torch import nn
 
-from nets import TinyResNet
 from paramsal import profile_batch
 
 

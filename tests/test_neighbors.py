@@ -6,6 +6,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from runs import make_run
 from torch.utils.data import Subset
 
 from paramsal import InputError, profile_dataset
@@ -15,7 +16,6 @@ from paramsal.analyses.knn import Search, cosine_top_k
 from paramsal.analyses.neighbors import Neighbors, chance_pair_sharing_rate, pair_sharing_rate, parse_layers
 from paramsal.cli import main
 from paramsal.zoo import demo_dataset, demo_model
-from runs import make_run
 
 
 def nn(run, k=10, space="saliency", layers=None, among="all", block_size=None, precision="float32", queries=None):

@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
+from nets import relative_error, settled
 from torch import nn
 from torchvision import models as tvm
 
-from nets import relative_error, settled
 from paramsal import Profiler, profile_batch, units_of
 from paramsal.errors import ParamsalWarning
 

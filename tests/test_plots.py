@@ -3,13 +3,13 @@
 import matplotlib.image
 import numpy as np
 import pytest
+from runs import make_run
 from torch.utils.data import Subset
 
 from paramsal import InputError, open_run, profile_dataset
 from paramsal.analyses.profiles import SaliencyProfiles, layer_layout
 from paramsal.cli import main
 from paramsal.zoo import demo_dataset, demo_model
-from runs import make_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

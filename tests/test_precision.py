@@ -20,9 +20,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from nets import SMALL_CASES, Case, GroupedDilated, PlainCNN, SharedParameter, TinyResNet, batch, build
 from torch import nn
 
-from nets import SMALL_CASES, Case, GroupedDilated, PlainCNN, SharedParameter, TinyResNet, batch, build
 from paramsal import Profiler, profile_batch, units_of
 from paramsal.engine import functional
 from paramsal.errors import InputError, NonFiniteError

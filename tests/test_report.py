@@ -82,8 +82,8 @@ def test_galleries_show_the_most_frequent_confusions(report: Path):
     wrong = table[~table["correct"]]
     top = wrong.groupby(["target", "pred"]).size().sort_values(ascending=False, kind="stable").index[:2]
     assert "the 2 most frequent confusions" in report.read_text()
-    from paramsal.analyses.report import _confusion_queries
     from paramsal.analyses.base import Prepared
+    from paramsal.analyses.report import _confusion_queries
 
     queries = _confusion_queries(Prepared(run, None, None, None, run.sample_ids(), None, None), 2)
     pairs = [tuple(table.set_index("sample_id").loc[q, ["target", "pred"]]) for q in queries]

@@ -9,7 +9,13 @@ from test_input_saliency import SmoothCNN, _smooth_run
 
 import paramsal
 from paramsal.analyses.base import load_result
-from paramsal.analyses.sanity import CascadingRandomization, SanityResult, rank_data, randomizable_layers, spearman
+from paramsal.analyses.cascading_randomization import (
+    CascadingRandomization,
+    SanityResult,
+    randomizable_layers,
+    rank_data,
+    spearman,
+)
 
 
 def test_ranks_and_spearman_match_scipy():

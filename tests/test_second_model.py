@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nets import relative_error
 from PIL import Image
 
-from nets import relative_error
 from paramsal import InputError, open_run, profile_batch, units_of
 from paramsal.cli import main
 from paramsal.zoo import usps_mnist

@@ -1,6 +1,7 @@
 """Model and data specs of the command line load real files and nothing else."""
 
 import json
+
 import numpy as np
 import pytest
 import torch

@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from runs import make_run
 
 from paramsal import InputError, RunCorruptError
 from paramsal.analyses import knn
 from paramsal.analyses.knn import Search, block_rows, screening_margin
 from paramsal.analyses.neighbors import Neighbors
-from paramsal.engine import writing
-from runs import make_run
+from paramsal.rundir import writing
 
 
 def random_run(root, n=700, units=30, part_rows=300, seed=0, features=True):

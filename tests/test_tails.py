@@ -6,17 +6,19 @@ import json
 
 import numpy as np
 import pytest
+from runs import make_run
 from scipy import stats as sps
 from torch.utils.data import Subset
 
 import paramsal
-from paramsal.engine.lock import RunLock
-from paramsal.engine.manifest import MANIFEST, tails_file
-from paramsal.engine.scoring import MIN_CLASS_SAMPLES, _fit, reference_set, reference_tails
-from paramsal.engine.tails import MAX_SCORE, fit_gpd, fit_tails
-from paramsal.errors import InputError, ParamsalWarning, RunCorruptError
+from paramsal.errors import InputError, ParamsalWarning, RunCorruptError, RunLockedError
+from paramsal.ranking.scoring import MIN_CLASS_SAMPLES, fit_reference_tails, reference_set, reference_tails
+from paramsal.ranking.tails import MAX_SCORE, fit_gpd, fit_tails
+from paramsal.rundir.layout import tails_file
+from paramsal.rundir.lock import RunLock
+from paramsal.rundir.ownership import MANIFEST
+from paramsal.rundir.tails import store_tails
 from paramsal.zoo import demo_dataset, demo_model
-from runs import make_run
 
 GPD_SHAPES = (-0.4, -0.2, 0.0, 0.1, 0.3, 0.6, 1.0, 2.0, 4.0)
 
@@ -202,6 +204,8 @@ def test_tails_are_stored_listed_verified_and_refitted_when_stale(synthetic, tmp
     _, profiles, targets, preds = synthetic
     run = make_run(tmp_path / "run", profiles, targets, preds, np.repeat(np.arange(4), 5))
     first = run.scores("pot")
+    assert tails_file("all") not in paramsal.open_run(run.path).manifest["files"]  # reading a score writes nothing
+    store_tails(run)  # the one step that stores them (paramsal tails RUN)
     assert tails_file("all") in run.manifest["files"] and paramsal.verify_run(run.path) == []
     again = paramsal.open_run(run.path)
     np.testing.assert_array_equal(again.scores("pot"), first)  # read back, not refitted: equal bit for bit
@@ -213,23 +217,26 @@ def test_tails_are_stored_listed_verified_and_refitted_when_stale(synthetic, tmp
     manifest = json.loads((run.path / MANIFEST).read_text())
     manifest["files"][tails_file("all")]["fitted_on"] = "0" * 64  # as if the run's statistics had changed since
     (run.path / MANIFEST).write_text(json.dumps(manifest))
-    np.testing.assert_array_equal(paramsal.open_run(run.path).scores("pot"), first)
+    np.testing.assert_array_equal(paramsal.open_run(run.path).scores("pot"), first)  # stale: fitted in memory
+    store_tails(paramsal.open_run(run.path))  # and stored again by the explicit step
     assert paramsal.verify_run(run.path) == []
 
 
 def test_a_small_budget_fits_the_same_tails_in_blocks_of_units(synthetic):
     run = synthetic[0]
-    whole = _fit(reference_set(run, "class"), budget_mb=64)
-    blocks = _fit(reference_set(run, "class"), budget_mb=0)  # one unit per block
+    whole = fit_reference_tails(reference_set(run, "class"), budget_mb=64)
+    blocks = fit_reference_tails(reference_set(run, "class"), budget_mb=0)  # one unit per block
     for name in ("threshold", "xi", "beta", "bulk", "top", "count", "exceedances"):
         np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name))
 
 
-def test_tails_of_a_run_another_job_holds_are_kept_in_memory_with_a_note(synthetic, tmp_path):
+def test_tails_of_a_run_another_job_holds_are_scored_in_memory_and_not_stored(synthetic, tmp_path):
     _, profiles, targets, preds = synthetic
     run = make_run(tmp_path / "run", profiles, targets, preds, np.repeat(np.arange(4), 5))
-    with RunLock(run.path), pytest.warns(ParamsalWarning, match="not stored"):
+    with RunLock(run.path):
         scores = run.scores("pot")
+        with pytest.raises(RunLockedError, match="being written by another job"):
+            store_tails(paramsal.open_run(run.path))
     assert tails_file("all") not in paramsal.open_run(run.path).manifest["files"]
     np.testing.assert_array_equal(scores, paramsal.open_run(run.path).scores("pot"))
 

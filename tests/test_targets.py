@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from nets import relative_error
 from torch.utils.data import Subset
 
 import paramsal
 import paramsal.cli
-from nets import relative_error
 from paramsal import InputError, RunMismatchError, profile_batch
 from paramsal.zoo import demo_dataset, demo_model
 

@@ -3,13 +3,12 @@ with every transformer unit scheme and equals the loop; the sequence tasks' loss
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from nets import profiled_by_auto, relative_error
+
 import paramsal
 from paramsal import Profiler, profile_batch, profile_dataset
 from paramsal.engine.tasks import IGNORE_INDEX, first_labelled, next_token_cross_entropy, token_cross_entropy

@@ -4,7 +4,8 @@ import torchvision
 from torch import nn
 
 from paramsal import InputError, load_reference_stats, units_of
-from paramsal.engine.stats import REFERENCE_MODELS
+from paramsal.ranking.stats import REFERENCE_MODELS
+from paramsal.rundir import units_table
 
 TORCHVISION_FACTORIES = {
     "resnet50": lambda: torchvision.models.resnet50(),
@@ -29,7 +30,7 @@ def test_filter_units_follow_named_parameters_order():
     index = units_of(model)
     four_dim = [n for n, p in model.named_parameters() if p.dim() == 4]
     assert index.param_names == four_dim
-    table = index.table
+    table = units_table(index.columns())
     assert table.column("unit_id").to_pylist() == list(range(len(index)))
     first = index.groups[0]
     assert table.slice(0, 1).to_pylist()[0] == {

@@ -10,10 +10,10 @@ from typing import Callable
 
 import pytest
 import torch
+from nets import profiled_by_auto, relative_error, settled
 from torch import nn
 from torchvision import models as tvm
 
-from nets import profiled_by_auto, relative_error, settled
 from paramsal import Profiler, profile_batch
 
 TOLERANCE = 1e-9

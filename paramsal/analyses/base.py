@@ -14,6 +14,11 @@ An analysis is an object holding its settings (``Pruning(ks=(1, 5, 10))``);
 
 The checks that the run, model and data belong together live here too
 (:meth:`Analysis.prepare`), so that every analysis makes them the same way.
+
+One analysis takes two runs and so has a contract of its own:
+:class:`~paramsal.analyses.comparison.Compare` is configured the same way but
+is applied as ``evaluate(run_a, run_b) -> CompareResult``, loads no model or
+data, and its result is a :class:`Result` like every other.
 """
 
 from __future__ import annotations
@@ -23,12 +28,11 @@ import html
 import importlib
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
-
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -38,15 +42,21 @@ import torch
 from torch import nn
 
 from paramsal._typing import MapDataset
-from paramsal.analyses.sources import (Samples, check_run_data, chosen_samples, load_source, open_for_analysis,
-                                       run_inputs, run_units)
-from paramsal.errors import ParamsalError, ParamsalWarning
-from paramsal.engine.distributed import is_main_process
-from paramsal.engine.ownership import MANIFEST, is_regular
-from paramsal.engine.published import RESULT_FORMAT, is_plain, owned_folder, publish, read_record, records_in
-from paramsal.engine.rundir import Run
+from paramsal.analyses.sources import (
+    Samples,
+    check_run_data,
+    chosen_samples,
+    load_source,
+    open_for_analysis,
+    run_inputs,
+    run_units,
+)
 from paramsal.engine.units import UnitIndex, UnitsSpec
-from paramsal.errors import InputError
+from paramsal.errors import InputError, ParamsalError, ParamsalWarning
+from paramsal.jobs.distributed import is_main_process
+from paramsal.rundir.ownership import MANIFEST, is_regular
+from paramsal.rundir.published import RESULT_FORMAT, is_plain, owned_folder, publish, read_record, records_in
+from paramsal.rundir.run import Run
 
 #: Saved results are read in this format and the one before it (which recorded no files and no run identity).
 RESULT_FORMATS = (RESULT_FORMAT, "paramsal-result/1")
@@ -225,13 +235,11 @@ def _run_of(folder: Path) -> Run | None:
         return None
 
 
-#: The modules that define the result kinds (a kind is known once its module is imported).
-_RESULT_MODULES = ("curves", "neighbors", "profiles", "attribution", "masking", "sanity", "depth_bias",
-                   "comparison")
-
-
 def _known_results() -> dict[str, type[Result]]:
-    for module in _RESULT_MODULES:
+    """Every result kind, by name. A kind is registered when its module is imported; the package's index
+    (:mod:`paramsal.analyses`) names every module that defines one, so importing those finds them all."""
+    index = importlib.import_module("paramsal.analyses")
+    for module in sorted(set(index._LAZY.values())):
         importlib.import_module(f"paramsal.analyses.{module}")
     return _RESULTS
 

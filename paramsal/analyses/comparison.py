@@ -46,11 +46,18 @@ import pandas as pd
 
 from paramsal.analyses.base import Result
 from paramsal.analyses.sources import open_for_analysis
-from paramsal.analyses.twosample import (RESAMPLE_CHUNK, ResampleCounts, bh_qvalues, bootstrap_shifts,
-                                         mann_whitney, percentile_interval, unit_moments)
-from paramsal.engine.rundir import Run
-from paramsal.engine.scoring import units_difference
+from paramsal.analyses.twosample import (
+    RESAMPLE_CHUNK,
+    ResampleCounts,
+    bh_qvalues,
+    bootstrap_shifts,
+    mann_whitney,
+    percentile_interval,
+    unit_moments,
+)
 from paramsal.errors import InputError, ParamsalWarning, check_integer
+from paramsal.ranking.scoring import units_difference
+from paramsal.rundir.run import Run
 
 #: What ``only=`` takes: None (every sample with finite numbers), a named selection, or sample ids.
 Only = str | Sequence[int] | np.ndarray | None
@@ -250,26 +257,25 @@ def comparable_units(a: Run, b: Run) -> pd.DataFrame:
     if difference:
         raise InputError(f"the runs {a.path} (A) and {b.path} (B) have different units: {difference}; compare two "
                          "runs of the same architecture profiled with the same --units")
-    aggregation = [run.manifest.get("aggregation") for run in (a, b)]
+    aggregation = [run.manifest.aggregation for run in (a, b)]
     if aggregation[0] != aggregation[1]:
         raise InputError(f"run A ({a.path}) aggregated its profiles with {aggregation[0]!r} and run B ({b.path}) "
                          f"with {aggregation[1]!r}; profile both with the same --aggregation")
     facts = _run_facts(a, b)
     if not facts["same_weights"] or facts["model_a"] != facts["model_b"]:
         warnings.warn(f"the runs profiled different models (A: {facts['model_a']}, weights "
-                      f"{a.manifest.get('model_fingerprint')}; B: {facts['model_b']}, weights "
-                      f"{b.manifest.get('model_fingerprint')}): the shifts measure the change of model as well",
+                      f"{a.manifest.model_fingerprint}; B: {facts['model_b']}, weights "
+                      f"{b.manifest.model_fingerprint}): the shifts measure the change of model as well",
                       ParamsalWarning, stacklevel=3)
     return units
 
 
 def _run_facts(a: Run, b: Run) -> dict[str, Any]:
     """What the result records of the two runs: their model and data specs, and whether they agree."""
-    config_a, config_b = a.manifest.get("config", {}), b.manifest.get("config", {})
-    return {"model_a": config_a.get("model"), "model_b": config_b.get("model"), "data_a": config_a.get("data"),
-            "data_b": config_b.get("data"),
-            "same_weights": a.manifest.get("model_fingerprint") == b.manifest.get("model_fingerprint"),
-            "same_data": a.manifest.get("data_fingerprint") == b.manifest.get("data_fingerprint")}
+    config_a, config_b = a.manifest.config, b.manifest.config
+    return {"model_a": config_a.model, "model_b": config_b.model, "data_a": config_a.data, "data_b": config_b.data,
+            "same_weights": a.manifest.model_fingerprint == b.manifest.model_fingerprint,
+            "same_data": a.manifest.data_fingerprint == b.manifest.data_fingerprint}
 
 
 def _selected_count(run: Run, only: Only, label: str, least: int = 2) -> int:

@@ -1,4 +1,4 @@
-"""Curves of a measure against k, one per unit selection: the results of pruning, perturbation and fine-tuning.
+"""Curves of a measure against k, one per unit selection: what pruning, perturbation and fine-tuning share.
 
 Pruning (paper Figure 3), perturbation (A.5) and one-step fine-tuning
 (Figure 6) all measure, for every chosen sample, what editing k of its units
@@ -38,15 +38,15 @@ from tqdm.auto import tqdm
 from paramsal.analyses.base import Analysis, Prepared, Result
 from paramsal.analyses.bootstrap import bootstrap_mean_ci
 from paramsal.analyses.selection import select_units, unit_scores
-from paramsal.engine.distributed import current_ranks
-from paramsal.engine.rundir import Run
-from paramsal.engine.scoring import check_reference
-from paramsal.kernels.chunks import chunk_slices
 from paramsal.errors import InputError, check_choice, check_integer
-from paramsal.options import FINETUNE_SELECTIONS, RANKINGS, UNIT_SELECTIONS
+from paramsal.jobs.distributed import current_ranks
+from paramsal.kernels.chunks import chunk_slices
+from paramsal.options import RANKINGS, UNIT_SELECTIONS
+from paramsal.ranking.scoring import check_reference
+from paramsal.rundir.run import Run
 
-__all__ = ["CurvesResult", "FineTuneResult", "Metric", "PerturbationResult", "PruningResult", "append_columns",
-           "ci_table", "format_summary", "sorted_rows", "summarize"]
+__all__ = ["CurvesAnalysis", "CurvesResult", "Metric", "append_columns", "ci_table", "format_summary", "sorted_rows",
+           "summarize"]
 
 
 @dataclass(frozen=True)
@@ -70,23 +70,6 @@ class Metric:
     def shown(self, value: Any) -> Any:
         """The summary value as printed and drawn: percent for shares."""
         return value * (100.0 / self.scale) if self.share else value
-
-
-PRUNING_METRICS = {
-    "delta_incorrect": Metric("delta_incorrect", "Δ incorrect-class confidence"),
-    "delta_true": Metric("delta_true", "Δ true-class confidence"),
-    "pct_corrected": Metric("corrected", "% samples corrected", scale=100.0, share=True, heading="% corrected"),
-}
-FINETUNE_METRICS = {
-    "corrected": Metric("corrected", "% samples corrected", share=True, heading="% corrected"),
-    "neighbors_corrected": Metric("neighbors_corrected", "% neighbours corrected", share=True,
-                                  heading="% neighbours corrected"),
-    "neighbors_delta_true": Metric("neighbors_delta_true", "Δ true-class confidence, neighbours",
-                                   heading="neighbours Δ true"),
-}
-
-#: The k recorded for fine-tuning's "all" (every parameter; no unit choice).
-ALL_K = 0
 
 
 class CurvesResult(Result):
@@ -149,65 +132,6 @@ class CurvesResult(Result):
         axes[0].legend(title="selection", fontsize=8)
         if not figure.get_suptitle():  # a figure of the caller's keeps its own title
             figure.suptitle(self.headline(), fontsize=10)
-
-
-class PruningResult(CurvesResult):
-    """What :class:`~paramsal.analyses.pruning.Pruning` measured with ``mode="zero"``.
-
-    ``table`` columns: sample_id, target, pred (the incorrect class, as
-    profiled), selection, k, incorrect_before, incorrect_after (softmax
-    probability of ``pred``), true_before, true_after (of ``target``),
-    delta_incorrect, delta_true, new_pred, corrected (``new_pred == target``).
-    ``summary``: selection, k, n and the bootstrap columns of
-    delta_incorrect, delta_true, pct_corrected (percent).
-    """
-
-    kind: ClassVar[str] = "pruning"
-    title: ClassVar[str] = "pruning"
-    panels: ClassVar[int] = 3
-    metrics: ClassVar[Mapping[str, Metric]] = PRUNING_METRICS
-    x_label: ClassVar[str] = "k (units turned off)"
-
-
-class PerturbationResult(PruningResult):
-    """What :class:`~paramsal.analyses.pruning.Pruning` measured with ``mode="noise"`` (the same columns)."""
-
-    kind: ClassVar[str] = "perturbation"
-    title: ClassVar[str] = "perturbation"
-    x_label: ClassVar[str] = "k (units perturbed)"
-
-    def headline(self) -> str:
-        return f"perturbation, noise std {self.config.get('noise_std')}: {self._samples_phrase()}"
-
-
-class FineTuneResult(CurvesResult):
-    """What :class:`~paramsal.analyses.finetune.FineTune` measured.
-
-    ``table`` columns: sample_id, target, pred (as profiled), selection, k
-    (0 for "all"), grad_norm (L2 norm of the chosen filters' weight
-    gradients, of all parameters' for "all"), step_norm (of the gradient
-    actually applied: the salient units' norm for random and least),
-    skipped (the step was zero: the chosen filters, or the salient ones
-    whose norm random and least match, have no gradient; the sample is then
-    measured unchanged), true_before, true_after (the sample's softmax
-    probability of its class), new_pred, corrected, neighbors (how many),
-    neighbors_corrected (share of them classified correctly after the step),
-    neighbors_delta_true (their mean change of true-class probability).
-    ``summary``: selection, k, n, skipped (how many of the n steps), and the
-    bootstrap columns of corrected, neighbors_corrected (fractions) and
-    neighbors_delta_true.
-    """
-
-    kind: ClassVar[str] = "finetune"
-    title: ClassVar[str] = "one-step fine-tuning"
-    panels: ClassVar[int] = 3
-    metrics: ClassVar[Mapping[str, Metric]] = FINETUNE_METRICS
-    selections: ClassVar[tuple[str, ...]] = FINETUNE_SELECTIONS
-    x_label: ClassVar[str] = "k (filters updated)"
-
-    def headline(self) -> str:
-        return (f"one SGD step (lr={self.config.get('lr')}) per sample, {self.config.get('neighbors')} "
-                f"neighbours each: {self._samples_phrase()}")
 
 
 # ------------------------------------------------------------------------------------------------ summaries
@@ -301,9 +225,9 @@ class CurvesAnalysis(Analysis):
             left out (with one note).
         select: selections among :attr:`selection_choices` (or a comma-separated string).
         ranking: how units are ranked: "zscore" (the standardized profile, the paper) or "pot"
-            (the peaks-over-threshold tail score, :meth:`Run.scores <paramsal.engine.rundir.Run.scores>`).
+            (the peaks-over-threshold tail score, :meth:`Run.scores <paramsal.rundir.run.Run.scores>`).
         reference: the samples the ranking scores against: "all" (the paper), "correct", "class" or another
-            run (:mod:`paramsal.engine.scoring`).
+            run (:mod:`paramsal.ranking.scoring`).
         seed: seeds the random units, any noise, and the bootstrap (>= 0).
         batch_size: samples processed together.
         num_resamples: bootstrap resamples.

@@ -22,10 +22,10 @@ import pandas as pd
 from paramsal.analyses.base import Analysis, Result, result_config
 from paramsal.analyses.selection import select_units, unit_scores
 from paramsal.analyses.sources import Samples, chosen_samples, open_for_analysis
-from paramsal.engine.rundir import Run
-from paramsal.engine.scoring import check_reference
 from paramsal.errors import InputError, check_integer
 from paramsal.options import RANKINGS
+from paramsal.ranking.scoring import check_reference
+from paramsal.rundir.run import Run
 
 
 @dataclass(repr=False)

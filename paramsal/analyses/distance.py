@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from paramsal.engine.functional import LossFn, cross_entropy_per_sample
-from paramsal.engine.stats import SaliencyStats
 from paramsal.engine.units import UnitIndex
 from paramsal.kernels.reduce import Aggregation, reduce_grad
+from paramsal.ranking.stats import SaliencyStats
 
 #: The summary's concentration measure: the share of a map's mass in its top TOP_FRACTION of pixels.
 TOP_FRACTION = 0.1

@@ -50,8 +50,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -60,21 +60,30 @@ from torch.func import functional_call, vmap
 
 from paramsal._typing import MapDataset
 from paramsal.analyses.base import result_config
-from paramsal.analyses.curves import (ALL_K, FINETUNE_METRICS, CurvesAnalysis, FineTuneResult, append_columns)
+from paramsal.analyses.curves import CurvesAnalysis, CurvesResult, Metric, append_columns
 from paramsal.analyses.neighbors import neighbor_ids
 from paramsal.analyses.sources import Samples, recorded_targets
 from paramsal.engine.functional import LossFn, per_sample_gradients
 from paramsal.engine.profile import eval_mode
-from paramsal.engine.rundir import Run
 from paramsal.engine.units import UnitIndex, UnitsSpec
 from paramsal.errors import InputError, check_integer
 from paramsal.options import FINETUNE_KS, FINETUNE_SELECTIONS
+from paramsal.rundir.run import Run
 
 __all__ = ["METRICS", "FineTune", "FineTuneResult", "chosen_norms", "full_step", "unit_norms_squared",
            "unit_step", "updated_probabilities"]
 
 #: The summary's metrics (see :class:`~paramsal.analyses.curves.Metric`).
-METRICS = FINETUNE_METRICS
+METRICS = {
+    "corrected": Metric("corrected", "% samples corrected", share=True, heading="% corrected"),
+    "neighbors_corrected": Metric("neighbors_corrected", "% neighbours corrected", share=True,
+                                  heading="% neighbours corrected"),
+    "neighbors_delta_true": Metric("neighbors_delta_true", "Δ true-class confidence, neighbours",
+                                   heading="neighbours Δ true"),
+}
+
+#: The k recorded for fine-tuning's "all" (every parameter; no unit choice).
+ALL_K = 0
 
 Grads = dict[str, torch.Tensor]
 
@@ -164,6 +173,36 @@ def updated_probabilities(model: nn.Module, deltas: Grads, inputs: torch.Tensor)
 
 
 # --------------------------------------------------------------------------------------------- the analysis
+
+
+class FineTuneResult(CurvesResult):
+    """What :class:`~paramsal.analyses.finetune.FineTune` measured.
+
+    ``table`` columns: sample_id, target, pred (as profiled), selection, k
+    (0 for "all"), grad_norm (L2 norm of the chosen filters' weight
+    gradients, of all parameters' for "all"), step_norm (of the gradient
+    actually applied: the salient units' norm for random and least),
+    skipped (the step was zero: the chosen filters, or the salient ones
+    whose norm random and least match, have no gradient; the sample is then
+    measured unchanged), true_before, true_after (the sample's softmax
+    probability of its class), new_pred, corrected, neighbors (how many),
+    neighbors_corrected (share of them classified correctly after the step),
+    neighbors_delta_true (their mean change of true-class probability).
+    ``summary``: selection, k, n, skipped (how many of the n steps), and the
+    bootstrap columns of corrected, neighbors_corrected (fractions) and
+    neighbors_delta_true.
+    """
+
+    kind: ClassVar[str] = "finetune"
+    title: ClassVar[str] = "one-step fine-tuning"
+    panels: ClassVar[int] = 3
+    metrics: ClassVar[Mapping[str, Metric]] = METRICS
+    selections: ClassVar[tuple[str, ...]] = FINETUNE_SELECTIONS
+    x_label: ClassVar[str] = "k (filters updated)"
+
+    def headline(self) -> str:
+        return (f"one SGD step (lr={self.config.get('lr')}) per sample, {self.config.get('neighbors')} "
+                f"neighbours each: {self._samples_phrase()}")
 
 
 class FineTune(CurvesAnalysis):

@@ -38,10 +38,10 @@ import pyarrow.parquet as pq
 import torch
 
 from paramsal.engine.devices import resolve_device
-from paramsal.engine.reading import Block, iter_vectors
-from paramsal.engine.rundir import Rows, Run
 from paramsal.errors import EngineError, InputError
 from paramsal.kernels.tf32 import full_float32
+from paramsal.rundir.reading import Block, iter_vectors
+from paramsal.rundir.run import Rows, Run
 
 Layers = slice | Sequence[int] | None
 

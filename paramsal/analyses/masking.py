@@ -21,17 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from paramsal._typing import MapDataset
-from paramsal.analyses.attribution import InputSaliency
 from paramsal.analyses.base import Analysis, Result, result_config
+from paramsal.analyses.input_saliency import InputSaliency
 from paramsal.analyses.pictures import channel_max, gaussian_kernel
 from paramsal.analyses.selection import run_tails
 from paramsal.analyses.sources import Samples
-from paramsal.engine.distributed import current_ranks
 from paramsal.engine.profile import eval_mode
-from paramsal.engine.rundir import Run
 from paramsal.errors import InputError, check_choice, check_integer
-from paramsal.options import MASK_PERCENTS, MASK_VALUES, RANKINGS
+from paramsal.jobs.distributed import current_ranks
 from paramsal.kernels.chunks import chunk_slices
+from paramsal.options import MASK_PERCENTS, MASK_VALUES, RANKINGS
+from paramsal.rundir.run import Run
 
 #: Which pixels are masked: the most salient ones, or as many random ones (the comparison).
 PIXEL_CHOICES = ("salient", "random")
@@ -236,7 +236,7 @@ class Masking(Analysis):
         prepared = self.prepare(run, data, samples)
         explainer = InputSaliency(prepared.model, stats=prepared.run.stats, k=self.k, boost=self.boost,
                                   ranking=self.ranking, seed=self.seed, units=prepared.index,
-                                  aggregation=prepared.run.manifest.get("aggregation"), batch_size=self.batch_size,
+                                  aggregation=prepared.run.manifest.aggregation, batch_size=self.batch_size,
                                   tails=run_tails(prepared.run) if self.ranking == "pot" else None)
         columns: dict[str, list] = {}
         ranks = current_ranks()  # under torchrun, each rank masks a contiguous share of the batches

@@ -32,10 +32,10 @@ from paramsal.analyses.base import Analysis, Result, result_config
 from paramsal.analyses.knn import Layers, Search, checked_k
 from paramsal.analyses.sources import Samples, chosen_samples, open_for_analysis
 from paramsal.engine.devices import resolve_device
-from paramsal.engine.distributed import current_ranks, rank_device
-from paramsal.engine.rundir import Run
-from paramsal.errors import InputError, check_integer
+from paramsal.errors import InputError, check_choice, check_integer
+from paramsal.jobs.distributed import current_ranks, rank_device
 from paramsal.options import POOLS, PRECISIONS, SPACES
+from paramsal.rundir.run import Run
 
 
 @dataclass(repr=False)
@@ -119,8 +119,7 @@ class Neighbors(Analysis):
         super().__init__(**common)
         for name, value, choices in [("among", among, POOLS), ("precision", precision, PRECISIONS),
                                      *(("space", space, SPACES) for space in spaces)]:
-            if value not in choices:
-                raise InputError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+            check_choice(f"{name}=", value, choices)
         if not spaces:
             raise InputError(f"spaces=(): expected some of {', '.join(SPACES)}")
         if layers is not None and "saliency" not in spaces:
@@ -154,7 +153,7 @@ class Neighbors(Analysis):
         return NeighborsResult(table, _summary(run, table, queries, pool, self.k), config)
 
     def _spaces(self, run: Run) -> tuple[str, ...]:
-        if run.manifest.get("features"):
+        if run.manifest.features:
             return self.spaces
         if self.spaces == ("features",):
             raise InputError(f"{run.path} has no features for space='features': profile it with "

@@ -18,10 +18,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from paramsal._arrow import list_values
 from paramsal.analyses.base import Analysis, Result, result_config
 from paramsal.analyses.sources import Samples, open_for_analysis
-from paramsal.engine.rundir import Run
-from paramsal.errors import InputError
+from paramsal.errors import InputError, check_choice
+from paramsal.rundir.run import Run
 
 #: The series of each figure: Figure 1 ("mean"), Figure 2 ("correct" and "misclassified").
 FIGURES = {"mean": ("mean",), "correct-vs-incorrect": ("correct", "misclassified")}
@@ -67,8 +68,7 @@ def group_means(run: Run) -> dict[str, tuple[np.ndarray, int]]:
     counts = dict.fromkeys(sums, 0)
     for table in run.iter_parts(["correct", "nonfinite", "profile"]):
         finite = ~table.column("nonfinite").to_numpy(zero_copy_only=False)
-        profiles = table.column("profile").combine_chunks()
-        values = profiles.flatten().to_numpy().reshape(len(profiles), -1).astype(np.float64)
+        values = list_values(table.column("profile")).astype(np.float64)
         correct = table.column("correct").to_numpy(zero_copy_only=False)
         for name, rows in (("all", finite), ("correct", correct & finite), ("misclassified", ~correct & finite)):
             sums[name] += values[rows].sum(axis=0)
@@ -121,8 +121,7 @@ class ProfilesResult(Result):
 
     def layout(self, figure: str = "mean") -> LayerProfile:
         """The numbers of one figure: "mean" (Figure 1) or "correct-vs-incorrect" (Figure 2)."""
-        if figure not in FIGURES:
-            raise InputError(f"figure={figure!r}: expected one of {', '.join(FIGURES)}")
+        check_choice("figure=", figure, FIGURES)
         series = {"mean": "mean", "correct": "z_correct", "misclassified": "z_misclassified"}
         counts = {"mean": self.config["counts"]["all"], **self.config["counts"]}
         empty = [name for name in FIGURES[figure] if counts[name] == 0]

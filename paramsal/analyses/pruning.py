@@ -31,8 +31,8 @@ result.metric_table("pct_corrected")                # k x selection
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -40,24 +40,56 @@ from torch import nn
 
 from paramsal._typing import MapDataset
 from paramsal.analyses.base import result_config
-from paramsal.analyses.curves import (PRUNING_METRICS, CurvesAnalysis, PerturbationResult, PruningResult,
-                                      append_columns)
+from paramsal.analyses.curves import CurvesAnalysis, CurvesResult, Metric, append_columns
 from paramsal.analyses.noise import gaussian_deltas
 from paramsal.analyses.sources import Samples
 from paramsal.analyses.unit_editing import UnitEditor, unit_mask
 from paramsal.engine.profile import eval_mode
-from paramsal.engine.rundir import Run
 from paramsal.engine.units import UnitIndex, UnitsSpec
 from paramsal.errors import InputError, check_choice
 from paramsal.options import PRUNING_KS, PRUNING_MODES, UNIT_SELECTIONS
+from paramsal.rundir.run import Run
 
 __all__ = ["METRICS", "PerturbationResult", "Pruning", "PruningResult", "noise_seed"]
 
 #: The summary's metrics (see :class:`~paramsal.analyses.curves.Metric`).
-METRICS = PRUNING_METRICS
+METRICS = {
+    "delta_incorrect": Metric("delta_incorrect", "Δ incorrect-class confidence"),
+    "delta_true": Metric("delta_true", "Δ true-class confidence"),
+    "pct_corrected": Metric("corrected", "% samples corrected", scale=100.0, share=True, heading="% corrected"),
+}
 
 _COLUMNS = ["sample_id", "target", "pred", "selection", "k", "incorrect_before", "incorrect_after", "true_before",
             "true_after", "delta_incorrect", "delta_true", "new_pred", "corrected"]
+
+
+class PruningResult(CurvesResult):
+    """What :class:`~paramsal.analyses.pruning.Pruning` measured with ``mode="zero"``.
+
+    ``table`` columns: sample_id, target, pred (the incorrect class, as
+    profiled), selection, k, incorrect_before, incorrect_after (softmax
+    probability of ``pred``), true_before, true_after (of ``target``),
+    delta_incorrect, delta_true, new_pred, corrected (``new_pred == target``).
+    ``summary``: selection, k, n and the bootstrap columns of
+    delta_incorrect, delta_true, pct_corrected (percent).
+    """
+
+    kind: ClassVar[str] = "pruning"
+    title: ClassVar[str] = "pruning"
+    panels: ClassVar[int] = 3
+    metrics: ClassVar[Mapping[str, Metric]] = METRICS
+    x_label: ClassVar[str] = "k (units turned off)"
+
+
+class PerturbationResult(PruningResult):
+    """What :class:`~paramsal.analyses.pruning.Pruning` measured with ``mode="noise"`` (the same columns)."""
+
+    kind: ClassVar[str] = "perturbation"
+    title: ClassVar[str] = "perturbation"
+    x_label: ClassVar[str] = "k (units perturbed)"
+
+    def headline(self) -> str:
+        return f"perturbation, noise std {self.config.get('noise_std')}: {self._samples_phrase()}"
 
 
 class Pruning(CurvesAnalysis):

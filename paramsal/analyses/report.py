@@ -30,10 +30,10 @@ from paramsal.analyses.neighbors import Neighbors
 from paramsal.analyses.pictures import displayable
 from paramsal.analyses.profiles import SaliencyProfiles
 from paramsal.analyses.sources import open_for_analysis
-from paramsal.engine.distributed import is_main_process
-from paramsal.engine.ownership import is_regular
-from paramsal.engine.published import REPORT_FORMAT, Writer, owned_folder, publish
-from paramsal.engine.rundir import Run
+from paramsal.jobs.distributed import is_main_process
+from paramsal.rundir.ownership import is_regular
+from paramsal.rundir.published import REPORT_FORMAT, Writer, owned_folder, publish
+from paramsal.rundir.run import Run
 
 #: How saved results are titled, by kind, in the order the page shows them.
 SECTIONS = {
@@ -98,11 +98,11 @@ def write_report(run: Run | str | os.PathLike, out: str | os.PathLike | None = N
 def _overview(run: Run) -> str:
     table = run.table()
     correct = table.column("correct").to_numpy(zero_copy_only=False)[run.selected(table, None)]
-    config = run.manifest.get("config", {})
-    rows = [("run", str(run.path)), ("model", config.get("model")), ("data", config.get("data")),
+    config = run.manifest.config
+    rows = [("run", str(run.path)), ("model", config.model), ("data", config.data),
             ("samples", f"{len(correct):,}"), ("accuracy", f"{correct.mean():.4f}"),
             ("misclassified", f"{int((~correct).sum()):,}"),
-            ("units", f"{run.num_units:,} ({config.get('units')}, {run.manifest.get('aggregation')})")]
+            ("units", f"{run.num_units:,} ({config.units}, {run.manifest.aggregation})")]
     skipped = len(run.nonfinite_ids())
     if skipped:
         rows.append(("skipped (NaN/inf)", f"{skipped:,}"))
@@ -179,7 +179,7 @@ def _saved_sections(run: Run, files: dict[str, Writer]) -> list[str]:
 
 
 def _explain_section(checked: Prepared, files: dict[str, Writer], count: int, common: dict[str, Any]) -> str:
-    from paramsal.analyses.attribution import InputSaliency
+    from paramsal.analyses.input_saliency import InputSaliency
 
     wrong = checked.run.sample_ids("misclassified")
     if count < 1 or not len(wrong):

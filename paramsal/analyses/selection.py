@@ -7,11 +7,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from paramsal.engine.rundir import Run
-from paramsal.engine.scoring import reference_set, reference_tails
-from paramsal.engine.tails import Tails
 from paramsal.errors import InputError, check_choice
 from paramsal.options import RANKINGS, UNIT_SELECTIONS
+from paramsal.ranking.scoring import reference_set, reference_tails
+from paramsal.ranking.tails import Tails
+from paramsal.rundir.run import Run
 
 __all__ = ["UNIT_SELECTIONS", "run_tails", "select_units", "unit_scores"]
 
@@ -25,7 +25,7 @@ def unit_scores(run: Run, sample_ids: np.ndarray, ranking: str = "zscore",
         sample_ids: ``[n]`` sorted, distinct sample ids of the run.
         ranking: "zscore", the standardized profile ``(s - mu) / sigma`` (the
             paper), or "pot", the peaks-over-threshold tail score (:meth:`Run.scores`).
-        reference: the samples the scores are taken against (:mod:`paramsal.engine.scoring`).
+        reference: the samples the scores are taken against (:mod:`paramsal.ranking.scoring`).
     """
     check_choice("ranking", ranking, RANKINGS)
     return run.scores(ranking, only=np.asarray(sample_ids, dtype=np.int64), reference=reference)
@@ -57,6 +57,7 @@ def select_units(profiles: np.ndarray, k: int, selection: str, seed: int = 0,
     if profiles.ndim != 2:
         raise InputError(f"profiles must be [n, F], got shape {profiles.shape}")
     n, num_units = profiles.shape
+    check_choice("unit selection", selection, UNIT_SELECTIONS)
     if not 1 <= k <= num_units:
         raise InputError(f"k={k} is outside 1..{num_units} (the run has {num_units} units)")
     if selection == "salient":
@@ -69,4 +70,4 @@ def select_units(profiles: np.ndarray, k: int, selection: str, seed: int = 0,
             raise InputError(f"sample_ids has {len(ids)} entries for {n} profiles")
         draws = [np.random.default_rng([seed, int(i)]).permutation(num_units)[:k] for i in ids]
         return np.stack(draws).astype(np.int64) if n else np.zeros((0, k), np.int64)
-    raise InputError(f"unknown unit selection {selection!r}; expected one of {', '.join(UNIT_SELECTIONS)}")
+    raise AssertionError(selection)  # check_choice took every other

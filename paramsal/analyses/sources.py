@@ -24,17 +24,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from paramsal._typing import MapDataset
+from paramsal._typing import MapDataset, Rows
 from paramsal.engine.devices import resolve_device
-from paramsal.engine.fingerprints import data_fingerprint, model_fingerprint
-from paramsal.engine.rundir import Run, open_run
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError
+from paramsal.jobs.fingerprints import data_fingerprint, model_fingerprint
 from paramsal.options import DECODERS, SAMPLE_SELECTIONS, TRANSFORMS, UNRECORDED_DECODE
+from paramsal.rundir.run import Run, open_run
 from paramsal.zoo.specs import BUILTIN_SPEC_NAMES, first_samples, is_builtin_spec, load_data, load_model
 
 #: What ``samples=`` takes: "misclassified" (the default), "correct", or sample ids of the run.
-Samples = str | Sequence[int] | np.ndarray | None
+Samples = Rows
 
 
 @dataclass(frozen=True)
@@ -86,17 +86,14 @@ def recorded_source(run: Run, overridden: Sequence[str] = ()) -> dict[str, Any]:
     Raises:
         InputError: naming the first field of the wrong type or value.
     """
-    config, source = run.manifest.get("config", {}), run.manifest.get("source") or {}
-    if not isinstance(source, dict) or not isinstance(config, dict):
-        raise InputError(f"{run.path}/manifest.json: 'source' and 'config' must be objects; the run directory is "
-                         "damaged or was edited by hand")
+    config, source = run.manifest.config, run.manifest.source
     recorded = {}
     for key, (check, expected, flag) in SOURCE_FIELDS.items():
         if key in overridden:
             continue
-        value = source.get(key)
+        value = getattr(source, key)
         if value is None and key in ("model", "data"):
-            value = config.get(key)
+            value = getattr(config, key)
         if not check(value):
             way_out = f"; pass {flag} to replace it" if flag else ""
             raise InputError(f"{run.path}/manifest.json: source.{key} is {value!r}, not {expected}; the run "
@@ -165,7 +162,7 @@ def load_source(run: Run, overrides: SourceOverrides | None = None, *, trust_run
 
 def check_run_data(run: Run, data: MapDataset) -> None:
     """Refuses a data set whose fingerprint is not the one the run recorded (sample ids would point elsewhere)."""
-    recorded = run.manifest.get("data_fingerprint")
+    recorded = run.manifest.data_fingerprint
     found = data_fingerprint(data)
     if found != recorded:
         raise InputError(f"the data set ({type(data).__name__}, fingerprint {found}) is not the one {run.path} "
@@ -181,21 +178,21 @@ def run_units(run: Run, model: nn.Module, units: UnitsSpec | UnitIndex | None = 
         InputError: naming what differs, since every analysis would otherwise
             act on the wrong filters without a sign.
     """
-    config = run.manifest.get("config", {})
-    task = config.get("task", "classification")
+    config = run.manifest.config
+    task = config.task
     if task != "classification":  # the analyses that run the model again take its loss as a classifier's
         raise InputError(f"{run.path} profiled a {task!r} model: the analyses that evaluate the model again "
                          "(pruning, fine-tuning, input saliency, masking, sanity checks) take classification runs "
                          "only; neighbours, statistics and the comparisons of runs take any run")
-    units = units if units is not None else config.get("units", "filters")
+    units = units if units is not None else config.units or "filters"
     index = units if isinstance(units, UnitIndex) else units_of(model, units)
-    if index.fingerprint() != run.manifest.get("units_fingerprint"):
+    if index.fingerprint() != run.manifest.units_fingerprint:
         raise InputError(f"the units of this model ({index.scheme}, {len(index)} units) do not match the run "
-                         f"{run.path} ({config.get('units')}, {run.num_units} units): is it the model the "
+                         f"{run.path} ({config.units}, {run.num_units} units): is it the model the "
                          "run profiled?")
-    if check_weights and model_fingerprint(model) != run.manifest.get("model_fingerprint"):
+    if check_weights and model_fingerprint(model) != run.manifest.model_fingerprint:
         raise InputError(f"the model's weights differ from those the run {run.path} profiled (model "
-                         f"{config.get('model')!r}); load the same weights, or pass --allow-other-weights "
+                         f"{config.model!r}); load the same weights, or pass --allow-other-weights "
                          "(allow_other_weights=True in Python)")
     return index
 
@@ -208,11 +205,11 @@ def open_for_analysis(run: Run | str | os.PathLike, allow_partial: bool = False)
     """
     run = run if isinstance(run, Run) else open_run(run)
     if not run.parts:
-        raise InputError(f"{run.path} holds no finished part yet (0 of {run.manifest['num_samples']} samples): "
+        raise InputError(f"{run.path} holds no finished part yet (0 of {run.manifest.num_samples} samples): "
                          "there is nothing to analyse; continue it by running the same `paramsal profile` command "
                          "again (it resumes)")
     if not run.complete and not allow_partial:
-        raise InputError(f"{run.path} is unfinished ({run.num_samples} of {run.manifest.get('num_samples', '?')} "
+        raise InputError(f"{run.path} is unfinished ({run.num_samples} of {run.manifest.num_samples} "
                          "samples); finish it by running the same `paramsal profile` command again, or pass "
                          "--allow-partial (allow_partial=True in Python)")
     return run

@@ -4,7 +4,7 @@ The numbers behind :class:`~paramsal.analyses.comparison.Compare`, for columns
 (units) of two samples A and B held in memory a block of columns at a time:
 
 * moments: mean and standard deviation (n-1) in float64, two-pass, a
-  standard deviation at or below :data:`~paramsal.engine.stats.STD_FLOOR`
+  standard deviation at or below :data:`~paramsal.ranking.stats.STD_FLOOR`
   replaced by 1, as a run's statistics do;
 * the shift ``d = (mean_B - mean_A) / std_A`` and its percentile bootstrap
   interval: A's and B's rows are resampled independently, and each resample
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from paramsal.engine.stats import STD_FLOOR
+from paramsal.ranking.stats import STD_FLOOR
 
 #: Rows whose bootstrap counts are drawn together, from one generator: a fixed size, so that the resamples (and
 #: every number drawn from them) do not depend on the memory budget or on how the columns are blocked.

@@ -21,8 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from paramsal._typing import MapDataset
-from paramsal.bench.models import (BERT_LENGTH, BERT_VOCAB, cifar_resnet18, efficientnet_b0, imagenet_resnet50,
-                                   small_bert, small_convnext, small_vit)
+from paramsal.bench.models import (
+    BERT_LENGTH,
+    BERT_VOCAB,
+    cifar_resnet18,
+    efficientnet_b0,
+    imagenet_resnet50,
+    small_bert,
+    small_convnext,
+    small_vit,
+)
 from paramsal.engine.profile import Profiler
 from paramsal.errors import ParamsalWarning, UnsupportedModuleError, check_choice
 from paramsal.kernels import fused
@@ -336,7 +344,7 @@ def dataset_overhead(batch_size: int = 64, repeats: int = 3, out_dir: str | None
     """
     import tempfile
 
-    from paramsal.engine.dataset import profile_dataset
+    from paramsal.jobs.bulk import profile_dataset
 
     check_choice("dataset case", case, DATASET_CASES)
     data: MapDataset

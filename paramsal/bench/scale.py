@@ -53,7 +53,7 @@ def synthetic_data(model: nn.Module, samples: int, accuracy: float = ACCURACY, c
 def scale_report(samples: int, out: str | os.PathLike, units: int = RESNET50_UNITS, batch_size: int = 256,
                  rows: int = 1024, k: int = 10) -> str:
     """Builds the run under ``out`` (resuming one already there) and returns the figures as a Markdown table."""
-    from paramsal.engine.dataset import profile_dataset
+    from paramsal.jobs.bulk import profile_dataset
 
     out = Path(out)
     root = out / f"run-{samples}x{units}"

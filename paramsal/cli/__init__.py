@@ -82,7 +82,7 @@ def _ranks() -> Iterator[None]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield
         return
-    from paramsal.engine import distributed
+    from paramsal.jobs import distributed
 
     joined = distributed.init_from_environment()
     try:

@@ -34,7 +34,7 @@ def compare_command(args: argparse.Namespace) -> int:
     """Prints the per-layer summary and the top movers, and saves the result (tables, config, figure)."""
     from paramsal.analyses.comparison import Compare
     from paramsal.analyses.sources import open_for_analysis
-    from paramsal.engine.published import owned_folder
+    from paramsal.rundir.published import owned_folder
 
     run_a, run_b = (open_for_analysis(run, args.allow_partial) for run in (args.run_a, args.run_b))
     out = owned_folder(args.out or run_b.path / "analyses", "--out DIR")  # before the work: a run may be read-only

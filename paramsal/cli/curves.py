@@ -5,10 +5,18 @@ from __future__ import annotations
 import argparse
 import time
 
-from paramsal.cli.parsing import (add_output_arguments, add_run_argument, add_source_arguments, analysis_options,
-                                  choice_list, loaded_source, opened_run, positive_int, positive_int_list)
-from paramsal.options import (FINETUNE_KS, FINETUNE_SELECTIONS, PRUNING_KS, PRUNING_MODES, RANKINGS,
-                              UNIT_SELECTIONS)
+from paramsal.cli.parsing import (
+    add_output_arguments,
+    add_run_argument,
+    add_source_arguments,
+    analysis_options,
+    choice_list,
+    loaded_source,
+    opened_run,
+    positive_int,
+    positive_int_list,
+)
+from paramsal.options import FINETUNE_KS, FINETUNE_SELECTIONS, PRUNING_KS, PRUNING_MODES, RANKINGS, UNIT_SELECTIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -12,8 +12,17 @@ import re
 from pathlib import Path
 from typing import Any
 
-from paramsal.cli.parsing import (add_output_arguments, add_run_argument, add_source_arguments, analysis_options,
-                                  loaded_source, non_negative_int, opened_run, positive_int, positive_int_list)
+from paramsal.cli.parsing import (
+    add_output_arguments,
+    add_run_argument,
+    add_source_arguments,
+    analysis_options,
+    loaded_source,
+    non_negative_int,
+    opened_run,
+    positive_int,
+    positive_int_list,
+)
 from paramsal.errors import InputError
 from paramsal.options import ATTRIBUTION_SELECTIONS, MASK_PERCENTS, MASK_VALUES
 
@@ -95,7 +104,7 @@ def explain_command(args: argparse.Namespace) -> int:
     """``paramsal explain``: maps of run samples (``--sample``) or of an image file (``--image``)."""
     import torch
 
-    from paramsal.analyses.attribution import InputSaliency
+    from paramsal.analyses.input_saliency import InputSaliency
 
     run, out = opened_run(args)
     settings = {**_settings(args, "select"), **analysis_options(args)}
@@ -103,7 +112,7 @@ def explain_command(args: argparse.Namespace) -> int:
         if args.label is None:
             raise InputError("--image needs --label (the true class)")
         model = loaded_source(args, run, parts=("model",))["model"]
-        recorded = (run.manifest.get("source") or {}).get("transform")
+        recorded = run.manifest.source.transform
         image = _read_image(args.image, args.transform or (recorded if isinstance(recorded, str) else "imagenet"))
         explainer = InputSaliency.for_run(model, run, **settings)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.image).stem)[:60] or "image"
@@ -139,7 +148,7 @@ def mask_command(args: argparse.Namespace) -> int:
 
 def sanity_command(args: argparse.Namespace) -> int:
     """``paramsal sanity``: prints the mean correlation per stage and saves the result."""
-    from paramsal.analyses.sanity import CascadingRandomization
+    from paramsal.analyses.cascading_randomization import CascadingRandomization
 
     run, out = opened_run(args)
     source = loaded_source(args, run)

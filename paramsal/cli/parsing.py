@@ -7,9 +7,11 @@ options from this module and :mod:`paramsal.options` alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from paramsal.config import OptionsClass
 from paramsal.errors import InputError
 from paramsal.options import DECODERS, DEVICES, TARGETS, TRANSFORMS
 
@@ -81,6 +83,43 @@ def target_choice(text: str) -> str | int:
     raise argparse.ArgumentTypeError(f"expected {' or '.join(TARGETS)} or a class index, got {text!r}")
 
 
+#: How the command line parses each ``kind`` of option (:func:`paramsal.config.option`).
+_FLAG_KINDS: dict[str, dict[str, Any]] = {
+    "switch": {"action": "store_true"}, "on-off": {"action": argparse.BooleanOptionalAction}, "choice": {},
+    "positive": {"type": positive_int}, "count": {"type": non_negative_int}, "target": {"type": target_choice},
+    "shard": {"type": shard_spec}, "text": {}}
+
+
+def add_option_flags(parser: argparse.ArgumentParser, kind: OptionsClass) -> list[str]:
+    """Adds the flag of every field of ``kind`` that has one (:mod:`paramsal.config`), with that field's help.
+
+    A flag the user does not give leaves no attribute (``argparse.SUPPRESS``), so the options class's own
+    default applies: :func:`given_options` collects the ones given. Returns the fields' names.
+    """
+    names = []
+    for f in dataclasses.fields(kind):
+        flag = f.metadata["flag"]
+        if flag is None:
+            continue
+        how = f.metadata["kind"]
+        extra: dict[str, Any] = dict(_FLAG_KINDS[how])
+        if how == "choice":
+            extra["choices"] = f.metadata["choices"]
+        if f.metadata["metavar"]:
+            extra["metavar"] = f.metadata["metavar"]
+        shown = f.default is not None and how not in ("switch", "on-off") and "default" not in f.metadata["help"]
+        default = f" (default: {f.default})" if shown else ""
+        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
+                            help=f.metadata["help"].replace("%", "%%") + default, **extra)
+        names.append(f.name)
+    return names
+
+
+def given_options(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """The options among ``names`` that the command line set (see :func:`add_option_flags`)."""
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
 def choice_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     """An argparse type: "salient,least" -> ["salient", "least"], each one of ``choices``."""
     def parse(text: str) -> list[str]:
@@ -140,9 +179,9 @@ def analysis_options(args: argparse.Namespace) -> dict[str, Any]:
 def opened_run(args: argparse.Namespace, default: str = "analyses") -> tuple[Any, Any]:
     """The command's run (refused while unfinished, unless ``--allow-partial``) and its output folder
     (``--out``, default ``RUN/<default>``), checked before any work to be writable (the run may be read-only) and
-    paramsal's to write (:func:`paramsal.engine.published.owned_folder`)."""
+    paramsal's to write (:func:`paramsal.rundir.published.owned_folder`)."""
     from paramsal.analyses.sources import open_for_analysis
-    from paramsal.engine.published import owned_folder
+    from paramsal.rundir.published import owned_folder
 
     run = open_for_analysis(args.run, args.allow_partial)
     return run, owned_folder(args.out or run.path / default, "--out DIR")

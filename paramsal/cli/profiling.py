@@ -6,68 +6,44 @@ import argparse
 import os
 import sys
 
-from paramsal.cli.parsing import non_negative_int, positive_int, shard_spec, target_choice
-from paramsal.options import (AGGREGATIONS, BACKENDS, COMPUTE_PRECISIONS, DECODERS, DEVICES, NONFINITE_POLICIES,
-                              TASKS, TRANSFORMS, UNIT_SCHEMES)
+from paramsal.cli.parsing import add_option_flags, given_options, positive_int
+from paramsal.config import JobOptions, ProfileOptions
+from paramsal.options import DECODERS, TRANSFORMS
+
+#: The options of ``paramsal profile`` that are the command line's own: what loads the model and data, and the
+#: switches that set a :class:`~paramsal.config.JobOptions` field in other words (--restart, --quiet).
+CLI_ONLY = ("--model", "--weights", "--num-classes", "--data", "--transform", "--decode", "--out", "--limit",
+            "--restart", "--quiet")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    profile = sub.add_parser("profile", help="profile a whole data set into a run directory (resumable)")
+    profile = sub.add_parser("profile", help="profile a whole data set into a run directory (resumable)",
+                             description="Profiles every sample of a data set into a run directory; run it again "
+                                         "to resume. Its options are paramsal.ProfileOptions and "
+                                         "paramsal.JobOptions, as profile_dataset() takes them in Python.")
     profile.add_argument("--model", required=True,
-                         help="demo | usps-mnist | torchvision:NAME | timm:NAME | hf:DIR | module.path:factory")
+                         help="demo | usps-mnist | torchvision:NAME | timm:NAME | hf:DIR | module.path:factory | "
+                              "FILE.py:factory (a factory takes no arguments and returns an nn.Module)")
     profile.add_argument("--weights", help="state dict file for the model (loaded with weights_only=True)")
     profile.add_argument("--num-classes", type=positive_int,
                          help="classes of a torchvision model (default: its own)")
     profile.add_argument("--data", required=True,
-                         help="demo[:SPLIT] | usps-mnist[:SPLIT] | imagefolder:DIR | module.path:factory, "
-                              "each optionally +noise:STD or +blur:SIGMA (a shifted copy, paramsal.zoo.shifts)")
+                         help="demo[:SPLIT] | usps-mnist[:SPLIT] | imagefolder:DIR | module.path:factory | "
+                              "FILE.py:factory (returns a map-style Dataset of (input, label)), each optionally "
+                              "+noise:STD or +blur:SIGMA (a shifted copy, paramsal.zoo.shifts)")
     profile.add_argument("--transform", default="imagenet", choices=TRANSFORMS,
                          help="image transform for imagefolder data")
     profile.add_argument("--decode", default="torchvision", choices=DECODERS,
                          help="image decoder for imagefolder data: torchvision (default: torchvision.io, twice "
-                              "PIL's rate per core) or pil"),
+                              "PIL's rate per core) or pil")
     profile.add_argument("--out", required=True, help="run directory")
-    profile.add_argument("--batch-size", type=positive_int, default=None,
-                         help="samples per batch (default: the run's own when resuming, else 256 on a GPU and 64 "
-                              "on the CPU)")
-    profile.add_argument("--backend", default="auto", choices=BACKENDS)
-    profile.add_argument("--units", default="filters", choices=UNIT_SCHEMES)
-    profile.add_argument("--aggregation", default="mean_abs", choices=AGGREGATIONS)
-    profile.add_argument("--device", help=f"{DEVICES} (default: CUDA when available)")
-    profile.add_argument("--num-workers", type=non_negative_int, default=None,
-                         help="DataLoader worker processes (default: several per GPU from the CPU count, "
-                              "none on the CPU)")
-    profile.add_argument("--features", action="store_true", help="also record penultimate features")
-    profile.add_argument("--target", type=target_choice, default="label", metavar="label|predicted|CLASS",
-                         help="the class each sample's loss is taken at: its label (default, the paper), the "
-                              "model's prediction (explains predictions, no label needed) or a class index")
-    profile.add_argument("--task", choices=TASKS, default=None,
-                         help="what the model is trained for, which gives each sample's loss (default: an hf:DIR "
-                              "model's own head, else classification)")
-    profile.add_argument("--precision", default="float32", choices=COMPUTE_PRECISIONS,
-                         help="bf16/fp16: forward and backward under autocast, reductions and statistics in "
-                              "float32/float64 (faster on GPUs; the README states the error); default float32")
-    profile.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                         help="model and image batches in channels-last memory format (faster convolutions on GPUs; "
-                              "default: the run's own when resuming, else on for a GPU)")
-    profile.add_argument("--deterministic", action="store_true",
-                         help="the same bits from every run on a GPU too: deterministic algorithms only, no cuDNN "
-                              "benchmarking (slower); on the CPU every run gives the same bits either way")
-    profile.add_argument("--part-size", type=positive_int, default=None, help="rows per Parquet part")
     profile.add_argument("--limit", type=positive_int, default=None, help="profile only the first N samples")
-    profile.add_argument("--overwrite", action="store_true", help="replace a run made with other model/data/units")
-    profile.add_argument("--restart", action="store_true", help="start over instead of resuming")
-    profile.add_argument("--repair", action="store_true",
-                         help="check every finished part's checksum, rows and ids, and profile the damaged or "
-                              "missing ones again (files no manifest lists are removed)")
-    profile.add_argument("--on-nonfinite", default="skip", choices=NONFINITE_POLICIES,
-                         help="a sample whose loss or gradient is NaN/inf: skip (default: flag its row, leave it "
-                              "out of the statistics, list it at the end) or fail (stop, naming its index)")
-    profile.add_argument("--shard", type=shard_spec, default=None,
-                         help="I/N: profile only the I-th of N contiguous shares of the parts (0 <= I < N), for "
-                              "machines without a shared filesystem; `paramsal merge` joins their directories")
+    profile.add_argument("--restart", action="store_true",
+                         help="start over instead of resuming, replacing the run in --out (never a folder that is "
+                              "not a run)")
     profile.add_argument("--quiet", action="store_true", help="no progress bar")
-    profile.set_defaults(func=profile_command)
+    options = add_option_flags(profile, ProfileOptions) + add_option_flags(profile, JobOptions)
+    profile.set_defaults(func=profile_command, options=options)
 
     merge = sub.add_parser("merge", help="join run directories that each profiled some parts of one run")
     merge.add_argument("runs", nargs="+", help="run directories of the same model, data and config")
@@ -91,26 +67,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def profile_command(args: argparse.Namespace) -> int:
     """One process, or every rank of ``torchrun --nproc-per-node N -m paramsal profile ...`` (same arguments)."""
-    if args.deterministic:  # cuBLAS reads it once, when the process first uses it: before anything touches CUDA
-        from paramsal.engine.devices import CUBLAS_DETERMINISTIC
+    if getattr(args, "deterministic", False):  # cuBLAS reads it once, at its first use: before anything uses CUDA
+        from paramsal.jobs.hardware import CUBLAS_DETERMINISTIC
 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
-    from paramsal.engine.dataset import profile_dataset
     from paramsal.engine.devices import resolve_device
+    from paramsal.jobs.bulk import profile_dataset
     from paramsal.zoo.specs import first_samples, load_data, load_model
 
-    device = resolve_device(args.device)  # before the model and data are loaded: a wrong device fails at once
+    given = given_options(args, args.options)
+    given["device"] = resolve_device(given.get("device"))  # before the model and data load: a wrong one fails now
     model = load_model(args.model, args.weights, args.num_classes)
     data = first_samples(load_data(args.data, args.transform, args.decode), args.limit)
-    run = profile_dataset(model, data, args.out, batch_size=args.batch_size, backend=args.backend,
-                          units=args.units, aggregation=args.aggregation, device=device,
-                          num_workers=args.num_workers, features=args.features, resume=not args.restart,
-                          overwrite=args.overwrite or args.restart, progress=not args.quiet,
-                          part_size=args.part_size, repair=args.repair, on_nonfinite=args.on_nonfinite,
-                          model_name=args.model, data_name=args.data, source=_source(args), shard=args.shard,
-                          precision=args.precision, channels_last=args.channels_last, target=args.target,
-                          task=args.task or getattr(model, "task", "classification"),
-                          deterministic=args.deterministic)
+    given.setdefault("task", getattr(model, "task", "classification"))  # an hf:DIR model's own head
+    given["overwrite"] = given.get("overwrite", False) or args.restart
+    run = profile_dataset(model, data, args.out, resume=not args.restart, progress=not args.quiet,
+                          model_name=args.model, data_name=args.data, source=_source(args), **given)
     print(run.summary())
     return 0
 
@@ -127,7 +99,7 @@ def _source(args: argparse.Namespace) -> dict:
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    from paramsal.engine.merge import merge_runs
+    from paramsal.rundir.merge import merge_runs
 
     run = merge_runs(args.runs, args.out)
     print(run.summary())
@@ -135,20 +107,20 @@ def merge_command(args: argparse.Namespace) -> int:
 
 
 def stats_command(args: argparse.Namespace) -> int:
-    from paramsal.engine.rundir import open_run
+    from paramsal.rundir.run import open_run
 
     print(open_run(args.run).summary())
     return 0
 
 
 def verify_command(args: argparse.Namespace) -> int:
-    from paramsal.engine.integrity import verify_run
-    from paramsal.engine.rundir import open_run
+    from paramsal.rundir.integrity import verify_run
+    from paramsal.rundir.run import open_run
 
     problems = verify_run(args.run)
     if not problems:
         run = open_run(args.run)
-        state = "complete" if run.complete else f"unfinished, {run.num_samples} of {run.manifest['num_samples']}"
+        state = "complete" if run.complete else f"unfinished, {run.num_samples} of {run.manifest.num_samples}"
         print(f"{run.path}: sound ({len(run.parts)} parts, {run.num_samples} samples, {state}); every file's size, "
               "sha256, rows and ids match the manifest")
         return 0
@@ -161,7 +133,7 @@ def verify_command(args: argparse.Namespace) -> int:
 def demo_command(args: argparse.Namespace) -> int:
     """The embedded default end to end: profile the held-out split, run every analysis, write the report."""
     from paramsal.analyses import DepthBias, FineTune, Neighbors, Pruning, write_report
-    from paramsal.engine.dataset import profile_dataset
+    from paramsal.jobs.bulk import profile_dataset
     from paramsal.zoo.specs import load_data, load_model
 
     model, data = load_model("demo"), load_data("demo:test")

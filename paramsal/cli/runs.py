@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from paramsal.cli.parsing import (add_output_arguments, add_run_argument, add_source_arguments, analysis_options,
-                                  choice_list, opened_run, positive_int)
-from paramsal.options import DEVICES, POOLS, PRECISIONS, SAMPLE_SELECTIONS, SPACES
+from paramsal.cli.parsing import (
+    add_output_arguments,
+    add_run_argument,
+    add_source_arguments,
+    analysis_options,
+    choice_list,
+    opened_run,
+    positive_int,
+)
+from paramsal.options import DEVICES, POOLS, PRECISIONS, REFERENCES, SAMPLE_SELECTIONS, SPACES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +57,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="the samples both rankings score against (default all)")
     add_output_arguments(depth, "analyses")
     depth.set_defaults(func=depth_bias_command)
+
+    tails = sub.add_parser("tails", help="fit the POT tails of a complete run once and store them in it (the POT "
+                                         "ranking then reads them instead of fitting them again)")
+    tails.add_argument("run", help="run directory made by `paramsal profile`")
+    tails.add_argument("--reference", default="all", choices=REFERENCES,
+                       help="the samples the tails are fitted on (default all)")
+    tails.add_argument("--budget-mb", type=positive_int, default=256,
+                       help="memory for the reference values of a block of units, in MiB (default 256)")
+    tails.set_defaults(func=tails_command)
 
     report = sub.add_parser("report", help="a static HTML report of a run (RUN/report/index.html)")
     add_run_argument(report)
@@ -116,6 +132,19 @@ def depth_bias_command(args: argparse.Namespace) -> int:
               f"   (all units: {row.uniform_mean_depth:.3f}, {row.uniform_deep_share:.3f})")
     paths = result.save(out)
     print(f"wrote {paths['figure']} and {paths['table']}")
+    return 0
+
+
+def tails_command(args: argparse.Namespace) -> int:
+    """Fits and stores the tails (the one step that writes them), then says where."""
+    from paramsal.rundir.run import open_run
+    from paramsal.rundir.tails import store_tails
+
+    run = open_run(args.run)
+    tails = store_tails(run, args.reference, args.budget_mb)
+    fitted = int(tails.fitted.sum())
+    print(f"stored the POT tails of {run.num_units} units ({fitted} with a fitted GPD) against {args.reference} in "
+          f"{run.path}/tails/{args.reference}.parquet")
     return 0
 
 

@@ -26,10 +26,9 @@ from paramsal.engine.graph import parameter_edges
 from paramsal.engine.hooks import HookSession
 from paramsal.engine.plan import hook_plan
 from paramsal.engine.units import UnitIndex
-from paramsal.errors import InputError, UnsupportedUseError, user_code
+from paramsal.errors import InputError, unsupported_use, user_code
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
-
 
 
 @dataclass
@@ -113,7 +112,7 @@ def _vmap_limits(model: nn.Module) -> Iterator[None]:
     except RuntimeError as exc:
         if "data-dependent control flow" not in str(exc):
             raise
-        raise UnsupportedUseError(
+        raise unsupported_use(
             f"the model ({type(model).__name__}) cannot run under torch.func.vmap: its forward pass branches on "
             "a tensor's value (.item(), if tensor:, ...): use backend='loop' (backend='auto' falls back to it)"
         ) from exc
@@ -131,7 +130,7 @@ def _check_functional(losses: torch.Tensor, real: dict[str, nn.Parameter]) -> No
     edges = parameter_edges(losses.grad_fn, {id(p): p for p in real.values()})
     if edges:
         name = next(n for n, p in real.items() if id(p) == edges[0][0])
-        raise UnsupportedUseError(
+        raise unsupported_use(
             f"parameter {name!r} is used outside the model's parameters as torch.func.functional_call swaps "
             "them (by the loss, or through a reference kept elsewhere), so vmap would miss that use: use "
             "backend='loop' (backend='auto' falls back to it)")
@@ -180,11 +179,10 @@ def check_sample_dim(session: HookSession, batch: int, samples: str = "the batch
     """
     for where, name, activations in session.served_inputs():
         if activations.dim() == 0 or activations.shape[0] != batch:
-            raise UnsupportedUseError(
+            raise unsupported_use(
                 f"parameter {name!r} is used by {where} on an input of shape {tuple(activations.shape)}, whose "
                 f"first dimension is not {samples} {batch} samples (a sequence-first layout, or windows folded "
-                "into the batch), so the reducers cannot tell the samples apart: use backend='vmap' "
-                "(backend='auto' falls back to it)")
+                "into the batch), so the reducers cannot tell the samples apart")
 
 
 def prove_sample_layout(model: nn.Module, inputs: torch.Tensor, index: UnitIndex) -> bool:
@@ -221,16 +219,16 @@ def prove_sample_layout(model: nn.Module, inputs: torch.Tensor, index: UnitIndex
             check_sample_dim(session, 2, "a probe's")
             seen.append(session.served_inputs())
     if [(where, name) for where, name, _ in seen[0]] != [(where, name) for where, name, _ in seen[1]]:
-        raise UnsupportedUseError("the forward pass took other paths for two probes of two samples, so the hooks "
-                                  "backend cannot prove where the samples are: use backend='vmap'")
+        raise unsupported_use("the forward pass took other paths for two probes of two samples, so the hooks "
+                              "backend cannot prove where the samples are")
     for (where, name, before), (_, _, after) in zip(*seen):
         before, after = before.double(), after.double()  # token ids too
         scale = float(before.abs().max()) if before.numel() else 0.0
         if not torch.allclose(before[1:], after[1:], rtol=1e-5, atol=1e-6 * scale):
-            raise UnsupportedUseError(
+            raise unsupported_use(
                 f"parameter {name!r} is used by {where} on inputs whose rows are not samples: changing sample 0 "
                 "changed row 1 (a sequence-first layout [T, N, ...], or a batch that mixes samples), so the "
-                "reducers would mix samples: use backend='vmap' (backend='auto' falls back to it)")
+                "reducers would mix samples")
     return True
 
 
@@ -267,10 +265,10 @@ def check_samples_apart(result: BatchResult, model: nn.Module, inputs: torch.Ten
     error = float((row - alone).abs().max()) / scale if scale > 0 else float((row - alone).abs().max())
     limit = APART_TOLERANCE_REDUCED if precision.dtype is not None else APART_TOLERANCE.get(row.dtype, 1e-3)
     if error > limit:
-        raise UnsupportedUseError(
+        raise unsupported_use(
             f"the batch gives sample 0 another profile than the sample alone (relative difference {error:.2g}): "
             f"{type(model).__name__}'s backward pass mixes the samples of a batch, so batched per-sample gradients "
-            "are not the samples' own: use backend='loop' (backend='auto' falls back to it)")
+            "are not the samples' own", "loop")
     return True
 
 

@@ -38,14 +38,24 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 
 from paramsal.engine.graph import caller_outside, parameter_edges
+from paramsal.engine.plan import Layer
 from paramsal.engine.units import UnitGroup, UnitIndex
-from paramsal.errors import UnsupportedUseError, engine_code
+from paramsal.errors import engine_code, unsupported_use
 from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
-from paramsal.engine.plan import Layer
 from paramsal.kernels.registry import OP_RULES, GradSample, OpRule, Reducer
 
 _next_node = torch._C._autograd._get_sequence_nr
+
+
+@dataclass(frozen=True)
+class _ModuleCall:
+    """A call of a module served by its own reducer, open while its forward runs: only its first call is served
+    whole (later calls' uses are recorded op by op); its autograd nodes are numbered from ``first_node``."""
+
+    name: str
+    first_call: bool
+    first_node: int
 
 
 @dataclass(eq=False)
@@ -55,9 +65,9 @@ class _Use:
     ``groups`` carry the parameter's role in this call as ``attr``
     ("weight", "bias"), which is what the reducer reads. The call created the
     autograd nodes numbered ``first <= n < stop``. Once the forward pass is
-    checked, ``at_once`` are the groups this call is the only use of (reduced
-    as soon as the output gradient arrives) and ``kept`` says whether the
-    input and gradient must wait for a sum over several calls.
+    checked, ``sole_use`` are the groups this call is the only use of (reduced
+    as soon as the output gradient arrives) and ``awaits_sum`` says whether
+    the input and gradient must be kept for a sum over several calls.
     """
 
     where: str
@@ -69,8 +79,8 @@ class _Use:
     stop: int
     activations: torch.Tensor | None = None
     backprops: torch.Tensor | None = field(default=None, repr=False)
-    at_once: tuple[UnitGroup, ...] = ()
-    kept: bool = False
+    sole_use: tuple[UnitGroup, ...] = ()
+    awaits_sum: bool = False
     #: The reducer takes bf16/fp16 captures as they are (:attr:`~paramsal.kernels.registry.OpRule.reduced_precision`).
     reduced_precision: bool = False
 
@@ -114,7 +124,7 @@ class HookSession:
         self._chunk_size = chunk_size
         self._module_reducers = {name: layer for name, layer in plan.items() if layer.entry.op is None}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._stack: list[tuple[str, bool, int]] = []
+        self._open_modules: list[_ModuleCall] = []  # the module-reducer calls the forward pass is inside
         self._calls_of: dict[str, int] = {}
         self._params: dict[int, tuple[torch.Tensor, UnitGroup]] = {}
         self._uses_of: dict[int, list[_Use]] = {}
@@ -183,9 +193,9 @@ class HookSession:
 
     def _record(self, func, rule: OpRule | None, args: tuple, kwargs: dict, found: list[int], first: int, stop: int,
                 out) -> None:
-        owner = self._stack[-1] if self._stack else None
-        if owner is not None and owner[1]:
-            owned = {id(g) for g in self._module_reducers[owner[0]].groups}
+        owner = self._open_modules[-1] if self._open_modules else None
+        if owner is not None and owner.first_call:
+            owned = {id(g) for g in self._module_reducers[owner.name].groups}
             found = [key for key in found if id(self._params[key][1]) not in owned]
             if not found:
                 return  # served by the module's own reducer
@@ -206,11 +216,12 @@ class HookSession:
     def _before_module(self, name: str, module: nn.Module, args: tuple) -> None:
         with engine_code("module hook"):
             calls = self._calls_of[name] = self._calls_of.get(name, 0) + 1
-            self._stack.append((name, calls == 1, _next_node()))
+            self._open_modules.append(_ModuleCall(name, calls == 1, _next_node()))
 
     def _after_module(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
         with engine_code("module hook"):
-            _, first_call, first = self._stack.pop()
+            call = self._open_modules.pop()
+            first_call, first = call.first_call, call.first_node
             layer = self._module_reducers[name]
             if first_call and not isinstance(output, torch.Tensor):
                 self._unserved_calls.append(_Call(
@@ -258,20 +269,20 @@ class HookSession:
                 if use not in live.setdefault(group.position, []):
                     live[group.position].append(use)
         if unserved:
-            raise UnsupportedUseError(self._describe(unserved))
+            raise unsupported_use(self._describe(unserved))
         self._summed = {position: uses for position, uses in live.items() if len(uses) > 1}
         for position, uses in self._summed.items():
             opaque = [u.where for u in uses if u.grad_sample is None]
             if opaque:
                 name = self._index.groups[position].param_name
-                raise UnsupportedUseError(
+                raise unsupported_use(
                     f"parameter {name!r} is used by {len(uses)} calls ({', '.join(u.where for u in uses)}); its "
                     f"per-sample gradient is their sum, but the reducer of {opaque[0]} gives units, not whole "
-                    "gradients: use backend='vmap' (backend='auto' falls back to it)")
+                    "gradients")
         for uses in self._uses_of.values():
             for use in uses:
-                use.at_once = tuple(g for g in use.groups if g.position not in self._summed)
-                use.kept = len(use.at_once) < len(use.groups)
+                use.sole_use = tuple(g for g in use.groups if g.position not in self._summed)
+                use.awaits_sum = len(use.sole_use) < len(use.groups)
 
     def _describe(self, unserved: list[tuple[str, int, str]]) -> str:
         name, node, node_name = unserved[0]
@@ -282,20 +293,20 @@ class HookSession:
         more = f" ({others} more parameter(s) too)" if others > 0 else ""
         return (f"parameter {name!r} is {how}, outside the calls the hooks backend serves (convolutions, "
                 f"F.linear, F.embedding, the norms, attention, registered modules){more}; its per-sample "
-                "gradient would miss that use: use backend='vmap' (backend='auto' falls back to it)")
+                "gradient would miss that use")
 
     # ------------------------------------------------------------------ backward and assembly
 
     def _on_backprop(self, use: _Use, backprops: torch.Tensor) -> None:
         backprops = backprops.detach()
-        if use.at_once and use.activations is not None:
+        if use.sole_use and use.activations is not None:
             x, gy = (use.activations, backprops) if use.reduced_precision else \
                 (self._computed(use.activations), self._computed(backprops))
             with _autocast_off(gy):
-                reduced = use.reducer(use.layer, x, gy, use.at_once, self._aggregation, self._chunk_size)
-            for group, values in zip(use.at_once, reduced):
+                reduced = use.reducer(use.layer, x, gy, use.sole_use, self._aggregation, self._chunk_size)
+            for group, values in zip(use.sole_use, reduced):
                 self._results[group.position] = values
-        if use.kept:
+        if use.awaits_sum:
             use.backprops = self._computed(backprops)
         else:
             use.activations = None

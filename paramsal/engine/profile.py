@@ -5,24 +5,27 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from paramsal.engine.backends import (BACKEND_FUNCTIONS, BatchResult, check_samples_apart, model_outputs,
-                                      prove_sample_layout)
-from paramsal.engine.model import (check_precision, default_channels_last, eval_mode, features_module,
-                                   to_channels_last)
+from paramsal.config import ProfileOptions, configured
+from paramsal.engine.backends import (
+    BACKEND_FUNCTIONS,
+    BatchResult,
+    check_samples_apart,
+    model_outputs,
+    prove_sample_layout,
+)
 from paramsal.engine.functional import LossFn, Precision, cross_entropy_per_sample, targeted_loss
+from paramsal.engine.model import check_precision, default_channels_last, eval_mode, features_module, to_channels_last
 from paramsal.engine.plan import hooks_refusal
 from paramsal.engine.tasks import check_sequence_labels, is_sequence_task, task_loss
-from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
-from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, UnsupportedUseError, check_choice
+from paramsal.engine.units import UnitIndex, units_of
+from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, UnsupportedUseError
 from paramsal.kernels import tf32
-from paramsal.kernels.reduce import Aggregation, check_aggregation
-from paramsal.options import BACKENDS, COMPUTE_PRECISIONS, TARGETS, TASKS
-
+from paramsal.kernels.reduce import Aggregation
 
 #: What :meth:`Profiler.nonfinite` (and a run's ``nonfinite_param``) says of a sample whose loss alone is not finite.
 LOSS_FLAG = "(loss)"
@@ -44,83 +47,53 @@ class Profiler:
     Args:
         model: the network; its parameters' dtype is the profiles' dtype
             (float32 for ``precision="bf16"/"fp16"``, which need a float32 model).
-        units: see :func:`paramsal.units_of`, or a prebuilt :class:`UnitIndex`.
-        backend: "auto" (hooks when every unit's module has a reducer, else
-            vmap; from the first batch whose forward pass uses a unit
-            parameter where no reducer serves it, vmap, and loop where vmap
-            cannot see a use either, each with one warning),
-            "hooks" (raises :class:`UnsupportedUseError` then), "vmap" or
-            "loop" (the slow oracle).
-        aggregation: "mean_abs" (the paper) or "abs_mean" (the authors'
-            released statistics).
-        loss: ``loss(outputs, targets) -> [N]`` per-sample losses; default
-            cross-entropy (targets are class indices, checked against the
-            number of outputs).
-        target: the class each sample's loss is taken at: "label" (its
-            target, the paper), "predicted" (the model's own prediction for
-            it: a profile that explains a prediction, no label needed) or a
-            class index c (the loss at c for every sample). The targets are
-            still checked and returned as given.
-        task: what the model is trained for (:data:`~paramsal.options.TASKS`), which gives the loss when
-            ``loss`` is None: "classification" (cross-entropy, ``[N]``
-            labels), or a sequence task with ``[N, T]`` labels per position,
-            :data:`~paramsal.engine.tasks.IGNORE_INDEX` where none:
-            "token-classification" and "masked-lm" (mean cross-entropy over
-            the labelled positions), "causal-lm" (position t predicts label
-            t + 1). See :mod:`paramsal.engine.tasks`.
-        chunk_size: samples per chunk of per-sample work (bounds memory);
-            None chooses automatically.
-        features: name of a module whose input is returned as each sample's
-            features (e.g. "fc", the classifier, for penultimate features);
-            True picks the model's last ``nn.Linear``; None records none.
-        precision: "float32" (the default; an enclosing ``torch.autocast``
-            region is switched off for the call), or "bf16"/"fp16": the
-            forward pass and the loss run under ``torch.autocast`` in that
-            dtype, and so does the backward pass; the per-unit reductions, the
-            losses, outputs and profiles returned are float32. Every backend
-            does the same, so "loop" remains the oracle. On the demo model,
-            bf16 profiles differ from float32 ones by 3.6% of each sample's
-            largest unit (median over samples; fp16 1.2%), about half of it
-            a factor on the whole profile (a confident sample's loss gradient
-            is sensitive to the rounding of its logits); the ranking of units
-            stays (``scripts/precision_error.py`` prints the table). fp16 (on
-            CPU too, though slowly) scales each sample's loss by
-            :data:`~paramsal.engine.functional.FP16_LOSS_SCALE` against
-            gradient underflow and divides the profiles back; a sample whose
-            activations or gradients overflow fp16's range (65504) comes out
-            non-finite and is flagged like any other (:meth:`nonfinite`, a
-            run's ``nonfinite_param``): profile such data with "bf16", which
-            has float32's range, or "float32".
-        channels_last: convert the model's 4-D parameters to
-            ``torch.channels_last`` once, here (the model keeps that layout
-            afterwards; the values are unchanged), and each 4-D input batch
-            per call (the layout cuDNN's tensor-core convolutions and the
-            fused kernel's coalesced loads prefer). The profiles equal the
-            default layout's up to float32 rounding. None (the default): on
-            when the model is on a CUDA device and has 4-D parameters.
+        options: how each sample is profiled (:class:`~paramsal.config.ProfileOptions`: units, backend,
+            aggregation, loss, target, task, precision, ...); default its defaults.
+        **overrides: any field of :class:`~paramsal.config.ProfileOptions` by name, set over ``options``.
+
+    The backends: "auto" starts on hooks where every unit's module has a
+    reducer (else vmap) and, from the first batch whose forward pass uses a
+    unit parameter where its backend cannot see that use, goes on with vmap,
+    and loop where vmap cannot see it either, each with one warning; "hooks"
+    and "vmap" raise :class:`~paramsal.errors.UnsupportedUseError` there;
+    "loop" profiles a sample at a time (the reference).
+
+    ``precision="bf16"`` / ``"fp16"`` run the forward and backward passes
+    under ``torch.autocast`` and return float32 losses, outputs and profiles;
+    every backend does the same, so "loop" stays the oracle. The docs'
+    precision page states the error (``scripts/precision_error.py`` measures
+    it). fp16 scales each sample's loss by
+    :data:`~paramsal.engine.functional.FP16_LOSS_SCALE` against underflow and
+    divides the profiles back; a sample that overflows fp16's range comes out
+    non-finite and is flagged like any other (:meth:`nonfinite`).
+
+    ``channels_last`` converts the model's 4-D parameters once, here (the
+    model keeps that layout; the values are unchanged), and each 4-D batch
+    per call; the profiles equal the default layout's up to float32 rounding.
+
+    Examples:
+        >>> import torch, paramsal
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(64, 3))
+        >>> profiler = paramsal.Profiler(model, units="conv+linear")
+        >>> result = profiler(torch.randn(5, 1, 6, 6), torch.tensor([0, 1, 2, 0, 1]))
+        >>> tuple(result.profiles.shape)  # 5 samples, 4 filters + 3 rows
+        (5, 7)
     """
 
-    def __init__(self, model: nn.Module, *, units: UnitsSpec | UnitIndex = "filters", backend: str = "auto",
-                 aggregation: Aggregation = "mean_abs", loss: LossFn | None = None,
-                 chunk_size: int | None = None, features: str | bool | None = None, precision: str = "float32",
-                 channels_last: bool | None = None, target: str | int = "label", task: str = "classification"):
-        check_aggregation(aggregation)
-        check_choice("task", task, TASKS)
-        if task == "causal-lm" and target != "label":
-            raise InputError(f"target={target!r} is not defined for task='causal-lm' (each position's label is the "
-                             "next input id); use target='label'")
-        check_choice("backend", backend, BACKENDS)
-        check_choice("precision", precision, COMPUTE_PRECISIONS)
-        if chunk_size is not None and chunk_size < 1:
-            raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
-        check_precision(model, precision)
+    def __init__(self, model: nn.Module, options: ProfileOptions | None = None, **overrides: Any):
+        options = configured(ProfileOptions, options, overrides, where="Profiler")
+        check_precision(model, options.precision)
         self.model = model
-        self.precision = precision
-        self._precision = Precision(precision)
-        self.channels_last = default_channels_last(model) if channels_last is None else bool(channels_last)
+        self.options = options
+        self.precision = options.precision
+        self._precision = Precision(options.precision)
+        self.channels_last = default_channels_last(model) if options.channels_last is None \
+            else bool(options.channels_last)
         if self.channels_last:
             to_channels_last(model)
+        units = options.units
         self.index = units if isinstance(units, UnitIndex) else units_of(model, units)
+        backend = options.backend
         self._falls_back = backend == "auto"
         if backend == "auto":
             refusal = hooks_refusal(model, self.index)
@@ -129,18 +102,18 @@ class Profiler:
                 warnings.warn(f"{refusal}. Profiling {type(model).__name__} with the vmap backend", ParamsalWarning,
                               stacklevel=2)
         self.backend = backend
-        self.aggregation = aggregation
-        self.loss = loss
-        self.task = task
-        self.target = check_target(target)
-        self._loss = targeted_loss(loss if loss is not None or task == "classification" else task_loss(task),
-                                   self.target)
-        self.chunk_size = chunk_size
-        self.features = features_module(model, features)
+        self.aggregation: Aggregation = options.aggregation  # type: ignore[assignment]  # checked by the options
+        self.loss: LossFn | None = options.loss
+        self.task = options.task
+        self.target = options.target
+        self._loss = targeted_loss(self.loss if self.loss is not None or self.task == "classification"
+                                   else task_loss(self.task), self.target)
+        self.chunk_size = options.chunk_size
+        self.features = features_module(model, options.features)
         self._run = BACKEND_FUNCTIONS[backend]
         self._class_counts: dict[tuple, int] = {}
         self._layout_proven = False  # the hooks backend's proof that rows are samples (prove_sample_layout)
-        self._apart: set[str] = set()  # batched backends checked against the loop on one sample
+        self._loop_checked: set[str] = set()  # batched backends whose first row matched the loop's
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, *, check_finite: bool = True) -> BatchResult:
         """Profiles one batch.
@@ -187,13 +160,10 @@ class Profiler:
         for row in suspects.flatten().tolist():
             units = (~torch.isfinite(result.profiles[row])).nonzero().flatten()
             if len(units):
-                flags[row] = self._param_of(int(units[0]))
+                flags[row] = self.index.param_of(int(units[0]))
             elif not bool(torch.isfinite(result.losses[row])):
                 flags[row] = LOSS_FLAG
         return flags
-
-    def _param_of(self, unit: int) -> str:
-        return next(g.param_name for g in self.index if g.offset <= unit < g.stop)
 
     def _profile(self, inputs: torch.Tensor, targets: torch.Tensor) -> BatchResult:
         loss = self._loss or cross_entropy_per_sample
@@ -207,9 +177,9 @@ class Profiler:
                         if captured else self._features_of(inputs, result.profiles.dtype)
                 if self.backend == "hooks" and not self._layout_proven:  # after the batch: its errors come first
                     self._layout_proven = prove_sample_layout(self.model, inputs, self.index)
-                if self.backend != "loop" and self.backend not in self._apart:
+                if self.backend != "loop" and self.backend not in self._loop_checked:
                     if self._samples_apart(result, inputs, targets, loss):
-                        self._apart.add(self.backend)
+                        self._loop_checked.add(self.backend)
                 return result
             except UnsupportedUseError as exc:
                 if not self._falls_back or self.backend not in FALLBACKS:
@@ -304,16 +274,7 @@ class Profiler:
         if len(bad):
             sample, unit = (int(v) for v in bad[0])
             raise NonFiniteError(f"non-finite gradient for sample at position {sample} in parameter "
-                                 f"{self._param_of(unit)!r} (unit {unit}); {len(bad)} entries affected")
-
-
-def check_target(target: str | int) -> str | int:
-    """``target`` if it is one of :data:`~paramsal.options.TARGETS` or a class index, else :class:`InputError`."""
-    if isinstance(target, str) and target in TARGETS:
-        return target
-    if isinstance(target, (int, np.integer)) and not isinstance(target, bool) and target >= 0:
-        return int(target)
-    raise InputError(f"target={target!r}: expected {' or '.join(map(repr, TARGETS))} or a class index >= 0")
+                                 f"{self.index.param_of(unit)!r} (unit {unit}); {len(bad)} entries affected")
 
 
 def check_batch(inputs: torch.Tensor, targets: torch.Tensor, *, class_indices: bool) -> None:
@@ -334,11 +295,8 @@ def check_batch(inputs: torch.Tensor, targets: torch.Tensor, *, class_indices: b
                          f"{tuple(targets.shape)}; pass loss= for other targets")
 
 
-def profile_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, backend: str = "auto",
-                  units: UnitsSpec | UnitIndex = "filters", aggregation: Aggregation = "mean_abs",
-                  loss: LossFn | None = None, chunk_size: int | None = None, precision: str = "float32",
-                  channels_last: bool | None = None, target: str | int = "label",
-                  task: str = "classification") -> torch.Tensor:
+def profile_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                  options: ProfileOptions | None = None, **overrides: Any) -> torch.Tensor:
     """Raw parameter-saliency profiles of a batch, one row per sample.
 
     Row n is ``s_k = mean_{i in unit k} |dL_n/dθ_i|`` (``aggregation="mean_abs"``),
@@ -348,23 +306,19 @@ def profile_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     Args:
         model: the network (left in the mode it was in; ``.grad`` untouched).
         inputs: ``[N, ...]``, e.g. images ``[N, C, H, W]``.
-        targets: ``[N]`` class indices for the default cross-entropy loss.
-        backend: "auto", "hooks", "vmap" or "loop"; all give the same numbers.
-        units: "filters" (default), "conv", "conv+linear", "linear-columns",
-            a callable, or a :class:`UnitIndex`.
-        aggregation: "mean_abs" or "abs_mean".
-        loss: per-sample loss ``loss(outputs, targets) -> [N]``.
-        chunk_size: samples per chunk of per-sample work.
-        precision: "float32", or "bf16"/"fp16" under autocast (see :class:`Profiler`).
-        channels_last: the model's 4-D parameters (converted in place) and
-            the inputs in ``torch.channels_last``; None: on a CUDA device (see :class:`Profiler`).
-        target: "label", "predicted" or a class index (see :class:`Profiler`).
-        task: "classification" or a sequence task, whose ``targets`` are ``[N, T]`` (see :class:`Profiler`).
+        targets: ``[N]`` class indices for the default cross-entropy loss (``[N, T]`` for a sequence task).
+        options, **overrides: as for :class:`Profiler` (:class:`~paramsal.config.ProfileOptions`).
 
     Returns:
         ``[N, F]`` in the dtype of the model's parameters.
+
+    Examples:
+        >>> import torch, paramsal
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> fast = paramsal.profile_batch(model, x, y, units="linear-rows")
+        >>> slow = paramsal.profile_batch(model, x, y, units="linear-rows", backend="loop")  # the reference
+        >>> tuple(fast.shape), torch.allclose(fast, slow, rtol=1e-5, atol=1e-7)
+        ((6, 11), True)
     """
-    profiler = Profiler(model, units=units, backend=backend, aggregation=aggregation, loss=loss,
-                        chunk_size=chunk_size, precision=precision, channels_last=channels_last, target=target,
-                        task=task)
-    return profiler(inputs, targets).profiles
+    return Profiler(model, options, **overrides)(inputs, targets).profiles

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-import pyarrow as pa
 import torch
 from torch import nn
 
@@ -78,7 +77,7 @@ class UnitIndex:
     """An ordered partition of (some of) a model's parameters into units.
 
     ``len(index)`` is the profile length F; ``index.groups`` lists the
-    parameters in profile order. ``index.table`` is one row per unit.
+    parameters in profile order; :meth:`columns` describes each unit.
     """
 
     scheme: str
@@ -94,9 +93,9 @@ class UnitIndex:
     def param_names(self) -> list[str]:
         return [g.param_name for g in self.groups]
 
-    @property
-    def table(self) -> pa.Table:
-        """One row per unit: unit_id, param, module, layer, channel, size."""
+    def columns(self) -> dict[str, list]:
+        """One entry per unit in each column: unit_id, param, module, layer, channel, size (the run directory's
+        ``units.parquet``, :func:`paramsal.rundir.units_table`)."""
         columns: dict[str, list] = {k: [] for k in ("unit_id", "param", "module", "layer", "channel", "size")}
         for g in self.groups:
             columns["unit_id"].extend(range(g.offset, g.stop))
@@ -105,9 +104,11 @@ class UnitIndex:
             columns["layer"].extend([g.position] * g.num_units)
             columns["channel"].extend(range(g.num_units))
             columns["size"].extend(g.sizes.tolist())
-        types = {"unit_id": pa.int64(), "param": pa.string(), "module": pa.string(),
-                 "layer": pa.int32(), "channel": pa.int64(), "size": pa.int64()}
-        return pa.table({k: pa.array(v, type=types[k]) for k, v in columns.items()})
+        return columns
+
+    def param_of(self, unit: int) -> str:
+        """The parameter unit ``unit`` belongs to."""
+        return next(g.param_name for g in self.groups if g.offset <= unit < g.stop)
 
     def fingerprint(self) -> str:
         """A short hash of the partition, to tell runs made with other units apart."""

@@ -17,8 +17,6 @@ from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, FullPrecision, ParamUnits, accumulated, reduce_grad
 from paramsal.kernels.tiles import tile_abs_means
 
-
-
 #: A layer goes the tiled way when its maps have at most this many output
 #: positions, or its filters at most this many weights per output channel:
 #: then writing whole per-sample gradients out costs more than computing them.
@@ -31,10 +29,10 @@ TILED_MAX_POSITIONS = 64
 TILED_MAX_WIDTH = 64
 
 #: Depthwise convolutions (one filter per group) go the grouped way: their per-sample gradient (49 weights per
-#: channel for 7x7) is far smaller than their patches. ConvNeXt-tiny's 7x7 ones at batch 32, grouped vs tiled, in
-#: ms: 96 channels on 8x8 maps 3.4 vs 26, 192 on 4x4 3.6 vs 9.1 (the patch copy dominates). On maps of at most
-#: this many positions ("same" zero padding, stride 1) the gradient is a correlation of a few shifts instead
-#: (:func:`small_map_depthwise_units`): 384 channels on 2x2 maps 1.9 vs 5.5 ms grouped; on 4x4 it loses, 8.6 vs 3.7.
+#: channel for 7x7) is far smaller than their patches, whose copy would dominate. On maps of at most this many
+#: positions ("same" zero padding, stride 1) the gradient is a correlation of a few shifts instead
+#: (:func:`small_map_depthwise_units`), faster there than grouped and slower from 4x4 maps on; the crossover was
+#: measured on ConvNeXt-tiny's 7x7 layers (``paramsal bench --case convnext-tiny``, docs/results.md).
 SMALL_MAP_POSITIONS = 4
 
 
@@ -354,9 +352,9 @@ def conv_patch_columns(layer: ConvLayer, activations: torch.Tensor) -> torch.Ten
     """im2col for any number of spatial dims, one column per output position: ``[b, C * prod(kernel), L]``.
 
     Built from strided windows of the padded input and a single copy. The copy
-    runs along output positions, contiguous in the input: for resnet18-CIFAR's
-    8x8 maps at batch 64 it takes 14 ms, against 17 ms for ``F.unfold`` and
-    25 ms for the same copy with the window innermost (any dims, dilation).
+    runs along output positions, contiguous in the input, which measured
+    faster than ``F.unfold`` and than the same copy with the window innermost
+    (on resnet18-CIFAR's 8x8 maps), and it takes any number of dims and dilation.
     """
     if _pointwise(layer) and all(s == 1 for s in layer.stride):
         return activations.reshape(*activations.shape[:2], -1)  # the input itself: no windows, no copy

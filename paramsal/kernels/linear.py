@@ -13,13 +13,11 @@ from paramsal.kernels.chunks import auto_chunk, chunk_slices
 from paramsal.kernels.reduce import Aggregation, FullPrecision, ParamUnits, accumulated, reduce_grad
 from paramsal.kernels.tiles import tile_abs_means
 
-
-
 #: A layer's positions per sample (tokens, pixels) up to which mean ``|G|`` of rows or columns is formed from
 #: cache-sized tiles (the convolutions' rule for few output positions) rather than whole per-sample gradients.
-#: Measured with ``paramsal bench --case convnext-tiny`` (2-core CPU, batch 32; its Linear layers see 64, 16, 4
-#: and 1 positions): hooks went from 0.43x to 0.66x a plain forward+backward, and its extra memory from 303 to
-#: 241 MB. On the small ViT (65 tokens) tiles of any size measured the same as whole gradients, within the noise.
+#: Chosen with ``paramsal bench --case convnext-tiny`` (its Linear layers see 64, 16, 4 and 1 positions), where
+#: tiles made the hooks backend faster and smaller; on the small ViT (65 tokens) they measured the same as whole
+#: gradients.
 TILED_MAX_TOKENS = 64
 
 

@@ -30,15 +30,13 @@ from torch import nn
 
 from paramsal.errors import InputError
 from paramsal.kernels.attention import PARAMETERS as ATTENTION_PARAMETERS
-from paramsal.kernels.attention import (attention_call, attention_grad_sample, decomposed_attention,
-                                        reduce_attention)
+from paramsal.kernels.attention import attention_call, attention_grad_sample, decomposed_attention, reduce_attention
 from paramsal.kernels.conv import conv_call, conv_grad_sample, reduce_conv
 from paramsal.kernels.elementwise import add_call, elementwise_grad_sample, mul_call, reduce_elementwise
 from paramsal.kernels.embedding import embedding_call, embedding_grad_sample, embedding_widened, reduce_embedding
 from paramsal.kernels.linear import linear_call, linear_grad_sample, reduce_linear
 from paramsal.kernels.norm import batch_norm_call, group_norm_call, layer_norm_call, norm_grad_sample, reduce_norm
 from paramsal.kernels.reduce import Aggregation, ParamUnits
-
 
 #: ``reducer(layer, activations, backprops, groups, aggregation, chunk_size) -> [[B, U_g], ...]``
 Reducer = Callable[[Any, torch.Tensor, torch.Tensor, Sequence[ParamUnits], Aggregation, "int | None"],

@@ -9,11 +9,9 @@ import torch
 from paramsal.kernels.chunks import chunk_slices, memory_budget
 
 #: Elements of one gradient tile (4 MiB of float32) and its width in weight
-#: columns. Measured on resnet18-CIFAR at batch 64 on a 2-core CPU (1 MiB L2
-#: per core): 2**20-element tiles of 256 columns, several samples per batched
-#: matmul, reduce layer4's 3x3 convs from 60 to 47 ms and layer3's from 58 to
-#: 36 ms; tiles of 2**18 (one sample each, what fits L2) leave the cores idle
-#: between the many small products.
+#: columns, for the CPU: tiles of several samples per batched matmul beat
+#: tiles sized to fit L2 (one sample each), whose many small products leave the
+#: cores idle (chosen with ``paramsal bench --case resnet18-cifar``).
 TILE_ELEMENTS = 2**20
 TILE_COLUMNS = 256
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from paramsal._lazy import lazy_getattr
 
 _LAZY = {"reference_profiles": "profiles", "check_reducer": "reducers", "stepped_copy": "steps",
-         "pruned_copy": "editing", "attribution_loop": "attribution"}
+         "pruned_copy": "editing", "attribution_loop": "input_saliency"}
 
 __all__ = ["attribution_loop", "check_reducer", "pruned_copy", "reference_profiles", "stepped_copy"]
 

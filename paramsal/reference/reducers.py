@@ -68,7 +68,7 @@ def check_reducer(module: nn.Module, inputs: torch.Tensor, *, rtol: float = 1e-9
         sample, unit = divmod(int(error.argmax()), error.shape[1])
         if float(error.max()) > rtol:
             raise AssertionError(f"the reducer of {type(module).__qualname__} is wrong for {aggregation}: sample "
-                                 f"{sample}, unit {unit} ({index.table.column('param')[unit]}) gives "
+                                 f"{sample}, unit {unit} ({index.param_of(unit)}) gives "
                                  f"{float(got[sample, unit]):.6g} where the reference gives "
                                  f"{float(want[sample, unit]):.6g} (relative error {float(error.max()):.3g})")
         worst = max(worst, float(error.max()))

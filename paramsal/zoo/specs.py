@@ -27,12 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from paramsal._io import load_tensor_file
 from paramsal._typing import MapDataset
 from paramsal.errors import InputError, check_choice
 from paramsal.options import DECODERS, TRANSFORMS
-from paramsal._io import load_tensor_file
 from paramsal.zoo.shifts import shifted, split_shifts
-
 
 #: The spec kinds that name no code, as (exact specs, prefixes followed by a name): the only kinds a run
 #: directory's manifest may ask for without being trusted, since loading them imports and calls nothing.
@@ -113,12 +112,14 @@ def load_data(spec: str, transform: str = "imagenet", decode: str = "torchvision
 
         return demo_dataset(_split_of(spec, "demo", SPLITS))
     if spec == "usps-mnist" or spec.startswith("usps-mnist:"):
-        from paramsal.zoo.usps_mnist import SPLITS as USPS_MNIST_SPLITS, usps_mnist_dataset
+        from paramsal.zoo.usps_mnist import SPLITS as USPS_MNIST_SPLITS
+        from paramsal.zoo.usps_mnist import usps_mnist_dataset
 
         split = _split_of(spec, "usps-mnist", USPS_MNIST_SPLITS)
         return _from_wheels("data", spec, lambda: usps_mnist_dataset(split))
     if spec == "trec" or spec.startswith("trec:"):
-        from paramsal.zoo.minilm import SPLITS as TREC_SPLITS, TrecDataset
+        from paramsal.zoo.minilm import SPLITS as TREC_SPLITS
+        from paramsal.zoo.minilm import TrecDataset
 
         split = _split_of(spec, "trec", TREC_SPLITS)
         return _from_wheels("data", spec, lambda: TrecDataset(split))
@@ -160,8 +161,7 @@ def image_transform(name: str, decode: str = "pil"):
     from torchvision.transforms import v2
 
     sizes = {"imagenet": (256, 224), "inception": (342, 299)}
-    if name not in (*sizes, "tensor"):
-        raise InputError(f"unknown transform {name!r}; expected one of {', '.join(TRANSFORMS)}")
+    check_choice("transform", name, TRANSFORMS)
     to_float = T.ToTensor() if decode == "pil" else v2.ToDtype(torch.float32, scale=True)
     if name == "tensor":
         return to_float

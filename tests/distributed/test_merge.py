@@ -9,7 +9,7 @@ from torch.utils.data import Subset
 
 from paramsal import InputError, RunCorruptError, RunMismatchError, open_run, profile_dataset
 from paramsal.cli import main
-from paramsal.engine.merge import merge_runs
+from paramsal.rundir.merge import merge_runs
 from paramsal.zoo import demo_dataset, demo_model
 
 OPTIONS = {"batch_size": 32, "part_size": 64, "progress": False}

@@ -16,10 +16,10 @@ import pytest
 from paramsal import verify_run
 
 KILLS = 12
-#: 1,000 demo images in parts of 16: 63 parts over two shards, so a merge lists parts often enough to be killed
+#: 1,000 demo images in parts of 8: 125 parts over two shards, so a merge lists parts often enough to be killed
 #: between and inside its writes, and takes longer than a dozen short lives.
 PROFILE = [sys.executable, "-m", "paramsal", "profile", "--model", "demo", "--data", "demo:test", "--limit", "1000",
-           "--batch-size", "16", "--part-size", "16", "--quiet"]
+           "--batch-size", "8", "--part-size", "8", "--quiet"]
 
 
 def merge(shards: list[Path], out: Path) -> list[str]:
@@ -42,7 +42,7 @@ def kill_once(command: list[str], root: Path, rng: random.Random, how: str) -> s
     """Starts the merge and SIGKILLs it: inside a copy, after 1-2 more parts are listed, or at a random moment."""
     before = listed(root)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + (30 if how != "random" else rng.uniform(0.1, 1.2))  # start-up, or its first copies
+    deadline = time.time() + (30 if how != "random" else rng.uniform(0.02, 0.4))  # start-up, or its first copies
     more = rng.randint(1, 2)
     moment = how
     while time.time() < deadline and proc.poll() is None:

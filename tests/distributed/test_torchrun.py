@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from paramsal import open_run
-from paramsal.engine.fingerprints import probe_positions
+from paramsal.jobs.fingerprints import probe_positions
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -113,7 +113,7 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(rank1_holds, sing
     if rank1_holds != "nothing":
         shutil.copytree(single, rank1)
         holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                                   "from paramsal.engine.lock import RunLock\n"
+                                   "from paramsal.rundir.lock import RunLock\n"
                                    f"with RunLock(Path({str(rank1)!r})):\n    print('locked', flush=True)\n"
                                    "    time.sleep(120)\n"], stdout=subprocess.PIPE, text=True, env=environment())
         assert holder.stdout.readline().strip() == "locked"

@@ -15,8 +15,8 @@ from torch.utils.data import Subset
 import paramsal.cli.profiling as profiling
 from paramsal import InputError, SaliencyStats, load_reference_stats, open_run
 from paramsal.cli import main
-from paramsal.engine.dataset import data_fingerprint
 from paramsal.engine.devices import resolve_device
+from paramsal.jobs.bulk import data_fingerprint
 from paramsal.zoo import demo_dataset, demo_model
 
 

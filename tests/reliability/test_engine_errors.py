@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nets import PlainCNN
 from torch import nn
 
 import paramsal.engine.hooks as hooks
-from nets import PlainCNN
 from paramsal import EngineError, InputError, profile_batch
 from paramsal.kernels import register_reducer, unregister_reducer
 

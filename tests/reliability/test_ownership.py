@@ -16,8 +16,8 @@ import pytest
 
 from paramsal import InputError, open_run, verify_run
 from paramsal.cli import main
-from paramsal.engine.lock import RunLock
 from paramsal.errors import RunCorruptError
+from paramsal.rundir.lock import RunLock
 
 PROFILE = ["profile", "--model", "demo", "--data", "demo:test", "--limit", "64", "--batch-size", "32", "--quiet"]
 

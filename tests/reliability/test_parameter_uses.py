@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from nets import SharedParameter, relative_error
 from torch import nn
 
-from nets import SharedParameter, relative_error
 from paramsal import Profiler, UnsupportedModuleError, profile_batch
 from paramsal.errors import ParamsalWarning
 from paramsal.kernels import register_reducer, unregister_reducer

@@ -140,7 +140,7 @@ def test_a_reader_racing_an_overwrite_is_told_a_job_is_writing(run_dir):
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from paramsal.engine.lock import RunLock
+        from paramsal.rundir.lock import RunLock
         with RunLock(Path({str(run_dir)!r})):
             print("locked", flush=True)
             time.sleep(120)

@@ -9,11 +9,11 @@ appear when the factory is called, so the absence means something.
 """
 
 import pytest
+from reliability.factories import SENTINEL_ENV
 
 from paramsal import InputError, open_run
-from paramsal.cli import main
 from paramsal.analyses.sources import load_source
-from reliability.factories import SENTINEL_ENV
+from paramsal.cli import main
 
 EVIL = {"model": "reliability.factories:evil_model", "data": "reliability.factories:evil_data"}
 

@@ -18,15 +18,22 @@ import pytest
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-import paramsal.engine.dataset as dataset_module
-from paramsal.engine.writing import PartWriter
-import paramsal.engine.fingerprints as fingerprints
-import paramsal.engine.rundir as rundir
-from paramsal import (InputError, ParamsalWarning, RunLockedError, RunMismatchError, StorageError, open_run,
-                      profile_dataset)
+import paramsal.jobs.bulk as dataset_module
+import paramsal.jobs.fingerprints as fingerprints
+import paramsal.rundir.run as rundir
+from paramsal import (
+    InputError,
+    ParamsalWarning,
+    RunLockedError,
+    RunMismatchError,
+    StorageError,
+    open_run,
+    profile_dataset,
+)
 from paramsal.cli import main
-from paramsal.engine.fingerprints import data_fingerprint
-from paramsal.engine.lock import RunLock
+from paramsal.jobs.fingerprints import data_fingerprint
+from paramsal.rundir.lock import RunLock
+from paramsal.rundir.writing import PartWriter
 from paramsal.zoo import demo_dataset, demo_model
 
 BATCH, PART = 16, 32
@@ -67,7 +74,7 @@ def hold_lock_in_another_process(root: Path) -> subprocess.Popen:
     script = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from paramsal.engine.lock import RunLock
+        from paramsal.rundir.lock import RunLock
         with RunLock(Path({str(root)!r})):
             print("locked", flush=True)
             time.sleep(120)

@@ -1,7 +1,7 @@
 """Streaming reads of a run's vectors (profiles, features) in blocks of rows: memory set by the block, not by a part.
 
-:func:`iter_vectors` (behind :meth:`Run.iter_profiles <paramsal.engine.rundir.Run.iter_profiles>` and
-:meth:`Run.iter_features <paramsal.engine.rundir.Run.iter_features>`) checks each part it reads
+:func:`iter_vectors` (behind :meth:`Run.iter_profiles <paramsal.rundir.run.Run.iter_profiles>` and
+:meth:`Run.iter_features <paramsal.rundir.run.Run.iter_features>`) checks each part it reads
 against the manifest like every read (size and sha256, then the ``sample_id``
 column read alone, with the small columns a selection needs), then decodes the
 vector column alone in batches (:meth:`pyarrow.parquet.ParquetFile.iter_batches`),
@@ -12,17 +12,29 @@ that) is read the same way, a buffer at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from paramsal._arrow import list_values
+from paramsal._typing import Rows
 from paramsal.errors import check_integer
+from paramsal.rundir.manifest import Part
 
-if TYPE_CHECKING:
-    from paramsal.engine.rundir import Rows, Run
+
+class PartReader(Protocol):
+    """What :func:`iter_vectors` reads of a run: :class:`paramsal.rundir.run.Run`."""
+
+    path: Path
+    parts: list[Part]
+
+    def read_part(self, part: Part, columns: Sequence[str]) -> pa.Table: ...
+    def selected(self, table: pa.Table, only: Rows) -> np.ndarray: ...
+
 
 #: Rows per row group of a part file: a reader decodes at most this many profiles at once, whatever the part's size.
 ROW_GROUP_ROWS = 256
@@ -35,7 +47,7 @@ BATCH_BYTES = 8 << 20
 Block = tuple[np.ndarray, np.ndarray]
 
 
-def iter_vectors(run: Run, column: str, rows: int, unit_columns: np.ndarray | None, only: Rows,
+def iter_vectors(run: PartReader, column: str, rows: int, unit_columns: np.ndarray | None, only: Rows,
                  standardizer: tuple[np.ndarray, np.ndarray] | None) -> Iterator[Block]:
     """The ``column`` vectors of the samples ``only`` selects, in blocks of ``rows`` rows, in sample-id order.
 
@@ -62,7 +74,7 @@ def iter_vectors(run: Run, column: str, rows: int, unit_columns: np.ndarray | No
     return _iter_vectors(run, column, rows, unit_columns, only, standardizer)
 
 
-def _iter_vectors(run: Run, column: str, rows: int, unit_columns: np.ndarray | None, only: Rows,
+def _iter_vectors(run: PartReader, column: str, rows: int, unit_columns: np.ndarray | None, only: Rows,
                   standardizer: tuple[np.ndarray, np.ndarray] | None) -> Iterator[Block]:
     wanted = None if only is None or isinstance(only, str) else np.unique(np.asarray(only))
     blocks = _Blocks(rows)
@@ -95,8 +107,7 @@ def _batches(path: Path, column: str, rows: int) -> Iterator[tuple[int, np.ndarr
         width = reader.schema_arrow.field(column).type.list_size
         batch_rows = max(1, min(rows, BATCH_BYTES // (4 * max(width, 1))))
         for batch in reader.iter_batches(batch_size=batch_rows, columns=[column]):
-            vectors = batch.column(0)
-            values = vectors.flatten().to_numpy().reshape(len(vectors), -1)
+            values = list_values(batch.column(0))
             yield start, values
             start += len(values)
 

@@ -12,7 +12,7 @@ for a whole batch with ``torch.func`` (``vmap`` over samples of ``grad`` with
 respect to ``x`` of :meth:`paramsal.engine.functional.SampleLoss.gradient`),
 or one sample at a time with ``autograd.grad(create_graph=True)``
 (``backend="loop"``); both are checked against
-:func:`paramsal.reference.attribution_loop`, the float64 oracle.
+:func:`paramsal.reference.input_saliency_loop`, the float64 oracle.
 
 The picture lives in :mod:`.pictures`, the masking experiment in :mod:`.masking`.
 """
@@ -39,14 +39,14 @@ from paramsal.analyses.selection import run_tails, select_units
 from paramsal.analyses.sources import Samples, open_for_analysis, run_units
 from paramsal.engine.functional import LossFn, SampleLoss
 from paramsal.engine.profile import Profiler, check_batch, eval_mode
-from paramsal.engine.rundir import Run
-from paramsal.engine.stats import SaliencyStats
-from paramsal.engine.tails import Tails
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError, check_choice, check_integer
 from paramsal.kernels.chunks import chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
 from paramsal.options import AGGREGATIONS, ATTRIBUTION_SELECTIONS, RANKINGS
+from paramsal.ranking.stats import SaliencyStats
+from paramsal.ranking.tails import Tails
+from paramsal.rundir.run import Run
 
 #: How the double backward is computed: batched with torch.func, or the one-sample reference.
 ATTRIBUTION_BACKENDS = ("vmap", "loop")
@@ -174,7 +174,7 @@ class InputSaliency(Analysis):
         """
         run = open_for_analysis(run, options.get("allow_partial", False))
         index = run_units(run, model, options.pop("units", None), not options.get("allow_other_weights", False))
-        options.setdefault("aggregation", run.manifest.get("aggregation"))
+        options.setdefault("aggregation", run.manifest.aggregation)
         stats = options.pop("stats", None) or run.stats
         if options.get("ranking") == "pot":
             options.setdefault("tails", run_tails(run))
@@ -239,7 +239,7 @@ class InputSaliency(Analysis):
         """
         prepared = self.prepare(run, data, samples, units=self.units)
         explainer = self._like(prepared.model, self.stats or prepared.run.stats, prepared.index,
-                               self.aggregation or prepared.run.manifest.get("aggregation"),
+                               self.aggregation or prepared.run.manifest.aggregation,
                                self.tails or (run_tails(prepared.run) if self.ranking == "pot" else None))
         batches = ((prepared.inputs(rows), torch.as_tensor(prepared.targets[rows]), prepared.ids[rows])
                    for rows in chunk_slices(len(prepared.ids), self.batch_size))

@@ -22,14 +22,14 @@ import torch
 from torch import nn
 
 from paramsal._typing import MapDataset
-from paramsal.analyses.attribution import InputSaliency
 from paramsal.analyses.base import Analysis, Result, result_config
+from paramsal.analyses.input_saliency import InputSaliency
 from paramsal.analyses.pictures import channel_max
 from paramsal.analyses.selection import run_tails
 from paramsal.analyses.sources import Samples
-from paramsal.engine.rundir import Run
 from paramsal.errors import InputError
 from paramsal.kernels.chunks import chunk_slices
+from paramsal.rundir.run import Run
 
 
 def rank_data(values: np.ndarray) -> np.ndarray:
@@ -174,7 +174,7 @@ class CascadingRandomization(Analysis):
         stages = self._stages(layers)
         explainer = InputSaliency(prepared.model, stats=prepared.run.stats, k=self.k, boost=self.boost,
                                   select=self.select, ranking=self.ranking, seed=self.seed, units=prepared.index,
-                                  aggregation=prepared.run.manifest.get("aggregation"), batch_size=self.batch_size,
+                                  aggregation=prepared.run.manifest.aggregation, batch_size=self.batch_size,
                                   tails=run_tails(prepared.run) if self.ranking == "pot" else None)
         inputs = prepared.inputs()
         targets = torch.as_tensor(prepared.targets)

@@ -3,7 +3,7 @@
 Two rankings (:data:`paramsal.options.RANKINGS`):
 
 * ``"zscore"``: ``(s - mu) / sigma`` with the reference set's statistics (the paper);
-* ``"pot"``: the peaks-over-threshold tail score ``-log10 p`` of :mod:`paramsal.engine.tails`.
+* ``"pot"``: the peaks-over-threshold tail score ``-log10 p`` of :mod:`paramsal.ranking.tails`.
 
 Reference sets (:data:`paramsal.options.REFERENCES`, or another run):
 
@@ -15,38 +15,33 @@ Reference sets (:data:`paramsal.options.REFERENCES`, or another run):
   validation set for a shifted one; its units must be this run's.
 
 The statistics of a named reference set are computed on first use and kept on
-the :class:`Run` object; tails are fitted once and stored in the run
-(``tails/<reference>.parquet``, listed in the manifest with the checksum of
-the statistics they were fitted with, so a repaired or rewritten run fits them
-again).
+the run object; tails are read from the run where ``paramsal tails RUN``
+stored them (:mod:`paramsal.rundir.tails`), else fitted in memory: reading a
+score never writes the run.
+
+Everything here works on what a run's reader gives (:class:`ScoredRun`, which
+:class:`paramsal.rundir.Run` is), so the rankings import no storage code.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 
-from paramsal._io import atomic_path, file_record
-from paramsal.engine.lock import RunLock, manifest_update
-from paramsal.engine.manifest import STATS, TAILS_DIR, read_manifest, tails_file, write_manifest
-from paramsal.engine.ownership import folder, inside
-from paramsal.engine.reading import iter_vectors
-from paramsal.engine.rundir import Rows, Run, open_run
-from paramsal.engine.stats import SaliencyStats
-from paramsal.engine.tails import Tails, fit_tails, join_units, stack_tails
-from paramsal.errors import InputError, ParamsalError, ParamsalWarning, check_choice
+from paramsal._typing import Rows
+from paramsal.errors import InputError, ParamsalWarning, check_choice
 from paramsal.options import RANKINGS, REFERENCES
+from paramsal.ranking.stats import SaliencyStats
+from paramsal.ranking.tails import Tails, fit_tails, join_units, stack_tails
 
 #: A class needs this many reference samples to be its own reference set under ``reference="class"``.
 MIN_CLASS_SAMPLES = 10
-#: The version of the stored tails' layout and method; other versions are fitted again.
-TAILS_FORMAT = "paramsal-tails/1"
 #: The columns of ``units.parquet`` that must agree between two runs compared with each other.
 UNIT_COLUMNS = ("param", "module", "layer", "channel", "size")
 #: Rows read per block while gathering reference values.
@@ -54,7 +49,35 @@ _READ_ROWS = 4096
 #: Bytes per reference value while tails are fitted (the float32 values, their float64 sorted copy, the tail).
 _FIT_BYTES = 24
 
-Reference = str | os.PathLike | Run
+
+
+class ScoredRun(Protocol):
+    """What scoring reads of a run: :class:`paramsal.rundir.Run` (a reference run given by its path is opened by the
+    scored run's own class)."""
+
+    path: Any
+    derived: dict[tuple, Any]
+
+    @property
+    def num_units(self) -> int: ...
+    @property
+    def complete(self) -> bool: ...
+    @property
+    def stats(self) -> SaliencyStats: ...
+    @property
+    def units(self) -> pa.Table: ...
+    def table(self) -> pa.Table: ...
+    def sample_ids(self, only: Rows = None) -> np.ndarray: ...
+    def unit_columns(self, layers: slice | Sequence[int] | None) -> np.ndarray | None: ...
+    def profiles(self, standardized: bool = True, layers: slice | Sequence[int] | None = None, only: Rows = None,
+                 stats: Any = None) -> np.ndarray: ...
+    def iter_profiles(self, rows: int, layers: slice | Sequence[int] | None = None, only: Rows = None,
+                      standardized: bool = True, stats: Any = None,
+                      columns: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+    def stored_tails(self, reference: str) -> Tails | None: ...
+
+
+Reference = str | os.PathLike | ScoredRun
 
 
 @dataclass(frozen=True)
@@ -68,7 +91,7 @@ class ReferenceSet:
     """
 
     name: str
-    run: Run
+    run: ScoredRun
     kind: str
 
     @property
@@ -81,15 +104,16 @@ class ReferenceSet:
         return self.kind == "class"
 
 
-def reference_set(run: Run, reference: Reference = "all") -> ReferenceSet:
+def reference_set(run: ScoredRun, reference: Reference = "all") -> ReferenceSet:
     """The reference set ``reference`` names for ``run`` (see the module docstring).
 
     Raises:
         InputError: for an unknown name, or another run whose units are not this run's.
     """
-    if isinstance(reference, Run) or (isinstance(reference, (str, os.PathLike)) and str(reference) not in REFERENCES
-                                       and os.path.isdir(reference)):
-        other = reference if isinstance(reference, Run) else open_run(reference)
+    if not isinstance(reference, (str, os.PathLike)) or (str(reference) not in REFERENCES
+                                                          and os.path.isdir(reference)):
+        opened: Any = type(run)  # the scored run's own class opens the other one
+        other = reference if not isinstance(reference, (str, os.PathLike)) else opened(reference)
         _check_same_units(run, other)
         return ReferenceSet(str(other.path), other, "all")
     name = check_reference(reference)
@@ -98,14 +122,14 @@ def reference_set(run: Run, reference: Reference = "all") -> ReferenceSet:
 
 def check_reference(reference: Reference) -> str:
     """``reference`` as analyses record it (a name, or a run's path); :class:`InputError` unless it names a set."""
-    if isinstance(reference, Run):
+    if not isinstance(reference, (str, os.PathLike)):
         return str(reference.path)
     if str(reference) not in REFERENCES and not os.path.isdir(reference):
         raise InputError(f"unknown reference {str(reference)!r}: expected {', '.join(REFERENCES)} or a run directory")
     return str(reference)
 
 
-def scores(run: Run, method: str = "zscore", only: Rows = None, layers: slice | Sequence[int] | None = None,
+def scores(run: ScoredRun, method: str = "zscore", only: Rows = None, layers: slice | Sequence[int] | None = None,
            reference: Reference = "all", budget_mb: int = 256) -> np.ndarray:
     """``[n, f]`` float32 unit scores, larger = more abnormal, rows in sample-id order (as :meth:`Run.profiles`).
 
@@ -164,19 +188,20 @@ def reference_groups(ref: ReferenceSet) -> np.ndarray:
 
 
 def reference_tails(ref: ReferenceSet, budget_mb: int = 256) -> Tails:
-    """The POT tails of the reference set: read from its run when stored and current, else fitted and stored."""
+    """The POT tails of the reference set: stored in its run (``paramsal tails RUN``) and current, or fitted here and
+    kept on the run object for this session."""
     key = ("tails", ref.kind)
     if key not in ref.run.derived:
-        tails = _stored_tails(ref.run, ref.kind)
-        if tails is None:
-            tails = _fit(ref, budget_mb)
-            _store_tails(ref.run, ref.kind, tails)
-        ref.run.derived[key] = tails
+        ref.run.derived[key] = ref.run.stored_tails(ref.kind) or fit_reference_tails(ref, budget_mb)
     return ref.run.derived[key]
 
 
-def _fit(ref: ReferenceSet, budget_mb: int) -> Tails:
-    """Tails of every unit, a block of units at a time: each block reads the reference rows once."""
+def fit_reference_tails(ref: ReferenceSet, budget_mb: int = 256) -> Tails:
+    """Tails of every unit of the reference set, a block of units at a time: each block reads the reference rows once.
+
+    Args:
+        budget_mb: memory for the reference values of a block of units.
+    """
     run = ref.run
     if not run.complete:
         raise InputError(f"{run.path} is unfinished: POT tails are fitted on a complete run; finish profiling first")
@@ -191,14 +216,14 @@ def _fit(ref: ReferenceSet, budget_mb: int) -> Tails:
         columns = np.arange(start, min(start + width, run.num_units))
         values = np.empty((len(ids), len(columns)), np.float32)
         filled = 0
-        for _, block in iter_vectors(run, "profile", _READ_ROWS, columns, ref.only, None):
+        for _, block in run.iter_profiles(_READ_ROWS, only=ref.only, standardized=False, columns=columns):
             values[filled:filled + len(block)] = block
             filled += len(block)
         blocks.append(stack_tails([fit_tails(values if g == -1 else values[labels == g]) for g in groups], groups))
     return join_units(blocks)
 
 
-def _group_rows(ref: ReferenceSet, run: Run, sample_ids: np.ndarray) -> np.ndarray:
+def _group_rows(ref: ReferenceSet, run: ScoredRun, sample_ids: np.ndarray) -> np.ndarray:
     """``[n]`` each sample's reference group, an index into :func:`reference_groups`: its class's, or the whole
     set's for a class too small (said once)."""
     groups = reference_groups(ref)
@@ -213,7 +238,7 @@ def _group_rows(ref: ReferenceSet, run: Run, sample_ids: np.ndarray) -> np.ndarr
     return np.where(own, np.searchsorted(groups, labels), 0)
 
 
-def _targets(run: Run) -> np.ndarray:
+def _targets(run: ScoredRun) -> np.ndarray:
     """Each sample's true class, indexed by sample id (-1 for ids the run lacks)."""
     key = ("targets",)
     if key not in run.derived:
@@ -225,43 +250,14 @@ def _targets(run: Run) -> np.ndarray:
     return run.derived[key]
 
 
-def _stored_tails(run: Run, name: str) -> Tails | None:
-    record = run.manifest["files"].get(tails_file(name))
-    if record is None or record.get("format") != TAILS_FORMAT or STATS not in run.manifest["files"] \
-            or record.get("fitted_on") != run.manifest["files"][STATS]["sha256"]:
-        return None
-    run.check_file(tails_file(name), record)
-    return Tails.from_arrow(pq.read_table(run.path / tails_file(name)))
-
-
-def _store_tails(run: Run, name: str, tails: Tails) -> None:
-    """Writes the tails into the run and lists them, under the run's lock; says once if the run cannot take them."""
-    try:
-        with RunLock(run.path), manifest_update(run.path):
-            manifest = read_manifest(run.path)
-            if manifest is None or manifest["files"].get(STATS) != run.manifest["files"].get(STATS):
-                raise InputError("the run changed since it was opened")
-            folder(run.path, TAILS_DIR, create=True)
-            with atomic_path(inside(run.path, tails_file(name))) as tmp:
-                pq.write_table(tails.to_arrow(), tmp)
-                record: dict[str, Any] = file_record(tmp)
-            manifest["files"][tails_file(name)] = {**record, "format": TAILS_FORMAT,
-                                                   "fitted_on": manifest["files"][STATS]["sha256"]}
-            write_manifest(run.path, manifest)
-        run.manifest = manifest
-    except (OSError, ParamsalError) as exc:
-        warnings.warn(f"the POT tails of {run.path} were fitted but not stored ({exc}); they are kept in memory "
-                      "for this session", ParamsalWarning, stacklevel=4)
-
-
-def _check_same_units(run: Run, other: Run) -> None:
+def _check_same_units(run: ScoredRun, other: ScoredRun) -> None:
     difference = units_difference(run, other)
     if difference:
         raise InputError(f"the reference run {other.path} has other units than {run.path} ({difference}): score "
                          "against a run of the same model and unit scheme")
 
 
-def units_difference(a: Run, b: Run) -> str | None:
+def units_difference(a: ScoredRun, b: ScoredRun) -> str | None:
     """The first way two runs' units differ (A is ``a``), in words, or None when they are the same units."""
     first, second = a.units.to_pandas(), b.units.to_pandas()
     if len(first) != len(second):

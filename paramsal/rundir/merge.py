@@ -14,23 +14,31 @@ the same command, ending with the bytes an uninterrupted merge writes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from paramsal._io import atomic_path, file_record, writable_folder
-from paramsal.engine.integrity import check_file, check_no_links
-from paramsal.engine.lock import RunLock
-from paramsal.engine.manifest import (MANIFEST, NUMERIC_CONFIG, PART_STATS_DIR, PROFILES_DIR, UNITS, Part,
-                                      config_mismatches, mismatch_details, new_run_id, parts_of, read_manifest,
-                                      storage_error, write_manifest)
-from paramsal.engine.ownership import claim, folder, inside
-from paramsal.engine.resume import remove_temporaries
-from paramsal.engine.rundir import Run
-from paramsal.engine.writing import finish_run, now
 from paramsal.errors import InputError, RunCorruptError, RunMismatchError
+from paramsal.rundir.integrity import check_file, check_no_links
+from paramsal.rundir.layout import PART_STATS_DIR, PROFILES_DIR, UNITS
+from paramsal.rundir.lock import RunLock
+from paramsal.rundir.manifest import (
+    FileRecord,
+    Manifest,
+    Part,
+    new_run_id,
+    read_manifest,
+    storage_error,
+    write_manifest,
+)
+from paramsal.rundir.matching import NUMERIC_CONFIG, config_mismatches, mismatch_details
+from paramsal.rundir.ownership import MANIFEST, claim, folder, inside
+from paramsal.rundir.resume import remove_temporaries
+from paramsal.rundir.run import Run
+from paramsal.rundir.writing import finish_run, now
 
 OUT_OPTION = "--out DIR (out= in Python)"
 
@@ -79,69 +87,70 @@ def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
             run, part = chosen[index]
             for name, record in part.records.items():
                 _copy(run.path, root, name, record)
-            manifest["parts"] = sorted(manifest["parts"] + [part.to_json()], key=lambda p: p["index"])
-            manifest["updated"] = now()
+            manifest.list_part(part)
+            manifest.updated = now()
             write_manifest(root, manifest)
         finish_run(root)
     return Run(root)
 
 
-def _started(root: Path, first: Run, runs: list[Run], origin: list[str]) -> dict[str, Any]:
+def _started(root: Path, first: Run, runs: list[Run], origin: list[str]) -> Manifest:
     """A new merge's manifest, written (with its units) before any part is copied."""
-    manifest = {**first.manifest, "run_id": new_run_id(), "complete": False, "updated": now(), "parts": [],
-                "files": {}, "merged_from": [*first.manifest.get("merged_from", []),
-                                             *(str(run.path.resolve()) for run in runs)], "merge_of": origin}
+    merged_from = [*(first.manifest.merged_from or []), *(str(run.path.resolve()) for run in runs)]
+    manifest = dataclasses.replace(first.manifest, run_id=new_run_id(), complete=False, updated=now(), parts=[],
+                                   files={}, merged_from=merged_from, merge_of=origin)
 
-    def list_units(record: dict[str, Any]) -> None:
-        manifest["files"][UNITS] = record
+    def list_units(record: FileRecord) -> None:
+        manifest.files[UNITS] = record
         write_manifest(root, manifest)
 
-    _copy(first.path, root, UNITS, first.manifest["files"][UNITS], listed=list_units)
+    _copy(first.path, root, UNITS, first.manifest.files[UNITS], listed=list_units)
     return manifest
 
 
-def _continued(root: Path, origin: list[str]) -> dict[str, Any]:
+def _continued(root: Path, origin: list[str]) -> Manifest:
     """The manifest of the stopped merge of the same sources that ``root`` holds, with its units made whole.
 
     Raises:
         InputError: ``root`` holds another run (a profile, or a merge of other sources).
     """
     manifest = read_manifest(root)
-    if manifest is None or manifest.get("merge_of") != origin:
+    if manifest is None or manifest.merge_of != origin:
         raise InputError(f"{root} already holds a run that is not a merge of these sources: merge into a new or "
                          "empty directory")
     return manifest
 
 
-def _sound_parts(root: Path, manifest: dict[str, Any]) -> list[Part]:
+def _sound_parts(root: Path, manifest: Manifest) -> list[Part]:
     """The parts a stopped merge listed whose files are whole; the others are dropped, to be copied again."""
     sound = []
-    for part in parts_of(manifest):
+    for part in manifest.listed:
         try:
             for name, record in part.records.items():
                 check_file(root, name, record, manifest)
         except RunCorruptError:
             continue
         sound.append(part)
-    if len(sound) < len(manifest["parts"]):
-        manifest["parts"] = [part.to_json() for part in sound]
+    if len(sound) < len(manifest.parts):
+        manifest.parts = sound
         write_manifest(root, manifest)
     return sound
 
 
-def _units_whole(root: Path, manifest: dict[str, Any]) -> None:
+def _units_whole(root: Path, manifest: Manifest) -> None:
     """Copies the units again from the first source when a stopped merge listed them but was killed before they took
     their name."""
     try:
-        check_file(root, UNITS, manifest["files"][UNITS], manifest)
+        check_file(root, UNITS, manifest.files[UNITS], manifest)
     except RunCorruptError:
-        _copy(Path(manifest["merge_of"][0]), root, UNITS, manifest["files"][UNITS])
+        _copy(Path((manifest.merge_of or [])[0]), root, UNITS, manifest.files[UNITS])
 
 
 def _check_compatible(first: Run, other: Run) -> None:
     details = mismatch_details(other.manifest, first.manifest, (str(other.path), str(first.path)))
     differ = config_mismatches(first.manifest, other.manifest) + [
-        key for key in ("batches_per_part",) if first.manifest["config"][key] != other.manifest["config"][key]]
+        key for key in ("batches_per_part",) if getattr(first.manifest.config, key) != getattr(other.manifest.config,
+                                                                                                  key)]
     if details:
         raise RunMismatchError(f"{other.path} and {first.path} are not shares of one run: the first was made with "
                                f"{details}; merge only directories profiled with the same model, data, units and "
@@ -156,7 +165,7 @@ def _parts_by_index(runs: list[Run]) -> dict[int, tuple[Run, Part]]:
     """Each part index with the run it is taken from; a part held twice must be the same file."""
     chosen: dict[int, tuple[Run, Part]] = {}
     for run in runs:
-        for part in parts_of(run.manifest):
+        for part in run.manifest.listed:
             if part.index in chosen:
                 held_by, held = chosen[part.index]
                 if (held.sha256, held.stats_sha256) != (part.sha256, part.stats_sha256):
@@ -167,22 +176,23 @@ def _parts_by_index(runs: list[Run]) -> dict[int, tuple[Run, Part]]:
     return chosen
 
 
-def _copy(source: Path, root: Path, name: str, expected: dict[str, Any], listed=None) -> dict[str, Any]:
+def _copy(source: Path, root: Path, name: str, expected: FileRecord,
+          listed: Callable[[FileRecord], None] | None = None) -> FileRecord:
     """Copies one file durably, checked against the record (size, sha256) of the source's manifest; ``listed`` is
     called with the record before the copy takes its name."""
     target = inside(root, name)
     try:
         with atomic_path(target) as tmp:
             shutil.copyfile(inside(source, name), tmp)
-            record = file_record(tmp)
-            if (record["bytes"], record["sha256"]) != (expected["bytes"], expected["sha256"]):
+            record = FileRecord.from_json(file_record(tmp))
+            if (record.bytes, record.sha256) != (expected.bytes, expected.sha256):
                 raise RunCorruptError(f"{source / name} is not the file {source / MANIFEST} lists (size or sha256 "
                                       f"differ): run `paramsal verify {source}`, repair it, then merge again")
             if listed is not None:
                 listed(record)
     except OSError as exc:
         raise storage_error(target, exc) from exc
-    return dict(record)
+    return record
 
 
 __all__ = ["merge_runs"]

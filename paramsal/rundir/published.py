@@ -6,7 +6,7 @@ the set only when each file matches the record: a job killed while it
 replaced a result leaves new tables beside an old figure, and the record
 (old or missing) no longer matches them, so the set reads as unfinished
 instead of as a mixture. The record also says which run the files were made
-from (:func:`paramsal.engine.manifest.run_identity`), and it is what lets
+from (:func:`paramsal.rundir.manifest.run_identity`), and it is what lets
 ``--overwrite`` delete exactly the files paramsal published, and nothing else.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from paramsal._io import atomic_path, file_record, is_temporary, writable_folder
-from paramsal.engine.ownership import MANIFEST, claim, entries, is_regular, linked, read_json, remove
 from paramsal.errors import InputError
+from paramsal.rundir.ownership import MANIFEST, claim, entries, is_regular, linked, read_json, remove
 
 #: The record formats: a saved result (``NAME.json``) and a report (``report.json``). Version 1 results recorded
 #: no files: theirs are known by name (:func:`_files_of`).

@@ -3,11 +3,11 @@ parts to the writers, so that the device never waits for the host.
 
 Per batch the host only queues work: the inputs go to the device on a copy
 stream of their own, the Profiler runs, the rows' finiteness and the float64
-moments of the finite rows are computed on the device (:func:`kept_moments`),
+moments of the finite rows are computed on the device (:func:`device_moments`),
 and every result is copied back into pinned memory behind an event. The batch
 is looked at one batch later, once that event has passed, while the device
 computes the next one; a part is handed to the writer threads
-(:mod:`paramsal.engine.writing`) as soon as its last batch lands. On a CPU the
+(:mod:`paramsal.rundir.writing`) as soon as its last batch lands. On a CPU the
 same loop runs with nothing to overlap, and the writers compute the moments.
 """
 
@@ -21,20 +21,19 @@ from tqdm.auto import tqdm
 
 from paramsal._typing import MapDataset
 from paramsal.engine.backends import BatchResult
-from paramsal.engine.devices import DeviceFeed
-from paramsal.engine.loading import BadBatch, Indexed, collate_samples
-from paramsal.engine.manifest import part_range, rows_per_part
 from paramsal.engine.profile import LOSS_FLAG, Profiler
-from paramsal.engine.stats import kept_moments
 from paramsal.engine.tasks import first_labelled, is_sequence_task, sample_labels
-from paramsal.engine.writing import LandedBatch, PartBuffer, PartWriter
 from paramsal.errors import NonFiniteError
+from paramsal.jobs.hardware import DeviceFeed
+from paramsal.jobs.loading import BadBatch, Indexed, collate_samples
+from paramsal.rundir.manifest import Manifest
+from paramsal.rundir.writing import LandedBatch, PartBuffer, PartWriter
 
 #: Batches the DataLoader's workers prepare ahead of the one being profiled, per worker.
 PREFETCH = 4
 
 
-def profile_parts(root: Any, manifest: dict[str, Any], parts: list[int], data: MapDataset, profiler: Profiler,
+def profile_parts(root: Any, manifest: Manifest, parts: list[int], data: MapDataset, profiler: Profiler,
                   device: torch.device, num_workers: int, on_nonfinite: str, progress: bool,
                   writer_threads: int = 1) -> None:
     """Profiles the given parts, batch by batch, and lists each in the manifest once it is written.
@@ -44,12 +43,12 @@ def profile_parts(root: Any, manifest: dict[str, Any], parts: list[int], data: M
         manifest: its manifest (part layout, batch size, aggregation).
         parts: the part indices this process profiles.
         num_workers: DataLoader worker processes.
-        on_nonfinite: "skip" or "fail" (:func:`~paramsal.engine.dataset.profile_dataset`).
+        on_nonfinite: "skip" or "fail" (:func:`~paramsal.jobs.bulk.profile_dataset`).
         writer_threads: parts written side by side.
     """
-    batch_size = manifest["config"]["batch_size"]
+    batch_size = manifest.config.batch_size
     batches = [list(range(s, min(s + batch_size, stop))) for i in parts
-               for start, stop in [part_range(manifest, i)] for s in range(start, stop, batch_size)]
+               for start, stop in [manifest.part_range(i)] for s in range(start, stop, batch_size)]
     loader = DataLoader(Indexed(data), batch_sampler=batches, num_workers=num_workers,
                         collate_fn=collate_samples, pin_memory=device.type == "cuda",
                         prefetch_factor=PREFETCH if num_workers else None)
@@ -81,17 +80,17 @@ def profile_parts(root: Any, manifest: dict[str, Any], parts: list[int], data: M
 class _Parts:
     """Landed batches gathered into parts; each part, once whole, goes to the writers."""
 
-    def __init__(self, root: Any, manifest: dict[str, Any], profiler: Profiler, on_nonfinite: str, threads: int):
+    def __init__(self, root: Any, manifest: Manifest, profiler: Profiler, on_nonfinite: str, threads: int):
         self.manifest, self.profiler, self.on_nonfinite = manifest, profiler, on_nonfinite
-        self.writer = PartWriter(root, manifest["aggregation"], len(profiler.index), threads)
+        self.writer = PartWriter(root, manifest.aggregation, len(profiler.index), threads)
         self.buffer: PartBuffer | None = None
 
     def land(self, batch: _InFlight) -> int:
         """Adds a batch's results (writing its part when whole); returns its number of samples."""
         if self.buffer is None:
-            self.buffer = PartBuffer(int(batch.ids[0]) // rows_per_part(self.manifest))
+            self.buffer = PartBuffer(int(batch.ids[0]) // self.manifest.rows_per_part)
         self.buffer.add(batch.land(self.profiler, self.on_nonfinite))
-        if self.buffer.stop == part_range(self.manifest, self.buffer.index)[1]:
+        if self.buffer.stop == self.manifest.part_range(self.buffer.index)[1]:
             self.writer.write(self.buffer, self.profiler.backend)
             self.buffer = None
         return len(batch.ids)
@@ -109,7 +108,7 @@ class _InFlight:
         on_device = result.profiles.is_cuda
         # rows whose profile sums and losses are finite: a screen (a sum may overflow), looked into on the host
         screen = torch.isfinite(result.profiles.sum(1)) & torch.isfinite(result.losses)
-        moments = kept_moments(result.profiles, screen) if on_device else None
+        moments = device_moments(result.profiles, screen) if on_device else None
         self.screen = feed.to_host(screen)
         self.moments = None if moments is None else tuple(feed.to_host(m) for m in moments)
         self.result = BatchResult(feed.to_host(result.profiles), feed.to_host(result.outputs),
@@ -135,7 +134,20 @@ class _InFlight:
             count, mean, m2 = self.moments
             moments = int(count), mean.numpy(), m2.numpy()
         result = _checked_finite(profiler, self.ids, self.inputs, self.targets, self.result, flags, on_nonfinite)
-        return LandedBatch(self.ids, sample_labels(self.targets, profiler.task), result, flags, moments)
+        return LandedBatch(self.ids.numpy(), sample_labels(self.targets, profiler.task).numpy(),
+                           result.outputs.float().numpy(), result.losses.float().numpy(),
+                           result.profiles.float().numpy(),  # float32 already: views, not copies
+                           None if result.features is None else result.features.float().numpy(), flags, moments)
+
+
+def device_moments(profiles: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two-pass float64 moments of the rows ``keep [N]`` selects of ``profiles [N, F]``, on their device and without
+    a sync (no selection: rows not kept, NaN and inf included, contribute zeros): ``(count, mean [F], m2 [F])``,
+    what :func:`paramsal.ranking.stats.finite_moments` gives on the host."""
+    count, rows = keep.sum(), keep[:, None]
+    values = torch.where(rows, profiles.double(), 0.0)
+    mean = values.sum(0) / count.clamp_min(1)
+    return count, mean, torch.where(rows, values - mean, 0.0).square_().sum(0)
 
 
 def _profiled(profiler: Profiler, inputs: torch.Tensor, targets: torch.Tensor, check_finite: bool) -> BatchResult:

@@ -12,18 +12,18 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from paramsal._io import file_record, is_temporary
-from paramsal.engine.lock import writer_of
-from paramsal.engine.manifest import (PART_STATS_DIR, PROFILES_DIR, STATS, TAILS_DIR, UNITS, Part, is_pending,
-                                      part_index, parts_of, read_manifest, repair_hint)
-from paramsal.engine.ownership import RUN_FOLDERS, entries, inside, linked
 from paramsal.errors import ParamsalError, RunCorruptError, RunLockedError, first_line
+from paramsal.rundir.layout import PART_STATS_DIR, PROFILES_DIR, STATS, TAILS_DIR, UNITS, part_index
+from paramsal.rundir.lock import writer_of
+from paramsal.rundir.manifest import FileRecord, Manifest, Part, read_manifest
+from paramsal.rundir.matching import repair_hint
+from paramsal.rundir.ownership import RUN_FOLDERS, entries, inside, linked
 
 #: The columns of a part file besides its vectors, and their Arrow types.
 PART_COLUMNS = {"sample_id": pa.int64(), "target": pa.int64(), "pred": pa.int64(), "loss": pa.float32(),
@@ -36,7 +36,12 @@ MOMENTS_COLUMNS = {"unit_id": pa.int64(), "count": pa.int64(), "mean": pa.float6
                    "std": pa.float64()}
 
 
-def check_file(root: Path, name: str, record: dict[str, Any], manifest: dict[str, Any], *,
+def units_table(columns: dict[str, list]) -> pa.Table:
+    """``units.parquet``'s table from a unit index's columns (:meth:`paramsal.engine.units.UnitIndex.columns`)."""
+    return pa.table({name: pa.array(columns[name], type=kind) for name, kind in UNITS_COLUMNS.items()})
+
+
+def check_file(root: Path, name: str, record: FileRecord, manifest: Manifest, *,
                checksum: bool = True) -> None:
     """Raises :class:`RunCorruptError` unless ``root/name`` is a regular file with the recorded size (and sha256)."""
     path = inside(root, name)  # a link on the way is an error naming it; its target is never looked at
@@ -46,32 +51,32 @@ def check_file(root: Path, name: str, record: dict[str, Any], manifest: dict[str
         raise _damaged(root, manifest, f"{path} is listed in the manifest but missing") from None
     if not stat.S_ISREG(info.st_mode):
         raise _damaged(root, manifest, f"{path} is not a regular file")
-    if info.st_size != record["bytes"]:
+    if info.st_size != record.bytes:
         raise _damaged(root, manifest, f"{path} has {info.st_size} bytes where the manifest records "
-                                       f"{record['bytes']} (truncated or overwritten)")
-    if checksum and file_record(path)["sha256"] != record["sha256"]:
+                                       f"{record.bytes} (truncated or overwritten)")
+    if checksum and file_record(path)["sha256"] != record.sha256:
         raise _damaged(root, manifest, f"{path} is damaged: its sha256 differs from the one the manifest records")
 
 
-def check_part(root: Path, part: Part, manifest: dict[str, Any], *, checksum: bool = True) -> None:
+def check_part(root: Path, part: Part, manifest: Manifest, *, checksum: bool = True) -> None:
     """Both files of a part: its profiles and its moments."""
     for name, record in part.records.items():
         check_file(root, name, record, manifest, checksum=checksum)
 
 
-def expected_columns(name: str, manifest: dict[str, Any]) -> tuple[dict[str, pa.DataType], int | None]:
+def expected_columns(name: str, manifest: Manifest) -> tuple[dict[str, pa.DataType], int | None]:
     """The columns a file of the run must have, with their types, and its row count where the manifest fixes it."""
     if name == UNITS:
-        return UNITS_COLUMNS, int(manifest["num_units"])
+        return UNITS_COLUMNS, manifest.num_units
     if name == STATS or name.startswith(f"{PART_STATS_DIR}/"):
-        return MOMENTS_COLUMNS, int(manifest["num_units"])
+        return MOMENTS_COLUMNS, manifest.num_units
     if name.startswith(f"{PROFILES_DIR}/"):
-        vectors = {"profile": pa.list_(pa.float32(), int(manifest["num_units"]))}
+        vectors = {"profile": pa.list_(pa.float32(), manifest.num_units)}
         return {**PART_COLUMNS, **vectors}, None
     return {}, None
 
 
-def check_schema(root: Path, name: str, manifest: dict[str, Any]) -> None:
+def check_schema(root: Path, name: str, manifest: Manifest) -> None:
     """Raises :class:`RunCorruptError` unless the Parquet file ``name`` has the columns, types and rows the run's
     format and manifest give it (its footer alone is read).
 
@@ -94,7 +99,7 @@ def check_schema(root: Path, name: str, manifest: dict[str, Any]) -> None:
         raise _damaged(root, manifest, f"{path} {problem}")
 
 
-def _schema_problem(schema: pa.Schema, columns: dict[str, pa.DataType], part_of: dict[str, Any] | None) -> str | None:
+def _schema_problem(schema: pa.Schema, columns: dict[str, pa.DataType], part_of: Manifest | None) -> str | None:
     for column, kind in columns.items():
         found = schema.get_all_field_indices(column)
         if len(found) != 1:
@@ -102,7 +107,7 @@ def _schema_problem(schema: pa.Schema, columns: dict[str, pa.DataType], part_of:
         actual = schema.field(found[0]).type
         if not _same_type(actual, kind):
             return f"has a {column!r} column of type {actual}, not {kind}"
-    if part_of is not None and part_of["features"]:
+    if part_of is not None and part_of.features:
         found = schema.get_all_field_indices("features")
         actual = schema.field(found[0]).type if len(found) == 1 else None
         if actual is None or not pa.types.is_fixed_size_list(actual) or actual.value_type != pa.float32():
@@ -118,7 +123,7 @@ def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
     return actual == expected
 
 
-def check_part_rows(root: Path, part: Part, table: pa.Table, manifest: dict[str, Any]) -> None:
+def check_part_rows(root: Path, part: Part, table: pa.Table, manifest: Manifest) -> None:
     """The rows read from a part are exactly its samples, in order."""
     ids = table.column("sample_id").to_numpy()
     if len(ids) != part.rows or not np.array_equal(ids, np.arange(part.start, part.stop)):
@@ -127,23 +132,23 @@ def check_part_rows(root: Path, part: Part, table: pa.Table, manifest: dict[str,
                                        f"{part.start}..{part.stop - 1}")
 
 
-def stray_files(root: Path, manifest: dict[str, Any]) -> list[Path]:
+def stray_files(root: Path, manifest: Manifest) -> list[Path]:
     """Part files no manifest lists and no job of this run could be writing.
 
     While a run is unfinished, the file of a part it lacks may exist unlisted:
     a job wrote it and was stopped before listing it, and a resume rewrites
-    it (:func:`~paramsal.engine.manifest.is_pending`). Anything else under
+    it (:meth:`~paramsal.rundir.manifest.Manifest.is_pending`). Anything else under
     ``profiles/`` or ``stats/`` named ``part-*`` is a stranger (a copy from
     another run, say) that a folder reader such as
     ``pd.read_parquet("RUN/profiles")`` would mix in.
     """
-    listed = {p.index for p in parts_of(manifest)}
+    listed = {p.index for p in manifest.parts}
     strays = []
     for folder in (PROFILES_DIR, PART_STATS_DIR):
         for path in entries(root, folder):
             index = part_index(path)
             if path.name.startswith("part-") and (index is None or not (index in listed
-                                                                        or is_pending(manifest, index))):
+                                                                        or manifest.is_pending(index))):
                 strays.append(path)
     return strays
 
@@ -177,7 +182,7 @@ def check_no_links(root: Path) -> None:
         raise linked(root, found[0])
 
 
-def check_no_strays(root: Path, manifest: dict[str, Any]) -> None:
+def check_no_strays(root: Path, manifest: Manifest) -> None:
     strays = stray_files(root, manifest)
     if strays:
         raise _damaged(root, manifest, f"{strays[0]} is not listed in the manifest (a file from elsewhere; "
@@ -200,12 +205,12 @@ def verify_run(root: str | Path) -> list[str]:
         return [f"{root} is not a paramsal run directory (no manifest.json)"]
     problems = [f"{path} is a symbolic link: a run holds none, and paramsal does not follow it; remove it"
                 for path in links(root)]
-    for name, record in manifest["files"].items():
+    for name, record in manifest.files.items():
         found = _problems(check_file, root, name, record, manifest)
         if not found and not name.startswith(f"{TAILS_DIR}/"):
             found = _problems(check_schema, root, name, manifest)
         problems += found
-    for part in parts_of(manifest):
+    for part in manifest.listed:
         found = _problems(check_part, root, part, manifest)
         for name in (part.file, part.stats_file):
             found = found or _problems(check_schema, root, name, manifest)
@@ -237,7 +242,7 @@ def _problems(check, *args) -> list[str]:
     return []
 
 
-def _damaged(root: Path, manifest: dict[str, Any], problem: str, fix: str = "") -> ParamsalError:
+def _damaged(root: Path, manifest: Manifest, problem: str, fix: str = "") -> ParamsalError:
     """The error for a problem a reader found: the way to repair it, unless a live job is writing the run (what a
     reader sees then changes under it; the job's own files are fine)."""
     writer = writer_of(root)

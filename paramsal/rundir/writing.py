@@ -10,7 +10,7 @@ dictionary or statistics; the file is hashed as it is written rather than read
 back. Several threads write parts side by side where there are cores to
 spare, at most that many parts held at once. Each rank of a ``torchrun`` job
 lists its parts in the one manifest it shares with the others, re-reading it
-under :func:`paramsal.engine.lock.manifest_update` so that no listing is lost.
+under :func:`paramsal.rundir.lock.manifest_update` so that no listing is lost.
 """
 
 from __future__ import annotations
@@ -25,20 +25,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
+from paramsal._arrow import fixed_size_list
 from paramsal._io import HashingFile, atomic_path
-from paramsal.engine.backends import BatchResult
-from paramsal.engine.integrity import check_file, temporaries
-from paramsal.engine.lock import manifest_update
-from paramsal.engine.manifest import (PART_STATS_DIR, PROFILES_DIR, STATS, UNITS, Part, own_files, part_count,
-                                      part_file, part_stats_file, parts_of, read_manifest, storage_error,
-                                      write_manifest)
-from paramsal.engine.ownership import folder, inside, remove
-from paramsal.engine.published import unpublish_all
-from paramsal.engine.reading import ROW_GROUP_ROWS
-from paramsal.engine.stats import Moments, SaliencyStats, chan_merge, kept_moments
 from paramsal.errors import EngineError
+from paramsal.ranking.stats import Moments, SaliencyStats, chan_merge, finite_moments
+from paramsal.rundir.integrity import check_file, temporaries
+from paramsal.rundir.layout import PART_STATS_DIR, PROFILES_DIR, STATS, UNITS, part_file, part_stats_file
+from paramsal.rundir.lock import manifest_update
+from paramsal.rundir.manifest import FileRecord, Manifest, Part, own_files, read_manifest, storage_error, write_manifest
+from paramsal.rundir.ownership import folder, inside, remove
+from paramsal.rundir.published import unpublish_all
+from paramsal.rundir.reading import ROW_GROUP_ROWS
 
 
 def profile_table(sample_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarray, losses: np.ndarray,
@@ -74,16 +72,11 @@ def profile_table(sample_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarr
         "correct": pa.array(pred == targets),
         "nonfinite": pa.array([flag is not None for flag in flags]),
         "nonfinite_param": pa.array(flags, pa.string()),
-        "profile": _fixed_size_list(profiles),
+        "profile": fixed_size_list(profiles),
     }
     if features is not None:
-        columns["features"] = _fixed_size_list(features)
+        columns["features"] = fixed_size_list(features)
     return pa.table(columns)
-
-
-def _fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
 #: How tables of a run are written: its profiles are incompressible float32 values, where compression, dictionary
@@ -98,7 +91,7 @@ def write_part(root: Path, index: int, tables: pa.Table | Sequence[pa.Table], st
 
     Args:
         tables: the part's rows (:func:`profile_table`), samples ``start..stop-1`` in order: one table, or one per
-            batch, each written as it is (row groups of at most :data:`~paramsal.engine.reading.ROW_GROUP_ROWS`).
+            batch, each written as it is (row groups of at most :data:`~paramsal.rundir.reading.ROW_GROUP_ROWS`).
         stats: the moments of the part's finite rows.
         backend: the backend that computed the rows.
     """
@@ -109,12 +102,11 @@ def write_part(root: Path, index: int, tables: pa.Table | Sequence[pa.Table], st
     moments = _write_table(root, part_stats_file(index), stats.to_arrow())
     rows = _write_table(root, part_file(index), tables, ROW_GROUP_ROWS)  # readers decode a row group at a time
     flagged = sum(int(np.asarray(t.column("nonfinite")).sum()) for t in tables)
-    return Part(index, int(ids[0][0].as_py()), int(ids[-1][-1].as_py()) + 1, rows["bytes"], rows["sha256"],
-                moments["bytes"], moments["sha256"], backend, flagged)
+    return Part(index, int(ids[0][0].as_py()), int(ids[-1][-1].as_py()) + 1, rows.bytes, rows.sha256,
+                moments.bytes, moments.sha256, backend, flagged)
 
 
-def write_units(root: Path, table: pa.Table, listed: Callable[[dict[str, Any]], None] | None = None) \
-        -> dict[str, Any]:
+def write_units(root: Path, table: pa.Table, listed: Callable[[FileRecord], None] | None = None) -> FileRecord:
     """Writes ``units.parquet``; returns its record for the manifest's ``files``.
 
     Args:
@@ -126,13 +118,13 @@ def write_units(root: Path, table: pa.Table, listed: Callable[[dict[str, Any]], 
     return _write_table(root, UNITS, table, listed=listed)
 
 
-def write_stats(root: Path, stats: SaliencyStats) -> dict[str, Any]:
+def write_stats(root: Path, stats: SaliencyStats) -> FileRecord:
     """Writes ``stats.parquet``; returns its record for the manifest's ``files``."""
     return _write_table(root, STATS, stats.to_arrow())
 
 
 def _write_table(root: Path, name: str, tables: pa.Table | Sequence[pa.Table], row_group_rows: int | None = None,
-                 listed: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                 listed: Callable[[FileRecord], None] | None = None) -> FileRecord:
     """Writes a table (or several, one after the other) to ``root/name`` durably, in row groups of at most
     ``row_group_rows``; returns the file's size and sha256 for the manifest, taken as it is written (passed to
     ``listed`` before the file takes its name, when given)."""
@@ -143,7 +135,7 @@ def _write_table(root: Path, name: str, tables: pa.Table | Sequence[pa.Table], r
             sink = HashingFile(file)
             pq.write_table(table, sink, row_group_size=row_group_rows, **WRITE_OPTIONS)
             file.flush()
-            record = sink.record()
+            record = FileRecord.from_json(sink.record())
             if listed is not None:
                 listed(record)
     except OSError as exc:
@@ -152,7 +144,7 @@ def _write_table(root: Path, name: str, tables: pa.Table | Sequence[pa.Table], r
 
 
 def clear_run(root: Path, manifest: Any) -> None:
-    """Removes the run a manifest describes: its files (:func:`~paramsal.engine.manifest.own_files`), the results
+    """Removes the run a manifest describes: its files (:func:`~paramsal.rundir.manifest.own_files`), the results
     saved from it, and the temporaries of killed jobs; nothing else. The manifest itself stays until the new run's
     replaces it, and the lock stays with its holder."""
     for name in own_files(root, manifest):
@@ -165,34 +157,34 @@ def clear_run(root: Path, manifest: Any) -> None:
 
 @dataclass
 class LandedBatch:
-    """One batch's results on the host, as a part gathers them.
+    """One batch's rows on the host, as a part gathers them (arrays: the writer never sees a tensor).
 
     Attributes:
         ids: ``[b]`` sample ids; targets: ``[b]`` the labels the sample table records.
-        result: the batch's profiles, outputs (the logits the table describes), losses, features.
+        logits: ``[b, C]`` the outputs the table describes; losses: ``[b]``.
+        profiles: ``[b, F]`` float32 raw profiles; features: ``[b, D]`` or None.
         flags: per sample, None or the first parameter whose gradient was not finite.
         moments: the float64 moments of its finite rows, when the device computed them; None: the writer does.
     """
 
-    ids: torch.Tensor
-    targets: torch.Tensor
-    result: BatchResult
+    ids: np.ndarray
+    targets: np.ndarray
+    logits: np.ndarray
+    losses: np.ndarray
+    profiles: np.ndarray
+    features: np.ndarray | None
     flags: list[str | None]
     moments: Moments | None = None
 
     def table(self) -> pa.Table:
-        """The batch's rows (:func:`profile_table`), its tensors viewed, not copied, where they are float32."""
-        result = self.result
-        features = None if result.features is None else result.features.float().numpy()
-        return profile_table(self.ids.numpy(), self.targets.numpy(), result.outputs.float().numpy(),
-                             result.losses.float().numpy(), result.profiles.float().numpy(), features, self.flags)
+        """The batch's rows (:func:`profile_table`), its arrays viewed, not copied."""
+        return profile_table(self.ids, self.targets, self.logits, self.losses, self.profiles, self.features,
+                             self.flags)
 
     def finite_moments(self) -> Moments:
         if self.moments is not None:
             return self.moments
-        keep = torch.tensor([flag is None for flag in self.flags])
-        count, mean, m2 = kept_moments(self.result.profiles, keep)
-        return int(count), mean.numpy(), m2.numpy()
+        return finite_moments(self.profiles, np.array([flag is None for flag in self.flags], bool))
 
 
 class PartBuffer:
@@ -249,8 +241,8 @@ class PartWriter:
         part = write_part(self.root, buffer.index, [batch.table() for batch in buffer.batches], stats, backend)
         with manifest_update(self.root):
             manifest = _current_manifest(self.root)
-            manifest["parts"] = sorted(manifest["parts"] + [part.to_json()], key=lambda p: p["index"])
-            manifest["updated"] = now()
+            manifest.list_part(part)
+            manifest.updated = now()
             write_manifest(self.root, manifest)
 
 
@@ -258,21 +250,21 @@ def finish_run(root: Path) -> None:
     """Once every part is listed: the statistics merged from the parts in part order, then ``complete``."""
     with manifest_update(root):
         manifest = _current_manifest(root)
-        parts = parts_of(manifest)
-        if manifest["complete"] or len(parts) < part_count(manifest):
+        parts = manifest.listed
+        if manifest.complete or len(parts) < manifest.part_count:
             return
-        stats = SaliencyStats(int(manifest["num_units"]))
+        stats = SaliencyStats(manifest.num_units)
         for part in parts:
             check_file(root, part.stats_file, part.records[part.stats_file], manifest)
             stats = stats.merge(SaliencyStats.load(root / part.stats_file))
-        stats.aggregation = manifest["aggregation"]
-        manifest["files"][STATS] = write_stats(root, stats)
-        manifest["complete"] = True
-        manifest["updated"] = now()
+        stats.aggregation = manifest.aggregation
+        manifest.files[STATS] = write_stats(root, stats)
+        manifest.complete = True
+        manifest.updated = now()
         write_manifest(root, manifest)
 
 
-def _current_manifest(root: Path) -> dict[str, Any]:
+def _current_manifest(root: Path) -> Manifest:
     manifest = read_manifest(root)
     if manifest is None:
         raise EngineError(f"{root}/manifest.json vanished while the job was writing the run")

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from paramsal._io import NOFOLLOW
-from paramsal.engine.ownership import LOCK, MANIFEST_LOCK, inside, linked, read_json
 from paramsal.errors import RunCorruptError, RunLockedError
+from paramsal.rundir.ownership import LOCK, MANIFEST_LOCK, inside, linked, read_json
 
 #: The run directories this process holds the lock of: a reader here that finds them changing is not racing
 #: another job.

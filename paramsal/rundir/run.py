@@ -1,5 +1,5 @@
 """Reading a run directory's data files (:class:`Run`); the layout and manifest are in
-:mod:`paramsal.engine.manifest`, the writing in :mod:`paramsal.engine.writing`.
+:mod:`paramsal.rundir.manifest`, the writing in :mod:`paramsal.rundir.writing`.
 
 Every file a reader opens is checked against the manifest first (size,
 sha256, and for parts the row count and sample ids), so a damaged, swapped or
@@ -18,19 +18,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from paramsal.engine.integrity import PART_COLUMNS, check_file, check_no_strays, check_part_rows, check_schema
-from paramsal.engine.manifest import MANIFEST, STATS, TAILS_DIR, UNITS, Part, parts_of, read_manifest, run_identity
-from paramsal.engine.ownership import inside
-from paramsal.engine.reading import Block, iter_vectors
+from paramsal._arrow import list_values
+from paramsal._typing import Rows
 from paramsal.errors import InputError
 from paramsal.options import ROW_SELECTIONS
-from paramsal.engine.stats import SaliencyStats
-
+from paramsal.ranking.scoring import scores
+from paramsal.ranking.stats import SaliencyStats
+from paramsal.ranking.tails import Tails
+from paramsal.rundir.integrity import PART_COLUMNS, check_file, check_no_strays, check_part_rows, check_schema
+from paramsal.rundir.layout import STATS, TAILS_DIR, TAILS_FORMAT, UNITS, tails_file
+from paramsal.rundir.manifest import FileRecord, Part, read_manifest
+from paramsal.rundir.ownership import MANIFEST, inside
+from paramsal.rundir.reading import Block, iter_vectors
 
 #: The per-sample columns of a part besides ``profile`` and ``features``.
 SAMPLE_COLUMNS = list(PART_COLUMNS)
 
-Rows = str | Sequence[int] | np.ndarray | None
 
 
 class Run:
@@ -48,7 +51,7 @@ class Run:
             raise InputError(f"{self.path} is not a paramsal run directory (no {MANIFEST})")
         check_no_strays(self.path, manifest)
         self.manifest = manifest
-        self.parts = parts_of(manifest)
+        self.parts = manifest.listed
         self._checked: set[tuple[str, int, int] | None] = set()
         #: What readers derive from the stored files once per open run (reference statistics, tails).
         self.derived: dict[tuple, Any] = {}
@@ -58,16 +61,16 @@ class Run:
 
     @property
     def complete(self) -> bool:
-        return bool(self.manifest.get("complete"))
+        return self.manifest.complete
 
     @property
     def identity(self) -> str:
         """What tells this run from any other, even one made again in this folder (results record it)."""
-        return run_identity(self.manifest)
+        return self.manifest.identity
 
     @property
     def num_units(self) -> int:
-        return int(self.manifest["num_units"])
+        return self.manifest.num_units
 
     @property
     def num_samples(self) -> int:
@@ -77,14 +80,14 @@ class Run:
     @property
     def units(self) -> pa.Table:
         """One row per unit: unit_id, param, module, layer, channel, size."""
-        self.check_file(UNITS, self.manifest["files"][UNITS])
+        self.check_file(UNITS, self.manifest.files[UNITS])
         return pq.read_table(self.path / UNITS)
 
     @property
     def stats(self) -> SaliencyStats:
         """Statistics over every finite sample written (merged from the parts while the run is unfinished)."""
         if self.complete:
-            self.check_file(STATS, self.manifest["files"][STATS])
+            self.check_file(STATS, self.manifest.files[STATS])
             return SaliencyStats.load(self.path / STATS)
         return self.merged_part_stats()
 
@@ -157,12 +160,25 @@ class Run:
 
         Args:
             method: "zscore" (the paper) or "pot" (peaks-over-threshold tail score, ``-log10`` of the tail
-                probability; tails fitted once and stored in the run, :mod:`paramsal.engine.tails`).
+                probability; the tails ``paramsal tails RUN`` stored, else fitted in memory: reading a score never
+                writes the run; :mod:`paramsal.ranking.tails`).
             reference: the samples scored against: "all", "correct", "class" (each
-                sample's own class) or another run (:mod:`paramsal.engine.scoring`).
+                sample's own class) or another run (:mod:`paramsal.ranking.scoring`).
         """
-        from paramsal.engine.scoring import scores
         return scores(self, method, only, layers, reference)
+
+    def stored_tails(self, reference: str) -> Tails | None:
+        """The POT tails of a named reference set that ``paramsal tails`` stored in the run
+        (:mod:`paramsal.rundir.tails`), fitted on its current statistics; else None.
+
+        Raises:
+            RunCorruptError: the listed file is not the one the manifest lists.
+        """
+        record, stats = self.manifest.files.get(tails_file(reference)), self.manifest.files.get(STATS)
+        if record is None or stats is None or record.format != TAILS_FORMAT or record.fitted_on != stats.sha256:
+            return None
+        self.check_file(tails_file(reference), record)
+        return Tails.from_arrow(pq.read_table(self.path / tails_file(reference)))
 
     def features(self, only: Rows = None) -> np.ndarray:
         """Penultimate features ``[n, D]`` (float32), if the run recorded them."""
@@ -170,21 +186,23 @@ class Run:
         return self._vectors("features", None, only, None)
 
     def iter_profiles(self, rows: int, layers: slice | Sequence[int] | None = None, only: Rows = None,
-                      standardized: bool = True, stats: SaliencyStats | Run | None = None) -> Iterator[Block]:
+                      standardized: bool = True, stats: SaliencyStats | Run | None = None,
+                      columns: np.ndarray | None = None) -> Iterator[Block]:
         """The profiles of :meth:`profiles` (same arguments) in blocks: memory set by ``rows``, not by a part.
 
         Each part is checked against the manifest as it is reached; its profile
-        column is decoded a batch at a time (:mod:`paramsal.engine.reading`).
+        column is decoded a batch at a time (:mod:`paramsal.rundir.reading`).
 
         Args:
             rows: most rows per block.
+            columns: ``[f]`` unit columns to keep, instead of ``layers`` (a block of units, say).
 
         Yields:
             ``(sample_ids [m] int64, profiles [m, f] float32)``, ``1 <= m <= rows``
             (read-only arrays), in sample-id order: concatenated, the blocks are
             :meth:`profiles` with the same arguments.
         """
-        return iter_vectors(self, "profile", rows, self.unit_columns(layers), only,
+        return iter_vectors(self, "profile", rows, self.unit_columns(layers) if columns is None else columns, only,
                             self._standardizer(stats) if standardized else None)
 
     def iter_features(self, rows: int, only: Rows = None) -> Iterator[Block]:
@@ -193,7 +211,7 @@ class Run:
         return iter_vectors(self, "features", rows, None, only, None)
 
     def _check_features(self) -> None:
-        if not self.manifest.get("features"):
+        if not self.manifest.features:
             raise InputError(f"{self.path} has no features: profile with features=True (--features)")
 
     def summary(self) -> str:
@@ -202,16 +220,16 @@ class Run:
         correct = table.column("correct").to_numpy(zero_copy_only=False)[finite]
         units = self.units
         layers = len(set(units.column("layer").to_pylist()))
-        status = "complete" if self.complete else f"unfinished ({self.num_samples} of {self.manifest['num_samples']})"
+        status = "complete" if self.complete else f"unfinished ({self.num_samples} of {self.manifest.num_samples})"
         lines = [
             f"run        {self.path} ({status})",
-            f"model      {self.manifest['config'].get('model')}",
-            f"data       {self.manifest['config'].get('data')}",
+            f"model      {self.manifest.config.model}",
+            f"data       {self.manifest.config.data}",
             f"samples    {table.num_rows}",
             f"accuracy   {correct.mean():.4f} ({int((~correct).sum())} misclassified)" if len(correct) else
             "accuracy   -",
-            f"units      {self.num_units} ({self.manifest['config'].get('units')}, "
-            f"{self.manifest['aggregation']}) in {layers} layers",
+            f"units      {self.num_units} ({self.manifest.config.units}, "
+            f"{self.manifest.aggregation}) in {layers} layers",
         ]
         skipped = table.column("sample_id").to_numpy()[~finite]
         if len(skipped):
@@ -219,7 +237,7 @@ class Run:
                          f"{', '.join(map(str, skipped[:10]))}{', ...' if len(skipped) > 10 else ''})")
         return "\n".join(lines)
 
-    def check_file(self, name: str, record: dict[str, Any]) -> None:
+    def check_file(self, name: str, record: FileRecord) -> None:
         """Checks a file (size, sha256, and a table's schema) once per reader, again only if it changed on disk."""
         path = inside(self.path, name)
         if _state(name, path) not in self._checked:
@@ -278,8 +296,7 @@ class Run:
         blocks = []
         for table in self.iter_parts(["correct", "nonfinite", column]):
             mask = self.selected(table, only)
-            vectors = table.column(column).combine_chunks()
-            values = vectors.flatten().to_numpy().reshape(len(vectors), -1)[mask]
+            values = list_values(table.column(column))[mask]
             if unit_columns is not None:
                 values = values[:, unit_columns]
             if standardizer is not None:

@@ -15,55 +15,67 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from paramsal._typing import MapDataset
-from paramsal.engine.fingerprints import dataset_labels
-from paramsal.engine.integrity import (check_file, check_no_links, check_no_strays, check_part, check_part_rows,
-                                       stray_files, temporaries)
-from paramsal.engine.manifest import (STATS, UNITS, Part, check_same_run, config_mismatches, mismatches,
-                                      new_run_id, parts_of, read_manifest, resume_notes, write_manifest)
-from paramsal.engine.ownership import MANIFEST, read_json, remove
-from paramsal.engine.profile import Profiler
-from paramsal.engine.writing import clear_run, write_units
 from paramsal.errors import InputError, RunCorruptError, RunMismatchError
+from paramsal.rundir.integrity import (
+    check_file,
+    check_no_links,
+    check_no_strays,
+    check_part,
+    check_part_rows,
+    stray_files,
+    temporaries,
+)
+from paramsal.rundir.layout import STATS, UNITS
+from paramsal.rundir.manifest import FileRecord, Manifest, Part, new_run_id, read_manifest, write_manifest
+from paramsal.rundir.matching import check_same_run, config_mismatches, mismatches, resume_notes
+from paramsal.rundir.ownership import MANIFEST, read_json, remove
+from paramsal.rundir.writing import clear_run, write_units
 
 
-def prepare_run(root: Path, wanted: dict[str, Any], data: MapDataset, profiler: Profiler, *, resume: bool,
-                overwrite: bool, repair: bool) -> tuple[dict[str, Any], list[str]]:
+def prepare_run(root: Path, planned: Manifest, units: pa.Table, labels: np.ndarray | None, *, resume: bool,
+                overwrite: bool, repair: bool) -> tuple[Manifest, list[str]]:
     """The manifest this job continues (the run's own) or starts; and what it kept that the job asked otherwise.
 
+    Args:
+        planned: the manifest the job would write for a new run.
+        units: the model's units table (``units.parquet``), written for a new run or where it is missing.
+        labels: ``[N]`` the data set's labels by sample id, to check finished parts against; None when the data set
+            does not expose them without decoding its inputs.
+
     The caller holds the run's lock and has claimed the folder
-    (:func:`paramsal.engine.ownership.claim`): it is new, holds only
+    (:func:`paramsal.rundir.ownership.claim`): it is new, holds only
     paramsal's leftovers, or holds a run. A run replaced (``overwrite``) loses
     exactly its own files and the results saved from it.
     """
     check_no_links(root)
     try:
-        existing = replaced = read_manifest(root)
+        existing = read_manifest(root)
+        replaced = None if existing is None else existing.to_json()
     except RunCorruptError:
         if not overwrite:
             raise
         existing, replaced = None, _damaged_manifest(root)
-    if existing is not None and overwrite and (not resume or mismatches(existing, wanted)
-                                               or config_mismatches(existing, wanted)):
+    if existing is not None and overwrite and (not resume or mismatches(existing, planned)
+                                               or config_mismatches(existing, planned)):
         existing = None
     if existing is not None and not resume:
         raise InputError(f"{root} already holds a run; pass resume=True to continue it or overwrite=True "
                          "to start over")
     if existing is None:
         clear_run(root, replaced)
-        wanted.update(run_id=new_run_id(), files={})
+        planned.run_id, planned.files = new_run_id(), {}
 
-        def list_units(record: dict[str, Any]) -> None:  # the manifest exists before any file of the run does
-            wanted["files"][UNITS] = record
-            write_manifest(root, wanted)
+        def list_units(record: FileRecord) -> None:  # the manifest exists before any file of the run does
+            planned.files[UNITS] = record
+            write_manifest(root, planned)
 
-        write_units(root, profiler.index.table, listed=list_units)
-        return wanted, []
-    check_same_run(root, existing, wanted)
-    notes = resume_notes(root, existing, wanted)
+        write_units(root, units, listed=list_units)
+        return planned, []
+    check_same_run(root, existing, planned)
+    notes = resume_notes(root, existing, planned)
     remove_temporaries(root)
-    notes += _keep_sound_files(root, existing, profiler, repair)
-    notes += _keep_sound_parts(root, existing, data, repair)
+    notes += _keep_sound_files(root, existing, units, repair)
+    notes += _keep_sound_parts(root, existing, labels, repair)
     return existing, notes
 
 
@@ -75,12 +87,12 @@ def _damaged_manifest(root: Path) -> dict[str, Any] | None:
         return None
 
 
-def _keep_sound_files(root: Path, manifest: dict[str, Any], profiler: Profiler, repair: bool) -> list[str]:
+def _keep_sound_files(root: Path, manifest: Manifest, units: pa.Table, repair: bool) -> list[str]:
     """``units.parquet`` (rewritten from the model) and ``stats.parquet`` (merged again) when damaged and ``repair``,
     or when missing: both are derived from what the run keeps, so nothing is lost by making them again (a job killed
     while it created the run lists its units just before they take their name)."""
     notes = []
-    for name, record in list(manifest["files"].items()):
+    for name, record in list(manifest.files.items()):
         try:
             check_file(root, name, record, manifest, checksum=repair)
         except RunCorruptError as exc:
@@ -90,26 +102,25 @@ def _keep_sound_files(root: Path, manifest: dict[str, Any], profiler: Profiler, 
             notes.append(f"{exc.problem}: " + ("written again from the model" if name == UNITS else
                                                 "merged again from the parts"))
             if name == UNITS:
-                manifest["files"][UNITS] = write_units(root, profiler.index.table)
+                manifest.files[UNITS] = write_units(root, units)
             else:
-                del manifest["files"][name]
-                manifest["complete"] = False
+                del manifest.files[name]
+                manifest.complete = False
             write_manifest(root, manifest)
     return notes
 
 
-def _keep_sound_parts(root: Path, manifest: dict[str, Any], data: MapDataset, repair: bool) -> list[str]:
+def _keep_sound_parts(root: Path, manifest: Manifest, labels: np.ndarray | None, repair: bool) -> list[str]:
     """Drops from the manifest the parts to profile again; checks the kept ones against the data set's labels.
 
     A part whose files are gone is profiled again (with a note). With
     ``repair``, so is one whose size, checksum, rows or ids are wrong, and
     stray part files are deleted; without it, those are errors.
     """
-    labels = dataset_labels(data)
     if not repair:
         check_no_strays(root, manifest)
     kept, notes = [], []
-    for part in parts_of(manifest):
+    for part in manifest.listed:
         problem = None
         if not all((root / name).exists() or (root / name).is_symlink() for name in (part.file, part.stats_file)):
             problem = f"part {part.index}'s files are missing"
@@ -131,15 +142,15 @@ def _keep_sound_parts(root: Path, manifest: dict[str, Any], data: MapDataset, re
         for path in stray_files(root, manifest):
             notes.append(f"{path} was not listed in the manifest: removed")
             remove(root, str(path.relative_to(root)))
-    if len(kept) < len(manifest["parts"]):
-        manifest["complete"] = False
-        manifest["files"].pop(STATS, None)
-        manifest["parts"] = [p.to_json() for p in kept]
+    if len(kept) < len(manifest.parts):
+        manifest.complete = False
+        manifest.files.pop(STATS, None)
+        manifest.parts = kept
         write_manifest(root, manifest)
     return notes
 
 
-def _check_labels(root: Path, part: Part, manifest: dict[str, Any], labels: np.ndarray | None) -> None:
+def _check_labels(root: Path, part: Part, manifest: Manifest, labels: np.ndarray | None) -> None:
     """The rows of a finished part are the samples it claims, with the labels this data set gives them."""
     try:
         table = pq.read_table(root / part.file, columns=["sample_id", "target"])

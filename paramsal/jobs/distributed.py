@@ -15,17 +15,18 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import pickle
-from pathlib import Path
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from paramsal.engine.lock import job_of
-from paramsal.engine.manifest import config_mismatches, mismatches
 from paramsal.errors import EngineError, InputError, ParamsalError, RunMismatchError
+from paramsal.rundir.lock import job_of
+from paramsal.rundir.manifest import Manifest
+from paramsal.rundir.matching import config_mismatches, mismatches
 
 T = TypeVar("T")
 
@@ -101,11 +102,11 @@ class Ranks:
                     other, ParamsalError) else EngineError(f"rank {rank} of {self.world_size} failed: {other!r}")
 
 
-def check_ranks_agree(ranks: Ranks, wanted: dict[str, Any]) -> None:
+def check_ranks_agree(ranks: Ranks, planned: Manifest) -> None:
     """Every rank has the model, data, units and settings rank 0 has: ranks that differ would mix their rows."""
     if ranks.world_size == 1:
         return
-    everyone = ranks.gather(wanted)
+    everyone = ranks.gather(planned)
     for rank, theirs in enumerate(everyone):
         differ = mismatches(everyone[0], theirs) + config_mismatches(everyone[0], theirs)
         if differ:

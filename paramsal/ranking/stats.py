@@ -13,11 +13,11 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from paramsal._io import atomic_path, load_tensor_file
 from paramsal.errors import InputError, first_line
@@ -27,6 +27,9 @@ STD_FLOOR = 1e-14
 
 Moments = tuple[int, np.ndarray, np.ndarray]
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 def batch_moments(values: np.ndarray) -> Moments:
     """Two-pass moments of ``[N, F]`` float64 values: ``(N, mean [F], m2 [F])``."""
@@ -34,45 +37,24 @@ def batch_moments(values: np.ndarray) -> Moments:
     return len(values), mean, np.square(values - mean).sum(axis=0)
 
 
-#: Rows of a batch converted to float64 at a time by :func:`kept_moments` on a CPU: a few MB of temporaries, small
-#: enough to come back from the heap (a fresh allocation of tens of MB is mapped anew, and its page faults cost more
-#: than the arithmetic).
-_CPU_ROWS = 32
+#: Rows of a batch converted to float64 at a time by :func:`finite_moments`: a few MB of temporaries, small enough to
+#: come back from the heap (a fresh allocation of tens of MB is mapped anew, and its page faults cost more than the
+#: arithmetic).
+_ROWS = 32
 
 
-def kept_moments(profiles: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two-pass float64 moments of the rows ``keep`` selects, on the profiles' device (no host sync on a GPU).
-
-    Args:
-        profiles: ``[N, F]`` a batch's raw profiles (any floating dtype, any device).
-        keep: ``[N]`` bool, the rows to count (the finite samples).
-
-    Returns:
-        ``(count [] int64, mean [F] float64, m2 [F] float64)`` on the profiles' device; rows not kept contribute
-        nothing (NaN and inf included). A GPU takes the batch whole; a CPU a few rows at a time in numpy, whose
-        float64 accumulation of float32 values is twice torch's rate there.
-    """
-    return _device_moments(profiles, keep) if profiles.is_cuda else _host_moments(profiles, keep)
-
-
-def _device_moments(profiles: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`kept_moments` in torch, on whatever device the profiles are (no selection: no sync)."""
-    count, rows = keep.sum(), keep[:, None]
-    values = torch.where(rows, profiles.double(), 0.0)
-    mean = values.sum(0) / count.clamp_min(1)
-    return count, mean, torch.where(rows, values - mean, 0.0).square_().sum(0)
-
-
-def _host_moments(profiles: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`kept_moments` in numpy, a few rows at a time."""
-    kept = profiles[keep].float().numpy() if not bool(keep.all()) else profiles.float().numpy()
+def finite_moments(profiles: np.ndarray, keep: np.ndarray) -> Moments:
+    """Two-pass float64 moments ``(count, mean [F], m2 [F])`` of the rows ``keep [N]`` selects of ``profiles [N, F]``
+    (float32 or float64), a few rows at a time: numpy accumulates float32 values in float64 without a float64 copy
+    of the batch, at twice torch's rate on a CPU."""
+    kept = profiles if keep.all() else profiles[keep]
     mean = np.add.reduce(kept, axis=0, dtype=np.float64) / max(1, len(kept))
     m2 = np.zeros(kept.shape[1])
-    for start in range(0, len(kept), _CPU_ROWS):
-        block = kept[start:start + _CPU_ROWS].astype(np.float64)
+    for start in range(0, len(kept), _ROWS):
+        block = kept[start:start + _ROWS].astype(np.float64)
         block -= mean
         m2 += np.square(block, out=block).sum(0)
-    return torch.tensor(len(kept)), torch.from_numpy(mean), torch.from_numpy(m2)
+    return len(kept), mean, m2
 
 
 def chan_merge(a: Moments, b: Moments) -> Moments:
@@ -116,7 +98,7 @@ class SaliencyStats:
             raise InputError(f"mean {self.mean.shape} and m2 {self.m2.shape} must both have shape "
                              f"({self.num_units},)")
 
-    def update(self, profiles: torch.Tensor | np.ndarray) -> SaliencyStats:
+    def update(self, profiles: Tensor | np.ndarray) -> SaliencyStats:
         """Folds in a batch ``[N, F]`` (torch or numpy); returns self.
 
         Raises:
@@ -156,13 +138,15 @@ class SaliencyStats:
         std = np.sqrt(self.variance)
         return np.where(std <= STD_FLOOR, 1.0, std)
 
-    def standardize(self, profiles: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def standardize(self, profiles: Tensor | np.ndarray) -> Tensor:
         """``(s - mean) / std`` of raw profiles ``[..., F]``.
 
         Returns a torch tensor on the profiles' device, in their floating
         dtype (float32 for numpy input that is not float64); differentiable
         when the profiles are.
         """
+        import torch  # only here: the statistics themselves are numpy, and the run directory reads them without torch
+
         profiles = torch.as_tensor(profiles)
         if profiles.shape[-1] != self.num_units:
             raise InputError(f"profiles of shape {tuple(profiles.shape)} do not fit statistics of "
@@ -231,7 +215,7 @@ def load_reference_stats(path_or_name: str | os.PathLike) -> SaliencyStats:
     path = Path(path_or_name)
     if str(path_or_name) in REFERENCE_MODELS:
         name = f"ImageNet_val_saliency_stat_{path_or_name}_filter_wise.pth"
-        path = Path(str(resources.files("paramsal.data").joinpath("authors_imagenet_stats", name)))
+        path = Path(str(resources.files("paramsal.data") / "authors_imagenet_stats" / name))
     if not path.is_file():
         raise InputError(f"no reference statistics at {path}; known names: {', '.join(REFERENCE_MODELS)}")
     content = load_tensor_file(path, "a statistics file")
@@ -252,7 +236,7 @@ def _check_finite(values: np.ndarray) -> None:
                          "out (their loss or gradient overflowed) before updating the statistics")
 
 
-def _as_float64(profiles: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(profiles, torch.Tensor):
-        return profiles.detach().to("cpu", torch.float64).numpy()
+def _as_float64(profiles: Tensor | np.ndarray) -> np.ndarray:
+    if hasattr(profiles, "detach"):  # a torch tensor, told apart without importing torch
+        return profiles.detach().cpu().double().numpy()
     return np.asarray(profiles, dtype=np.float64)

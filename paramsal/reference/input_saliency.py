@@ -18,8 +18,8 @@ from torch import nn
 
 from paramsal.engine.functional import LossFn, cross_entropy_per_sample
 from paramsal.engine.profile import eval_mode
-from paramsal.engine.stats import SaliencyStats
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
+from paramsal.ranking.stats import SaliencyStats
 from paramsal.reference.profiles import _unit_masks, _unit_value
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from paramsal._arrow import fixed_size_list, list_values
 from paramsal.errors import InputError
 
 #: The threshold's quantile level.
@@ -193,8 +194,8 @@ class Tails:
         return pa.table({
             "group": np.repeat(self.groups, num_units), "unit_id": np.tile(np.arange(num_units), num_groups),
             **flat,
-            "bulk": _fixed_list(self.bulk.reshape(num_groups * num_units, -1)),
-            "top": _fixed_list(self.top.reshape(num_groups * num_units, -1)),
+            "bulk": fixed_size_list(self.bulk.reshape(num_groups * num_units, -1)),
+            "top": fixed_size_list(self.top.reshape(num_groups * num_units, -1)),
         })
 
     @classmethod
@@ -203,7 +204,7 @@ class Tails:
         num_units = table.num_rows // max(len(groups), 1)
         shaped = {name: table.column(name).to_numpy(zero_copy_only=False).reshape(len(groups), num_units)
                   for name in _SCALARS}
-        lists = {name: _list_values(table.column(name)).reshape(len(groups), num_units, -1)
+        lists = {name: list_values(table.column(name)).reshape(len(groups), num_units, -1)
                  for name in ("bulk", "top")}
         return cls(groups=groups, **shaped, **lists)
 
@@ -309,11 +310,3 @@ def _share_at_or_above(bulk: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.where(low == 0, 1.0, 1.0 - np.where(low >= num_levels, BULK_LEVELS[-1], level))
 
 
-def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
-
-
-def _list_values(column: pa.ChunkedArray) -> np.ndarray:
-    array = column.combine_chunks()
-    return array.flatten().to_numpy().reshape(len(array), -1)
