@@ -69,12 +69,12 @@ def _create_empty(path: Path) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644))
 
 
-def writable_folder(folder: str | os.PathLike, option: str = "--out DIR") -> Path:
+def writable_folder(folder: str | os.PathLike, option: str = "out_dir") -> Path:
     """``folder``, created if needed and checked to be writable before a job or an analysis writes into it.
 
     Args:
         folder: where the results go.
-        option: how the user chooses another place, for the message.
+        option: the argument that names the folder ("out_dir"), for the message.
 
     Raises:
         InputError: naming the folder and ``option`` when it cannot be created or written.
@@ -87,7 +87,7 @@ def writable_folder(folder: str | os.PathLike, option: str = "--out DIR") -> Pat
         probe.unlink()
     except OSError as exc:
         raise InputError(f"cannot write to {folder} ({exc.strerror or type(exc).__name__}): the directory is not "
-                         f"writable; pass {option} to write somewhere else") from exc
+                         f"writable; name another folder ({option}=...)") from exc
     return folder
 
 

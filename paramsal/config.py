@@ -147,7 +147,7 @@ class JobOptions:
             if getattr(self, name) is not None:
                 check_integer(name, getattr(self, name), least)
         if self.shard is not None and not (len(self.shard) == 2 and 0 <= self.shard[0] < self.shard[1]):
-            raise InputError(f"shard={self.shard!r}: expected (i, n) with 0 <= i < n (--shard I/N)")
+            raise InputError(f"shard={self.shard!r}: expected (i, n) with 0 <= i < n")
 
 
 OptionsClass = type[ProfileOptions] | type[JobOptions]

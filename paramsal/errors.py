@@ -12,7 +12,17 @@ from contextlib import contextmanager
 
 
 class ParamsalError(Exception):
-    """Base class of every error paramsal raises on purpose."""
+    """Base class of every error paramsal raises on purpose.
+
+    Its message speaks Python (``overwrite=True``), and the command line
+    rewrites the options it names into their flags (``--overwrite``); where a
+    way out differs on the command line in more than words (a spec instead of
+    an object), ``command_line`` is the whole message as ``paramsal`` prints it.
+    """
+
+    def __init__(self, *args: object, command_line: str | None = None):
+        super().__init__(*args)
+        self.command_line = command_line
 
 
 class InputError(ParamsalError, ValueError):

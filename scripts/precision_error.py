@@ -31,6 +31,7 @@ from scipy.stats import rankdata
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from nets import SMALL_CASES, TORCHVISION_CASES, batch, build  # noqa: E402
+
 from paramsal import Profiler  # noqa: E402
 from paramsal.engine import functional  # noqa: E402
 from paramsal.zoo.specs import first_samples, load_data, load_model  # noqa: E402

@@ -102,7 +102,7 @@ MODEL_ANALYSES = ["pruning", "finetune", "attribution", "masking", "sanity"]
 def test_every_analysis_checks_the_weights(run, data, name):
     other = demo_model(pretrained=False)
     analysis, _ = analyses(other)[name]
-    with pytest.raises(InputError, match="weights differ.*--allow-other-weights"):
+    with pytest.raises(InputError, match="weights differ.*allow_other_weights=True"):
         analysis.evaluate(run, data, samples=run.sample_ids("misclassified")[:2])
     analysis.allow_other_weights = True
     analysis.evaluate(run, data, samples=run.sample_ids("misclassified")[:2])
@@ -114,7 +114,7 @@ def test_every_analysis_checks_the_data(run, data, name):
     labels = torch.tensor([data[i][1] for i in range(len(data))])
     shifted = TensorDataset(images + 0.5, labels)  # the same labels, other images
     analysis, _ = analyses(demo_model())[name]
-    with pytest.raises(InputError, match="is not the one .* profiled.*--allow-other-data"):
+    with pytest.raises(InputError, match="is not the one .* profiled.*allow_other_data=True"):
         analysis.evaluate(run, shifted, samples=run.sample_ids("misclassified")[:2])
 
 

@@ -145,7 +145,7 @@ class Result:
         paths = {role: Path(directory) / name for role, (name, _) in roles.items()} | \
             {"config": Path(directory) / record}
         if is_main_process():  # under torchrun every rank holds the result; rank 0 alone writes it
-            publish(owned_folder(directory, "--out DIR (directory= in Python)"), record, dict(roles.values()),
+            publish(owned_folder(directory, "directory"), record, dict(roles.values()),
                     {"format": RESULT_FORMAT, "kind": self.kind, "arrays": sorted(self.arrays), "config": self.config})
         return paths
 
@@ -297,6 +297,8 @@ class Analysis:
 
     #: The verb of messages ("no misclassified samples to prune").
     purpose: ClassVar[str] = "analyse"
+    #: The analysis's default grid of k, if it has one (:meth:`usable_ks`).
+    default_ks: ClassVar[tuple[int, ...]] = ()
 
     def __init__(self, model: nn.Module | None = None, *, allow_partial: bool = False,
                  allow_other_weights: bool = False, allow_other_data: bool = False, trust_run_specs: bool = False,
@@ -339,11 +341,12 @@ class Analysis:
         return Prepared(run, model, index, data, ids, targets, preds)
 
     def usable_ks(self, ks: Sequence[int], num_units: int) -> tuple[int, ...]:
-        """``ks`` without the values above the run's unit count, with one note when some are dropped."""
+        """``ks`` without the values above the run's unit count, with one note when the user's own are dropped (a
+        default grid, made for large networks, is cut to a small one's size without a word)."""
         kept = tuple(k for k in ks if k <= num_units)
         if not kept:
             raise InputError(f"every k of {list(ks)} exceeds the run's {num_units} units; choose ks <= {num_units}")
-        if len(kept) < len(ks):
+        if len(kept) < len(ks) and not set(ks) <= set(self.default_ks):
             dropped = [k for k in ks if k > num_units]
             warnings.warn(f"{type(self).__name__}: k={dropped} exceed the run's {num_units} units and are left out",
                           ParamsalWarning, stacklevel=3)

@@ -242,6 +242,7 @@ class FineTune(CurvesAnalysis):
 
     purpose = "fine-tune on"
     selection_choices = FINETUNE_SELECTIONS
+    default_ks = FINETUNE_KS
 
     def __init__(self, model: nn.Module | None = None, *, ks: Sequence[int] = FINETUNE_KS,
                  select: Sequence[str] | str = FINETUNE_SELECTIONS, lr: float = 1e-3, neighbors: int = 10,

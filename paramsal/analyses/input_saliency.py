@@ -36,7 +36,7 @@ from paramsal.analyses.base import Analysis, Result, result_config
 from paramsal.analyses.distance import attribute_loop, boosted_profile, cosine_distance, top_share
 from paramsal.analyses.pictures import channel_max, plot_explanations, visual_map
 from paramsal.analyses.selection import run_tails, select_units
-from paramsal.analyses.sources import Samples, open_for_analysis, run_units
+from paramsal.analyses.sources import Samples, data_class_names, open_for_analysis, run_units
 from paramsal.engine.functional import LossFn, SampleLoss
 from paramsal.engine.profile import Profiler, check_batch, eval_mode
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
@@ -47,6 +47,7 @@ from paramsal.options import AGGREGATIONS, ATTRIBUTION_SELECTIONS, RANKINGS
 from paramsal.ranking.stats import SaliencyStats
 from paramsal.ranking.tails import Tails
 from paramsal.rundir.run import Run
+from paramsal.zoo.specs import label_text
 
 #: How the double backward is computed: batched with torch.func, or the one-sample reference.
 ATTRIBUTION_BACKENDS = ("vmap", "loop")
@@ -82,7 +83,9 @@ class AttributionResult(Result):
         """
         select, other = self.config.get("select", "salient"), self.config.get("other_select", "random")
         rows = self.config.get("row_names") or [f"id {int(i)}" for i in self.table["sample_id"]]
-        titles = [f"{name}: {int(t)} -> {int(p)}" for name, t, p in zip(rows, self.table["target"], self.table["pred"])]
+        names = self.config.get("class_names")
+        titles = [f"{name}: {label_text(int(t), names)} -> {label_text(int(p), names)}"
+                  for name, t, p in zip(rows, self.table["target"], self.table["pred"])]
         return plot_explanations(self.arrays["inputs"], self.arrays["maps"], other_maps=self.arrays["other_maps"],
                                  titles=titles, names=(f"{select} units", f"{other} units"), axes=ax)
 
@@ -249,7 +252,7 @@ class InputSaliency(Analysis):
             parts = [f"id{int(i)}" for i in prepared.ids]
         else:
             parts = [f"{len(prepared.ids)}samples", hashlib.sha1(prepared.ids.tobytes()).hexdigest()[:8]]
-        return explainer._result(batches, prepared.run, parts)
+        return explainer._result(batches, prepared.run, parts, class_names=data_class_names(prepared.data))
 
     def explain(self, inputs: torch.Tensor, targets: torch.Tensor, *,
                 sample_ids: Sequence[int] | np.ndarray | None = None, names: Sequence[str] | None = None,
@@ -273,7 +276,8 @@ class InputSaliency(Analysis):
     # ---------------------------------------------------------------------------------------------- internals
 
     def _result(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]], run: Run | None,
-                name_parts: list[str], row_names: Sequence[str] | None = None) -> AttributionResult:
+                name_parts: list[str], row_names: Sequence[str] | None = None,
+                class_names: list[str] | None = None) -> AttributionResult:
         other = next(s for s in ATTRIBUTION_SELECTIONS if s != self.select)
         model = self._bound().model
         columns: dict[str, list] = {}
@@ -307,7 +311,8 @@ class InputSaliency(Analysis):
                                 for p, select in (("", self.select), ("other_", other))])
         facts = {"units": self._bound().index.scheme,
                  "loss": getattr(self.loss, "__name__", type(self.loss).__name__) if self.loss else "cross_entropy",
-                 "other_select": other, "row_names": list(row_names) if row_names else None, "name_parts": name_parts}
+                 "other_select": other, "row_names": list(row_names) if row_names else None, "name_parts": name_parts,
+                 "class_names": class_names}
         config = result_config(run, self, **facts)
         joined = {key: np.concatenate(values) for key, values in arrays.items()}
         return AttributionResult(table, summary, config, joined)

@@ -157,7 +157,7 @@ class Neighbors(Analysis):
             return self.spaces
         if self.spaces == ("features",):
             raise InputError(f"{run.path} has no features for space='features': profile it with "
-                             "features=True (--features)")
+                             "features=True")
         return tuple(s for s in self.spaces if s != "features")
 
 

@@ -124,6 +124,7 @@ class Pruning(CurvesAnalysis):
 
     purpose = "prune"
     selection_choices = UNIT_SELECTIONS
+    default_ks = PRUNING_KS
 
     def __init__(self, model: nn.Module | None = None, *, ks: Sequence[int] = PRUNING_KS,
                  select: Sequence[str] | str = UNIT_SELECTIONS, mode: str = "zero", noise_std: float = 1e-3,

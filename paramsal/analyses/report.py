@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import os
-import shutil
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -29,11 +28,11 @@ from paramsal.analyses.base import Analysis, Prepared, Result, find_results
 from paramsal.analyses.neighbors import Neighbors
 from paramsal.analyses.pictures import displayable
 from paramsal.analyses.profiles import SaliencyProfiles
-from paramsal.analyses.sources import open_for_analysis
+from paramsal.analyses.sources import data_class_names, open_for_analysis
 from paramsal.jobs.distributed import is_main_process
-from paramsal.rundir.ownership import is_regular
 from paramsal.rundir.published import REPORT_FORMAT, Writer, owned_folder, publish
 from paramsal.rundir.run import Run
+from paramsal.zoo.specs import label_text
 
 #: How saved results are titled, by kind, in the order the page shows them.
 SECTIONS = {
@@ -45,12 +44,16 @@ SECTIONS = {
     "explain": "Input-space saliency of chosen samples (paper 2.2)",
     "depth-bias": "Depth bias of the z-score and POT rankings (Wang & Sato 2023)",
     "compare": "Units that moved from another run to this one (paramsal compare)",
+    "neighbors": "Nearest neighbours as saved (other layers, pools or k)",
+    "profiles": "Saliency profiles as saved",
 }
 
 #: The report's record: its files, their checksums and the run they show (written last).
 RECORD = "report.json"
 #: Summary columns shown at most per table: wider tables are hard to read in a 1,400 px window.
 MAX_COLUMNS = 8
+#: The width every figure is drawn at, in pixels, and the page's: one figure per row, its text readable.
+FIGURE_PIXELS = 1400
 
 
 class _Checked(Analysis):
@@ -82,7 +85,7 @@ def write_report(run: Run | str | os.PathLike, out: str | os.PathLike | None = N
     # Every sample: the checks need some, and an all-correct run still has a report.
     checked = _Checked(model, **common).prepare(opened, data, opened.sample_ids())
     run = checked.run
-    folder = owned_folder(out if out is not None else run.path / "report", "--out DIR (out= in Python)")
+    folder = owned_folder(out if out is not None else run.path / "report", "out")
     files: dict[str, Writer] = {}
     sections = [_overview(run), _profiles_section(run, files, common),
                 _neighbours_section(checked, files, queries, k, common),
@@ -131,7 +134,7 @@ def _neighbours_section(checked: Prepared, files: dict[str, Writer], queries: in
     shown = _confusion_queries(checked, queries)
     if len(shown):
         galleries = Neighbors(k=k, allow_partial=common.get("allow_partial", False)).evaluate(run, samples=shown)
-        labels = _labels_by_id(run)
+        labels = _labels_by_id(run, data_class_names(checked.data))
         for space in galleries.table["space"].unique():
             name = f"neighbours-{space}.png"
             files[name] = _gallery(checked.data, shown, galleries.neighbor_ids(space), labels, f"{space} space")
@@ -158,20 +161,18 @@ def _saved_sections(run: Run, files: dict[str, Writer]) -> list[str]:
     analyses = run.path / "analyses"
     results, skipped = find_results(analyses, run)
     sections = []
-    for kind, title in SECTIONS.items():
+    kinds = {**SECTIONS, **{r.kind: f"Saved results: {r.kind}" for r in results if r.kind not in SECTIONS}}
+    for kind, title in kinds.items():
         same = [r for r in results if r.kind == kind]
         if not same:
             continue
-        images = []
+        parts = [f"<h2>{html.escape(title)}</h2>"]
         for result in same:
             name = f"{result.name}.png"
-            files[name] = partial(shutil.copyfile, analyses / name) if is_regular(analyses / name) else \
-                _figure(result)
-            images.append(_img(name, result.name))
-        tables = [_table(r.summary, caption=r.name if len(same) > 1 else None) for r in same]
-        layout = "side" if len(images) > 1 else "whole"
-        sections.append(f"<h2>{html.escape(title)}</h2><div class='{layout}'>{''.join(images)}</div>"
-                        + "".join(tables))
+            files[name] = _figure(result)  # drawn again at the page's width: a saved PNG has the size it was made
+            parts.append(_img(name, result.name) + _table(result.summary,
+                                                          caption=result.name if len(same) > 1 else None))
+        sections.append("".join(parts))
     if skipped:
         items = "".join(f"<li>{html.escape(reason)}</li>" for reason in skipped)
         sections.append(f"<h2>Saved results left out</h2><ul>{items}</ul>")
@@ -193,7 +194,7 @@ def _explain_section(checked: Prepared, files: dict[str, Writer], count: int, co
             "(true -> predicted class):</p>" + _img("explain.png", "input-space saliency overlays"))
 
 
-def _gallery(data: MapDataset, queries: np.ndarray, neighbours: np.ndarray, labels: dict[int, tuple[int, int]],
+def _gallery(data: MapDataset, queries: np.ndarray, neighbours: np.ndarray, labels: dict[int, tuple[str, str]],
              space: str) -> Writer:
     """Query image, then its neighbours; each titled with its id and (true -> predicted) classes."""
     from matplotlib.figure import Figure
@@ -211,17 +212,24 @@ def _gallery(data: MapDataset, queries: np.ndarray, neighbours: np.ndarray, labe
             ax.set_yticks([])
     figure.suptitle(f"neighbours in {space} (true -> predicted class)", fontsize=9)
     figure.tight_layout()
-    return lambda tmp: figure.savefig(tmp, format="png", dpi=110)
+    return _png(figure)
 
 
 def _figure(result: Result) -> Writer:
-    return lambda tmp: result.plot().savefig(tmp, format="png", dpi=110)
+    return lambda tmp: _png(result.plot())(tmp)
 
 
-def _labels_by_id(run: Run) -> dict[int, tuple[int, int]]:
+def _png(figure: Any) -> Writer:
+    """Writes ``figure`` as a PNG :data:`FIGURE_PIXELS` wide, whatever its size in inches."""
+    return lambda tmp: figure.savefig(tmp, format="png", dpi=FIGURE_PIXELS / figure.get_figwidth())
+
+
+def _labels_by_id(run: Run, names: list[str] | None) -> dict[int, tuple[str, str]]:
+    """Each sample's (true, predicted) class as the figures write them: "3 (cow)" where the data set names them."""
     table = run.table()
     return dict(zip(table.column("sample_id").to_pylist(),
-                    zip(table.column("target").to_pylist(), table.column("pred").to_pylist())))
+                    ((label_text(t, names), label_text(p, names))
+                     for t, p in zip(table.column("target").to_pylist(), table.column("pred").to_pylist()))))
 
 
 def compact(frame: pd.DataFrame) -> pd.DataFrame:
@@ -251,9 +259,8 @@ def _img(name: str, alt: str) -> str:
 
 
 def _page(title: str, sections: Sequence[str]) -> str:
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+    style = (f"body{{font-family:sans-serif;max-width:{FIGURE_PIXELS}px;margin:2em auto;padding:0 1em;color:#222}}"
              "img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}"
-             "div.side{display:flex;flex-wrap:wrap;gap:0.5em}div.side img{max-width:49%}"
              "div.wide{max-width:100%;overflow-x:auto}"
              "table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.9em}"
              "th,td{padding:2px 8px;text-align:left}caption{text-align:left;font-weight:bold}"

@@ -106,10 +106,12 @@ def _check_callable_spec(run: Run, what: str, spec: str, trusted: bool) -> None:
     """Refuses a manifest's spec that would import and call code, unless the caller trusts the run."""
     if trusted or is_builtin_spec(spec, what):
         return
-    raise InputError(f"{run.path} names the {what} spec {spec!r}, which was not imported or called: a run directory "
-                     f"is data, and only built-in specs ({BUILTIN_SPEC_NAMES[what]}) are rebuilt from it; pass "
-                     f"--{what} SPEC to load the {what} yourself, or --trust-run-specs (trust_run_specs=True in "
-                     "Python) if you made this run yourself")
+    problem = (f"{run.path} names the {what} spec {spec!r}, which was not imported or called: a run directory is "
+               f"data, and only built-in specs ({BUILTIN_SPEC_NAMES[what]}) are rebuilt from it")
+    given = "the analysis its model (Pruning(model))" if what == "model" else "evaluate() its data (data=...)"
+    raise InputError(f"{problem}; give {given}, or pass trust_run_specs=True if you made this run yourself",
+                     command_line=f"{problem}; pass --{what} SPEC to load the {what} yourself, or "
+                                  "--trust-run-specs if you made this run yourself")
 
 
 def load_source(run: Run, overrides: SourceOverrides | None = None, *, trust_run_specs: bool = False,
@@ -167,7 +169,7 @@ def check_run_data(run: Run, data: MapDataset) -> None:
     if found != recorded:
         raise InputError(f"the data set ({type(data).__name__}, fingerprint {found}) is not the one {run.path} "
                          f"profiled (fingerprint {recorded}), so its sample ids would name other samples; pass the "
-                         "run's own data, or --allow-other-data (allow_other_data=True in Python) to use it anyway")
+                         "run's own data, or allow_other_data=True to use it anyway")
 
 
 def run_units(run: Run, model: nn.Module, units: UnitsSpec | UnitIndex | None = None,
@@ -192,8 +194,7 @@ def run_units(run: Run, model: nn.Module, units: UnitsSpec | UnitIndex | None = 
                          "run profiled?")
     if check_weights and model_fingerprint(model) != run.manifest.model_fingerprint:
         raise InputError(f"the model's weights differ from those the run {run.path} profiled (model "
-                         f"{config.model!r}); load the same weights, or pass --allow-other-weights "
-                         "(allow_other_weights=True in Python)")
+                         f"{config.model!r}); load the same weights, or pass allow_other_weights=True")
     return index
 
 
@@ -205,14 +206,56 @@ def open_for_analysis(run: Run | str | os.PathLike, allow_partial: bool = False)
     """
     run = run if isinstance(run, Run) else open_run(run)
     if not run.parts:
-        raise InputError(f"{run.path} holds no finished part yet (0 of {run.manifest.num_samples} samples): "
-                         "there is nothing to analyse; continue it by running the same `paramsal profile` command "
-                         "again (it resumes)")
+        empty = (f"{run.path} holds no finished part yet (0 of {run.manifest.num_samples} samples): there is "
+                 "nothing to analyse")
+        raise InputError(f"{empty}; continue it by calling profile_dataset again with the same arguments (it "
+                         "resumes)",
+                         command_line=f"{empty}; continue it by running the same `paramsal profile` command again "
+                                      "(it resumes)")
     if not run.complete and not allow_partial:
-        raise InputError(f"{run.path} is unfinished ({run.num_samples} of {run.manifest.num_samples} "
-                         "samples); finish it by running the same `paramsal profile` command again, or pass "
-                         "--allow-partial (allow_partial=True in Python)")
+        unfinished = f"{run.path} is unfinished ({run.num_samples} of {run.manifest.num_samples} samples)"
+        raise InputError(f"{unfinished}; finish it by calling profile_dataset again with the same arguments (it "
+                         "resumes), or pass allow_partial=True",
+                         command_line=f"{unfinished}; finish it by running the same `paramsal profile` command "
+                                      "again (it resumes), or pass --allow-partial")
     return run
+
+
+def data_class_names(data: Any) -> list[str] | None:
+    """The class names a data set carries (``.classes``, as torchvision's and the demo's; through a ``Subset``), by
+    label, or None."""
+    while not hasattr(data, "classes") and hasattr(data, "dataset"):
+        data = data.dataset
+    names = getattr(data, "classes", None)
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """The mistakes of one (target, prediction) pair of a run."""
+
+    target: int
+    pred: int
+    ids: np.ndarray  # the sample ids of every such mistake, ascending
+
+
+def most_frequent_confusion(run: Run) -> Confusion:
+    """The (target, prediction) pair a run gets wrong most often (ties: the lowest target, then prediction): where
+    an explanation of its mistakes starts when the user names no sample.
+
+    Raises:
+        InputError: the run has no misclassified sample.
+    """
+    table = run.table()
+    keep = run.selected(table, "misclassified")
+    if not keep.any():
+        raise InputError(f"the run {run.path} has no misclassified samples: name the samples to look at")
+    ids, targets, preds = (table.column(name).to_numpy()[keep] for name in ("sample_id", "target", "pred"))
+    pairs, counts = np.unique(np.stack([targets, preds], axis=1), axis=0, return_counts=True)
+    target, pred = (int(v) for v in pairs[np.argmax(counts)])  # np.unique sorts the pairs: argmax takes the first
+    return Confusion(target, pred, np.sort(ids[(targets == target) & (preds == pred)]))
 
 
 def chosen_samples(run: Run, samples: Samples, purpose: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ of its own, which reports its peak resident set).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -70,6 +71,9 @@ def scale_report(samples: int, out: str | os.PathLike, units: int = RESNET50_UNI
     for what, read in (("Run.iter_profiles (checked, raw)", lambda: _iter_profiles(run, rows)),
                        ("pandas.read_parquet, part by part", lambda: _pandas(files)),
                        ("duckdb over profiles/*.parquet", lambda: _duckdb(root))):
+        if what.startswith("duckdb") and importlib.util.find_spec("duckdb") is None:
+            figures.append((f"read rate: {what}", "not measured: duckdb is not installed (pip install duckdb)"))
+            continue
         seconds = _timed(read)
         figures.append((f"read rate: {what}", f"{profile_bytes / seconds / 1e9:.2f} GB/s ({seconds:.1f} s)"))
     mistakes = len(run.sample_ids("misclassified"))
@@ -77,7 +81,7 @@ def scale_report(samples: int, out: str | os.PathLike, units: int = RESNET50_UNI
     figures.append((f"paramsal neighbors --k {k} ({mistakes:,} misclassified among themselves)",
                     f"{seconds:.1f} s, peak RSS {peak / 1e9:.2f} GB"))
     seconds, peak = _peak(["depth-bias", str(root), "--k", str(k), "--out", str(out / "depth-bias")])
-    figures.append((f"paramsal depth-bias --k {k}: POT tails of every unit fitted, stored, mistakes scored",
+    figures.append((f"paramsal depth-bias --k {k}: POT tails of every unit fitted, mistakes scored",
                     f"{seconds:.1f} s, peak RSS {peak / 1e9:.2f} GB"))
     head = (f"{samples:,} samples x {units:,} units, batch {batch_size}, {torch.get_num_threads()} threads, "
             f"{os.cpu_count()} CPUs, torch {torch.__version__}")

@@ -17,7 +17,7 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 
-from paramsal.cli.parsing import OneLineParser, UsageError
+from paramsal.cli.parsing import OneLineParser, UsageError, in_flags
 from paramsal.errors import ParamsalError
 
 #: Set to 1 to print the traceback of every error, as ``--debug`` does.
@@ -57,8 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = None
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         with warnings.catch_warnings(), _ranks():
             warnings.showwarning = _show_warning
             return args.func(args)
@@ -67,8 +68,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         debug = getattr(args, "debug", False) if args is not None else "--debug" in argv
         if debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             traceback.print_exception(exc, file=sys.stderr)
-        print(f"paramsal: error: {_one_line(str(exc))}", file=sys.stderr)
+        message = exc.command_line or in_flags(str(exc), _command_parser(parser, args))
+        print(f"paramsal: error: {_one_line(message)}", file=sys.stderr)
         return 2
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace | None) -> \
+        argparse.ArgumentParser | None:
+    """The parser of the command ``args`` ran (None before parsing finished)."""
+    if args is None or parser._subparsers is None:
+        return None
+    choices = parser._subparsers._group_actions[0].choices
+    assert isinstance(choices, dict)  # a subparsers action's choices map each command to its parser
+    return choices.get(args.command)
 
 
 @contextlib.contextmanager

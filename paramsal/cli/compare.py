@@ -37,7 +37,7 @@ def compare_command(args: argparse.Namespace) -> int:
     from paramsal.rundir.published import owned_folder
 
     run_a, run_b = (open_for_analysis(run, args.allow_partial) for run in (args.run_a, args.run_b))
-    out = owned_folder(args.out or run_b.path / "analyses", "--out DIR")  # before the work: a run may be read-only
+    out = owned_folder(args.out or run_b.path / "analyses", "out")  # before the work: a run may be read-only
     result = Compare(args.only, num_resamples=args.resamples, level=args.level, seed=args.seed, fdr=args.fdr,
                      top=args.top, budget_mb=args.budget_mb, allow_partial=args.allow_partial).evaluate(run_a, run_b)
     config = result.config

@@ -22,9 +22,14 @@ from paramsal.cli.parsing import (
     opened_run,
     positive_int,
     positive_int_list,
+    printed,
 )
 from paramsal.errors import InputError
 from paramsal.options import ATTRIBUTION_SELECTIONS, MASK_PERCENTS, MASK_VALUES
+
+#: Mistakes that explain and sanity look at when no --sample is given (sanity randomizes every layer for each).
+EXPLAINED_MISTAKES = 4
+CHECKED_MISTAKES = 2
 
 
 def mask_value(text: str) -> str | float:
@@ -43,9 +48,10 @@ def mask_value(text: str) -> str | float:
 def register(sub: argparse._SubParsersAction) -> None:
     explain = sub.add_parser("explain", help="input-space saliency maps of samples (salient vs random units)")
     add_run_argument(explain)
-    which = explain.add_mutually_exclusive_group(required=True)
+    which = explain.add_mutually_exclusive_group()
     which.add_argument("--sample", type=non_negative_int, action="append",
-                       help="sample id in the run's data set (repeatable)")
+                       help="sample id in the run's data set (repeatable; `paramsal samples RUN` lists them; default: "
+                            f"the first {EXPLAINED_MISTAKES} mistakes of the run's most frequent confusion)")
     which.add_argument("--image", help="an image file (read with PIL and --transform) or a .pt/.npy tensor [C, H, W] "
                                        "already in the model's input space")
     explain.add_argument("--label", type=non_negative_int, help="true class of --image")
@@ -70,8 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     sanity = sub.add_parser("sanity", help="cascading randomization check of input-space saliency (paper A.10)")
     add_run_argument(sanity)
-    sanity.add_argument("--sample", type=non_negative_int, action="append", required=True,
-                        help="sample id (repeatable)")
+    sanity.add_argument("--sample", type=non_negative_int, action="append",
+                        help="sample id (repeatable; default: the first "
+                             f"{CHECKED_MISTAKES} mistakes of the run's most frequent confusion)")
     _add_explainer_arguments(sanity, "which units the maps boost")
     sanity.add_argument("--stages", type=positive_int_list, help="comma-separated numbers of randomized layers "
                                                                  "(default all)")
@@ -89,6 +96,22 @@ def _add_explainer_arguments(parser: argparse.ArgumentParser, select_help: str |
         parser.add_argument("--select", default="salient", choices=ATTRIBUTION_SELECTIONS, help=select_help)
     parser.add_argument("--seed", type=int, default=0, help="seeds the random units (and random pixels)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="samples per batch (default 8)")
+
+
+def _samples_or_default(args: argparse.Namespace, run, count: int) -> list[int]:
+    """The samples the user named, or the first ``count`` mistakes of the run's most frequent confusion (said)."""
+    if args.sample:
+        return args.sample
+    from paramsal.analyses.sources import most_frequent_confusion
+    from paramsal.zoo.specs import class_names, label_text
+
+    confusion = most_frequent_confusion(run)
+    names = class_names(run.manifest.source.data or run.manifest.config.data)
+    chosen = [int(i) for i in confusion.ids[:count]]
+    print(f"no --sample given: the run's most frequent confusion is {label_text(confusion.target, names)} taken "
+          f"for {label_text(confusion.pred, names)} ({len(confusion.ids)} samples); looking at sample(s) "
+          f"{', '.join(map(str, chosen))}")
+    return chosen
 
 
 def _settings(args: argparse.Namespace, *names: str) -> dict[str, Any]:
@@ -118,9 +141,10 @@ def explain_command(args: argparse.Namespace) -> int:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.image).stem)[:60] or "image"
         result = explainer.explain(image[None], torch.tensor([args.label]), names=[name], run=run)
     else:
+        samples = _samples_or_default(args, run, EXPLAINED_MISTAKES)
         source = loaded_source(args, run)
-        result = InputSaliency(source["model"], **settings).evaluate(run, source["data"], samples=args.sample)
-    print(result.summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        result = InputSaliency(source["model"], **settings).evaluate(run, source["data"], samples=samples)
+    print(printed(result.summary, shares=("top10_share", "top10_share_std")))
     _saved(result, out)
     return 0
 
@@ -137,7 +161,7 @@ def mask_command(args: argparse.Namespace) -> int:
     masking = Masking(source["model"], percents=args.percents, value=args.value, **_settings(args),
                       **analysis_options(args))
     result = masking.evaluate(run, source["data"], samples=ids)
-    print(result.summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(printed(result.summary, shares=("units_drop", "median_units_drop")))
     if 5 in args.percents:
         raised = confidence_raised(result.table)
         print(f"\n{len(raised)} of {len(ids)} samples gain >= 25 points of true-class confidence when their top 5% "
@@ -151,10 +175,11 @@ def sanity_command(args: argparse.Namespace) -> int:
     from paramsal.analyses.cascading_randomization import CascadingRandomization
 
     run, out = opened_run(args)
+    samples = _samples_or_default(args, run, CHECKED_MISTAKES)
     source = loaded_source(args, run)
     check = CascadingRandomization(source["model"], stages=args.stages, **_settings(args, "select"),
                                    **analysis_options(args))
-    result = check.evaluate(run, source["data"], samples=args.sample)
+    result = check.evaluate(run, source["data"], samples=samples)
     for stage, layer, value in zip(result.summary["stage"], result.summary["layer"], result.summary["spearman"]):
         print(f"{int(stage):3d} layers randomized (down to {layer}): spearman {value:+.3f}")
     _saved(result, out)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from paramsal.config import OptionsClass
@@ -72,6 +73,45 @@ def shard_spec(text: str) -> tuple[int, int]:
     if not 0 <= shard[0] < shard[1]:
         raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (e.g. 0/4 for the first of four), got {text!r}")
     return shard
+
+
+#: Python arguments that the command line spells otherwise than ``--name-with-dashes``.
+FLAG_ALIASES = {"out_dir": "--out", "resume=False": "--restart", "progress=False": "--quiet"}
+
+_ASSIGNMENT = re.compile(r"\b([a-z][a-z_]*)=(True|False|'[^']*'|\([^)]*\)|[^\s,;)]*)")
+
+
+def in_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """An error message's Python arguments (``overwrite=True``, ``backend='vmap'``) as the flags of the command that
+    ``parser`` parses (``--overwrite``, ``--backend vmap``); arguments it has no flag for are left as they are."""
+    actions = parser._actions if parser is not None else []
+    flags = {action.dest: max(action.option_strings, key=len) for action in actions if action.option_strings}
+    spelled = {option for action in actions for option in action.option_strings}
+
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        if f"{name}={value}" in FLAG_ALIASES:
+            return FLAG_ALIASES[f"{name}={value}"]
+        option = FLAG_ALIASES.get(name) or flags.get(name)
+        if option is None:
+            return match.group(0)
+        if value == "True":
+            return option
+        if value == "False":
+            return f"--no-{option[2:]}" if f"--no-{option[2:]}" in spelled else match.group(0)
+        return f"{option} {value.strip(chr(39))}" if value else option
+
+    return _ASSIGNMENT.sub(flag, message)
+
+
+def printed(frame: Any, shares: Sequence[str] = ()) -> str:
+    """A result's table as a command prints it: shares (fractions) in percent, renamed ``<name>_%``, and four
+    decimals for the rest (docs/guide/commands.md defines every printed column)."""
+    shown = frame.copy()
+    for name in shares:
+        shown[name] = 100 * shown[name]
+    shown = shown.rename(columns={name: f"{name}_%" for name in shares})
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
 def target_choice(text: str) -> str | int:
@@ -184,7 +224,7 @@ def opened_run(args: argparse.Namespace, default: str = "analyses") -> tuple[Any
     from paramsal.rundir.published import owned_folder
 
     run = open_for_analysis(args.run, args.allow_partial)
-    return run, owned_folder(args.out or run.path / default, "--out DIR")
+    return run, owned_folder(args.out or run.path / default, "out")
 
 
 def loaded_source(args: argparse.Namespace, run: Any, parts: tuple[str, ...] = ("model", "data")) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import sys
 
 from paramsal.cli.parsing import add_option_flags, given_options, positive_int
 from paramsal.config import JobOptions, ProfileOptions
-from paramsal.options import DECODERS, TRANSFORMS
+from paramsal.options import DECODERS, ROW_SELECTIONS, TRANSFORMS
 
 #: The options of ``paramsal profile`` that are the command line's own: what loads the model and data, and the
 #: switches that set a :class:`~paramsal.config.JobOptions` field in other words (--restart, --quiet).
@@ -50,9 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--out", required=True, help="the merged run directory (new or empty)")
     merge.set_defaults(func=merge_command)
 
-    stats = sub.add_parser("stats", help="summarize a run directory")
+    stats = sub.add_parser("stats", help="summarize a run directory, with the mean standardized saliency of its "
+                                         "misclassified and of its correct samples (the paper's claim (a))")
     stats.add_argument("run")
     stats.set_defaults(func=stats_command)
+
+    samples = sub.add_parser("samples", help="list a run's samples (ids, target and prediction, class names where "
+                                             "the data set has them): the ids that explain, sanity, prune ... take")
+    samples.add_argument("run")
+    samples.add_argument("--only", choices=ROW_SELECTIONS, default="misclassified",
+                         help="which samples (default misclassified)")
+    samples.add_argument("--limit", type=positive_int, help="list at most N (default all)")
+    samples.set_defaults(func=samples_command)
 
     verify = sub.add_parser("verify", help="check every file of a run directory against its manifest")
     verify.add_argument("run")
@@ -107,9 +116,41 @@ def merge_command(args: argparse.Namespace) -> int:
 
 
 def stats_command(args: argparse.Namespace) -> int:
+    from paramsal.analyses.profiles import group_means
     from paramsal.rundir.run import open_run
 
-    print(open_run(args.run).summary())
+    run = open_run(args.run)
+    print(run.summary())
+    if not run.parts:
+        return 0
+    means, stats = group_means(run), run.stats
+    shown = [f"{name} {((means[name][0] - stats.mean) / stats.std).mean():+.4f} (n={means[name][1]})"
+             for name in ("misclassified", "correct") if means[name][1]]
+    print(f"saliency   {', '.join(shown)}: the mean standardized saliency of a group's samples over every unit")
+    return 0
+
+
+def samples_command(args: argparse.Namespace) -> int:
+    """``paramsal samples RUN --only misclassified``: one line per sample, with class names where known."""
+    from paramsal.rundir.run import open_run
+    from paramsal.zoo.specs import class_names, label_text
+
+    run = open_run(args.run)
+    table = run.table()
+    rows = table.filter(run.selected(table, args.only)).to_pandas()
+    names = class_names(run.manifest.source.data or run.manifest.config.data)
+
+    print(f"{len(rows)} {args.only} sample(s) of {run.num_samples} in {run.path}")
+    shown = rows if args.limit is None else rows.head(args.limit)
+    if len(shown):
+        listing = shown.assign(target=shown["target"].map(lambda v: label_text(v, names)),
+                               pred=shown["pred"].map(lambda v: label_text(v, names)),
+                               target_prob=100 * shown["target_prob"], pred_prob=100 * shown["pred_prob"])
+        columns = ["sample_id", "target", "pred", "target_prob", "pred_prob"]
+        if args.only == "nonfinite":
+            columns.append("nonfinite_param")
+        print(listing[columns].rename(columns={"target_prob": "target_%", "pred_prob": "pred_%"})
+              .to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     return 0
 
 
@@ -144,8 +185,8 @@ def demo_command(args: argparse.Namespace) -> int:
     print(f"mean standardized saliency: misclassified {run.profiles(only='misclassified').mean():+.4f}, "
           f"correct {run.profiles(only='correct').mean():+.4f}")
     sharing = Neighbors(k=10).evaluate(run).summary.set_index("space")["pair_sharing"]
-    print(f"neighbours sharing the (true, predicted) pair: saliency space {sharing['saliency']:.3f}, "
-          f"feature space {sharing['features']:.3f}, chance {sharing['chance']:.3f}")
+    print(f"neighbours sharing the (true, predicted) pair: saliency space {100 * sharing['saliency']:.1f}%, "
+          f"feature space {100 * sharing['features']:.1f}%, chance {100 * sharing['chance']:.1f}%")
     analyses = run.path / "analyses"
     print("pruning salient / random / least filters of each mistake ...", flush=True)
     Pruning(model, progress=not args.quiet).evaluate(run, data).save(analyses)
@@ -154,8 +195,8 @@ def demo_command(args: argparse.Namespace) -> int:
     depth = DepthBias().evaluate(run)
     depth.save(analyses)
     shares = depth.summary.set_index("ranking")["deep_share"]
-    print(f"top-10 filters of mistakes in the deepest third of layers: z-score {shares['zscore']:.3f}, POT "
-          f"{shares['pot']:.3f}, all filters {depth.summary['uniform_deep_share'].iloc[0]:.3f}")
+    print(f"top-10 filters of mistakes in the deepest third of layers: z-score {100 * shares['zscore']:.1f}%, POT "
+          f"{100 * shares['pot']:.1f}%, all filters {100 * depth.summary['uniform_deep_share'].iloc[0]:.1f}%")
     report = write_report(run, model=model, data=data)
     print(f"\nThe run is in {run.path}/ (profiles/part-*.parquet, stats.parquet, units.parquet, manifest.json),")
     print(f"the analyses in {analyses}/, the report in {report}: open it in a browser.")

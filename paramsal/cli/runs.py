@@ -89,13 +89,15 @@ def neighbors_command(args: argparse.Namespace) -> int:
     summary = result.summary.set_index("space")
     print(f"neighbours  {run.path}: k={args.k}, among {args.among} ({int(summary['pool'].iloc[0])} samples), "
           f"layers {result.config['layers']} (saliency space)")
-    print(f"(true, predicted) pair shared with the query, {int(summary['queries'].iloc[0])} misclassified queries:")
+    queries = int(summary["queries"].iloc[0])
+    print(f"% of neighbours sharing the query's (true, predicted) pair, {queries} misclassified queries:")
     for space, label in (("saliency", "saliency space"), ("features", "feature space")):
         if space in summary.index:
-            print(f"  {label:<16} {summary.loc[space, 'pair_sharing']:.4f}")
+            print(f"  {label:<16} {100 * summary.loc[space, 'pair_sharing']:5.1f}%")
         elif space in args.spaces:
-            print(f"  {label:<16} -      (the run has no features: profile with --features)")
-    print(f"  {'chance':<16} {summary.loc['chance', 'pair_sharing']:.4f}   (random neighbours from the same pool)")
+            print(f"  {label:<16}     -  (the run has no features: profile with --features)")
+    print(f"  {'chance':<16} {100 * summary.loc['chance', 'pair_sharing']:5.1f}%  (random neighbours from the same "
+          "pool)")
     paths = result.save(out)
     print(f"wrote {paths['table']} ({len(result.table)} rows: space, query_id, rank, neighbor_id, similarity)")
     return 0
@@ -128,8 +130,9 @@ def depth_bias_command(args: argparse.Namespace) -> int:
     print(f"top-{args.k} units of {result.config['num_samples']} {args.samples} samples of {run.path}, "
           f"against {args.reference}:")
     for row in result.summary.itertuples():
-        print(f"  {row.ranking:<7} mean depth {row.mean_depth:.3f}, in the deepest third of layers {row.deep_share:.3f}"
-              f"   (all units: {row.uniform_mean_depth:.3f}, {row.uniform_deep_share:.3f})")
+        print(f"  {row.ranking:<7} mean depth {row.mean_depth:.3f}, in the deepest third of layers "
+              f"{100 * row.deep_share:.1f}%   (all units: {row.uniform_mean_depth:.3f}, "
+              f"{100 * row.uniform_deep_share:.1f}%)")
     paths = result.save(out)
     print(f"wrote {paths['figure']} and {paths['table']}")
     return 0

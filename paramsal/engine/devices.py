@@ -33,11 +33,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return parsed
     if not torch.cuda.is_available():
         raise InputError(f"device {str(device)!r}: this machine has no CUDA GPU (torch.cuda.is_available() is "
-                         "False); use --device cpu (device='cpu' in Python)")
+                         "False); use device='cpu'")
     count = torch.cuda.device_count()
     if parsed.index is not None and parsed.index >= count:
         raise InputError(f"device {str(device)!r}: this machine has {count} CUDA GPU{'s' if count != 1 else ''} "
-                         f"(cuda:0..cuda:{count - 1}); pick one of them or use --device cpu")
+                         f"(cuda:0..cuda:{count - 1}); pick one of them or use device='cpu'")
     return parsed
 
 

@@ -45,8 +45,8 @@ from paramsal.rundir.resume import prepare_run
 from paramsal.rundir.run import Run
 from paramsal.rundir.writing import finish_run, now
 
-#: How a user names another run directory, for messages.
-OUT_OPTION = "--out DIR (out_dir= in Python)"
+#: The argument that names the run directory, for messages.
+OUT_OPTION = "out_dir"
 #: Rows per part aimed at when ``part_size`` is not given (rounded to whole batches).
 DEFAULT_PART_ROWS = 2048
 #: Under torchrun, parts are made smaller until each rank has at least this many: ranks share whole parts,

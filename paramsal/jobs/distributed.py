@@ -121,10 +121,12 @@ def check_ranks_share(ranks: Ranks, root: Path, job: str | None) -> None:
         return
     blind = [rank for rank, sees in enumerate(ranks.gather(job_of(root) == job)) if not sees]
     if blind:
-        raise InputError(f"rank(s) {', '.join(map(str, blind))} of {ranks.world_size} do not see the run directory "
-                         f"{root} that rank 0 prepared: the ranks of one torchrun job must share --out (one "
-                         "filesystem); on machines without one, profile each machine's share into its own directory "
-                         "with --shard I/N and join them with `paramsal merge`")
+        problem = (f"rank(s) {', '.join(map(str, blind))} of {ranks.world_size} do not see the run directory "
+                   f"{root} that rank 0 prepared: the ranks of one torchrun job must share it (one filesystem)")
+        raise InputError(f"{problem}; on machines without one, profile each machine's share into a folder of its own "
+                         "(shard=(i, n)) and join them with paramsal.rundir.merge.merge_runs",
+                         command_line=f"{problem}; on machines without one, profile each machine's share into a "
+                                      "folder of its own with --shard I/N and join them with `paramsal merge`")
 
 
 def rank_device(device: torch.device, ranks: Ranks) -> torch.device:

@@ -65,7 +65,7 @@ def collate_samples(samples: list[tuple[int, Any, Any]]) -> tuple[torch.Tensor, 
             return x
         if not isinstance(x, (torch.Tensor, np.ndarray)):
             return BadBatch(f"sample {i} has an input of type {type(x).__name__}, not a tensor: give the data set "
-                            "a transform that returns tensors (e.g. --transform tensor)")
+                            "a transform that returns tensors")
         if _labels_per_position(y):
             continue
         if isinstance(y, torch.Tensor) and y.dim() == 0:

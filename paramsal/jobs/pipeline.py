@@ -173,7 +173,7 @@ def _checked_finite(profiler: Profiler, ids: torch.Tensor, inputs: torch.Tensor,
         raise NonFiniteError(
             f"sample {int(ids[row])} (dataset index) has a non-finite loss or gradient "
             f"({'loss ' + str(float(result.losses[row])) if flags[row] == LOSS_FLAG else 'in ' + repr(flags[row])}); "
-            "--on-nonfinite skip (on_nonfinite='skip', the default) flags such samples and goes on")
+            "on_nonfinite='skip' (the default) flags such samples and goes on")
     good = torch.tensor([flag is None for flag in flags])
     if good.any():
         clean = _profiled(profiler, inputs[good.to(inputs.device)], targets[good], check_finite=True)

@@ -306,10 +306,10 @@ def read_manifest(root: Path) -> Manifest | None:
         raise RunCorruptError(f"{path} is not a paramsal run manifest; is {root} a run directory?")
     if document["format"] != FORMAT:
         raise RunCorruptError(f"{path} is a {document['format']} manifest, written by another version of "
-                              f"paramsal (this one reads {FORMAT}); profile the data again with --restart")
+                              f"paramsal (this one reads {FORMAT}); profile the data again (resume=False)")
     problem = document_problem(document)
     if problem:
-        raise RunCorruptError(f"{path} is damaged: {problem}; restore it, or start the run over with --restart")
+        raise RunCorruptError(f"{path} is damaged: {problem}; restore it, or start the run over (resume=False)")
     return Manifest.from_json(document)
 
 

@@ -38,7 +38,7 @@ def check_same_run(root: Path, existing: Manifest, planned: Manifest) -> None:
     details = mismatch_details(existing, planned)
     if details:
         raise RunMismatchError(f"{root} holds a run made with {details}. Choose another directory, or pass "
-                               "overwrite=True / --overwrite to replace it")
+                               "overwrite=True to replace it")
 
 
 def config_mismatches(existing: Manifest, planned: Manifest) -> list[str]:
@@ -59,7 +59,7 @@ def resume_notes(root: Path, existing: Manifest, planned: Manifest) -> list[str]
         raise RunMismatchError(
             f"{root} was profiled with another {', '.join(differ)} ({details}), which could change the "
             f"numbers of the samples still to do; resume with the run's own settings, or start over with "
-            "--restart / resume=False, overwrite=True")
+            "resume=False, overwrite=True")
     notes = []
     for key in ("model", "data", "batches_per_part"):
         if getattr(old, key) != getattr(new, key):

@@ -40,7 +40,7 @@ from paramsal.rundir.resume import remove_temporaries
 from paramsal.rundir.run import Run
 from paramsal.rundir.writing import finish_run, now
 
-OUT_OPTION = "--out DIR (out= in Python)"
+OUT_OPTION = "out"
 
 
 def merge_runs(sources: Sequence[str | os.PathLike], out: str | os.PathLike) -> Run:

@@ -196,7 +196,7 @@ def claim(root: Path, option: str, *, own: Callable[[Path], bool] | None = None)
 
     Args:
         root: the folder (the user's path to it may pass through links).
-        option: how the user names another folder, for the message ("--out DIR").
+        option: the argument that names the folder ("out_dir"), for the messages.
         own: another test of whether an entry is paramsal's (saved results, say).
 
     Raises:
@@ -205,10 +205,10 @@ def claim(root: Path, option: str, *, own: Callable[[Path], bool] | None = None)
     """
     if not root.exists():
         if root.is_symlink():
-            raise InputError(f"{root} is a dangling symbolic link; pass {option} naming a real folder")
+            raise InputError(f"{root} is a dangling symbolic link; name a real folder ({option}=...)")
         return False
     if not root.is_dir():
-        raise InputError(f"{root} is a file, not a folder; pass {option} naming a folder")
+        raise InputError(f"{root} is a file, not a folder; name a folder ({option}=...)")
     manifest = root / MANIFEST
     if manifest.is_symlink():
         raise linked(root, manifest)
@@ -217,20 +217,19 @@ def claim(root: Path, option: str, *, own: Callable[[Path], bool] | None = None)
             content = read_json(manifest)
         except ValueError as exc:
             raise InputError(f"{root}/manifest.json {exc}: paramsal cannot tell that the folder is a run of its "
-                             f"own and will not write there, with or without "
-                             f"--overwrite; pass {option} naming another folder (or delete this one yourself if "
-                             "it is a damaged run of yours)") from None
+                             f"own and will not write there, with or without overwrite=True; name another folder "
+                             f"({option}=...), or delete this one yourself if it is a damaged run of yours") from None
         if is_run_manifest(content):
             return True
         raise InputError(f"{root} holds a manifest.json that is not a paramsal run's; paramsal writes only into a "
-                         f"new or empty folder or a run of its own, with or without --overwrite: pass {option} "
-                         "naming another folder")
+                         f"new or empty folder or a run of its own, with or without overwrite=True: name another "
+                         f"folder ({option}=...)")
     strangers = [p for p in entries(root) if not is_leftover(p) and not (own and own(p))]
     if strangers:
         shown = ", ".join(p.name for p in strangers[:3]) + (", ..." if len(strangers) > 3 else "")
         raise InputError(f"{root} is not empty ({shown}) and is not a paramsal run; paramsal writes only into a "
-                         f"new or empty folder or a run of its own, with or without --overwrite (which replaces "
-                         f"only a run): pass {option} naming another folder")
+                         f"new or empty folder or a run of its own, with or without overwrite=True (which "
+                         f"replaces only a run): name another folder ({option}=...)")
     return False
 
 

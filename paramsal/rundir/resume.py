@@ -166,7 +166,7 @@ def _check_labels(root: Path, part: Part, manifest: Manifest, labels: np.ndarray
         raise RunMismatchError(
             f"sample {sample} has label {int(labels[sample])} in this data set but {int(recorded[differ[0]])} "
             f"in {root} ({len(differ)} label(s) of part {part.index} differ): it is not the data set the run "
-            "profiled; profile it into another directory, or start over with --restart")
+            "profiled; profile it into another directory, or start over (resume=False)")
 
 
 def remove_temporaries(root: Path) -> None:

@@ -212,7 +212,7 @@ class Run:
 
     def _check_features(self) -> None:
         if not self.manifest.features:
-            raise InputError(f"{self.path} has no features: profile with features=True (--features)")
+            raise InputError(f"{self.path} has no features: profile with features=True")
 
     def summary(self) -> str:
         table = self.table()

@@ -99,8 +99,9 @@ def demo_dataset(split: str = "test") -> ArrayDataset:
         ``.classes``.
 
     Raises:
-        ModuleNotFoundError: If the ``animal-mnist`` package is not installed
-            (the message gives the pip command).
+        ModuleNotFoundError: For ``"train"``, if the ``animal-mnist`` package is
+            not installed (the message gives the pip command); ``"test"`` ships
+            with paramsal.
         ValueError: For an unknown split.
     """
     return load_split(split)

@@ -1,4 +1,5 @@
-"""Embedded demo dataset: Animal-MNIST silhouettes, read from an installed wheel.
+"""Embedded demo dataset: Animal-MNIST silhouettes; the held-out split ships in the package, the rest is read from
+an installed wheel.
 
 Source
     The PyPI package ``animal-mnist`` version 0.4 (MIT licence, see
@@ -58,6 +59,7 @@ import gzip
 import hashlib
 import importlib.util
 import pickletools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import List, Tuple
 
@@ -104,6 +106,11 @@ _IMAGE_SHAPE = (28, 28)
 
 # SHA-256 of the raw array payloads of animal-mnist 0.4 (images uint8 C-order
 # bytes, labels little-endian int64 bytes).
+#: The held-out split inside the package (:func:`_bundled_test`), so that the demo needs no other package;
+#: ``scripts/bundle_demo_data.py`` writes it from the wheel, and the tests check it against the wheel.
+BUNDLED_TEST = "data/demo_test.npz"
+_BUNDLED_SHA256 = "e374140dd378aceb432ea4c54301053c9145dd26746f6ad87339b451cc85c98d"
+
 _IMAGES_SHA256 = "3d1bb93498a7f7cb5a4c0d5dc57d57d78adc2ac1722398921542a7515172c46f"
 _LABELS_SHA256 = "c5575395e636cadcdfe5764ffc8d56f56d234a4dc687096f8fc2d975dd6a5597"
 
@@ -289,14 +296,39 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=len(SPLITS))
 def _split_tensors(split: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    images, labels = load_animal_mnist()
-    train_idx, test_idx = split_indices()
-    idx = train_idx if split == "train" else test_idx
+    if split == "test":
+        images, labels, idx = _bundled_test()
+    else:
+        all_images, all_labels = load_animal_mnist()
+        idx = split_indices()[0]
+        images, labels = all_images[idx], all_labels[idx]
     return (
-        _to_tensor(images[idx]).contiguous(),
-        torch.from_numpy(labels[idx].copy()),
+        _to_tensor(images).contiguous(),
+        torch.from_numpy(labels.copy()),
         torch.from_numpy(idx.copy()),
     )
+
+
+def bundled_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the bundled arrays' names, dtypes, shapes and bytes (what :func:`_bundled_test` checks)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _bundled_test() -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The held-out split as ``scripts/bundle_demo_data.py`` stored it in the package: images, labels and their
+    indices in the wheel's file, checked against :data:`_BUNDLED_SHA256` (read with ``allow_pickle=False``)."""
+    path = Path(__file__).with_name(BUNDLED_TEST.partition("/")[0]) / BUNDLED_TEST.partition("/")[2]
+    with np.load(path, allow_pickle=False) as stored:
+        arrays = {name: stored[name] for name in ("images", "labels", "indices")}
+    if bundled_digest(arrays) != _BUNDLED_SHA256:
+        raise ValueError(f"{path} is not the demo's held-out split this paramsal was built with; reinstall "
+                         "paramsal")
+    return arrays["images"], arrays["labels"], arrays["indices"]
 
 
 def load_split(split: str = "test") -> ArrayDataset:
@@ -314,7 +346,8 @@ def load_split(split: str = "test") -> ArrayDataset:
 
     Raises:
         ValueError: For an unknown split name.
-        ModuleNotFoundError: If ``animal-mnist`` is not installed.
+        ModuleNotFoundError: For ``"train"``, if ``animal-mnist`` is not installed (``"test"`` ships with
+            paramsal: ``paramsal/zoo/data/demo_test.npz``).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

