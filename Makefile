@@ -37,7 +37,7 @@ lint: $(STAMP)
 
 # The documentation site, strict: a broken link, a missing page or a docstring mkdocstrings cannot read fails it.
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 # The report's browser test needs Debian's chromium; without root or a registry it is skipped, with a note.
 browser:

@@ -50,7 +50,21 @@ def option(default: Any, help: str, *, flag: str | None = None, kind: str = "tex
 
 @dataclass(frozen=True)
 class ProfileOptions:
-    """How each sample is profiled (see :class:`paramsal.Profiler` for what the numbers are)."""
+    """How each sample is profiled (see :class:`paramsal.Profiler` for what the numbers are).
+
+    An options object is configured once and shared; keyword arguments given next to it override its fields:
+
+    >>> import paramsal
+    >>> conv = paramsal.ProfileOptions(units="conv", backend="hooks")
+    >>> paramsal.profile_batch(model, images, labels, conv).shape
+    torch.Size([8, 560])
+    >>> paramsal.profile_batch(model, images, labels, conv, units="conv+linear").shape
+    torch.Size([8, 570])
+    >>> paramsal.ProfileOptions(unit="conv")
+    Traceback (most recent call last):
+        ...
+    TypeError: ...unexpected keyword argument 'unit'...
+    """
 
     units: Any = option("filters", "the units a profile has one number for: a scheme (filters, the paper's: one per "
                         "output channel of every 4-D weight; conv, conv+linear, linear-rows, linear-columns, heads, "
@@ -107,7 +121,14 @@ def _checked_target(target: Any) -> str | int:
 
 @dataclass(frozen=True)
 class JobOptions:
-    """How a bulk job runs (:func:`paramsal.profile_dataset`)."""
+    """How a bulk job runs (:func:`paramsal.profile_dataset`).
+
+    >>> import paramsal
+    >>> job = paramsal.JobOptions(batch_size=128, progress=False)
+    >>> run = paramsal.profile_dataset(model, data, "runs/job-options", job=job)
+    >>> run.num_samples, run.complete
+    (600, True)
+    """
 
     batch_size: int | None = option(None, "samples per batch; default the run's own when resuming, else 256 on a GPU "
                                     "and 64 on the CPU", flag="--batch-size", kind="positive")

@@ -3,7 +3,9 @@ in the language of the interface used, a report that shows everything saved."""
 
 from __future__ import annotations
 
+import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +143,7 @@ def test_python_errors_speak_python_and_the_command_line_speaks_flags(tmp_path, 
     ("pass overwrite=True to replace it", "pass --overwrite to replace it"),
     ("use backend='vmap' (backend='auto' falls back to it)", "use --backend vmap (--backend auto falls back to it)"),
     ("start over (resume=False)", "start over (--restart)"),
-    ("name another folder (out_dir=...)", "name another folder (--out ...)"),
+    ("name another folder (out_dir=...)", "name another folder (--out DIR)"),  # the flag's own placeholder
     ("sample_ids has 3 entries", "sample_ids has 3 entries"),  # an argument the command has no flag for
 ])
 def test_python_arguments_become_the_flags_of_the_command(message, flags):
@@ -181,3 +183,13 @@ def test_the_bundled_held_out_split_is_the_wheels():
     np.testing.assert_array_equal(bundled_images, images[test])
     np.testing.assert_array_equal(bundled_labels, labels[test])
 
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(demo_run, monkeypatch, capsys):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `paramsal samples RUN | head -1` once head has exited
+    with open(write_end, "w", buffering=1) as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        assert main(["samples", str(demo_run), "--only", "correct"]) == 1
+        monkeypatch.undo()
+    assert capsys.readouterr().err == ""

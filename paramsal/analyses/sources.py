@@ -217,7 +217,7 @@ def open_for_analysis(run: Run | str | os.PathLike, allow_partial: bool = False)
         raise InputError(f"{unfinished}; finish it by calling profile_dataset again with the same arguments (it "
                          "resumes), or pass allow_partial=True",
                          command_line=f"{unfinished}; finish it by running the same `paramsal profile` command "
-                                      "again (it resumes), or pass --allow-partial")
+                                      "again, or pass --allow-partial")
     return run
 
 

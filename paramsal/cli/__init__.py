@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The command's code (0), or 2 after printing ``paramsal: error: <message>``
-        for a :class:`ParamsalError`; other exceptions propagate with their traceback.
+        for a :class:`ParamsalError`, or 1 when standard output was closed early (a pipe into ``head``);
+        other exceptions propagate with their traceback.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = None
@@ -71,6 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = exc.command_line or in_flags(str(exc), _command_parser(parser, args))
         print(f"paramsal: error: {_one_line(message)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output went away (`paramsal samples RUN | head`): not an error of the command's. The
+        # rest of the output goes nowhere, so that flushing it at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace | None) -> \

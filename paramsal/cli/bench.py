@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "report profiling time, bytes on disk, read rates and neighbours' time and memory")
     bench.add_argument("--samples", type=positive_int, default=None,
                        help="--scale: samples (default 50,000); --dataset resnet50-rows: samples (default 8,192)")
-    bench.add_argument("--out", default=None, help="--scale: where the run is built (default: a folder under /tmp)")
+    bench.add_argument("--out", default=None, metavar="DIR",
+                       help="--scale: where the run is built (default: a folder under /tmp)")
     bench.set_defaults(func=bench_command)
 
 

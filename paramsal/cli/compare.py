@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="memory for the blocks of units, in MiB (default 256); more means fewer passes")
     compare.add_argument("--allow-partial", action="store_true",
                          help="compare unfinished runs with the samples written so far")
-    compare.add_argument("--out", help="output directory (default RUN_B/analyses)")
+    compare.add_argument("--out", metavar="DIR", help="output directory (default RUN_B/analyses)")
     compare.set_defaults(func=compare_command)
 
 

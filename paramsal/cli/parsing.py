@@ -87,6 +87,9 @@ def in_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
     actions = parser._actions if parser is not None else []
     flags = {action.dest: max(action.option_strings, key=len) for action in actions if action.option_strings}
     spelled = {option for action in actions for option in action.option_strings}
+    # "name=..." stands for a value the user chooses: the flag's own placeholder (``--out DIR``)
+    placeholders = {option: action.metavar or action.dest.upper() for action in actions
+                    for option in action.option_strings}
 
     def flag(match: re.Match) -> str:
         name, value = match.group(1), match.group(2)
@@ -97,6 +100,8 @@ def in_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
             return match.group(0)
         if value == "True":
             return option
+        if value == "...":
+            return f"{option} {placeholders.get(option, value)}"
         if value == "False":
             return f"--no-{option[2:]}" if f"--no-{option[2:]}" in spelled else match.group(0)
         return f"{option} {value.strip(chr(39))}" if value else option
@@ -204,7 +209,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_output_arguments(parser: argparse.ArgumentParser, default: str) -> None:
     """``--out DIR`` (default ``RUN/<default>``) and ``--quiet``."""
-    parser.add_argument("--out", help=f"output directory (default RUN/{default})")
+    parser.add_argument("--out", metavar="DIR", help=f"output directory (default RUN/{default})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     profile.add_argument("--decode", default="torchvision", choices=DECODERS,
                          help="image decoder for imagefolder data: torchvision (default: torchvision.io, twice "
                               "PIL's rate per core) or pil")
-    profile.add_argument("--out", required=True, help="run directory")
+    profile.add_argument("--out", required=True, metavar="DIR", help="run directory")
     profile.add_argument("--limit", type=positive_int, default=None, help="profile only the first N samples")
     profile.add_argument("--restart", action="store_true",
                          help="start over instead of resuming, replacing the run in --out (never a folder that is "
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     merge = sub.add_parser("merge", help="join run directories that each profiled some parts of one run")
     merge.add_argument("runs", nargs="+", help="run directories of the same model, data and config")
-    merge.add_argument("--out", required=True, help="the merged run directory (new or empty)")
+    merge.add_argument("--out", required=True, metavar="DIR", help="the merged run directory (new or empty)")
     merge.set_defaults(func=merge_command)
 
     stats = sub.add_parser("stats", help="summarize a run directory, with the mean standardized saliency of its "
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     demo = sub.add_parser("demo", help="profile the embedded demo model on its held-out split, run every "
                                        "analysis, write the report")
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=demo_command)
 

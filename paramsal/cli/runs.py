@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--k", type=positive_int, default=5, help="neighbours per query in the galleries (default 5)")
     report.add_argument("--explain", type=int, default=4, help="mistakes shown with input saliency (default 4)")
     add_source_arguments(report)
-    report.add_argument("--out", help="report folder (default RUN/report)")
+    report.add_argument("--out", metavar="DIR", help="report folder (default RUN/report)")
     report.set_defaults(func=report_command, quiet=True)
 
 

@@ -6,6 +6,7 @@ the library cases check the :class:`InputError` message.
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -107,10 +108,14 @@ def test_unknown_device_is_named(tmp_path, run_dir, capsys):
         resolve_device("tpu")
 
 
-def test_cuda_devices_are_checked_against_the_machine(monkeypatch):
+def test_cuda_devices_are_checked_against_the_machine(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(InputError, match=r"'cuda:0': this machine has no CUDA GPU.*--device cpu"):
+    # The Python error names the argument, the command line's the flag (issue 22: each speaks its own language).
+    with pytest.raises(InputError, match=r"'cuda:0': this machine has no CUDA GPU.*device='cpu'"):
         resolve_device("cuda:0")
+    err = fails(capsys, "profile", "--model", "demo", "--data", "demo:test", "--limit", "8", "--device", "cuda:0",
+                "--out", str(tmp_path / "run"), "--quiet")
+    assert re.search(r"'cuda:0': this machine has no CUDA GPU.*--device cpu", err), err
     assert resolve_device(None) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
