@@ -202,13 +202,18 @@ def test_relative_links_resolve(page: Path) -> None:
     assert not broken, f"{page.relative_to(ROOT)} links to missing files: {broken}"
 
 
-def test_placeholders_name_real_things() -> None:
-    """The build fills these in (docs/hooks.py); a typo would fail `make docs`, and fails here sooner."""
+def _docs_hooks():
+    """docs/hooks.py, the module mkdocs runs, imported the way mkdocs finds it: from its folder."""
     sys.path.insert(0, str(DOCS))
     try:
-        hooks = importlib.import_module("hooks")
+        return importlib.import_module("hooks")
     finally:
         sys.path.remove(str(DOCS))
+
+
+def test_placeholders_name_real_things() -> None:
+    """The build fills these in (docs/hooks.py); a typo would fail `make docs`, and fails here sooner."""
+    hooks = _docs_hooks()
     for page in DOCS.rglob("*.md"):
         text = page.read_text(encoding="utf-8")
         for name in hooks.PLACEHOLDER.findall(text):
@@ -219,11 +224,7 @@ def test_placeholders_name_real_things() -> None:
 
 def test_options_tables_keep_their_rows() -> None:
     """Each options row has its four cells, whatever its description holds (a "|" is escaped)."""
-    sys.path.insert(0, str(DOCS))
-    try:
-        hooks = importlib.import_module("hooks")
-    finally:
-        sys.path.remove(str(DOCS))
+    hooks = _docs_hooks()
     for kind in hooks.CLASSES.values():
         for row in hooks.markdown_table(kind).splitlines():
             assert len(re.findall(r"(?<!\\)\|", row)) == 5, row
