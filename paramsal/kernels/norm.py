@@ -1,11 +1,12 @@
-"""Per-sample reductions for the affine parameters of BatchNorm (eval), LayerNorm and GroupNorm.
+"""Per-sample reductions for the affine parameters of BatchNorm (eval), LayerNorm, GroupNorm and RMSNorm.
 
 Each layer computes ``y = x_hat * weight + bias`` with ``x_hat`` its
 normalized input, so sample n's gradients are ``sum g * x_hat`` and ``sum g``
 over everything but the parameter's own dimensions. ``x_hat`` is formed again
 from the saved input the way the layer formed it: with the running statistics
-(BatchNorm in eval mode), over each position's last dims (LayerNorm), or over
-each sample's channel groups (GroupNorm). A BatchNorm that normalizes with the
+(BatchNorm in eval mode), over each position's last dims (LayerNorm; RMSNorm,
+which divides by the root mean square without centring), or over each
+sample's channel groups (GroupNorm). A BatchNorm that normalizes with the
 batch's own statistics mixes samples and is not served.
 """
 
@@ -55,6 +56,14 @@ def layer_norm_call(args: tuple, kwargs: dict[str, Any]
     return call, given["input"], {"weight": given["weight"], "bias": given["bias"]}
 
 
+def rms_norm_call(args: tuple, kwargs: dict[str, Any]
+                  ) -> tuple[NormCall, torch.Tensor, dict[str, torch.Tensor | None]]:
+    given = _bound(F.rms_norm, args, kwargs)
+    eps = given["eps"] if given["eps"] is not None else torch.finfo(given["input"].dtype).eps  # F.rms_norm's default
+    call = NormCall("rms", eps, shape=tuple(given["normalized_shape"]))
+    return call, given["input"], {"weight": given["weight"]}
+
+
 def group_norm_call(args: tuple, kwargs: dict[str, Any]
                     ) -> tuple[NormCall, torch.Tensor, dict[str, torch.Tensor | None]]:
     given = _bound(F.group_norm, args, kwargs)
@@ -65,7 +74,7 @@ def group_norm_call(args: tuple, kwargs: dict[str, Any]
 def norm_grad_sample(call: NormCall, activations: torch.Tensor, backprops: torch.Tensor, attr: str) -> torch.Tensor:
     """Each sample's whole gradient of ``weight`` or ``bias``: ``[B, *param.shape]``."""
     per_element = backprops if attr == "bias" else backprops * _normalized(call, activations)
-    if call.kind == "layer":  # the parameters span the last dims: sum over every position before them
+    if call.kind in ("layer", "rms"):  # the parameters span the last dims: sum over every position before them
         return per_element.reshape(len(per_element), -1, *call.shape).sum(1)
     return per_element.reshape(*per_element.shape[:2], -1).sum(2)  # channels: sum over the spatial dims
 
@@ -81,8 +90,10 @@ def _normalized(call: NormCall, x: torch.Tensor) -> torch.Tensor:
         assert call.mean is not None and call.var is not None
         view = (1, -1) + (1,) * (x.dim() - 2)
         return (x - call.mean.reshape(view)) / torch.sqrt(call.var.reshape(view) + call.eps)
-    if call.kind == "layer":
+    if call.kind in ("layer", "rms"):
         dims = tuple(range(x.dim() - len(call.shape), x.dim()))
+        if call.kind == "rms":
+            return x * torch.rsqrt(x.square().mean(dims, keepdim=True) + call.eps)
         mean = x.mean(dims, keepdim=True)
         return (x - mean) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + call.eps)
     grouped = x.reshape(len(x), call.groups, -1)

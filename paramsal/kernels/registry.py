@@ -35,7 +35,14 @@ from paramsal.kernels.conv import conv_call, conv_grad_sample, reduce_conv
 from paramsal.kernels.elementwise import add_call, elementwise_grad_sample, mul_call, reduce_elementwise
 from paramsal.kernels.embedding import embedding_call, embedding_grad_sample, embedding_widened, reduce_embedding
 from paramsal.kernels.linear import linear_call, linear_grad_sample, reduce_linear
-from paramsal.kernels.norm import batch_norm_call, group_norm_call, layer_norm_call, norm_grad_sample, reduce_norm
+from paramsal.kernels.norm import (
+    batch_norm_call,
+    group_norm_call,
+    layer_norm_call,
+    norm_grad_sample,
+    reduce_norm,
+    rms_norm_call,
+)
 from paramsal.kernels.reduce import Aggregation, ParamUnits
 
 #: ``reducer(layer, activations, backprops, groups, aggregation, chunk_size) -> [[B, U_g], ...]``
@@ -87,6 +94,7 @@ OP_RULES: dict[Callable, OpRule] = {
     F.batch_norm: OpRule(batch_norm_call, reduce_norm, norm_grad_sample),
     F.layer_norm: OpRule(layer_norm_call, reduce_norm, norm_grad_sample),
     F.group_norm: OpRule(group_norm_call, reduce_norm, norm_grad_sample),
+    F.rms_norm: OpRule(rms_norm_call, reduce_norm, norm_grad_sample),
     **{op: OpRule(add_call, reduce_elementwise, elementwise_grad_sample) for op in (torch.add, torch.Tensor.add)},
     **{op: OpRule(mul_call, reduce_elementwise, elementwise_grad_sample) for op in (torch.mul, torch.Tensor.mul)},
     F.multi_head_attention_forward: OpRule(attention_call, reduce_attention, attention_grad_sample,
@@ -114,7 +122,8 @@ _BUILT_IN: dict[type[nn.Module], Callable[..., Any]] = {nn.Conv1d: torch.conv1d,
                                                         nn.Conv3d: torch.conv3d, nn.Linear: F.linear,
                                                         nn.Embedding: F.embedding,
                                                         nn.modules.batchnorm._BatchNorm: F.batch_norm,
-                                                        nn.LayerNorm: F.layer_norm, nn.GroupNorm: F.group_norm}
+                                                        nn.LayerNorm: F.layer_norm, nn.GroupNorm: F.group_norm,
+                                                        nn.RMSNorm: F.rms_norm}
 
 _REGISTRY: dict[type[nn.Module], ReducerEntry] = {
     module_type: ReducerEntry(OP_RULES[op].reducer, frozenset({"weight", "bias"}), op)

@@ -1,8 +1,9 @@
 """The paper's reference semantics, written for clarity, not speed: the test oracle.
 
 One sample at a time, ``torch.autograd.grad`` of that sample's loss, then one
-unit at a time, the aggregation over exactly the elements of that unit.
-Slow on purpose; use it to check a backend or a new reducer.
+unit at a time, the aggregation over exactly the elements of that unit (all of
+them at once for a unit that spans parameters). Slow on purpose; use it to
+check a backend or a new reducer.
 """
 
 from __future__ import annotations
@@ -31,16 +32,21 @@ def reference_profiles(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
         loss: per-sample loss ``(outputs, targets) -> [n]``; default cross-entropy.
     """
     loss = loss or (lambda out, y: F.cross_entropy(out, y, reduction="none"))
-    params = [model.get_parameter(g.param_name) for g in index]
+    parts = [list(g.parts or (g,)) for g in index]
+    names = list(dict.fromkeys(part.param_name for group in parts for part in group))
+    params = [model.get_parameter(name) for name in names]
     rows = []
     with eval_mode(model), torch.enable_grad():
         for n in range(len(inputs)):
             sample_loss = loss(model(inputs[n:n + 1]), targets[n:n + 1]).sum()
-            grads = torch.autograd.grad(sample_loss, params, allow_unused=True)
+            grads = dict(zip(names, torch.autograd.grad(sample_loss, params, allow_unused=True)))
             row: list[torch.Tensor] = []
-            for group, g in zip(index, grads):
-                g = torch.zeros(group.shape, dtype=params[0].dtype) if g is None else g.detach().cpu()
-                row.extend(_unit_value(g[mask], aggregation) for mask in _unit_masks(group))
+            for group in parts:
+                full = [torch.zeros(part.shape, dtype=params[0].dtype) if grads[part.param_name] is None
+                        else grads[part.param_name].detach().cpu() for part in group]
+                masks = zip(*(_unit_masks(part) for part in group))  # unit u's mask in each part
+                row.extend(_unit_value(torch.cat([g[mask] for g, mask in zip(full, unit)]), aggregation)
+                           for unit in masks)
             rows.append(torch.stack(row))
     return torch.stack(rows)
 

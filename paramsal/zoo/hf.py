@@ -1,9 +1,11 @@
-"""Models of ``transformers`` and ``timm`` from local files: the ``hf:DIR`` and ``timm:NAME`` model specs.
+"""Models of ``transformers`` and ``timm`` from local files: the ``hf:DIR``, ``gguf:FILE`` and ``timm:NAME``
+model specs.
 
 Nothing is downloaded: a ``transformers`` model comes from a local directory
 (its ``config.json`` and safetensors or ``pytorch_model.bin`` weights, read
-with ``HF_HUB_OFFLINE=1`` and without remote code), a ``timm`` architecture is
-built with random weights that ``--weights FILE`` replaces.
+with ``HF_HUB_OFFLINE=1`` and without remote code) or from a GGUF file (a
+quantized causal LM, which transformers dequantizes to float32), a ``timm``
+architecture is built with random weights that ``--weights FILE`` replaces.
 
 Paramsal profiles one tensor per batch, so a text model is wrapped as
 :class:`TextModel`: token ids ``[N, T]`` in, logits out, the attention mask
@@ -120,6 +122,46 @@ def load_hf_model(directory: str | os.PathLike, task: str | None = None, num_cla
                          f"of a {task} model ({missing[0]}, ...), which would start random and explain no mistakes; "
                          "give a directory with the trained head, or --weights FILE")
     return TextModel(model, getattr(config, "pad_token_id", None), task).eval()
+
+
+def load_gguf_model(path: str | os.PathLike, spec: str | None = None) -> TextModel:
+    """A GGUF file's causal LM (dequantized to float32 by transformers) as a :class:`TextModel` in eval mode.
+
+    No padding mask: a chat model's padding id is usually its end-of-turn token, which its prompts contain. Give
+    prompts of one length, or pad them on the right with their labels ``-100`` there (a causal model's earlier
+    positions never see later ones).
+
+    Raises:
+        InputError: when the file is missing or is not a GGUF model transformers can dequantize (it reads the
+            Llama, Mistral, Qwen2, Gemma, Phi-3, ... families), or the ``gguf`` package is not installed.
+    """
+    file = Path(path)
+    spec = spec or f"gguf:{path}"
+    if not file.is_file():
+        raise InputError(f"model spec {spec!r}: {file} is not a file (a local .gguf file is needed; nothing is "
+                         "downloaded)")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import gguf  # noqa: F401  # transformers reads GGUF files through it
+        import transformers
+    except ModuleNotFoundError as exc:
+        raise InputError(f"model spec {spec!r} needs the {exc.name} package: pip install 'paramsal[models]'") from None
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name,
+                                                                  dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, NotImplementedError) as exc:
+        raise InputError(f"model spec {spec!r}: transformers cannot build a causal LM from it "
+                         f"({_first_sentence(exc)}); give a GGUF file of an architecture it dequantizes "
+                         "(Llama, Mistral, Qwen2, ...)") from None
+    return TextModel(model, None, "causal-lm").eval()
+
+
+def gguf_tokenizer(path: str | os.PathLike):
+    """The tokenizer (and chat template) stored in a GGUF file."""
+    import transformers
+
+    file = Path(path)
+    return transformers.AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
 
 
 def _first_sentence(exc: BaseException) -> str:

