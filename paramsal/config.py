@@ -68,7 +68,7 @@ class ProfileOptions:
 
     units: Any = option("filters", "the units a profile has one number for: a scheme (filters, the paper's: one per "
                         "output channel of every 4-D weight; conv, conv+linear, linear-rows, linear-columns, heads, "
-                        "norm, ...); in Python also a callable or a UnitIndex (paramsal.units_of)",
+                        "neurons, norm, ...); in Python also a callable or a UnitIndex (paramsal.units_of)",
                         flag="--units", kind="choice", choices=UNIT_SCHEMES)
     backend: str = option("auto", "how per-sample gradients are computed: auto (hooks, falling back to vmap and "
                           "then loop, with a warning, where a use of a parameter would be missed), hooks, vmap, or "

@@ -51,3 +51,32 @@ def test_the_scale_benchmark_reports_each_figure_of_the_run_it_builds(tmp_path):
         assert figure in report
     assert f"({len(run.sample_ids('misclassified')):,} misclassified among themselves)" in report
     assert (tmp_path / "neighbors" / "neighbors.parquet").is_file()
+
+
+def test_a_causal_lm_case_scores_only_its_answer_and_every_method_takes_that_loss():
+    """The smollm2 case's shape of work on a tiny causal LM: the last ``answer`` tokens labelled, and the plain
+    baseline's loss the one the profilers take."""
+    import dataclasses
+
+    from paramsal import profile_batch
+    from paramsal.bench.harness import CASES, method
+    from paramsal.engine.tasks import IGNORE_INDEX, task_loss
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.out = nn.Embedding(20, 8), nn.Linear(8, 20)
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.embed(ids).cumsum(1)))  # position t sees positions <= t
+
+    case = dataclasses.replace(CASES["smollm2"], make_model=Tiny, input_shape=(12,), vocab=20, batch=3,
+                               units="linear-rows", answer=4)
+    model, x, y = case.build()
+    assert (y[:, :8] == IGNORE_INDEX).all() and torch.equal(y[:, 8:], x[:, 8:])
+    method("plain", model, x, y, case.units, case.task)()
+    want = torch.autograd.grad(task_loss("causal-lm")(model(x), y).mean(), model.out.weight)[0]
+    assert torch.allclose(model.out.weight.grad, want)
+    hooks = method("hooks", model, x, y, case.units, case.task)().profiles
+    assert torch.allclose(hooks, profile_batch(model, x, y, units="linear-rows", task="causal-lm", backend="loop"),
+                          rtol=1e-4, atol=1e-7)

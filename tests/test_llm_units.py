@@ -138,3 +138,43 @@ def test_a_run_of_neurons_names_them_and_the_weight_editing_analyses_refuse_them
     np.testing.assert_allclose(run.profiles(standardized=False), want.float().numpy(), rtol=2e-5, atol=1e-12)
     with pytest.raises(InputError, match="cannot turn off the units of 'model.model.layers.0.mlp.neurons'"):
         UnitEditor.locate(model, ids[:1], "neurons")
+
+
+def test_neurons_switched_off_per_sample_equal_a_copy_with_their_weights_zeroed():
+    import copy
+
+    from paramsal.analyses.neuron_editing import NeuronEditor
+
+    model, ids = llama(), prompts(3)
+    index = units_of(model, "neurons")
+    off = torch.zeros(3, len(index), dtype=torch.bool)
+    off[0, [2, 30]] = True  # sample 0: neuron 2 of layer 0 and neuron 6 of layer 1
+    off[2, [7, 8, 9]] = True  # sample 1: none
+    with torch.no_grad(), NeuronEditor(model, index).switched_off(off):
+        edited = model(ids)
+    assert not model.model.model.layers[0].mlp.down_proj._forward_pre_hooks  # the hooks are gone
+    for n in range(3):
+        pruned = copy.deepcopy(model)
+        for unit in off[n].nonzero().flatten().tolist():
+            group = next(g for g in index if g.offset <= unit < g.stop)
+            for part in group.parts:
+                weight = pruned.get_parameter(part.param_name)
+                channel = unit - group.offset
+                with torch.no_grad():
+                    (weight[channel] if part.partition == "rows" else weight[:, channel]).zero_()
+        with torch.no_grad():
+            want = pruned(ids[n:n + 1])
+        assert torch.allclose(edited[n:n + 1], want, rtol=0, atol=1e-12)
+    assert not torch.allclose(edited[0], model(ids)[0].detach())  # something was switched off
+
+
+def test_what_works_on_one_parameters_units_refuses_neurons_in_one_line():
+    from paramsal.reference.input_saliency import attribution_loop
+    from paramsal.reference.steps import stepped_copy
+
+    model, ids = llama(), prompts(1)
+    index = units_of(model, "neurons")
+    with pytest.raises(InputError, match="stepped_copy works on units of one parameter each, but units 'neurons'"):
+        stepped_copy(model, ids[0], ids[0], index, [0], lr=0.1)
+    with pytest.raises(InputError, match="attribution_loop works on units of one parameter each"):
+        attribution_loop(model, ids, ids, torch.zeros(1, len(index)), stats=None, units=index)

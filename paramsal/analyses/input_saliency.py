@@ -39,7 +39,7 @@ from paramsal.analyses.selection import run_tails, select_units
 from paramsal.analyses.sources import Samples, data_class_names, open_for_analysis, run_units
 from paramsal.engine.functional import LossFn, SampleLoss
 from paramsal.engine.profile import Profiler, check_batch, eval_mode
-from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
+from paramsal.engine.units import UnitIndex, UnitsSpec, check_single_parameter, units_of
 from paramsal.errors import InputError, check_choice, check_integer
 from paramsal.kernels.chunks import chunk_slices
 from paramsal.kernels.reduce import Aggregation, reduce_grad
@@ -335,11 +335,7 @@ class InputSaliency(Analysis):
                              f"{len(index)} for {type(model).__name__}: use the run's model and units")
         if self.k > len(index):
             raise InputError(f"k={self.k} is outside 1..{len(index)} (the model has {len(index)} units)")
-        if index.compound:
-            spanning = next(g.param_name for g in index if len(g.parts) > 1)
-            raise InputError(f"input-space saliency differentiates units of one parameter each, but units "
-                             f"{index.scheme!r} span several ({spanning}, ...); profile with units of one "
-                             "parameter each (linear-rows, linear-columns, conv+linear)")
+        check_single_parameter(index, "input-space saliency")
         return index
 
     def _bound(self) -> _Bound:

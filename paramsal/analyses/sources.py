@@ -156,8 +156,13 @@ def load_source(run: Run, overrides: SourceOverrides | None = None, *, trust_run
                            overrides.num_classes or source.get("num_classes"))
         loaded["model"] = model.to(resolve_device(device))
     if "data" in parts:
+        tokenizing = loaded.get("model")
+        if tokenizing is None and known["data"].startswith("qa:") and specs["model"]:
+            # qa: questions are tokenized by the model's tokenizer: the model comes along where it was not asked for
+            _check_callable_spec(run, "model", str(specs["model"]), trust_run_specs)
+            tokenizing = load_model(str(specs["model"]))
         data = load_data(known["data"], overrides.transform or source.get("transform") or "imagenet",
-                         overrides.decode or source.get("decode") or UNRECORDED_DECODE)
+                         overrides.decode or source.get("decode") or UNRECORDED_DECODE, tokenizing)
         loaded["data"] = first_samples(data, source.get("limit"))
     return loaded
 

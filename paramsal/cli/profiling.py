@@ -87,7 +87,7 @@ def profile_command(args: argparse.Namespace) -> int:
     given = given_options(args, args.options)
     given["device"] = resolve_device(given.get("device"))  # before the model and data load: a wrong one fails now
     model = load_model(args.model, args.weights, args.num_classes)
-    data = first_samples(load_data(args.data, args.transform, args.decode), args.limit)
+    data = first_samples(load_data(args.data, args.transform, args.decode, model), args.limit)
     given.setdefault("task", getattr(model, "task", "classification"))  # an hf:DIR model's own head
     given["overwrite"] = given.get("overwrite", False) or args.restart
     run = profile_dataset(model, data, args.out, resume=not args.restart, progress=not args.quiet,

@@ -18,6 +18,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 
+from paramsal.options import IGNORE_INDEX
+
 #: ``loss(outputs, targets) -> [N]``: one loss per sample, each depending on that sample's outputs only.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -87,9 +89,6 @@ class Precision:
 
 FLOAT32 = Precision()
 
-
-#: The label of a position that carries none (transformers' and PyTorch's convention).
-IGNORE_INDEX = -100
 
 
 def cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

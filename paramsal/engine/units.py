@@ -24,7 +24,7 @@ from paramsal.errors import InputError
 from paramsal.options import UNIT_SCHEMES
 
 __all__ = ["CONV_TYPES", "NORM_TYPES", "UnitAssigner", "UnitGroup", "UnitIndex", "UnitsSpec", "check_aggregation_of",
-           "units_of"]
+           "check_single_parameter", "units_of"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,6 +149,15 @@ def check_aggregation_of(index: UnitIndex, aggregation: str) -> None:
     if index.compound and aggregation != "mean_abs":
         raise InputError(f"units {index.scheme!r} span several parameters, whose units combine only as "
                          f"mean |g|: use aggregation 'mean_abs' (got {aggregation!r})")
+
+
+def check_single_parameter(index: UnitIndex, what: str) -> None:
+    """Refuses units that span parameters where ``what`` works on one parameter's units at a time."""
+    spanning = [g.param_name for g in index if len(g.parts) > 1]
+    if spanning:
+        raise InputError(f"{what} works on units of one parameter each, but units {index.scheme!r} span several "
+                         f"({spanning[0]}, ...); use units of one parameter each (linear-rows, linear-columns, "
+                         "conv+linear)")
 
 
 def _described(group: UnitGroup) -> list:

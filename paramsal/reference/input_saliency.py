@@ -18,7 +18,7 @@ from torch import nn
 
 from paramsal.engine.functional import LossFn, cross_entropy_per_sample
 from paramsal.engine.profile import eval_mode
-from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
+from paramsal.engine.units import UnitIndex, UnitsSpec, check_single_parameter, units_of
 from paramsal.ranking.stats import SaliencyStats
 from paramsal.reference.profiles import _unit_masks, _unit_value
 
@@ -43,6 +43,7 @@ def attribution_loop(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
         ``[N, ...]`` like ``inputs``, detached, >= 0.
     """
     index = units if isinstance(units, UnitIndex) else units_of(model, units)
+    check_single_parameter(index, "attribution_loop")
     loss = loss or cross_entropy_per_sample
     params = [model.get_parameter(group.param_name) for group in index]
     masks = [[mask.to(p.device) for mask in _unit_masks(group)] for group, p in zip(index, params)]

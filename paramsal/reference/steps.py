@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from paramsal.engine.functional import LossFn, cross_entropy_per_sample
-from paramsal.engine.units import UnitIndex
+from paramsal.engine.units import UnitIndex, check_single_parameter
 
 __all__ = ["stepped_copy"]
 
@@ -38,6 +38,8 @@ def stepped_copy(model: nn.Module, inputs: torch.Tensor, target: int | torch.Ten
     Returns:
         The updated copy, in eval mode.
     """
+    if index is not None:
+        check_single_parameter(index, "stepped_copy")
     loss = loss or cross_entropy_per_sample
     tuned = copy.deepcopy(model).eval()
     params = dict(tuned.named_parameters())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +43,26 @@ class TextModel(nn.Module):
         task: what its head is trained for (:data:`~paramsal.options.TASKS`).
     """
 
-    def __init__(self, model: nn.Module, pad_token_id: int | None, task: str, *, additive_mask: bool = False):
+    def __init__(self, model: nn.Module, pad_token_id: int | None, task: str, *, additive_mask: bool = False,
+                 tokenizer: Callable[[], Any] | None = None):
         """``additive_mask``: pass the mask as the 4-D float mask ``[N, 1, 1, T]`` an encoder adds to its attention
         scores, which ``torch.func.vmap`` can run (the 2-D mask goes through a branch on its values). Only for
-        bidirectional encoders: a causal model takes a 4-D mask as its whole mask, without its causality."""
+        bidirectional encoders: a causal model takes a 4-D mask as its whole mask, without its causality.
+        ``tokenizer``: loads the model's tokenizer, on first use of :attr:`tokenizer` (``qa:`` data needs it)."""
         super().__init__()
         self.model = model
         self.pad_token_id = pad_token_id
         self.task = task
         self.additive_mask = additive_mask
+        self._tokenizer_loader = tokenizer
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (None where it was loaded without one)."""
+        if self._tokenizer is None and self._tokenizer_loader is not None:
+            self._tokenizer = self._tokenizer_loader()
+        return self._tokenizer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.pad_token_id is None:
@@ -146,6 +158,8 @@ def load_gguf_model(path: str | os.PathLike, spec: str | None = None) -> TextMod
         import transformers
     except ModuleNotFoundError as exc:
         raise InputError(f"model spec {spec!r} needs the {exc.name} package: pip install 'paramsal[models]'") from None
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a bar per weight loaded (its GGUF reader's plain tqdm stays)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name,
                                                                   dtype=torch.float32, local_files_only=True)
@@ -153,7 +167,10 @@ def load_gguf_model(path: str | os.PathLike, spec: str | None = None) -> TextMod
         raise InputError(f"model spec {spec!r}: transformers cannot build a causal LM from it "
                          f"({_first_sentence(exc)}); give a GGUF file of an architecture it dequantizes "
                          "(Llama, Mistral, Qwen2, ...)") from None
-    return TextModel(model, None, "causal-lm").eval()
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    return TextModel(model, None, "causal-lm", tokenizer=lambda: gguf_tokenizer(file)).eval()
 
 
 def gguf_tokenizer(path: str | os.PathLike):

@@ -44,11 +44,11 @@ from paramsal.zoo.shifts import shifted, split_shifts
 #: directory's manifest may ask for without being trusted, since loading them imports and calls nothing.
 BUILTIN_SPECS = {"model": (("demo", "usps-mnist", "minilm-trec", "smollm2-135m"),
                            ("torchvision:", "timm:", "hf:", "gguf:")),
-                 "data": (("demo", "usps-mnist", "trec"), ("demo:", "usps-mnist:", "trec:", "imagefolder:"))}
+                 "data": (("demo", "usps-mnist", "trec"), ("demo:", "usps-mnist:", "trec:", "imagefolder:", "qa:"))}
 #: The same, as the messages write them.
 BUILTIN_SPEC_NAMES = {"model": "demo, usps-mnist, minilm-trec, smollm2-135m, torchvision:NAME, timm:NAME, hf:DIR, "
                               "gguf:FILE",
-                      "data": "demo[:SPLIT], usps-mnist[:SPLIT], trec[:SPLIT], imagefolder:DIR "
+                      "data": "demo[:SPLIT], usps-mnist[:SPLIT], trec[:SPLIT], imagefolder:DIR, qa:FILE.jsonl "
                               "(each optionally +noise:STD, +blur:SIGMA)"}
 
 
@@ -117,12 +117,22 @@ def load_model(spec: str, weights: str | None = None, num_classes: int | None = 
     return model.eval()
 
 
-def load_data(spec: str, transform: str = "imagenet", decode: str = "torchvision") -> MapDataset:
+def load_data(spec: str, transform: str = "imagenet", decode: str = "torchvision",
+              model: nn.Module | None = None) -> MapDataset:
     """The data set a spec names; ``imagefolder:`` images decoded by ``decode`` (:data:`~paramsal.options.DECODERS`);
-    a ``+noise:STD`` or ``+blur:SIGMA`` suffix shifts its inputs (:mod:`paramsal.zoo.shifts`)."""
-    copy = shifted(lambda base: load_data(base, transform, decode), spec)
+    ``qa:`` questions tokenized by ``model``'s tokenizer; a ``+noise:STD`` or ``+blur:SIGMA`` suffix shifts its
+    inputs (:mod:`paramsal.zoo.shifts`)."""
+    copy = shifted(lambda base: load_data(base, transform, decode, model), spec)
     if copy is not None:
         return copy
+    if spec.startswith("qa:"):
+        from paramsal.zoo.qa import QADataset
+
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise InputError(f"data spec {spec!r} is tokenized by the model's tokenizer: use it with a model that "
+                             "has one (smollm2-135m, gguf:FILE)")
+        return QADataset(spec.partition(":")[2], tokenizer)
     if spec == "demo" or spec.startswith("demo:"):
         from paramsal.zoo import demo_dataset
         from paramsal.zoo.datasets import SPLITS
