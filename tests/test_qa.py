@@ -52,3 +52,15 @@ def test_a_missing_or_empty_qa_file_is_refused(tmp_path):
 ])
 def test_an_answer_matches_a_reference_that_it_begins_with(answer: str, reference: str, same: bool):
     assert matches(answer, reference) is same
+
+
+def test_qa_data_needs_a_model_with_a_tokenizer(tmp_path):
+    from torch import nn
+
+    from paramsal.zoo.specs import load_data
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n")
+    for model in (None, nn.Linear(2, 2)):
+        with pytest.raises(InputError, match=r"^data spec 'qa:.*' is tokenized by the model's tokenizer"):
+            load_data(f"qa:{path}", model=model)

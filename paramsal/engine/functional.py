@@ -90,7 +90,6 @@ class Precision:
 FLOAT32 = Precision()
 
 
-
 def cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The default loss: cross-entropy of each sample, ``[N, C], [N] -> [N]``."""
     return F.cross_entropy(outputs, targets, reduction="none")

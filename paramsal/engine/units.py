@@ -114,12 +114,23 @@ class UnitIndex:
         if not self.compound:
             return pieces
         columns = []
-        for group in self.groups:
-            share = [(part, (part.sizes.double() / group.sizes).to(pieces.device, pieces.dtype))
-                     for part in group.parts]
-            columns.append(sum((pieces[:, part.offset:part.stop] * weight for part, weight in share[1:]),
-                               pieces[:, share[0][0].offset:share[0][0].stop] * share[0][1]))
+        for shares in self._shares(pieces.device, pieces.dtype):
+            weighted = [pieces[:, start:stop] * share for start, stop, share in shares]
+            columns.append(sum(weighted[1:], weighted[0]))
         return torch.cat(columns, 1)
+
+    def _shares(self, device: torch.device, dtype: torch.dtype) -> list[list[tuple[int, int, torch.Tensor]]]:
+        """Per group, each part's columns among the pieces and its share of each unit's elements, on the device
+        once (a copy to a GPU per batch would wait for the batch's queued work)."""
+        key = (device, dtype)
+        if key not in self._shares_on:
+            self._shares_on[key] = [[(part.offset, part.stop, (part.sizes.double() / group.sizes).to(device, dtype))
+                                     for part in group.parts] for group in self.groups]
+        return self._shares_on[key]
+
+    @functools.cached_property
+    def _shares_on(self) -> dict[tuple[torch.device, torch.dtype], list[list[tuple[int, int, torch.Tensor]]]]:
+        return {}
 
     def columns(self) -> dict[str, list]:
         """One entry per unit in each column: unit_id, param, module, layer, channel, size (the run directory's
