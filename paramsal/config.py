@@ -105,9 +105,9 @@ class ProfileOptions:
         if self.chunk_size is not None:
             check_integer("chunk_size", self.chunk_size)
         object.__setattr__(self, "target", _checked_target(self.target))
-        if self.task == "causal-lm" and self.target != "label":
-            raise InputError(f"target={self.target!r} is not defined for task='causal-lm' (each position's label is "
-                             "the next input id); use target='label'")
+        if self.task in ("causal-lm", "answer") and self.target != "label":
+            raise InputError(f"target={self.target!r} is not defined for task={self.task!r} (each position's label is "
+                             "the next input id, or the reference answer's); use target='label'")
 
 
 def _checked_target(target: Any) -> str | int:

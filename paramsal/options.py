@@ -22,7 +22,7 @@ COMPUTE_PRECISIONS = ("float32", "bf16", "fp16")
 #: the class the model predicts.
 TARGETS = ("label", "predicted")
 #: What a model is trained for, which decides each sample's loss (:mod:`paramsal.engine.tasks`).
-TASKS = ("classification", "token-classification", "masked-lm", "causal-lm")
+TASKS = ("classification", "token-classification", "masked-lm", "causal-lm", "answer")
 #: A sequence task's label of a position that carries none (transformers' and PyTorch's convention).
 IGNORE_INDEX = -100
 #: What a bulk job does with a sample whose loss or gradient is NaN/inf.

@@ -178,3 +178,32 @@ def test_what_works_on_one_parameters_units_refuses_neurons_in_one_line():
         stepped_copy(model, ids[0], ids[0], index, [0], lr=0.1)
     with pytest.raises(InputError, match="attribution_loop works on units of one parameter each"):
         attribution_loop(model, ids, ids, torch.zeros(1, len(index)), stats=None, units=index)
+
+
+class _Judged(torch.utils.data.TensorDataset):
+    """Prompts whose "greedy answers" a stand-in judge marks right at even sample ids."""
+
+    def judge(self, model, rows):
+        return np.asarray(rows) % 2 == 0
+
+
+def test_an_answer_run_records_the_data_sets_judgement_of_each_row_as_correct(tmp_path):
+    from torch.utils.data import Subset
+
+    from paramsal.jobs.bulk import answer_judge
+
+    model, ids = llama(), prompts(6)
+    labels = ids.clone()
+    labels[:, :5] = -100  # the "answer": the last 3 tokens
+    data = _Judged(ids, labels)
+    run = profile_dataset(model, data, tmp_path / "run", batch_size=4, units="neurons", task="answer",
+                          progress=False)
+    assert run.table().column("correct").to_pylist() == [True, False] * 3
+    want = profile_batch(model, ids, labels, units="neurons", task="causal-lm", backend="loop")
+    np.testing.assert_allclose(run.profiles(standardized=False), want.float().numpy(), rtol=2e-5, atol=1e-12)
+    # a subset's ids are positions in it: the judge sees the data set's own
+    assert answer_judge(model, Subset(data, [3, 4, 1]))(np.array([0, 1, 2])).tolist() == [False, True, False]
+    with pytest.raises(InputError, match="task 'answer' judges each sample's greedy answer.*TensorDataset"):
+        profile_dataset(model, torch.utils.data.TensorDataset(ids, labels), tmp_path / "other", task="answer",
+                        units="neurons", progress=False)
+    assert not (tmp_path / "other").exists()  # refused before anything is written

@@ -126,8 +126,11 @@ def test_the_command_line_profiles_an_llms_neurons_on_qa_data_offline(smollm2, t
                  "--batch-size", "4", "--quiet", "--out", str(tmp_path / "run")])
     assert code == 0, capsys.readouterr().err
     run = open_run(tmp_path / "run")
-    assert run.manifest.num_units == 30 * 1536 and run.manifest.config.task == "causal-lm"
+    assert run.manifest.num_units == 30 * 1536 and run.manifest.config.task == "answer"  # qa: data's default
     model, tokenizer = smollm2
+    data = load_data(f"qa:{_qa_file(tmp_path)}", model=model)
+    said = greedy_answers(model, data, max_new_tokens=12)
+    assert run.table().column("correct").to_pylist() == [matches(a, q.answer) for a, q in zip(said, data.questions)]
     ids, labels = _batch(tokenizer)
     profiles = run.profiles(standardized=False)
     want = profile_batch(model, ids, labels, units="neurons", task="causal-lm", backend="loop")

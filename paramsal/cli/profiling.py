@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from paramsal.cli.parsing import add_option_flags, given_options, positive_int
 from paramsal.config import JobOptions, ProfileOptions
@@ -88,12 +89,18 @@ def profile_command(args: argparse.Namespace) -> int:
     given["device"] = resolve_device(given.get("device"))  # before the model and data load: a wrong one fails now
     model = load_model(args.model, args.weights, args.num_classes)
     data = first_samples(load_data(args.data, args.transform, args.decode, model), args.limit)
-    given.setdefault("task", getattr(model, "task", "classification"))  # an hf:DIR model's own head
+    given.setdefault("task", _default_task(model, args.data))
     given["overwrite"] = given.get("overwrite", False) or args.restart
     run = profile_dataset(model, data, args.out, resume=not args.restart, progress=not args.quiet,
                           model_name=args.model, data_name=args.data, source=_source(args), **given)
     print(run.summary())
     return 0
+
+
+def _default_task(model: Any, data: str) -> str:
+    """The model's own head's task (an hf:DIR or gguf:FILE model), and "answer" for a causal LM on qa: questions."""
+    task = getattr(model, "task", "classification")
+    return "answer" if task == "causal-lm" and data.startswith("qa:") else task
 
 
 def _source(args: argparse.Namespace) -> dict:

@@ -10,6 +10,12 @@ sample with no labelled position has loss 0 and a zero profile.
 
 The sample table of a run describes, for a sequence task, each sample's first
 labelled position (for one masked token per sentence, that token).
+
+``"answer"`` is a causal LM's loss on a reference answer after a prompt (the
+``qa:`` data of :mod:`paramsal.zoo.qa`, which labels only the answer's
+tokens); it differs from ``"causal-lm"`` in what makes a sample correct: the
+model's whole greedy answer, judged against the reference by the data set
+(:meth:`paramsal.zoo.qa.QADataset.judge`), rather than its first token.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ from paramsal.engine.functional import IGNORE_INDEX, LossFn, cross_entropy_per_s
 from paramsal.errors import InputError, check_choice
 from paramsal.options import TASKS
 
-__all__ = ["IGNORE_INDEX", "check_sequence_labels", "first_labelled", "is_sequence_task", "next_token_cross_entropy",
-           "sample_labels", "task_loss", "token_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "NEXT_TOKEN_TASKS", "check_sequence_labels", "first_labelled", "is_sequence_task",
+           "next_token_cross_entropy", "sample_labels", "task_loss", "token_cross_entropy"]
 
 
 def token_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -42,7 +48,10 @@ def next_token_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> to
 _LOSSES: dict[str, LossFn] = {"classification": cross_entropy_per_sample,
                               "token-classification": token_cross_entropy,
                               "masked-lm": token_cross_entropy,
-                              "causal-lm": next_token_cross_entropy}
+                              "causal-lm": next_token_cross_entropy,
+                              "answer": next_token_cross_entropy}
+#: The tasks whose position t predicts the label at t + 1.
+NEXT_TOKEN_TASKS = ("causal-lm", "answer")
 
 
 def task_loss(task: str) -> LossFn:
@@ -66,7 +75,7 @@ def first_labelled(outputs: torch.Tensor, targets: torch.Tensor, task: str) -> t
                          f"{tuple(targets.shape)}")
     position, labels = _first_positions(targets, task)
     rows = torch.arange(len(position), device=outputs.device)
-    return (outputs[:, :-1] if task == "causal-lm" else outputs)[rows, position], labels
+    return (outputs[:, :-1] if task in NEXT_TOKEN_TASKS else outputs)[rows, position], labels
 
 
 def sample_labels(targets: torch.Tensor, task: str) -> torch.Tensor:
@@ -75,7 +84,7 @@ def sample_labels(targets: torch.Tensor, task: str) -> torch.Tensor:
 
 
 def _first_positions(targets: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if task == "causal-lm":
+    if task in NEXT_TOKEN_TASKS:
         targets = targets[:, 1:]
     labelled = targets != IGNORE_INDEX
     position = labelled.to(torch.int8).argmax(1)

@@ -19,12 +19,14 @@ import dataclasses
 import os
 import platform
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from paramsal._io import writable_folder
 from paramsal._typing import MapDataset
@@ -117,6 +119,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
         options = dataclasses.replace(options, channels_last=own["channels_last"])
     model = model.to(device)
     profiler = Profiler(model, options)
+    judge = answer_judge(model, data) if options.task == "answer" else None
     planned = _manifest(model, data, profiler, job, batch_size, device, ranks.world_size)
     check_ranks_agree(ranks, planned)
     lock = RunLock(root, job=ranks.on_main(new_run_id))
@@ -130,7 +133,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
             workers = default_workers(device) if job.num_workers is None else job.num_workers
             with job_settings(device, job.deterministic):
                 profile_parts(root, manifest, ranks.share(missing), data, profiler, device, workers,
-                              job.on_nonfinite, job.progress and ranks.is_main, writer_threads())
+                              job.on_nonfinite, job.progress and ranks.is_main, writer_threads(), judge)
         except Exception as exc:  # the other ranks must hear of it before they wait for this one
             error = exc
         ranks.all_succeed(error)
@@ -141,6 +144,20 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
     if ranks.is_main:
         _warn_nonfinite(run)
     return run
+
+
+def answer_judge(model: nn.Module, data: MapDataset) -> Callable[[np.ndarray], np.ndarray]:
+    """What task "answer" records as correct: the data set's judgement of the model's greedy answer to each sample
+    (``data.judge(model, ids)``, :meth:`paramsal.zoo.qa.QADataset.judge`), through a ``--limit``'s subset too."""
+    judge = getattr(data, "judge", None)
+    if judge is None and isinstance(data, Subset) and hasattr(data.dataset, "judge"):
+        inner, indices = data.dataset.judge, np.asarray(data.indices)
+        judge = lambda model, ids: inner(model, indices[ids])  # noqa: E731  # the subset's ids are positions in it
+    if judge is None:
+        raise InputError(f"task 'answer' judges each sample's greedy answer against a reference answer, which "
+                         f"{type(data).__name__} does not give (it has no judge(model, ids)); use qa:FILE.jsonl "
+                         "data (paramsal.zoo.qa.QADataset), or task 'causal-lm'")
+    return lambda ids: judge(model, ids)
 
 
 def _prepare(lock: RunLock, root: Path, planned: Manifest, data: MapDataset, profiler: Profiler, job: JobOptions,

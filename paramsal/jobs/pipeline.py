@@ -13,8 +13,10 @@ same loop runs with nothing to overlap, and the writers compute the moments.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -35,7 +37,7 @@ PREFETCH = 4
 
 def profile_parts(root: Any, manifest: Manifest, parts: list[int], data: MapDataset, profiler: Profiler,
                   device: torch.device, num_workers: int, on_nonfinite: str, progress: bool,
-                  writer_threads: int = 1) -> None:
+                  writer_threads: int = 1, judge: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
     """Profiles the given parts, batch by batch, and lists each in the manifest once it is written.
 
     Args:
@@ -45,6 +47,8 @@ def profile_parts(root: Any, manifest: Manifest, parts: list[int], data: MapData
         num_workers: DataLoader worker processes.
         on_nonfinite: "skip" or "fail" (:func:`~paramsal.jobs.bulk.profile_dataset`).
         writer_threads: parts written side by side.
+        judge: ``judge(sample_ids) -> [b] bool``, whether each sample is right, where the task judges it other
+            than by the argmax at its first labelled position (task "answer": the greedy answer).
     """
     batch_size = manifest.config.batch_size
     batches = [list(range(s, min(s + batch_size, stop))) for i in parts
@@ -55,7 +59,7 @@ def profile_parts(root: Any, manifest: Manifest, parts: list[int], data: MapData
     bar = tqdm(total=sum(len(b) for b in batches), unit="samples", disable=not progress, desc="profiling",
                dynamic_ncols=True)
     feed = DeviceFeed(device)
-    parts_out = _Parts(root, manifest, profiler, on_nonfinite, writer_threads)
+    parts_out = _Parts(root, manifest, profiler, on_nonfinite, writer_threads, judge)
     in_flight: _InFlight | None = None
     try:
         for batch in loader:
@@ -80,8 +84,9 @@ def profile_parts(root: Any, manifest: Manifest, parts: list[int], data: MapData
 class _Parts:
     """Landed batches gathered into parts; each part, once whole, goes to the writers."""
 
-    def __init__(self, root: Any, manifest: Manifest, profiler: Profiler, on_nonfinite: str, threads: int):
-        self.manifest, self.profiler, self.on_nonfinite = manifest, profiler, on_nonfinite
+    def __init__(self, root: Any, manifest: Manifest, profiler: Profiler, on_nonfinite: str, threads: int,
+                 judge: Callable[[np.ndarray], np.ndarray] | None):
+        self.manifest, self.profiler, self.on_nonfinite, self.judge = manifest, profiler, on_nonfinite, judge
         self.writer = PartWriter(root, manifest.aggregation, len(profiler.index), threads)
         self.buffer: PartBuffer | None = None
 
@@ -89,7 +94,10 @@ class _Parts:
         """Adds a batch's results (writing its part when whole); returns its number of samples."""
         if self.buffer is None:
             self.buffer = PartBuffer(int(batch.ids[0]) // self.manifest.rows_per_part)
-        self.buffer.add(batch.land(self.profiler, self.on_nonfinite))
+        landed = batch.land(self.profiler, self.on_nonfinite)
+        if self.judge is not None:
+            landed.correct = self.judge(landed.ids)
+        self.buffer.add(landed)
         if self.buffer.stop == self.manifest.part_range(self.buffer.index)[1]:
             self.writer.write(self.buffer, self.profiler.backend)
             self.buffer = None

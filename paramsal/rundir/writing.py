@@ -41,7 +41,8 @@ from paramsal.rundir.reading import ROW_GROUP_ROWS
 
 def profile_table(sample_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarray, losses: np.ndarray,
                   profiles: np.ndarray, features: np.ndarray | None,
-                  nonfinite_params: Sequence[str | None] | None = None) -> pa.Table:
+                  nonfinite_params: Sequence[str | None] | None = None, correct: np.ndarray | None = None
+                  ) -> pa.Table:
     """One row per sample, as in the run format.
 
     Args:
@@ -54,6 +55,8 @@ def profile_table(sample_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarr
         nonfinite_params: per sample, None, or the first parameter whose
             gradient was not finite ("(loss)" when only the loss was): the row is
             flagged and left out of statistics and default selections.
+        correct: ``[N]`` whether each sample is right, where something other than ``pred == target`` judges it
+            (a chat model's whole greedy answer: task "answer").
     """
     logits = outputs.astype(np.float64)
     with np.errstate(invalid="ignore"):
@@ -69,7 +72,7 @@ def profile_table(sample_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarr
         "loss": pa.array(losses, pa.float32()),
         "target_prob": pa.array(probs[rows, targets], pa.float32()),
         "pred_prob": pa.array(probs[rows, pred], pa.float32()),
-        "correct": pa.array(pred == targets),
+        "correct": pa.array(pred == targets if correct is None else np.asarray(correct, bool)),
         "nonfinite": pa.array([flag is not None for flag in flags]),
         "nonfinite_param": pa.array(flags, pa.string()),
         "profile": fixed_size_list(profiles),
@@ -165,6 +168,7 @@ class LandedBatch:
         profiles: ``[b, F]`` float32 raw profiles; features: ``[b, D]`` or None.
         flags: per sample, None or the first parameter whose gradient was not finite.
         moments: the float64 moments of its finite rows, when the device computed them; None: the writer does.
+        correct: ``[b]`` each sample's judgement where the task judges it otherwise (:func:`profile_table`).
     """
 
     ids: np.ndarray
@@ -175,11 +179,12 @@ class LandedBatch:
     features: np.ndarray | None
     flags: list[str | None]
     moments: Moments | None = None
+    correct: np.ndarray | None = None
 
     def table(self) -> pa.Table:
         """The batch's rows (:func:`profile_table`), its arrays viewed, not copied."""
         return profile_table(self.ids, self.targets, self.logits, self.losses, self.profiles, self.features,
-                             self.flags)
+                             self.flags, self.correct)
 
     def finite_moments(self) -> Moments:
         if self.moments is not None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -126,6 +127,15 @@ class QADataset(Dataset):
         """Each question's ``label`` (None where the line gives none)."""
         return [q.label for q in self.questions]
 
+    def judge(self, model: Any, rows: Any) -> np.ndarray:
+        """``[len(rows)]`` bool: whether the model's greedy answer to each question :func:`matches` its reference
+        (what a run of task "answer" records as correct). The budget is the batch's longest reference plus 8
+        tokens, enough for the answer and what follows it on its line."""
+        rows = [int(r) for r in rows]
+        budget = int(self.answer_lengths[rows].max()) + 8
+        said = greedy_answers(model, self, rows, max_new_tokens=budget, batch_size=len(rows))
+        return np.array([matches(answer, self.questions[r].answer) for answer, r in zip(said, rows)], bool)
+
 
 def _context_ids(tokenizer: Any, question: Question) -> list[int]:
     chat = tokenizer.apply_chat_template([{"role": "user", "content": question.prompt}], add_generation_prompt=True,
@@ -163,9 +173,17 @@ def greedy_answers(model: Any, data: QADataset, rows: Any = None, *, max_new_tok
         data: the questions.
         rows: which questions (default all).
     """
-    tokenizer = model.tokenizer
     rows = list(range(len(data))) if rows is None else [int(r) for r in rows]
-    texts: list[str] = []
+    training = model.training
+    model.eval()  # greedy answers of the model as it is deployed (no dropout), as every profile is taken
+    try:
+        return _generated(model, data, rows, max_new_tokens, batch_size)
+    finally:
+        model.train(training)
+
+
+def _generated(model: Any, data: QADataset, rows: list[int], max_new_tokens: int, batch_size: int) -> list[str]:
+    tokenizer, texts = model.tokenizer, []
     device = next(model.parameters()).device
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
