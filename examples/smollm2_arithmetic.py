@@ -41,7 +41,7 @@ import torch
 from paramsal import profile_dataset, units_of
 from paramsal.analyses.neuron_editing import NeuronEditor
 from paramsal.engine.tasks import task_loss
-from paramsal.zoo.qa import QADataset, greedy_answers, matches
+from paramsal.zoo.qa import QADataset
 from paramsal.zoo.specs import load_data, load_model
 
 KINDS = {"add2": (10, 100, 10, 100, "+"), "add3": (100, 1000, 100, 1000, "+"),
@@ -97,12 +97,6 @@ def answer_logprob(model, data: QADataset, rows: np.ndarray, off: torch.Tensor |
     return -task_loss("causal-lm")(logits, labels).numpy()
 
 
-def switched_off_answers(model, data: QADataset, rows: np.ndarray, off: torch.Tensor,
-                         editor: NeuronEditor) -> list[str]:
-    with editor.switched_off(off):
-        return greedy_answers(model, data, rows, max_new_tokens=8, batch_size=len(rows))
-
-
 def one_step(model, data: QADataset, row: int, neurons: list[tuple[int, int]] | None, lr: float,
              index) -> tuple[float, bool]:
     """Row ``row``'s reference log-probability per token and greedy judgement after one SGD step on its own loss,
@@ -121,8 +115,7 @@ def one_step(model, data: QADataset, row: int, neurons: list[tuple[int, int]] | 
             for name, where in slices:
                 params[name].data[where] -= lr * grads[name][where]
         after = float(answer_logprob(model, data, np.array([row]))[0])
-        said = greedy_answers(model, data, [row], max_new_tokens=8)[0]
-        return after, matches(said, data.questions[row].answer)
+        return after, bool(data.judge(model, [row])[0])
     finally:
         with torch.no_grad():
             for param, where, values in saved:
@@ -174,8 +167,7 @@ def main() -> None:
 
     model = load_model("smollm2-135m")
     data = load_data(f"qa:{out / 'questions.jsonl'}", model=model)
-    said = greedy_answers(model, data, max_new_tokens=8, batch_size=32)
-    right = np.array([matches(answer, q.answer) for answer, q in zip(said, data.questions)])
+    right = np.concatenate([data.judge(model, range(s, min(s + 32, len(data)))) for s in range(0, len(data), 32)])
     labels = np.array(data.categories)
     print(f"{len(data)} questions, {right.mean():.1%} answered right")
     for label in sorted(set(labels)):
@@ -206,8 +198,8 @@ def main() -> None:
                 off = torch.zeros(len(chosen), len(index), dtype=torch.bool)
                 off[np.arange(len(chosen))[:, None], units] = True
                 changes.append(answer_logprob(model, data, chosen, off, editor) - before[start:start + 16])
-                answers = switched_off_answers(model, data, chosen, off, editor)
-                corrected += sum(matches(a, data.questions[r].answer) for a, r in zip(answers, chosen))
+                with editor.switched_off(off):
+                    corrected += int(data.judge(model, chosen).sum())
             print(f"  k={k:<4} {selection:<8} Δ log-prob {np.concatenate(changes).mean():+.3f}   "
                   f"made right {corrected / len(edited):6.1%} of {len(edited)}")
 

@@ -25,6 +25,7 @@ from paramsal.options import (
     BACKENDS,
     COMPUTE_PRECISIONS,
     DEVICES,
+    NEXT_TOKEN_TASKS,
     NONFINITE_POLICIES,
     TARGETS,
     TASKS,
@@ -105,7 +106,7 @@ class ProfileOptions:
         if self.chunk_size is not None:
             check_integer("chunk_size", self.chunk_size)
         object.__setattr__(self, "target", _checked_target(self.target))
-        if self.task in ("causal-lm", "answer") and self.target != "label":
+        if self.task in NEXT_TOKEN_TASKS and self.target != "label":
             raise InputError(f"target={self.target!r} is not defined for task={self.task!r} (each position's label is "
                              "the next input id, or the reference answer's); use target='label'")
 

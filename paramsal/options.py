@@ -23,6 +23,8 @@ COMPUTE_PRECISIONS = ("float32", "bf16", "fp16")
 TARGETS = ("label", "predicted")
 #: What a model is trained for, which decides each sample's loss (:mod:`paramsal.engine.tasks`).
 TASKS = ("classification", "token-classification", "masked-lm", "causal-lm", "answer")
+#: The tasks whose position t predicts the label at t + 1 (a causal LM's).
+NEXT_TOKEN_TASKS = ("causal-lm", "answer")
 #: A sequence task's label of a position that carries none (transformers' and PyTorch's convention).
 IGNORE_INDEX = -100
 #: What a bulk job does with a sample whose loss or gradient is NaN/inf.

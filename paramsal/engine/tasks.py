@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from paramsal.engine.functional import IGNORE_INDEX, LossFn, cross_entropy_per_sample
 from paramsal.errors import InputError, check_choice
-from paramsal.options import TASKS
+from paramsal.options import NEXT_TOKEN_TASKS, TASKS
 
 __all__ = ["IGNORE_INDEX", "NEXT_TOKEN_TASKS", "check_sequence_labels", "first_labelled", "is_sequence_task",
            "next_token_cross_entropy", "sample_labels", "task_loss", "token_cross_entropy"]
@@ -50,8 +50,6 @@ _LOSSES: dict[str, LossFn] = {"classification": cross_entropy_per_sample,
                               "masked-lm": token_cross_entropy,
                               "causal-lm": next_token_cross_entropy,
                               "answer": next_token_cross_entropy}
-#: The tasks whose position t predicts the label at t + 1.
-NEXT_TOKEN_TASKS = ("causal-lm", "answer")
 
 
 def task_loss(task: str) -> LossFn:
