@@ -183,8 +183,10 @@ def test_what_works_on_one_parameters_units_refuses_neurons_in_one_line():
 class _Judged(torch.utils.data.TensorDataset):
     """Prompts whose "greedy answers" a stand-in judge marks right at even sample ids."""
 
-    def judge(self, model, rows):
-        return np.asarray(rows) % 2 == 0
+    def sample_columns(self, model, rows, losses):
+        rows = np.asarray(rows)
+        return {"correct": rows % 2 == 0, "prompt": [f"question {r}" for r in rows], "answer": [f"said {r}" for r in rows], "reference": ["ref"] * len(rows),
+                "answer_logprob": -np.asarray(losses), "label": [None if r == 1 else "odd" * (r % 2) for r in rows]}
 
 
 def test_an_answer_run_records_the_data_sets_judgement_of_each_row_as_correct(tmp_path):
@@ -198,11 +200,16 @@ def test_an_answer_run_records_the_data_sets_judgement_of_each_row_as_correct(tm
     data = _Judged(ids, labels)
     run = profile_dataset(model, data, tmp_path / "run", batch_size=4, units="neurons", task="answer",
                           progress=False)
-    assert run.table().column("correct").to_pylist() == [True, False] * 3
+    table = run.table()
+    assert table.column("correct").to_pylist() == [True, False] * 3
+    assert table.column("answer").to_pylist() == [f"said {r}" for r in range(6)]
+    assert table.column("label").to_pylist() == ["", None, "", "odd", "", "odd"]
+    np.testing.assert_allclose(table.column("answer_logprob").to_numpy(), -table.column("loss").to_numpy())
     want = profile_batch(model, ids, labels, units="neurons", task="causal-lm", backend="loop")
     np.testing.assert_allclose(run.profiles(standardized=False), want.float().numpy(), rtol=2e-5, atol=1e-12)
     # a subset's ids are positions in it: the judge sees the data set's own
-    assert answer_judge(model, Subset(data, [3, 4, 1]))(np.array([0, 1, 2])).tolist() == [False, True, False]
+    judged = answer_judge(model, Subset(data, [3, 4, 1]))(np.array([0, 1, 2]), np.zeros(3))
+    assert judged["correct"].tolist() == [False, True, False] and judged["answer"] == ["said 3", "said 4", "said 1"]
     with pytest.raises(InputError, match="task 'answer' judges each sample's greedy answer.*TensorDataset"):
         profile_dataset(model, torch.utils.data.TensorDataset(ids, labels), tmp_path / "other", task="answer",
                         units="neurons", progress=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 from nets import profiled_by_auto, relative_error
@@ -129,9 +130,21 @@ def test_the_command_line_profiles_an_llms_neurons_on_qa_data_offline(smollm2, t
     assert run.manifest.num_units == 30 * 1536 and run.manifest.config.task == "answer"  # qa: data's default
     model, tokenizer = smollm2
     data = load_data(f"qa:{_qa_file(tmp_path)}", model=model)
-    said = greedy_answers(model, data, max_new_tokens=12)
-    assert run.table().column("correct").to_pylist() == [matches(a, q.answer) for a, q in zip(said, data.questions)]
+    said = greedy_answers(model, data, max_new_tokens=int(data.answer_lengths.max()) + 8)  # the judge's budget
+    table = run.table()
+    assert table.column("correct").to_pylist() == [matches(a, q.answer) for a, q in zip(said, data.questions)]
+    assert table.column("answer").to_pylist() == said
+    assert table.column("reference").to_pylist() == [q.answer for q in data.questions]
+    assert table.column("prompt").to_pylist() == [q for q, _, _ in QUESTIONS]
+    assert table.column("label").to_pylist() == ["q0", "q1", "q2", "q3"]
     ids, labels = _batch(tokenizer)
+    with torch.no_grad():  # the reference's log-probability, token by token, in float64
+        logprobs = torch.log_softmax(model(ids)[:, :-1].double(), -1)
+    scored = labels[:, 1:] != IGNORE_INDEX
+    taken = logprobs.gather(-1, labels[:, 1:].clamp_min(0)[..., None])[..., 0]
+    want_logprob = (taken * scored).sum(1)
+    # the run's comes from its float32 loss: equal to float32's noise
+    np.testing.assert_allclose(table.column("answer_logprob").to_numpy(), want_logprob.numpy(), rtol=1e-4, atol=1e-4)
     profiles = run.profiles(standardized=False)
     want = profile_batch(model, ids, labels, units="neurons", task="causal-lm", backend="loop")
     assert relative_error(torch.as_tensor(profiles), want) <= 1e-4

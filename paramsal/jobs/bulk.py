@@ -19,7 +19,6 @@ import dataclasses
 import os
 import platform
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from paramsal.errors import InputError, ParamsalError, ParamsalWarning
 from paramsal.jobs.distributed import Ranks, check_ranks_agree, check_ranks_share, current_ranks, rank_device
 from paramsal.jobs.fingerprints import data_fingerprint, dataset_labels, model_fingerprint
 from paramsal.jobs.hardware import default_batch_size, default_workers, job_settings, writer_threads
-from paramsal.jobs.pipeline import profile_parts
+from paramsal.jobs.pipeline import Judge, profile_parts
 from paramsal.rundir.integrity import units_table
 from paramsal.rundir.lock import RunLock
 from paramsal.rundir.manifest import Manifest, RunConfig, Source, new_run_id, read_manifest
@@ -146,18 +145,19 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
     return run
 
 
-def answer_judge(model: nn.Module, data: MapDataset) -> Callable[[np.ndarray], np.ndarray]:
-    """What task "answer" records as correct: the data set's judgement of the model's greedy answer to each sample
-    (``data.judge(model, ids)``, :meth:`paramsal.zoo.qa.QADataset.judge`), through a ``--limit``'s subset too."""
-    judge = getattr(data, "judge", None)
-    if judge is None and isinstance(data, Subset) and hasattr(data.dataset, "judge"):
-        inner, indices = data.dataset.judge, np.asarray(data.indices)
-        judge = lambda model, ids: inner(model, indices[ids])  # noqa: E731  # the subset's ids are positions in it
-    if judge is None:
+def answer_judge(model: nn.Module, data: MapDataset) -> Judge:
+    """What task "answer" records of each sample: the data set's judgement of the model's greedy answer and the
+    columns that go with it (``data.sample_columns(model, ids, losses)``,
+    :meth:`paramsal.zoo.qa.QADataset.sample_columns`), through a ``--limit``'s subset too."""
+    columns = getattr(data, "sample_columns", None)
+    if columns is None and isinstance(data, Subset) and hasattr(data.dataset, "sample_columns"):
+        inner, indices = data.dataset.sample_columns, np.asarray(data.indices)
+        columns = lambda model, ids, losses: inner(model, indices[ids], losses)  # noqa: E731  # ids: positions in it
+    if columns is None:
         raise InputError(f"task 'answer' judges each sample's greedy answer against a reference answer, which "
-                         f"{type(data).__name__} does not give (it has no judge(model, ids)); use qa:FILE.jsonl "
-                         "data (paramsal.zoo.qa.QADataset), or task 'causal-lm'")
-    return lambda ids: judge(model, ids)
+                         f"{type(data).__name__} does not give (it has no sample_columns(model, ids, losses)); use "
+                         "qa:FILE.jsonl data (paramsal.zoo.qa.QADataset), or task 'causal-lm'")
+    return lambda ids, losses: columns(model, ids, losses)
 
 
 def _prepare(lock: RunLock, root: Path, planned: Manifest, data: MapDataset, profiler: Profiler, job: JobOptions,

@@ -13,7 +13,7 @@ same loop runs with nothing to overlap, and the writers compute the moments.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,10 +34,15 @@ from paramsal.rundir.writing import LandedBatch, PartBuffer, PartWriter
 #: Batches the DataLoader's workers prepare ahead of the one being profiled, per worker.
 PREFETCH = 4
 
+#: What judges a batch where the task judges samples otherwise (task "answer"):
+#: ``(sample_ids, losses) -> {column: [b] values}``, ``correct`` and the answer columns
+#: (:func:`paramsal.jobs.bulk.answer_judge`).
+Judge = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
+
 
 def profile_parts(root: Any, manifest: Manifest, parts: list[int], data: MapDataset, profiler: Profiler,
                   device: torch.device, num_workers: int, on_nonfinite: str, progress: bool,
-                  writer_threads: int = 1, judge: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                  writer_threads: int = 1, judge: Judge | None = None) -> None:
     """Profiles the given parts, batch by batch, and lists each in the manifest once it is written.
 
     Args:
@@ -47,8 +52,8 @@ def profile_parts(root: Any, manifest: Manifest, parts: list[int], data: MapData
         num_workers: DataLoader worker processes.
         on_nonfinite: "skip" or "fail" (:func:`~paramsal.jobs.bulk.profile_dataset`).
         writer_threads: parts written side by side.
-        judge: ``judge(sample_ids) -> [b] bool``, whether each sample is right, where the task judges it other
-            than by the argmax at its first labelled position (task "answer": the greedy answer).
+        judge: where the task judges a sample other than by the argmax at its first labelled position (task
+            "answer": the greedy answer), the :data:`Judge` of the sample table's columns.
     """
     batch_size = manifest.config.batch_size
     batches = [list(range(s, min(s + batch_size, stop))) for i in parts
@@ -85,7 +90,7 @@ class _Parts:
     """Landed batches gathered into parts; each part, once whole, goes to the writers."""
 
     def __init__(self, root: Any, manifest: Manifest, profiler: Profiler, on_nonfinite: str, threads: int,
-                 judge: Callable[[np.ndarray], np.ndarray] | None):
+                 judge: Judge | None):
         self.manifest, self.profiler, self.on_nonfinite, self.judge = manifest, profiler, on_nonfinite, judge
         self.writer = PartWriter(root, manifest.aggregation, len(profiler.index), threads)
         self.buffer: PartBuffer | None = None
@@ -96,7 +101,7 @@ class _Parts:
             self.buffer = PartBuffer(int(batch.ids[0]) // self.manifest.rows_per_part)
         landed = batch.land(self.profiler, self.on_nonfinite)
         if self.judge is not None:
-            landed.correct = self.judge(landed.ids)
+            landed.judged = self.judge(landed.ids, landed.losses)
         self.buffer.add(landed)
         if self.buffer.stop == self.manifest.part_range(self.buffer.index)[1]:
             self.writer.write(self.buffer, self.profiler.backend)

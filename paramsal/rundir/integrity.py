@@ -29,6 +29,11 @@ from paramsal.rundir.ownership import RUN_FOLDERS, entries, inside, linked
 PART_COLUMNS = {"sample_id": pa.int64(), "target": pa.int64(), "pred": pa.int64(), "loss": pa.float32(),
                 "target_prob": pa.float32(), "pred_prob": pa.float32(), "correct": pa.bool_(),
                 "nonfinite": pa.bool_(), "nonfinite_param": pa.string()}
+#: The columns a run of task "answer" adds to its part files (:meth:`paramsal.zoo.qa.QADataset.sample_columns`):
+#: the question's prompt, the greedy answer's text, the reference answer, the reference's log-probability and the
+#: question's category.
+ANSWER_COLUMNS = {"prompt": pa.string(), "answer": pa.string(), "reference": pa.string(),
+                  "answer_logprob": pa.float32(), "label": pa.string()}
 #: The columns of ``units.parquet`` and of a moments file (``stats.parquet``, ``stats/part-*.parquet``).
 UNITS_COLUMNS = {"unit_id": pa.int64(), "param": pa.string(), "module": pa.string(), "layer": pa.int32(),
                  "channel": pa.int64(), "size": pa.int64()}
@@ -64,6 +69,11 @@ def check_part(root: Path, part: Part, manifest: Manifest, *, checksum: bool = T
         check_file(root, name, record, manifest, checksum=checksum)
 
 
+def sample_columns(manifest: Manifest) -> dict[str, pa.DataType]:
+    """The columns of the run's sample table (a part file's, less its vectors), with their types."""
+    return {**PART_COLUMNS, **(ANSWER_COLUMNS if manifest.config.task == "answer" else {})}
+
+
 def expected_columns(name: str, manifest: Manifest) -> tuple[dict[str, pa.DataType], int | None]:
     """The columns a file of the run must have, with their types, and its row count where the manifest fixes it."""
     if name == UNITS:
@@ -72,7 +82,7 @@ def expected_columns(name: str, manifest: Manifest) -> tuple[dict[str, pa.DataTy
         return MOMENTS_COLUMNS, manifest.num_units
     if name.startswith(f"{PROFILES_DIR}/"):
         vectors = {"profile": pa.list_(pa.float32(), manifest.num_units)}
-        return {**PART_COLUMNS, **vectors}, None
+        return {**sample_columns(manifest), **vectors}, None
     return {}, None
 
 

@@ -25,16 +25,13 @@ from paramsal.options import ROW_SELECTIONS
 from paramsal.ranking.scoring import scores
 from paramsal.ranking.stats import SaliencyStats
 from paramsal.ranking.tails import Tails
-from paramsal.rundir.integrity import PART_COLUMNS, check_file, check_no_strays, check_part_rows, check_schema
+from paramsal.rundir.integrity import check_file, check_no_strays, check_part_rows, check_schema, sample_columns
 from paramsal.rundir.layout import STATS, TAILS_DIR, TAILS_FORMAT, UNITS, tails_file
 from paramsal.rundir.manifest import FileRecord, Part, read_manifest
 from paramsal.rundir.ownership import MANIFEST, inside
 from paramsal.rundir.reading import Block, iter_vectors
 
 #: The per-sample columns of a part besides ``profile`` and ``features``.
-SAMPLE_COLUMNS = list(PART_COLUMNS)
-
-
 
 class Run:
     """A run directory opened for reading (see :func:`open_run`).
@@ -112,11 +109,13 @@ class Run:
             yield self.read_part(part, columns)
 
     def table(self) -> pa.Table:
-        """The per-sample columns (sample_id, target, pred, loss, ..., nonfinite), without profiles or features."""
-        tables = list(self.iter_parts(SAMPLE_COLUMNS))
+        """The per-sample columns (sample_id, target, pred, loss, ..., nonfinite; an answer run's answer, reference,
+        answer_logprob, label), without profiles or features."""
+        columns = sample_columns(self.manifest)
+        tables = list(self.iter_parts(list(columns)))
         if tables:
             return pa.concat_tables(tables)
-        return pa.schema(PART_COLUMNS).empty_table()  # no part finished yet: the columns, typed, with no rows
+        return pa.schema(columns).empty_table()  # no part finished yet: the columns, typed, with no rows
 
     @property
     def accuracy(self) -> float:

@@ -16,7 +16,7 @@ under :func:`paramsal.rundir.lock.manifest_update` so that no listing is lost.
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ from paramsal._arrow import fixed_size_list
 from paramsal._io import HashingFile, atomic_path
 from paramsal.errors import EngineError
 from paramsal.ranking.stats import Moments, SaliencyStats, chan_merge, finite_moments
-from paramsal.rundir.integrity import check_file, temporaries
+from paramsal.rundir.integrity import ANSWER_COLUMNS, check_file, temporaries
 from paramsal.rundir.layout import PART_STATS_DIR, PROFILES_DIR, STATS, UNITS, part_file, part_stats_file
 from paramsal.rundir.lock import manifest_update
 from paramsal.rundir.manifest import FileRecord, Manifest, Part, own_files, read_manifest, storage_error, write_manifest
@@ -41,8 +41,8 @@ from paramsal.rundir.reading import ROW_GROUP_ROWS
 
 def profile_table(sample_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarray, losses: np.ndarray,
                   profiles: np.ndarray, features: np.ndarray | None,
-                  nonfinite_params: Sequence[str | None] | None = None, correct: np.ndarray | None = None
-                  ) -> pa.Table:
+                  nonfinite_params: Sequence[str | None] | None = None,
+                  judged: Mapping[str, np.ndarray] | None = None) -> pa.Table:
     """One row per sample, as in the run format.
 
     Args:
@@ -55,8 +55,8 @@ def profile_table(sample_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarr
         nonfinite_params: per sample, None, or the first parameter whose
             gradient was not finite ("(loss)" when only the loss was): the row is
             flagged and left out of statistics and default selections.
-        correct: ``[N]`` whether each sample is right, where something other than ``pred == target`` judges it
-            (a chat model's whole greedy answer: task "answer").
+        judged: where something other than ``pred == target`` judges each sample (a chat model's whole greedy
+            answer: task "answer"), its ``[N]`` columns: ``correct`` and :data:`ANSWER_COLUMNS`.
     """
     logits = outputs.astype(np.float64)
     with np.errstate(invalid="ignore"):
@@ -72,11 +72,13 @@ def profile_table(sample_ids: np.ndarray, targets: np.ndarray, outputs: np.ndarr
         "loss": pa.array(losses, pa.float32()),
         "target_prob": pa.array(probs[rows, targets], pa.float32()),
         "pred_prob": pa.array(probs[rows, pred], pa.float32()),
-        "correct": pa.array(pred == targets if correct is None else np.asarray(correct, bool)),
+        "correct": pa.array(pred == targets if judged is None else np.asarray(judged["correct"], bool)),
         "nonfinite": pa.array([flag is not None for flag in flags]),
         "nonfinite_param": pa.array(flags, pa.string()),
-        "profile": fixed_size_list(profiles),
     }
+    if judged is not None:
+        columns.update({name: pa.array(judged[name], kind) for name, kind in ANSWER_COLUMNS.items()})
+    columns["profile"] = fixed_size_list(profiles)
     if features is not None:
         columns["features"] = fixed_size_list(features)
     return pa.table(columns)
@@ -168,7 +170,7 @@ class LandedBatch:
         profiles: ``[b, F]`` float32 raw profiles; features: ``[b, D]`` or None.
         flags: per sample, None or the first parameter whose gradient was not finite.
         moments: the float64 moments of its finite rows, when the device computed them; None: the writer does.
-        correct: ``[b]`` each sample's judgement where the task judges it otherwise (:func:`profile_table`).
+        judged: ``[b]`` columns of each sample's judgement where the task judges it otherwise (:func:`profile_table`).
     """
 
     ids: np.ndarray
@@ -179,12 +181,12 @@ class LandedBatch:
     features: np.ndarray | None
     flags: list[str | None]
     moments: Moments | None = None
-    correct: np.ndarray | None = None
+    judged: Mapping[str, np.ndarray] | None = None
 
     def table(self) -> pa.Table:
         """The batch's rows (:func:`profile_table`), its arrays viewed, not copied."""
         return profile_table(self.ids, self.targets, self.logits, self.losses, self.profiles, self.features,
-                             self.flags, self.correct)
+                             self.flags, self.judged)
 
     def finite_moments(self) -> Moments:
         if self.moments is not None:

@@ -129,11 +129,37 @@ class QADataset(Dataset):
 
     def judge(self, model: Any, rows: Any) -> np.ndarray:
         """``[len(rows)]`` bool: whether the model's greedy answer to each question :func:`matches` its reference
-        (what a run of task "answer" records as correct). The budget is the batch's longest reference plus 8
-        tokens, enough for the answer and what follows it on its line."""
+        (what a run of task "answer" records as correct)."""
         rows = [int(r) for r in rows]
+        return self._judged(rows, self._answers(model, rows))
+
+    def sample_columns(self, model: Any, rows: Any, losses: np.ndarray) -> dict[str, np.ndarray]:
+        """What a run of task "answer" records of each question beside its profile (the sample table's answer
+        columns, :data:`paramsal.rundir.integrity.ANSWER_COLUMNS`): ``correct`` (:meth:`judge`), ``prompt``,
+        ``answer`` (the greedy answer's text), ``reference``, ``answer_logprob`` (the reference's log-probability given prompt and
+        prefix: its profiled mean token loss times its token count) and ``label``.
+
+        Args:
+            model: the profiled model.
+            rows: the questions.
+            losses: ``[len(rows)]`` their profiled losses.
+        """
+        rows = [int(r) for r in rows]
+        said = self._answers(model, rows)
+        return {"correct": self._judged(rows, said),
+                "prompt": np.array([self.questions[r].prompt for r in rows], dtype=object),
+                "answer": np.array(said, dtype=object),
+                "reference": np.array([self.questions[r].answer for r in rows], dtype=object),
+                "answer_logprob": -np.asarray(losses, np.float64) * self.answer_lengths[rows].numpy(),
+                "label": np.array([self.questions[r].label for r in rows], dtype=object)}
+
+    def _answers(self, model: Any, rows: list[int]) -> list[str]:
+        """The greedy answers, with a budget of the batch's longest reference plus 8 tokens: enough for the answer
+        and what follows it on its line."""
         budget = int(self.answer_lengths[rows].max()) + 8
-        said = greedy_answers(model, self, rows, max_new_tokens=budget, batch_size=len(rows))
+        return greedy_answers(model, self, rows, max_new_tokens=budget, batch_size=len(rows))
+
+    def _judged(self, rows: list[int], said: list[str]) -> np.ndarray:
         return np.array([matches(answer, self.questions[r].answer) for answer, r in zip(said, rows)], bool)
 
 
