@@ -49,7 +49,8 @@ def chat_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> TextModel:
 
 
 def write_questions(path: Path, count: int = 24) -> Path:
-    """``count`` sums "what is A plus B ?" answered "= S ." after the prefix "the answer", labelled "large" (a sum of 5 or more) or "small"."""
+    """``count`` sums "what is A plus B ?" answered "= S ." after the prefix "the answer", labelled "large" (a sum
+    of 5 or more) or "small"."""
     with path.open("w", encoding="utf-8") as out:
         for n in range(count):
             a, b = n % 7, (3 * n) % 5
