@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from paramsal import profile_dataset, units_of
-from paramsal.analyses.neuron_editing import NeuronEditor
+from paramsal.analyses.compound_editing import CompoundEditor
 from paramsal.engine.tasks import task_loss
 from paramsal.zoo.qa import QADataset
 from paramsal.zoo.specs import load_data, load_model
@@ -85,7 +85,7 @@ def _carries(a: int, b: int, sign: str) -> bool:
 
 
 def answer_logprob(model, data: QADataset, rows: np.ndarray, off: torch.Tensor | None = None,
-                   editor: NeuronEditor | None = None) -> np.ndarray:
+                   editor: CompoundEditor | None = None) -> np.ndarray:
     """Each row's reference answer's mean log-probability per token (with its neurons ``off`` switched off)."""
     ids, labels = data.ids[rows], data.labels[rows]
     with torch.no_grad():
@@ -181,7 +181,7 @@ def main() -> None:
     print("\n(a) standardized saliency, mean over neurons (0 is the mean answer):")
     print(f"  wrong {z[wrong].mean():+.4f}   right {z[right].mean():+.4f}")
 
-    index, editor = units_of(model, "neurons"), NeuronEditor(model, units_of(model, "neurons"))
+    index, editor = units_of(model, "neurons"), CompoundEditor(model, units_of(model, "neurons"))
     rng = np.random.default_rng(0)
     print("\n(b) a wrong answer's k neurons switched off: change in the reference's mean log-probability per token, "
           "answers made right")

@@ -140,32 +140,42 @@ def test_a_run_of_neurons_names_them_and_the_weight_editing_analyses_refuse_them
         UnitEditor.locate(model, ids[:1], "neurons")
 
 
-def test_neurons_switched_off_per_sample_equal_a_copy_with_their_weights_zeroed():
-    import copy
-
-    from paramsal.analyses.neuron_editing import NeuronEditor
+@pytest.mark.parametrize("units", ["neurons", "heads"])
+def test_units_switched_off_per_sample_equal_a_copy_with_their_weights_zeroed(units: str):
+    from paramsal.analyses.compound_editing import CompoundEditor
+    from paramsal.reference import zeroed_copy
 
     model, ids = llama(), prompts(3)
-    index = units_of(model, "neurons")
+    index = units_of(model, units)
     off = torch.zeros(3, len(index), dtype=torch.bool)
-    off[0, [2, 30]] = True  # sample 0: neuron 2 of layer 0 and neuron 6 of layer 1
-    off[2, [7, 8, 9]] = True  # sample 1: none
-    with torch.no_grad(), NeuronEditor(model, index).switched_off(off):
+    off[0, [2, len(index) - 1]] = True  # the first layer's and the last layer's
+    off[2, [1, 3, len(index) // 2]] = True  # sample 1: none
+    with torch.no_grad(), CompoundEditor(model, index).switched_off(off):
         edited = model(ids)
-    assert not model.model.model.layers[0].mlp.down_proj._forward_pre_hooks  # the hooks are gone
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # the hooks are gone
     for n in range(3):
-        pruned = copy.deepcopy(model)
-        for unit in off[n].nonzero().flatten().tolist():
-            group = next(g for g in index if g.offset <= unit < g.stop)
-            for part in group.parts:
-                weight = pruned.get_parameter(part.param_name)
-                channel = unit - group.offset
-                with torch.no_grad():
-                    (weight[channel] if part.partition == "rows" else weight[:, channel]).zero_()
         with torch.no_grad():
-            want = pruned(ids[n:n + 1])
+            want = zeroed_copy(model, index, off[n].nonzero().flatten().numpy())(ids[n:n + 1])
         assert torch.allclose(edited[n:n + 1], want, rtol=0, atol=1e-12)
-    assert not torch.allclose(edited[0], model(ids)[0].detach())  # something was switched off
+    with torch.no_grad():
+        assert not torch.allclose(edited[0], model(ids)[0])  # something was switched off
+        assert torch.equal(edited[1], model(ids)[1])
+
+
+def test_zeroed_copy_zeroes_exactly_the_weights_of_a_neuron_and_of_a_key_value_head():
+    from paramsal.reference import zeroed_copy
+
+    model = llama()
+    neuron = zeroed_copy(model, units_of(model, "neurons"), [5])
+    mlp, before = neuron.model.model.layers[0].mlp, model.model.model.layers[0].mlp
+    assert not (mlp.gate_proj.weight[5].any() or mlp.up_proj.weight[5].any() or mlp.down_proj.weight[:, 5].any())
+    changed = sum(int((a != b).sum()) for a, b in zip(neuron.parameters(), model.parameters()))
+    assert changed == 3 * 16 and before.gate_proj.weight[5].all()  # 3 x hidden weights, the model untouched
+    heads = units_of(model, "heads")
+    kv = next(g for g in heads if g.attr == "kv_heads")
+    attention = zeroed_copy(model, heads, [kv.offset + 1]).model.model.layers[0].self_attn
+    assert not attention.k_proj.weight[4:8].any() and not attention.v_proj.weight[4:8].any()  # head_dim 4
+    assert attention.k_proj.weight[:4].all() and attention.q_proj.weight.all()
 
 
 def test_what_works_on_one_parameters_units_refuses_neurons_in_one_line():
@@ -185,7 +195,8 @@ class _Judged(torch.utils.data.TensorDataset):
 
     def sample_columns(self, model, rows, losses):
         rows = np.asarray(rows)
-        return {"correct": rows % 2 == 0, "prompt": [f"question {r}" for r in rows], "answer": [f"said {r}" for r in rows], "reference": ["ref"] * len(rows),
+        return {"correct": rows % 2 == 0, "prompt": [f"question {r}" for r in rows],
+                "answer": [f"said {r}" for r in rows], "reference": ["ref"] * len(rows),
                 "answer_logprob": -np.asarray(losses), "label": [None if r == 1 else "odd" * (r % 2) for r in rows]}
 
 

@@ -12,9 +12,12 @@ import torch
 from nets import profiled_by_auto, relative_error
 
 from paramsal import open_run, profile_batch, units_of
+from paramsal.analyses.base import find_results
+from paramsal.analyses.selection import select_units, unit_scores
 from paramsal.cli import main
 from paramsal.engine.tasks import IGNORE_INDEX
 from paramsal.errors import InputError
+from paramsal.reference import zeroed_copy
 from paramsal.zoo.qa import greedy_answers, matches
 from paramsal.zoo.specs import load_data, load_model
 
@@ -130,7 +133,8 @@ def test_the_command_line_profiles_an_llms_neurons_on_qa_data_offline(smollm2, t
     assert run.manifest.num_units == 30 * 1536 and run.manifest.config.task == "answer"  # qa: data's default
     model, tokenizer = smollm2
     data = load_data(f"qa:{_qa_file(tmp_path)}", model=model)
-    said = greedy_answers(model, data, max_new_tokens=int(data.answer_lengths.max()) + 8)  # the judge's budget
+    budget = int(data.answer_lengths.max()) + 8  # the judge's
+    said = greedy_answers(model, data, max_new_tokens=budget)
     table = run.table()
     assert table.column("correct").to_pylist() == [matches(a, q.answer) for a, q in zip(said, data.questions)]
     assert table.column("answer").to_pylist() == said
@@ -148,3 +152,20 @@ def test_the_command_line_profiles_an_llms_neurons_on_qa_data_offline(smollm2, t
     profiles = run.profiles(standardized=False)
     want = profile_batch(model, ids, labels, units="neurons", task="causal-lm", backend="loop")
     assert relative_error(torch.as_tensor(profiles), want) <= 1e-4
+    # pruning the wrong answer's top neurons: as a deep copy with them zeroed, greedy answer included
+    capsys.readouterr()
+    code = main(["prune", str(tmp_path / "run"), "--ks", "1,10", "--select", "salient,random", "--resamples", "20",
+                 "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert "% corrected" in capsys.readouterr().out
+    (result,), _ = find_results(tmp_path / "run" / "analyses", run)
+    wrong = run.sample_ids("misclassified")
+    row = result.table[(result.table["selection"] == "salient") & (result.table["k"] == 10)].iloc[0]
+    chosen = select_units(unit_scores(run, wrong), 10, "salient", 0, wrong)[0]
+    pruned = zeroed_copy(model, units_of(model, "neurons"), chosen)
+    n = int(wrong[0])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(pruned(ids[n:n + 1])[0, :-1].double(), -1)
+    want = (logprobs.gather(-1, labels[n, 1:].clamp_min(0)[:, None])[:, 0] * scored[n]).sum()
+    assert row["logprob_after"] == pytest.approx(float(want), rel=1e-4, abs=1e-4)
+    assert row["answer_after"] == greedy_answers(pruned, data, [n], max_new_tokens=budget)[0]

@@ -116,7 +116,7 @@ def test_masked_lm_run_profiles_the_masked_tokens_loss_and_records_the_masked_to
     assert table.column("pred").to_pylist() == logits.argmax(1).tolist()
     from paramsal.analyses import Neighbors, Pruning
 
-    with pytest.raises(InputError, match="profiled a 'masked-lm' model: the analyses that evaluate the model again"):
+    with pytest.raises(InputError, match="profiled a 'masked-lm' model: this analysis evaluates the model again"):
         Pruning(model, ks=(1,)).evaluate(run, data)
     assert len(Neighbors(k=1, among="all", spaces=("saliency",)).evaluate(run, samples=[0, 1]).table) == 2
 

@@ -48,7 +48,7 @@ from paramsal.analyses.sources import (
     chosen_samples,
     load_source,
     open_for_analysis,
-    run_inputs,
+    run_samples,
     run_units,
 )
 from paramsal.engine.units import UnitIndex, UnitsSpec
@@ -259,6 +259,7 @@ class Prepared:
         data: the run's data set, ``data[sample_id] = (input, class)``.
         ids, targets, preds: ``[n]`` the chosen samples, by id, with the
             classes and predictions the run recorded.
+        task: the run's task.
     """
 
     run: Run
@@ -268,13 +269,18 @@ class Prepared:
     ids: np.ndarray
     targets: np.ndarray
     preds: np.ndarray
+    task: str = "classification"
 
     def inputs(self, rows: slice | np.ndarray = slice(None)) -> torch.Tensor:
         """``[m, ...]`` the inputs of ``ids[rows]`` on the model's device (their labels checked against the run's)."""
-        inputs = run_inputs(self.data, self.ids[rows], self.targets[rows])
+        return self.batch(rows)[0]
+
+    def batch(self, rows: slice | np.ndarray = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, labels)`` of ``ids[rows]`` on the model's device (the labels checked against the run's)."""
+        inputs, labels = run_samples(self.data, self.ids[rows], self.targets[rows], self.task)
         param = next(iter(self.model.parameters()))
         inputs = inputs.to(param.device)
-        return inputs.to(param.dtype) if inputs.is_floating_point() else inputs
+        return (inputs.to(param.dtype) if inputs.is_floating_point() else inputs), labels.to(param.device)
 
 
 class Analysis:
@@ -299,6 +305,8 @@ class Analysis:
     purpose: ClassVar[str] = "analyse"
     #: The analysis's default grid of k, if it has one (:meth:`usable_ks`).
     default_ks: ClassVar[tuple[int, ...]] = ()
+    #: The tasks of the runs it takes (:func:`~paramsal.analyses.sources.run_units`).
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
     def __init__(self, model: nn.Module | None = None, *, allow_partial: bool = False,
                  allow_other_weights: bool = False, allow_other_data: bool = False, trust_run_specs: bool = False,
@@ -334,11 +342,11 @@ class Analysis:
                               parts=missing) if missing else {}
         model = self.model if self.model is not None else rebuilt["model"]
         data = data if data is not None else rebuilt["data"]
-        index = run_units(run, model, units, check_weights=not self.allow_other_weights)
+        index = run_units(run, model, units, check_weights=not self.allow_other_weights, tasks=self.tasks)
         if not self.allow_other_data:
             check_run_data(run, data)
         ids, targets, preds = chosen_samples(run, samples, self.purpose)
-        return Prepared(run, model, index, data, ids, targets, preds)
+        return Prepared(run, model, index, data, ids, targets, preds, run.manifest.config.task)
 
     def usable_ks(self, ks: Sequence[int], num_units: int) -> tuple[int, ...]:
         """``ks`` without the values above the run's unit count, with one note when the user's own are dropped (a

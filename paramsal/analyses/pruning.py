@@ -22,6 +22,16 @@ of a run and every k of a grid:
 Each (selection, k) is one batched forward pass per batch of samples, every
 sample with its own units, and never a copy of the model.
 
+A run of task ``"answer"`` (a chat LLM's answers to ``qa:`` questions, units
+``"neurons"`` or ``"heads"``) is pruned the same way, its wrong answers by
+default, each sample's units switched off by
+:class:`~paramsal.analyses.compound_editing.CompoundEditor` (checked against
+:func:`paramsal.reference.zeroed_copy`). What is measured
+(:class:`AnswerPruningResult`) is the reference answer's log-probability
+given prompt and prefix (teacher-forced), its mean token probability, and
+whether the model's greedy answer, decoded again with the units off, is now
+right ("% corrected", judged as the run judged it).
+
 ```python
 result = Pruning(ks=(1, 5, 10)).evaluate(run)       # PruningResult: table, summary, plot(), save()
 result.metric_table("pct_corrected")                # k x selection
@@ -39,18 +49,22 @@ import torch
 from torch import nn
 
 from paramsal._typing import MapDataset
-from paramsal.analyses.base import result_config
+from paramsal.analyses.base import Prepared, result_config
+from paramsal.analyses.compound_editing import CompoundEditor
 from paramsal.analyses.curves import CurvesAnalysis, CurvesResult, Metric, append_columns
 from paramsal.analyses.noise import gaussian_deltas
 from paramsal.analyses.sources import Samples
 from paramsal.analyses.unit_editing import UnitEditor, unit_mask
 from paramsal.engine.profile import eval_mode
+from paramsal.engine.tasks import IGNORE_INDEX
 from paramsal.engine.units import UnitIndex, UnitsSpec
 from paramsal.errors import InputError, check_choice
+from paramsal.jobs.bulk import answer_judge
 from paramsal.options import PRUNING_KS, PRUNING_MODES, UNIT_SELECTIONS
 from paramsal.rundir.run import Run
 
-__all__ = ["METRICS", "PerturbationResult", "Pruning", "PruningResult", "noise_seed"]
+__all__ = ["ANSWER_METRICS", "METRICS", "AnswerPruningResult", "PerturbationResult", "Pruning", "PruningResult",
+           "noise_seed"]
 
 #: The summary's metrics (see :class:`~paramsal.analyses.curves.Metric`).
 METRICS = {
@@ -61,6 +75,16 @@ METRICS = {
 
 _COLUMNS = ["sample_id", "target", "pred", "selection", "k", "incorrect_before", "incorrect_after", "true_before",
             "true_after", "delta_incorrect", "delta_true", "new_pred", "corrected"]
+
+#: The summary's metrics of an answer run.
+ANSWER_METRICS = {
+    "delta_logprob": Metric("delta_logprob", "Δ reference log-probability"),
+    "delta_token_prob": Metric("delta_token_prob", "Δ mean token probability"),
+    "pct_corrected": Metric("corrected", "% answers corrected", scale=100.0, share=True, heading="% corrected"),
+}
+
+_ANSWER_COLUMNS = ["sample_id", "selection", "k", "logprob_before", "logprob_after", "delta_logprob",
+                   "token_prob_before", "token_prob_after", "delta_token_prob", "answer_after", "corrected"]
 
 
 class PruningResult(CurvesResult):
@@ -90,6 +114,28 @@ class PerturbationResult(PruningResult):
 
     def headline(self) -> str:
         return f"perturbation, noise std {self.config.get('noise_std')}: {self._samples_phrase()}"
+
+
+class AnswerPruningResult(CurvesResult):
+    """What :class:`~paramsal.analyses.pruning.Pruning` measured on a run of task "answer".
+
+    ``table`` columns: sample_id, selection, k, logprob_before,
+    logprob_after (the reference answer's log-probability given prompt and
+    prefix, teacher-forced), delta_logprob, token_prob_before,
+    token_prob_after (its mean token probability), delta_token_prob,
+    answer_after (the greedy answer with the units off), corrected (that
+    answer is right). ``summary``: selection, k, n and the bootstrap columns
+    of delta_logprob, delta_token_prob, pct_corrected (percent).
+    """
+
+    kind: ClassVar[str] = "answer-pruning"
+    title: ClassVar[str] = "pruning (answers)"
+    panels: ClassVar[int] = 3
+    metrics: ClassVar[Mapping[str, Metric]] = ANSWER_METRICS
+    x_label: ClassVar[str] = "k (units turned off)"
+
+    def _samples_phrase(self) -> str:
+        return super()._samples_phrase().replace("misclassified", "wrong-answer")
 
 
 class Pruning(CurvesAnalysis):
@@ -125,6 +171,7 @@ class Pruning(CurvesAnalysis):
     purpose = "prune"
     selection_choices = UNIT_SELECTIONS
     default_ks = PRUNING_KS
+    tasks = ("classification", "answer")
 
     def __init__(self, model: nn.Module | None = None, *, ks: Sequence[int] = PRUNING_KS,
                  select: Sequence[str] | str = UNIT_SELECTIONS, mode: str = "zero", noise_std: float = 1e-3,
@@ -140,7 +187,7 @@ class Pruning(CurvesAnalysis):
         self.noise_std = float(noise_std)
 
     def evaluate(self, run: Run | str | os.PathLike, data: MapDataset | None = None,
-                 samples: Samples = None) -> PruningResult:
+                 samples: Samples = None) -> PruningResult | AnswerPruningResult:
         """Measures every (sample, selection, k).
 
         Args:
@@ -150,9 +197,12 @@ class Pruning(CurvesAnalysis):
             samples: "misclassified" (the default, the paper), "correct", or sample ids.
 
         Returns:
-            A :class:`PruningResult` (``mode="zero"``) or :class:`PerturbationResult`.
+            A :class:`PruningResult` (``mode="zero"``) or :class:`PerturbationResult`; an
+            :class:`AnswerPruningResult` for a run of task "answer".
         """
         prepared = self.prepare(run, data, samples, units=self.units)
+        if prepared.task == "answer":
+            return self._answers(prepared, samples)
         model, ids, targets, preds = prepared.model, prepared.ids, prepared.targets, prepared.preds
         ks = self.usable_ks(self.ks, len(prepared.index))
         chosen = self._chosen_units(prepared, ks[-1], self.select)
@@ -182,6 +232,39 @@ class Pruning(CurvesAnalysis):
                                            *self._ranking_parts()])
         return (PruningResult if self.mode == "zero" else PerturbationResult)(table, summary, config)
 
+    def _answers(self, prepared: Prepared, samples: Samples) -> AnswerPruningResult:
+        """Every (wrong answer, selection, k) of an answer run (see the module docstring)."""
+        if self.mode != "zero":
+            raise InputError("mode='noise' perturbs whole output channels of one layer; a run of task 'answer' is "
+                             "pruned with mode='zero' (its neurons and heads span several layers)")
+        model, ids = prepared.model, prepared.ids
+        ks = self.usable_ks(self.ks, len(prepared.index))
+        chosen = self._chosen_units(prepared, ks[-1], self.select)
+        editor = CompoundEditor(model, prepared.index)
+        judge = answer_judge(model, prepared.data)
+        recorded = _recorded_correct(prepared.run, ids)
+        columns: dict[str, list[np.ndarray]] = {}
+        judged_changed = 0
+        with eval_mode(model), torch.no_grad():
+            for rows in self._batches(len(ids), "pruning"):
+                inputs, labels = prepared.batch(rows)
+                no_losses = np.zeros(len(inputs))  # the judge's log-probability column is not read here
+                base = _reference_scores(model(inputs), labels)
+                judged_changed += int((judge(ids[rows], no_losses)["correct"] != recorded[rows]).sum())
+                for selection in self.select:
+                    for k in ks:
+                        with editor.switched_off(unit_mask(chosen[selection][rows, :k], len(prepared.index))):
+                            after = _reference_scores(model(inputs), labels)
+                            said = judge(ids[rows], no_losses)
+                        append_columns(columns, _answer_measures(ids[rows], selection, k, base, after, said))
+        table = self._rows(columns, self.select, _ANSWER_COLUMNS)
+        summary = self._summarize(table, ANSWER_METRICS, [(s, k) for s in self.select for k in ks])
+        # Greedy answers recomputed (on another device, say) may be judged otherwise than the profiled ones: the
+        # count is reported, and "corrected" means right after the edit, whatever the judgement before.
+        config = result_config(prepared.run, self, **self._facts(prepared, samples, ks), judged_changed=judged_changed,
+                               name_parts=self._ranking_parts())
+        return AnswerPruningResult(table, summary, config)
+
     def _edited(self, editor: UnitEditor, inputs: torch.Tensor, unit_ids: np.ndarray,
                 seeds: Sequence[int]) -> np.ndarray:
         """Class probabilities ``[n, C]`` of the batch with each sample's ``unit_ids`` edited."""
@@ -206,6 +289,36 @@ def noise_seed(seed: int, sample_id: int) -> int:
 
 def _probabilities(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits.double(), dim=1).cpu().numpy()
+
+
+def _recorded_correct(run: Run, ids: np.ndarray) -> np.ndarray:
+    """``[n]`` whether the run recorded samples ``ids`` as right."""
+    table = run.table()
+    order = np.argsort(table.column("sample_id").to_numpy())
+    found = np.searchsorted(table.column("sample_id").to_numpy()[order], ids)
+    return table.column("correct").to_numpy(zero_copy_only=False)[order][found]
+
+
+def _reference_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``([n], [n])`` each reference answer's log-probability (the sum over its tokens) and mean token probability,
+    in float64, from a causal LM's logits ``[n, T, V]`` and the answer's labels ``[n, T]`` (-100 elsewhere)."""
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    logprobs = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    logprobs = logprobs * scored
+    tokens = scored.sum(1).clamp_min(1)
+    return logprobs.sum(1).cpu().numpy(), ((logprobs.exp() * scored).sum(1) / tokens).cpu().numpy()
+
+
+def _answer_measures(ids: np.ndarray, selection: str, k: int, base: tuple[np.ndarray, np.ndarray],
+                     after: tuple[np.ndarray, np.ndarray], said: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {
+        "sample_id": ids, "selection": np.full(len(ids), selection, dtype=object),
+        "k": np.full(len(ids), k, dtype=np.int64),
+        "logprob_before": base[0], "logprob_after": after[0], "delta_logprob": after[0] - base[0],
+        "token_prob_before": base[1], "token_prob_after": after[1], "delta_token_prob": after[1] - base[1],
+        "answer_after": np.asarray(said["answer"], dtype=object), "corrected": np.asarray(said["correct"], bool),
+    }
 
 
 def _measure(ids: np.ndarray, targets: np.ndarray, preds: np.ndarray, selection: str, k: int,

@@ -26,6 +26,7 @@ from torch import nn
 
 from paramsal._typing import MapDataset, Rows
 from paramsal.engine.devices import resolve_device
+from paramsal.engine.tasks import is_sequence_task, sample_labels
 from paramsal.engine.units import UnitIndex, UnitsSpec, units_of
 from paramsal.errors import InputError
 from paramsal.jobs.fingerprints import data_fingerprint, model_fingerprint
@@ -178,8 +179,11 @@ def check_run_data(run: Run, data: MapDataset) -> None:
 
 
 def run_units(run: Run, model: nn.Module, units: UnitsSpec | UnitIndex | None = None,
-              check_weights: bool = True) -> UnitIndex:
+              check_weights: bool = True, tasks: Sequence[str] = ("classification",)) -> UnitIndex:
     """The model's units, checked to be the run's (and the model's weights to be the profiled ones).
+
+    Args:
+        tasks: the tasks of the runs the analysis takes (it runs the model again and reads its outputs as theirs).
 
     Raises:
         InputError: naming what differs, since every analysis would otherwise
@@ -187,10 +191,10 @@ def run_units(run: Run, model: nn.Module, units: UnitsSpec | UnitIndex | None = 
     """
     config = run.manifest.config
     task = config.task
-    if task != "classification":  # the analyses that run the model again take its loss as a classifier's
-        raise InputError(f"{run.path} profiled a {task!r} model: the analyses that evaluate the model again "
-                         "(pruning, fine-tuning, input saliency, masking, sanity checks) take classification runs "
-                         "only; neighbours, statistics and the comparisons of runs take any run")
+    if task not in tasks:
+        raise InputError(f"{run.path} profiled a {task!r} model: this analysis evaluates the model again and takes "
+                         f"{' and '.join(map(repr, tasks))} runs only (pruning also takes 'answer' runs); "
+                         "neighbours, statistics and the comparisons of runs take any run")
     units = units if units is not None else config.units or "filters"
     index = units if isinstance(units, UnitIndex) else units_of(model, units)
     if index.fingerprint() != run.manifest.units_fingerprint:
@@ -302,16 +306,24 @@ def _check_in_run(run: Run, wanted: np.ndarray, ids: np.ndarray) -> None:
 
 def run_inputs(data: MapDataset, ids: np.ndarray, targets: np.ndarray) -> torch.Tensor:
     """``[n, ...]`` the inputs of samples ``ids``, whose labels in ``data`` must be the run's ``targets``."""
+    return run_samples(data, ids, targets, "classification")[0]
+
+
+def run_samples(data: MapDataset, ids: np.ndarray, targets: np.ndarray, task: str) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+    """``([n, ...], [n, ...])`` the inputs and labels of samples ``ids``, whose labels in ``data`` must be what the
+    run recorded as ``targets`` (for a sequence task, the first labelled token's: :func:`sample_labels`)."""
     size = len(data)
     outside = [int(i) for i in ids if not 0 <= int(i) < size]
     if outside:
         raise InputError(f"sample ids {outside[:5]} are outside the data set's 0..{size - 1}: it is not the "
                          "data set the run profiled")
     inputs, labels = zip(*(data[int(i)] for i in ids))
-    found = np.array([int(y) for y in labels])
+    stacked = torch.stack([torch.as_tensor(y) for y in labels])
+    found = sample_labels(stacked, task).numpy() if is_sequence_task(task) else np.array([int(y) for y in labels])
     wrong = np.flatnonzero(found != targets)
     if len(wrong):
         raise InputError(f"the data set does not match the run: sample {int(ids[wrong[0]])} has class "
                          f"{found[wrong[0]]} in the data set and {targets[wrong[0]]} in the run")
-    return torch.stack([torch.as_tensor(x) for x in inputs])
+    return torch.stack([torch.as_tensor(x) for x in inputs]), stacked
 

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from paramsal.analyses.unit_editing import UnitEditor
+from paramsal.engine.units import UnitGroup, UnitIndex
 from paramsal.errors import InputError
 
-__all__ = ["pruned_copy"]
+__all__ = ["pruned_copy", "zeroed_copy"]
 
 
 def pruned_copy(editor: UnitEditor, unit_ids: Sequence[int] | np.ndarray) -> nn.Module:
@@ -52,3 +53,35 @@ def pruned_copy(editor: UnitEditor, unit_ids: Sequence[int] | np.ndarray) -> nn.
                     if parameter is not None:
                         parameter[channels] = 0
     return copy
+
+
+def zeroed_copy(model: nn.Module, index: UnitIndex, unit_ids: Sequence[int] | np.ndarray) -> nn.Module:
+    """A deep copy of ``model`` with every weight of the units ``unit_ids`` of ``index`` set to 0.
+
+    The definition of turning a unit off, for units of any partition, of one
+    parameter or spanning several (a neuron's rows of ``gate_proj`` and
+    ``up_proj`` and its column of ``down_proj``): the oracle of
+    :class:`~paramsal.analyses.compound_editing.CompoundEditor`.
+    """
+    copy = deepcopy(model)
+    ids = np.asarray(unit_ids, dtype=np.int64).reshape(-1)
+    with torch.no_grad():
+        for group in index:
+            local = ids[(ids >= group.offset) & (ids < group.stop)] - group.offset
+            for part in (group.parts or (group,)) if len(local) else ():
+                weight = copy.get_parameter(part.param_name)
+                weight[_elements(part, torch.as_tensor(local), weight.shape)] = 0
+    return copy
+
+
+def _elements(part: UnitGroup, units: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``shape`` bool: the elements of a part's parameter that belong to ``units``."""
+    if part.partition == "rows":
+        owner = torch.arange(shape[0]).reshape(-1, *(1,) * (len(shape) - 1)).expand(shape)
+    elif part.partition == "columns":
+        owner = torch.arange(shape[1])[None, :].expand(shape)
+    elif part.partition == "custom" and part.assignment is not None:
+        owner = part.assignment
+    else:
+        raise InputError(f"zeroed_copy does not know the elements of {part.param_name!r} ({part.partition} units)")
+    return torch.isin(owner, units)

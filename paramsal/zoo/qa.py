@@ -136,8 +136,8 @@ class QADataset(Dataset):
     def sample_columns(self, model: Any, rows: Any, losses: np.ndarray) -> dict[str, np.ndarray]:
         """What a run of task "answer" records of each question beside its profile (the sample table's answer
         columns, :data:`paramsal.rundir.integrity.ANSWER_COLUMNS`): ``correct`` (:meth:`judge`), ``prompt``,
-        ``answer`` (the greedy answer's text), ``reference``, ``answer_logprob`` (the reference's log-probability given prompt and
-        prefix: its profiled mean token loss times its token count) and ``label``.
+        ``answer`` (the greedy answer's text), ``reference``, ``answer_logprob`` (the reference's log-probability
+        given prompt and prefix: its profiled mean token loss times its token count) and ``label``.
 
         Args:
             model: the profiled model.

@@ -1,0 +1,72 @@
+"""The analyses that evaluate a chat LLM again on the wrong answers of a run of task "answer" (the tiny chat model
+of :mod:`chat`), checked against deep copies whose units are really zeroed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from chat import answer_run
+
+from paramsal import units_of
+from paramsal.analyses import Pruning
+from paramsal.analyses.base import load_result
+from paramsal.analyses.pruning import AnswerPruningResult
+from paramsal.analyses.selection import select_units, unit_scores
+from paramsal.engine.tasks import IGNORE_INDEX
+from paramsal.errors import InputError
+from paramsal.reference import zeroed_copy
+from paramsal.zoo.qa import greedy_answers, matches
+
+
+@pytest.fixture(scope="module", params=["neurons", "heads"])
+def answers(request, tmp_path_factory):
+    return answer_run(tmp_path_factory.mktemp(request.param), units=request.param)
+
+
+def _reference_logprob(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """The reference answer's log-probability and mean token probability, one token at a time."""
+    with torch.no_grad():
+        logits = model(ids[None])[0].double()
+    taken = [torch.log_softmax(logits[t - 1], -1)[labels[t]] for t in range(1, len(ids)) if labels[t] != IGNORE_INDEX]
+    return float(sum(taken)), float(np.mean([float(v.exp()) for v in taken]))
+
+
+def test_pruning_an_answer_run_equals_copies_with_the_units_zeroed(answers, tmp_path):
+    model, data, run = answers
+    result = Pruning(model, ks=(1, 3), num_resamples=50).evaluate(run, data)
+    assert isinstance(result, AnswerPruningResult)
+    wrong = run.sample_ids("misclassified")
+    assert sorted(set(result.table["sample_id"])) == wrong.tolist() and len(wrong) >= 5
+    scores = unit_scores(run, wrong)
+    index = units_of(model, run.manifest.config.units)
+    for selection in ("salient", "random", "least"):
+        chosen = select_units(scores, 3, selection, 0, wrong)
+        for n, sample in enumerate(wrong[:4]):
+            for k in (1, 3):
+                row = result.table[(result.table["sample_id"] == sample) & (result.table["selection"] == selection)
+                                   & (result.table["k"] == k)].iloc[0]
+                pruned = zeroed_copy(model, index, chosen[n, :k])
+                logprob, token_prob = _reference_logprob(pruned, *data[int(sample)])
+                assert row["logprob_after"] == pytest.approx(logprob, abs=1e-9)
+                assert row["token_prob_after"] == pytest.approx(token_prob, abs=1e-9)
+                budget = int(data.answer_lengths.max()) + 8
+                said = greedy_answers(pruned, data, [int(sample)], max_new_tokens=budget)[0]
+                assert row["answer_after"] == said
+                assert row["corrected"] == matches(said, data.questions[int(sample)].answer)
+            before = _reference_logprob(model, *data[int(sample)])[0]
+            assert row["logprob_before"] == pytest.approx(before, abs=1e-9)
+    assert result.config["judged_changed"] == 0  # the same greedy answers as the run's
+    summary = result.summary.set_index(["selection", "k"])
+    by_hand = result.table[(result.table["selection"] == "salient") & (result.table["k"] == 3)]
+    assert summary.loc[("salient", 3), "pct_corrected"] == pytest.approx(100 * by_hand["corrected"].mean())
+    assert summary.loc[("salient", 3), "delta_logprob"] == pytest.approx(by_hand["delta_logprob"].mean())
+    result.save(tmp_path / "saved")
+    again = load_result(tmp_path / "saved", result.name, run)
+    assert isinstance(again, AnswerPruningResult) and again.table.equals(result.table)
+
+
+def test_perturbing_an_answer_run_is_refused_in_one_line(answers):
+    model, data, run = answers
+    with pytest.raises(InputError, match="a run of task 'answer' is pruned with mode='zero'"):
+        Pruning(model, ks=(1,), mode="noise").evaluate(run, data)
