@@ -9,13 +9,15 @@ import torch
 from chat import answer_run
 
 from paramsal import units_of
-from paramsal.analyses import Pruning
+from paramsal.analyses import FineTune, Pruning
 from paramsal.analyses.base import load_result
+from paramsal.analyses.finetune import AnswerFineTuneResult
+from paramsal.analyses.neighbors import neighbor_ids
 from paramsal.analyses.pruning import AnswerPruningResult
 from paramsal.analyses.selection import select_units, unit_scores
-from paramsal.engine.tasks import IGNORE_INDEX
+from paramsal.engine.tasks import IGNORE_INDEX, task_loss
 from paramsal.errors import InputError
-from paramsal.reference import zeroed_copy
+from paramsal.reference import stepped_copy, zeroed_copy
 from paramsal.zoo.qa import greedy_answers, matches
 
 
@@ -70,3 +72,59 @@ def test_perturbing_an_answer_run_is_refused_in_one_line(answers):
     model, data, run = answers
     with pytest.raises(InputError, match="a run of task 'answer' is pruned with mode='zero'"):
         Pruning(model, ks=(1,), mode="noise").evaluate(run, data)
+
+
+def test_fine_tuning_an_answer_run_equals_real_sgd_steps_on_copies(answers):
+    model, data, run = answers
+    tune = FineTune(model, ks=(2,), select=("salient", "random", "all"), lr=0.5, neighbors=2, num_resamples=20)
+    result = tune.evaluate(run, data, samples=run.sample_ids("misclassified")[:3])
+    assert isinstance(result, AnswerFineTuneResult) and len(result.table) == 3 * 3
+    index = units_of(model, run.manifest.config.units)
+    wrong = run.sample_ids("misclassified")
+    scores = unit_scores(run, wrong[:3])
+    loss = task_loss("answer")
+    budget = int(data.answer_lengths.max()) + 8
+    for n, sample in enumerate(wrong[:3]):
+        pool = [int(sample), *neighbor_ids(run, wrong[n:n + 1], 2, among="misclassified")[0]]
+        salient = select_units(scores, 2, "salient", 0, wrong[:3])[n]
+        for selection in ("salient", "random", "all"):
+            row = result.table[(result.table["sample_id"] == sample) & (result.table["selection"] == selection)]
+            row = row.iloc[0]
+            units = None if selection == "all" else select_units(scores, 2, selection, 0, wrong[:3])[n]
+            scale = 1.0
+            if selection == "random":  # the step as long as the salient units' (by hand)
+                scale = (_chosen_grad_norm(model, index, data[int(sample)], salient, loss)
+                         / _chosen_grad_norm(model, index, data[int(sample)], units, loss))
+                assert row["grad_norm"] == pytest.approx(_chosen_grad_norm(model, index, data[int(sample)], units,
+                                                                           loss), rel=1e-9)
+            tuned = stepped_copy(model, *data[int(sample)], index if units is not None else None, units, lr=0.5,
+                                 grad_scale=scale, loss=loss)
+            after = [_reference_logprob(tuned, *data[i])[0] for i in pool]
+            assert row["logprob_after"] == pytest.approx(after[0], abs=1e-9)
+            before = [_reference_logprob(model, *data[i])[0] for i in pool]
+            assert row["neighbors_delta_logprob"] == pytest.approx(np.mean(np.subtract(after, before)[1:]), abs=1e-9)
+            said = greedy_answers(tuned, data, pool, max_new_tokens=budget)
+            assert row["answer_after"] == said[0]
+            right = [matches(a, data.questions[i].answer) for a, i in zip(said, pool)]
+            assert row["corrected"] == right[0] and row["neighbors_corrected"] == pytest.approx(np.mean(right[1:]))
+    assert result.table["delta_logprob"].abs().min() > 0  # every step moved the answer
+
+
+def _chosen_grad_norm(model, index, sample, units, loss) -> float:
+    """The L2 norm of the gradient of every weight of ``units``, from the whole gradient and the owners by hand."""
+    ids, labels = sample
+    model.zero_grad()
+    loss(model(ids[None]), labels[None]).sum().backward()
+    total = 0.0
+    for group in index:
+        for unit in [u - group.offset for u in units if group.offset <= u < group.stop]:
+            for part in group.parts or (group,):
+                grad = model.get_parameter(part.param_name).grad
+                if part.partition == "rows":
+                    total += float(grad[unit].double().pow(2).sum())
+                elif part.partition == "columns":
+                    total += float(grad[:, unit].double().pow(2).sum())
+                else:
+                    total += float(grad[part.assignment == unit].double().pow(2).sum())
+    model.zero_grad()
+    return total ** 0.5

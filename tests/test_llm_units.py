@@ -180,12 +180,9 @@ def test_zeroed_copy_zeroes_exactly_the_weights_of_a_neuron_and_of_a_key_value_h
 
 def test_what_works_on_one_parameters_units_refuses_neurons_in_one_line():
     from paramsal.reference.input_saliency import attribution_loop
-    from paramsal.reference.steps import stepped_copy
 
     model, ids = llama(), prompts(1)
     index = units_of(model, "neurons")
-    with pytest.raises(InputError, match="stepped_copy works on units of one parameter each, but units 'neurons'"):
-        stepped_copy(model, ids[0], ids[0], index, [0], lr=0.1)
     with pytest.raises(InputError, match="attribution_loop works on units of one parameter each"):
         attribution_loop(model, ids, ids, torch.zeros(1, len(index)), stats=None, units=index)
 

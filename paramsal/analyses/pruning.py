@@ -56,12 +56,12 @@ from paramsal.analyses.noise import gaussian_deltas
 from paramsal.analyses.sources import Samples
 from paramsal.analyses.unit_editing import UnitEditor, unit_mask
 from paramsal.engine.profile import eval_mode
-from paramsal.engine.tasks import IGNORE_INDEX
 from paramsal.engine.units import UnitIndex, UnitsSpec
 from paramsal.errors import InputError, check_choice
 from paramsal.jobs.bulk import answer_judge
 from paramsal.options import PRUNING_KS, PRUNING_MODES, UNIT_SELECTIONS
 from paramsal.rundir.run import Run
+from paramsal.zoo.qa import answer_scores
 
 __all__ = ["ANSWER_METRICS", "METRICS", "AnswerPruningResult", "PerturbationResult", "Pruning", "PruningResult",
            "noise_seed"]
@@ -249,12 +249,12 @@ class Pruning(CurvesAnalysis):
             for rows in self._batches(len(ids), "pruning"):
                 inputs, labels = prepared.batch(rows)
                 no_losses = np.zeros(len(inputs))  # the judge's log-probability column is not read here
-                base = _reference_scores(model(inputs), labels)
+                base = answer_scores(model(inputs), labels)
                 judged_changed += int((judge(ids[rows], no_losses)["correct"] != recorded[rows]).sum())
                 for selection in self.select:
                     for k in ks:
                         with editor.switched_off(unit_mask(chosen[selection][rows, :k], len(prepared.index))):
-                            after = _reference_scores(model(inputs), labels)
+                            after = answer_scores(model(inputs), labels)
                             said = judge(ids[rows], no_losses)
                         append_columns(columns, _answer_measures(ids[rows], selection, k, base, after, said))
         table = self._rows(columns, self.select, _ANSWER_COLUMNS)
@@ -297,17 +297,6 @@ def _recorded_correct(run: Run, ids: np.ndarray) -> np.ndarray:
     order = np.argsort(table.column("sample_id").to_numpy())
     found = np.searchsorted(table.column("sample_id").to_numpy()[order], ids)
     return table.column("correct").to_numpy(zero_copy_only=False)[order][found]
-
-
-def _reference_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """``([n], [n])`` each reference answer's log-probability (the sum over its tokens) and mean token probability,
-    in float64, from a causal LM's logits ``[n, T, V]`` and the answer's labels ``[n, T]`` (-100 elsewhere)."""
-    targets = labels[:, 1:]
-    scored = targets != IGNORE_INDEX
-    logprobs = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
-    logprobs = logprobs * scored
-    tokens = scored.sum(1).clamp_min(1)
-    return logprobs.sum(1).cpu().numpy(), ((logprobs.exp() * scored).sum(1) / tokens).cpu().numpy()
 
 
 def _answer_measures(ids: np.ndarray, selection: str, k: int, base: tuple[np.ndarray, np.ndarray],

@@ -24,7 +24,7 @@ from paramsal.errors import InputError
 from paramsal.options import UNIT_SCHEMES
 
 __all__ = ["CONV_TYPES", "NORM_TYPES", "UnitAssigner", "UnitGroup", "UnitIndex", "UnitsSpec", "check_aggregation_of",
-           "check_single_parameter", "units_of"]
+           "check_single_parameter", "unit_owners", "units_of"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,6 +169,19 @@ def check_single_parameter(index: UnitIndex, what: str) -> None:
         raise InputError(f"{what} works on units of one parameter each, but units {index.scheme!r} span several "
                          f"({spanning[0]}, ...); use units of one parameter each (linear-rows, linear-columns, "
                          "conv+linear)")
+
+
+def unit_owners(group: UnitGroup) -> torch.Tensor:
+    """``group.shape`` int64: the unit (counted from 0 within the group) of each element of a one-parameter group's
+    parameter, -1 where an element belongs to none; what zeroing or stepping "a unit's weights" touches."""
+    shape = group.shape
+    if group.partition == "rows":
+        return torch.arange(shape[0]).reshape(-1, *(1,) * (len(shape) - 1)).expand(shape)
+    if group.partition == "columns":
+        return torch.arange(shape[1])[None, :].expand(shape)
+    if group.partition == "custom" and group.assignment is not None:
+        return group.assignment
+    raise InputError(f"the units of {group.param_name!r} span several parameters: ask each of its parts")
 
 
 def _described(group: UnitGroup) -> list:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from paramsal.analyses.unit_editing import UnitEditor
-from paramsal.engine.units import UnitGroup, UnitIndex
+from paramsal.engine.units import UnitIndex, unit_owners
 from paramsal.errors import InputError
 
 __all__ = ["pruned_copy", "zeroed_copy"]
@@ -69,19 +69,5 @@ def zeroed_copy(model: nn.Module, index: UnitIndex, unit_ids: Sequence[int] | np
         for group in index:
             local = ids[(ids >= group.offset) & (ids < group.stop)] - group.offset
             for part in (group.parts or (group,)) if len(local) else ():
-                weight = copy.get_parameter(part.param_name)
-                weight[_elements(part, torch.as_tensor(local), weight.shape)] = 0
+                copy.get_parameter(part.param_name)[torch.isin(unit_owners(part), torch.as_tensor(local))] = 0
     return copy
-
-
-def _elements(part: UnitGroup, units: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``shape`` bool: the elements of a part's parameter that belong to ``units``."""
-    if part.partition == "rows":
-        owner = torch.arange(shape[0]).reshape(-1, *(1,) * (len(shape) - 1)).expand(shape)
-    elif part.partition == "columns":
-        owner = torch.arange(shape[1])[None, :].expand(shape)
-    elif part.partition == "custom" and part.assignment is not None:
-        owner = part.assignment
-    else:
-        raise InputError(f"zeroed_copy does not know the elements of {part.param_name!r} ({part.partition} units)")
-    return torch.isin(owner, units)

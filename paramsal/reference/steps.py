@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from paramsal.engine.functional import LossFn, cross_entropy_per_sample
-from paramsal.engine.units import UnitIndex, check_single_parameter
+from paramsal.engine.units import UnitIndex, unit_owners
 
 __all__ = ["stepped_copy"]
 
@@ -29,7 +29,8 @@ def stepped_copy(model: nn.Module, inputs: torch.Tensor, target: int | torch.Ten
         inputs: ``[...]`` one input, without batch dim.
         target: its target (a class index for the default loss).
         index: the units of ``unit_ids`` (ignored when ``unit_ids`` is None).
-        unit_ids: the units whose whole filter weights move; None = every parameter.
+        unit_ids: the units whose weights move (a filter's whole weights; every weight of a neuron or head, in each
+            of its parameters); None = every parameter.
         lr: the learning rate (plain SGD: no momentum, no weight decay).
         grad_scale: multiplies the gradient of the moving weights first.
         loss: ``loss(outputs [1, ...], targets [1, ...]) -> [1]``, the sample's
@@ -38,8 +39,6 @@ def stepped_copy(model: nn.Module, inputs: torch.Tensor, target: int | torch.Ten
     Returns:
         The updated copy, in eval mode.
     """
-    if index is not None:
-        check_single_parameter(index, "stepped_copy")
     loss = loss or cross_entropy_per_sample
     tuned = copy.deepcopy(model).eval()
     params = dict(tuned.named_parameters())
@@ -52,13 +51,12 @@ def stepped_copy(model: nn.Module, inputs: torch.Tensor, target: int | torch.Ten
     else:
         moving = []
         for group in index:
-            rows = [int(u) - group.offset for u in unit_ids if group.offset <= int(u) < group.stop]
-            gradient = params[group.param_name].grad
-            if rows and gradient is not None:
-                keep = torch.zeros_like(gradient)
-                keep[rows] = 1
-                gradient.mul_(keep)
-                moving.append(params[group.param_name])
+            local = torch.tensor([int(u) - group.offset for u in unit_ids if group.offset <= int(u) < group.stop])
+            for part in group.parts or (group,):
+                gradient = params[part.param_name].grad
+                if len(local) and gradient is not None:
+                    gradient.mul_(torch.isin(unit_owners(part), local).to(gradient.device, gradient.dtype))
+                    moving.append(params[part.param_name])
     for p in moving:
         p.grad.mul_(grad_scale)  # type: ignore[union-attr]  # every moving parameter has a gradient
     torch.optim.SGD(moving, lr=lr, momentum=0.0, weight_decay=0.0).step()

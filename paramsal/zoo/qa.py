@@ -233,3 +233,15 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 def _number(text: str) -> float | None:
     text = text.replace(",", "")
     return float(text) if _NUMBER.fullmatch(text) else None
+
+
+def answer_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``([n], [n])`` each reference answer's log-probability given its prompt and prefix (the sum over its tokens)
+    and its mean token probability, in float64, from a causal LM's logits ``[n, T, V]`` and the labels ``[n, T]`` of
+    :class:`QADataset` (the answer's ids, -100 elsewhere)."""
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    logprobs = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    logprobs = logprobs * scored
+    tokens = scored.sum(1).clamp_min(1)
+    return logprobs.sum(1).cpu().numpy(), ((logprobs.exp() * scored).sum(1) / tokens).cpu().numpy()
