@@ -106,9 +106,11 @@ class ProfileOptions:
         if self.chunk_size is not None:
             check_integer("chunk_size", self.chunk_size)
         object.__setattr__(self, "target", _checked_target(self.target))
-        if self.task in NEXT_TOKEN_TASKS and self.target != "label":
+        defined = self.target == "label" or (self.task == "answer" and self.target == "predicted")
+        if self.task in NEXT_TOKEN_TASKS and not defined:
             raise InputError(f"target={self.target!r} is not defined for task={self.task!r} (each position's label is "
-                             "the next input id, or the reference answer's); use target='label'")
+                             "the next input id, or the reference answer's); use target='label' (or, for task "
+                             "'answer', 'predicted': the loss at the model's own greedy answer)")
 
 
 def _checked_target(target: Any) -> str | int:

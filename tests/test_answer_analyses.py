@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from chat import answer_run
+from chat import answer_run, chat_model, chat_questions, trained
 
-from paramsal import units_of
+from paramsal import profile_batch, profile_dataset, units_of
 from paramsal.analyses import FineTune, Pruning
 from paramsal.analyses.base import load_result
 from paramsal.analyses.finetune import AnswerFineTuneResult
@@ -18,7 +18,7 @@ from paramsal.analyses.selection import select_units, unit_scores
 from paramsal.engine.tasks import IGNORE_INDEX, task_loss
 from paramsal.errors import InputError
 from paramsal.reference import stepped_copy, zeroed_copy
-from paramsal.zoo.qa import greedy_answers, matches
+from paramsal.zoo.qa import greedy_answers, greedy_tokens, matches
 
 
 @pytest.fixture(scope="module", params=["neurons", "heads"])
@@ -128,3 +128,31 @@ def _chosen_grad_norm(model, index, sample, units, loss) -> float:
                     total += float(grad[part.assignment == unit].double().pow(2).sum())
     model.zero_grad()
     return total ** 0.5
+
+
+def test_target_predicted_takes_the_loss_at_the_models_own_greedy_answer(tmp_path):
+    model = chat_model()
+    data = chat_questions(tmp_path, model, count=10)
+    trained(model, data, steps=40)
+    run = profile_dataset(model, data, tmp_path / "run", batch_size=4, units="neurons", task="answer",
+                          target="predicted", progress=False)
+    assert run.manifest.config.target == "predicted"
+    said = greedy_tokens(model, data, max_new_tokens=int(data.answer_lengths.max()) + 8)
+    table, profiles = run.table(), run.profiles(standardized=False)
+    for n, tokens in enumerate(said):  # one sample at a time, by hand: its context, then what it said
+        context = data.context(n).tolist()
+        ids = torch.tensor([context + tokens])
+        labels = torch.tensor([[IGNORE_INDEX] * len(context) + tokens])
+        want = profile_batch(model, ids, labels, units="neurons", task="causal-lm", backend="loop")
+        np.testing.assert_allclose(profiles[n], want[0].float().numpy(), rtol=2e-5, atol=1e-12)
+        with torch.no_grad():
+            loss = float(task_loss("causal-lm")(model(ids), labels)[0])
+        assert table.column("loss")[n].as_py() == pytest.approx(loss, rel=1e-6)
+        assert table.column("answer_logprob")[n].as_py() == pytest.approx(-loss * len(tokens), rel=1e-6)
+        assert table.column("pred")[n].as_py() == tokens[0]  # the greedy answer's first token
+    # the table keeps the data set's labels and the judgement of the greedy answer against the reference
+    assert table.column("target").to_pylist() == [int(data[n][1][data.answer_starts[n]]) for n in range(10)]
+    assert table.column("correct").to_pylist() == data.judge(model, range(10)).tolist()
+    assert table.column("answer").to_pylist() == model.tokenizer.batch_decode(said, skip_special_tokens=True)
+    with pytest.raises(InputError, match="target='predicted' is not defined for task='causal-lm'"):
+        profile_dataset(model, data, tmp_path / "other", task="causal-lm", target="predicted", progress=False)

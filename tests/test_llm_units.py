@@ -190,7 +190,7 @@ def test_what_works_on_one_parameters_units_refuses_neurons_in_one_line():
 class _Judged(torch.utils.data.TensorDataset):
     """Prompts whose "greedy answers" a stand-in judge marks right at even sample ids."""
 
-    def sample_columns(self, model, rows, losses):
+    def sample_columns(self, model, rows, losses, said=None):
         rows = np.asarray(rows)
         return {"correct": rows % 2 == 0, "prompt": [f"question {r}" for r in rows],
                 "answer": [f"said {r}" for r in rows], "reference": ["ref"] * len(rows),

@@ -390,7 +390,7 @@ class FineTune(CurvesAnalysis):
                     for selection, k, deltas, grad_norm, step_norm in steps:
                         with _moved(model, deltas, self.lr), torch.no_grad():
                             after = answer_scores(model(inputs), labels)[0]
-                            said = judge(pool, np.zeros(len(pool)))
+                            said = judge(pool, np.zeros(len(pool)), None)
                         append_columns(columns, _answer_measures(ids[n], selection, k, grad_norm, step_norm,
                                                                  base, after, said))
         table = self._rows(columns, FINETUNE_SELECTIONS, _ANSWER_COLUMNS)

@@ -250,12 +250,12 @@ class Pruning(CurvesAnalysis):
                 inputs, labels = prepared.batch(rows)
                 no_losses = np.zeros(len(inputs))  # the judge's log-probability column is not read here
                 base = answer_scores(model(inputs), labels)
-                judged_changed += int((judge(ids[rows], no_losses)["correct"] != recorded[rows]).sum())
+                judged_changed += int((judge(ids[rows], no_losses, None)["correct"] != recorded[rows]).sum())
                 for selection in self.select:
                     for k in ks:
                         with editor.switched_off(unit_mask(chosen[selection][rows, :k], len(prepared.index))):
                             after = answer_scores(model(inputs), labels)
-                            said = judge(ids[rows], no_losses)
+                            said = judge(ids[rows], no_losses, None)
                         append_columns(columns, _answer_measures(ids[rows], selection, k, base, after, said))
         table = self._rows(columns, self.select, _ANSWER_COLUMNS)
         summary = self._summarize(table, ANSWER_METRICS, [(s, k) for s in self.select for k in ks])

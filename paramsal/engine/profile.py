@@ -109,8 +109,9 @@ class Profiler:
         self.loss: LossFn | None = options.loss
         self.task = options.task
         self.target = options.target
+        # task "answer"'s target "predicted" is in its labels: profile_dataset makes them the model's greedy answer
         self._loss = targeted_loss(self.loss if self.loss is not None or self.task == "classification"
-                                   else task_loss(self.task), self.target)
+                                   else task_loss(self.task), "label" if self.task == "answer" else self.target)
         self.chunk_size = options.chunk_size
         self.features = features_module(model, options.features)
         self._run = BACKEND_FUNCTIONS[backend]

@@ -19,6 +19,7 @@ import dataclasses
 import os
 import platform
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from paramsal.errors import InputError, ParamsalError, ParamsalWarning
 from paramsal.jobs.distributed import Ranks, check_ranks_agree, check_ranks_share, current_ranks, rank_device
 from paramsal.jobs.fingerprints import data_fingerprint, dataset_labels, model_fingerprint
 from paramsal.jobs.hardware import default_batch_size, default_workers, job_settings, writer_threads
-from paramsal.jobs.pipeline import Judge, profile_parts
+from paramsal.jobs.pipeline import Judge, Relabel, Said, profile_parts
 from paramsal.rundir.integrity import units_table
 from paramsal.rundir.lock import RunLock
 from paramsal.rundir.manifest import Manifest, RunConfig, Source, new_run_id, read_manifest
@@ -119,6 +120,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
     model = model.to(device)
     profiler = Profiler(model, options)
     judge = answer_judge(model, data) if options.task == "answer" else None
+    relabel = predicted_answers(model, data) if options.task == "answer" and options.target == "predicted" else None
     planned = _manifest(model, data, profiler, job, batch_size, device, ranks.world_size)
     check_ranks_agree(ranks, planned)
     lock = RunLock(root, job=ranks.on_main(new_run_id))
@@ -132,7 +134,7 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
             workers = default_workers(device) if job.num_workers is None else job.num_workers
             with job_settings(device, job.deterministic):
                 profile_parts(root, manifest, ranks.share(missing), data, profiler, device, workers,
-                              job.on_nonfinite, job.progress and ranks.is_main, writer_threads(), judge)
+                              job.on_nonfinite, job.progress and ranks.is_main, writer_threads(), judge, relabel)
         except Exception as exc:  # the other ranks must hear of it before they wait for this one
             error = exc
         ranks.all_succeed(error)
@@ -147,17 +149,34 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
 
 def answer_judge(model: nn.Module, data: MapDataset) -> Judge:
     """What task "answer" records of each sample: the data set's judgement of the model's greedy answer and the
-    columns that go with it (``data.sample_columns(model, ids, losses)``,
+    columns that go with it (``data.sample_columns(model, ids, losses, said)``,
     :meth:`paramsal.zoo.qa.QADataset.sample_columns`), through a ``--limit``'s subset too."""
-    columns = getattr(data, "sample_columns", None)
-    if columns is None and isinstance(data, Subset) and hasattr(data.dataset, "sample_columns"):
-        inner, indices = data.dataset.sample_columns, np.asarray(data.indices)
-        columns = lambda model, ids, losses: inner(model, indices[ids], losses)  # noqa: E731  # ids: positions in it
-    if columns is None:
-        raise InputError(f"task 'answer' judges each sample's greedy answer against a reference answer, which "
-                         f"{type(data).__name__} does not give (it has no sample_columns(model, ids, losses)); use "
-                         "qa:FILE.jsonl data (paramsal.zoo.qa.QADataset), or task 'causal-lm'")
-    return lambda ids, losses: columns(model, ids, losses)
+    columns = _qa_method(data, "sample_columns", "judges each sample's greedy answer against a reference answer")
+
+    def judge(ids: np.ndarray, losses: np.ndarray, said: Said | None = None) -> Mapping[str, np.ndarray]:
+        return columns(model, ids, losses, said)
+    return judge
+
+
+def predicted_answers(model: nn.Module, data: MapDataset) -> Relabel:
+    """The samples of task "answer" with target "predicted": each question followed by the model's own greedy
+    answer (``data.predicted(model, ids)``, :meth:`paramsal.zoo.qa.QADataset.predicted`)."""
+    predicted = _qa_method(data, "predicted", "takes the loss at each sample's greedy answer")
+    return lambda ids: predicted(model, ids)
+
+
+def _qa_method(data: MapDataset, name: str, what: str) -> Callable[..., Any]:
+    """``data``'s method ``name`` as ``method(model, ids, ...)``; through a ``Subset`` (``--limit``), whose ids are
+    positions in it, with the ids mapped to the data set's own."""
+    method = getattr(data, name, None)
+    if method is None and isinstance(data, Subset) and hasattr(data.dataset, name):
+        inner, indices = getattr(data.dataset, name), np.asarray(data.indices)
+        method = lambda model, ids, *rest: inner(model, indices[ids], *rest)  # noqa: E731
+    if method is None:
+        raise InputError(f"task 'answer' {what}, which {type(data).__name__} does not give (it has no "
+                         f"{name}(model, ids, ...)); use qa:FILE.jsonl data (paramsal.zoo.qa.QADataset), or task "
+                         "'causal-lm'")
+    return method
 
 
 def _prepare(lock: RunLock, root: Path, planned: Manifest, data: MapDataset, profiler: Profiler, job: JobOptions,

@@ -34,15 +34,20 @@ from paramsal.rundir.writing import LandedBatch, PartBuffer, PartWriter
 #: Batches the DataLoader's workers prepare ahead of the one being profiled, per worker.
 PREFETCH = 4
 
+#: The greedy answers' tokens of a batch where the loss was taken at them (task "answer", target "predicted").
+Said = list[list[int]]
 #: What judges a batch where the task judges samples otherwise (task "answer"):
-#: ``(sample_ids, losses) -> {column: [b] values}``, ``correct`` and the answer columns
+#: ``(sample_ids, losses, said or None) -> {column: [b] values}``, ``correct`` and the answer columns
 #: (:func:`paramsal.jobs.bulk.answer_judge`).
-Judge = Callable[[np.ndarray, np.ndarray], Mapping[str, np.ndarray]]
+Judge = Callable[[np.ndarray, np.ndarray, Said | None], Mapping[str, np.ndarray]]
+#: What makes a batch's samples of task "answer" with target "predicted": ``sample_ids -> (inputs, labels, said)``,
+#: each question followed by the model's own greedy answer (:func:`paramsal.jobs.bulk.predicted_answers`).
+Relabel = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor, Said]]
 
 
 def profile_parts(root: Any, manifest: Manifest, parts: list[int], data: MapDataset, profiler: Profiler,
                   device: torch.device, num_workers: int, on_nonfinite: str, progress: bool,
-                  writer_threads: int = 1, judge: Judge | None = None) -> None:
+                  writer_threads: int = 1, judge: Judge | None = None, relabel: Relabel | None = None) -> None:
     """Profiles the given parts, batch by batch, and lists each in the manifest once it is written.
 
     Args:
@@ -54,6 +59,8 @@ def profile_parts(root: Any, manifest: Manifest, parts: list[int], data: MapData
         writer_threads: parts written side by side.
         judge: where the task judges a sample other than by the argmax at its first labelled position (task
             "answer": the greedy answer), the :data:`Judge` of the sample table's columns.
+        relabel: where the loss is not the data set's labels' (task "answer", target "predicted"), what makes
+            each batch's samples (:data:`Relabel`); the sample table keeps the data set's labels.
     """
     batch_size = manifest.config.batch_size
     batches = [list(range(s, min(s + batch_size, stop))) for i in parts
@@ -71,7 +78,8 @@ def profile_parts(root: Any, manifest: Manifest, parts: list[int], data: MapData
             try:
                 if isinstance(batch, BadBatch):
                     raise batch.error()
-                launched = _InFlight.launch(profiler, feed, *batch)
+                ids, inputs, targets = batch
+                launched = _InFlight.launch(profiler, feed, ids, inputs, targets, relabel)
             except BaseException:
                 if in_flight is not None:  # what was computed before the error is kept
                     parts_out.land(in_flight)
@@ -101,7 +109,7 @@ class _Parts:
             self.buffer = PartBuffer(int(batch.ids[0]) // self.manifest.rows_per_part)
         landed = batch.land(self.profiler, self.on_nonfinite)
         if self.judge is not None:
-            landed.judged = self.judge(landed.ids, landed.losses)
+            landed.judged = self.judge(landed.ids, landed.losses, batch.said)
         self.buffer.add(landed)
         if self.buffer.stop == self.manifest.part_range(self.buffer.index)[1]:
             self.writer.write(self.buffer, self.profiler.backend)
@@ -116,8 +124,9 @@ class _InFlight:
     """A batch whose results are on their way to the host: launched now, looked at one batch later."""
 
     def __init__(self, ids: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, result: BatchResult,
-                 feed: DeviceFeed):
-        self.ids, self.inputs, self.targets = ids, inputs, targets
+                 feed: DeviceFeed, labels: torch.Tensor, said: Said | None):
+        """``targets``: what the loss was taken at; ``labels``: ``[b]`` what the sample table records."""
+        self.ids, self.inputs, self.targets, self.labels, self.said = ids, inputs, targets, labels, said
         on_device = result.profiles.is_cuda
         # rows whose profile sums and losses are finite: a screen (a sum may overflow), looked into on the host
         screen = torch.isfinite(result.profiles.sum(1)) & torch.isfinite(result.losses)
@@ -131,11 +140,16 @@ class _InFlight:
 
     @classmethod
     def launch(cls, profiler: Profiler, feed: DeviceFeed, ids: torch.Tensor, inputs: torch.Tensor,
-               targets: torch.Tensor) -> _InFlight:
+               targets: torch.Tensor, relabel: Relabel | None = None) -> _InFlight:
         """Queues the batch's copy and profiling; the targets stay on the host (the labels are checked there, and
-        the Profiler copies them without a sync)."""
+        the Profiler copies them without a sync). With ``relabel``, the batch's samples are the ones it makes,
+        and the table keeps the data set's labels."""
+        labels, said = sample_labels(targets, profiler.task), None
+        if relabel is not None:
+            inputs, targets, said = relabel(ids.numpy())
         inputs = feed.to_device(inputs)
-        return cls(ids, inputs, targets, _profiled(profiler, inputs, targets, check_finite=False), feed)
+        return cls(ids, inputs, targets, _profiled(profiler, inputs, targets, check_finite=False), feed, labels,
+                   said)
 
     def land(self, profiler: Profiler, on_nonfinite: str) -> LandedBatch:
         """The batch's results on the host, each sample flagged where its loss or gradient was not finite."""
@@ -147,7 +161,7 @@ class _InFlight:
             count, mean, m2 = self.moments
             moments = int(count), mean.numpy(), m2.numpy()
         result = _checked_finite(profiler, self.ids, self.inputs, self.targets, self.result, flags, on_nonfinite)
-        return LandedBatch(self.ids.numpy(), sample_labels(self.targets, profiler.task).numpy(),
+        return LandedBatch(self.ids.numpy(), self.labels.numpy(),
                            result.outputs.float().numpy(), result.losses.float().numpy(),
                            result.profiles.float().numpy(),  # float32 already: views, not copies
                            None if result.features is None else result.features.float().numpy(), flags, moments)

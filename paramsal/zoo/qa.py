@@ -131,33 +131,54 @@ class QADataset(Dataset):
         """``[len(rows)]`` bool: whether the model's greedy answer to each question :func:`matches` its reference
         (what a run of task "answer" records as correct)."""
         rows = [int(r) for r in rows]
-        return self._judged(rows, self._answers(model, rows))
+        return self._judged(rows, model.tokenizer.batch_decode(self._greedy(model, rows), skip_special_tokens=True))
 
-    def sample_columns(self, model: Any, rows: Any, losses: np.ndarray) -> dict[str, np.ndarray]:
+    def sample_columns(self, model: Any, rows: Any, losses: np.ndarray,
+                       said: list[list[int]] | None = None) -> dict[str, np.ndarray]:
         """What a run of task "answer" records of each question beside its profile (the sample table's answer
         columns, :data:`paramsal.rundir.integrity.ANSWER_COLUMNS`): ``correct`` (:meth:`judge`), ``prompt``,
-        ``answer`` (the greedy answer's text), ``reference``, ``answer_logprob`` (the reference's log-probability
-        given prompt and prefix: its profiled mean token loss times its token count) and ``label``.
+        ``answer`` (the greedy answer's text), ``reference``, ``answer_logprob`` (the log-probability of the
+        answer the loss was taken at, given prompt and prefix: the profiled mean token loss times its token count)
+        and ``label``.
 
         Args:
             model: the profiled model.
             rows: the questions.
             losses: ``[len(rows)]`` their profiled losses.
+            said: the greedy answers' tokens where the loss was taken at them (target "predicted",
+                :meth:`predicted`); None: the loss is the reference's, and the answers are generated here.
         """
         rows = [int(r) for r in rows]
-        said = self._answers(model, rows)
-        return {"correct": self._judged(rows, said),
+        tokens = self._greedy(model, rows) if said is None else said
+        texts = model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        scored = self.answer_lengths[rows].numpy() if said is None else np.array([max(len(t), 1) for t in said])
+        return {"correct": self._judged(rows, texts),
                 "prompt": np.array([self.questions[r].prompt for r in rows], dtype=object),
-                "answer": np.array(said, dtype=object),
+                "answer": np.array(texts, dtype=object),
                 "reference": np.array([self.questions[r].answer for r in rows], dtype=object),
-                "answer_logprob": -np.asarray(losses, np.float64) * self.answer_lengths[rows].numpy(),
+                "answer_logprob": -np.asarray(losses, np.float64) * scored,
                 "label": np.array([self.questions[r].label for r in rows], dtype=object)}
 
-    def _answers(self, model: Any, rows: list[int]) -> list[str]:
-        """The greedy answers, with a budget of the batch's longest reference plus 8 tokens: enough for the answer
-        and what follows it on its line."""
+    def predicted(self, model: Any, rows: Any) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+        """The samples of target "predicted": ``(ids [n, T], labels [n, T], said)``, each question's prompt and
+        prefix followed by the model's own greedy answer ``said`` (token ids), labelled on that answer (on the
+        end-of-turn token where the model said nothing), so that the loss is the model's on what it said."""
+        rows = [int(r) for r in rows]
+        said = self._greedy(model, rows)
+        sequences = [(self.context(r).tolist(), tokens or [self.pad_id]) for r, tokens in zip(rows, said)]
+        width = max(len(context) + len(answer) for context, answer in sequences)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for n, (context, answer) in enumerate(sequences):
+            ids[n, :len(context) + len(answer)] = torch.tensor(context + answer)
+            labels[n, len(context):len(context) + len(answer)] = torch.tensor(answer)
+        return ids, labels, said
+
+    def _greedy(self, model: Any, rows: list[int]) -> list[list[int]]:
+        """The greedy answers' tokens, with a budget of the batch's longest reference plus 8 tokens: enough for the
+        answer and what follows it on its line."""
         budget = int(self.answer_lengths[rows].max()) + 8
-        return greedy_answers(model, self, rows, max_new_tokens=budget, batch_size=len(rows))
+        return greedy_tokens(model, self, rows, max_new_tokens=budget, batch_size=len(rows))
 
     def _judged(self, rows: list[int], said: list[str]) -> np.ndarray:
         return np.array([matches(answer, self.questions[r].answer) for answer, r in zip(said, rows)], bool)
@@ -191,14 +212,22 @@ def matches(answer: str, reference: str) -> bool:
 
 def greedy_answers(model: Any, data: QADataset, rows: Any = None, *, max_new_tokens: int = 16,
                    batch_size: int = 16) -> list[str]:
-    """The model's greedy continuations of each question's prompt and prefix, a batch at a time with a KV cache
-    (the contexts padded on the left and masked), stopped at the end-of-turn token; decoded without special tokens.
+    """The model's greedy continuations of each question's prompt and prefix (:func:`greedy_tokens`), decoded
+    without special tokens.
 
     Args:
         model: a :class:`~paramsal.zoo.hf.TextModel` of a causal LM with its tokenizer (``smollm2-135m``, ``gguf:``).
         data: the questions.
         rows: which questions (default all).
     """
+    said = greedy_tokens(model, data, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return model.tokenizer.batch_decode(said, skip_special_tokens=True)
+
+
+def greedy_tokens(model: Any, data: QADataset, rows: Any = None, *, max_new_tokens: int = 16,
+                  batch_size: int = 16) -> list[list[int]]:
+    """The model's greedy continuations of each question's prompt and prefix as token ids, a batch at a time with a
+    KV cache (the contexts padded on the left and masked), each cut before its first end-of-turn token."""
     rows = list(range(len(data))) if rows is None else [int(r) for r in rows]
     training = model.training
     model.eval()  # greedy answers of the model as it is deployed (no dropout), as every profile is taken
@@ -208,9 +237,11 @@ def greedy_answers(model: Any, data: QADataset, rows: Any = None, *, max_new_tok
         model.train(training)
 
 
-def _generated(model: Any, data: QADataset, rows: list[int], max_new_tokens: int, batch_size: int) -> list[str]:
-    tokenizer, texts = model.tokenizer, []
+def _generated(model: Any, data: QADataset, rows: list[int], max_new_tokens: int,
+               batch_size: int) -> list[list[int]]:
+    end = model.tokenizer.eos_token_id
     device = next(model.parameters()).device
+    said: list[list[int]] = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             contexts = [data.context(r) for r in rows[start:start + batch_size]]
@@ -220,10 +251,10 @@ def _generated(model: Any, data: QADataset, rows: list[int], max_new_tokens: int
             for n, context in enumerate(contexts):
                 ids[n, width - len(context):], mask[n, width - len(context):] = context, 1
             out = model.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                       max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                       pad_token_id=data.pad_id)
-            texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return texts
+                                       max_new_tokens=max_new_tokens, eos_token_id=end, pad_token_id=data.pad_id)
+            for tokens in out[:, width:].tolist():
+                said.append(tokens[:tokens.index(end)] if end in tokens else tokens)
+    return said
 
 
 _PUNCTUATION = ".,;:!?\"'()[]{}"
