@@ -1,11 +1,14 @@
 """Nearest neighbours in saliency and feature space: exact against a float64 brute force."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from chat import chat_model, trained, write_questions
 from runs import make_run
 from torch.utils.data import Subset
 
@@ -13,9 +16,17 @@ from paramsal import InputError, profile_dataset
 from paramsal.analyses import knn
 from paramsal.analyses.base import load_result
 from paramsal.analyses.knn import Search, cosine_top_k
-from paramsal.analyses.neighbors import Neighbors, chance_pair_sharing_rate, pair_sharing_rate, parse_layers
+from paramsal.analyses.neighbors import (
+    Neighbors,
+    chance_label_sharing_rate,
+    chance_pair_sharing_rate,
+    label_sharing_rate,
+    pair_sharing_rate,
+    parse_layers,
+)
 from paramsal.cli import main
 from paramsal.zoo import demo_dataset, demo_model
+from paramsal.zoo.qa import QADataset, normalized
 
 
 def nn(run, k=10, space="saliency", layers=None, among="all", block_size=None, precision="float32", queries=None):
@@ -56,6 +67,25 @@ def synthetic(tmp_path_factory):
     layer_of_unit = np.repeat(np.arange(6), 4)
     return make_run(tmp_path_factory.mktemp("syn") / "run", profiles, targets, preds, layer_of_unit, features,
                     reverse_parts=True)
+
+
+def answers_run(folder, labelled=lambda n: n % 4 != 0):
+    """The tiny chat model's answer run (``tests/chat.py``) on its 24 sums, the questions ``labelled`` keeps labelled
+    ("large"/"small") and the others without one."""
+    path = write_questions(folder / "questions.jsonl")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in line.items() if k != "label" or labelled(n)}) + "\n"
+                            for n, line in enumerate(lines)))
+    model = chat_model()
+    data = QADataset(path, model.tokenizer)
+    trained(model, data, steps=40)
+    return profile_dataset(model, data, folder / "run", batch_size=8, units="neurons", task="answer", progress=False)
+
+
+@pytest.fixture(scope="module")
+def answers(tmp_path_factory):
+    """An answer run, 9 of its 24 answers wrong, every fourth question without a label."""
+    return answers_run(tmp_path_factory.mktemp("answers"))
 
 
 def standardized(run, layers=None):
@@ -298,6 +328,85 @@ def test_pair_sharing_rate_ignores_correct_queries(demo_run):
     with pytest.raises(InputError, match="no misclassified query"):
         pair_sharing_rate(demo_run, correct_only)
     assert 0 <= chance_pair_sharing_rate(demo_run, wrong, demo_run.sample_ids()) <= 1
+
+
+def answer_keys(run):
+    """Each sample's (reference, answer) pair as normalized text, and its label (None where it has none)."""
+    rows = run.table().to_pylist()
+    return ({r["sample_id"]: (normalized(r["reference"]), normalized(r["answer"])) for r in rows},
+            {r["sample_id"]: r["label"] for r in rows})
+
+
+def direct_answer_sharing(run, neighbors_of):
+    """A plain loop over the wrong answers' neighbours: the shares with the query's pair, in either order, and with
+    its label (a missing label shares nothing)."""
+    pairs, labels = answer_keys(run)
+    wrong = set(run.sample_ids("misclassified").tolist())
+    shared_pair = shared_label = total = 0
+    for query, neighbours in neighbors_of.items():
+        if query not in wrong:
+            continue
+        reference, answer = pairs[query]
+        for neighbour in neighbours:
+            shared_pair += pairs[neighbour] in ((reference, answer), (answer, reference))
+            shared_label += labels[query] is not None and labels[neighbour] == labels[query]
+            total += 1
+    return shared_pair / total, shared_label / total
+
+
+@pytest.mark.parametrize("among", ["misclassified", "all"])
+def test_answer_runs_share_the_reference_answer_pair_and_the_label(answers, among):
+    """On an answer run (whose first-token classes are all right) the pair is (reference, answer): both rates
+    equal a loop over ``result.table``, and chance the loop over every other member of the pool."""
+    wrong = np.sort(answers.sample_ids("misclassified"))
+    _, labels = answer_keys(answers)
+    assert 0 < len(wrong) < answers.num_samples and None in {labels[q] for q in wrong}  # nulls among the queries
+    queries = np.sort(answers.sample_ids())  # the right answers asked about too: they are left out
+    result = Neighbors(k=4, among=among).evaluate(answers, samples=queries)
+    summary = result.summary.set_index("space")
+    assert result.summary.columns.tolist() == ["space", "pair_sharing", "label_sharing", "queries", "pool", "k"]
+    assert result.config["pair"] == "(reference, answer)"
+    part = result.table[result.table["space"] == "saliency"]
+    neighbours = dict(zip(queries.tolist(), part["neighbor_id"].to_numpy().reshape(-1, 4).tolist()))
+    assert tuple(summary.loc["saliency", ["pair_sharing", "label_sharing"]]) == \
+        pytest.approx(direct_answer_sharing(answers, neighbours), abs=1e-12)
+    pool = np.sort(answers.sample_ids(None if among == "all" else "misclassified"))
+    everyone = [direct_answer_sharing(answers, {q: [c for c in pool if c != q]}) for q in wrong]
+    assert tuple(summary.loc["chance", ["pair_sharing", "label_sharing"]]) == \
+        pytest.approx(tuple(np.mean(everyone, axis=0)), abs=1e-12)
+    assert (summary["queries"].iloc[0], summary["pool"].iloc[0]) == (len(wrong), len(pool))
+    # the public functions say the same
+    table = pa.table({"query_id": part["query_id"].to_numpy(), "neighbor_id": part["neighbor_id"].to_numpy()})
+    assert pair_sharing_rate(answers, table) == summary.loc["saliency", "pair_sharing"]
+    assert label_sharing_rate(answers, table) == summary.loc["saliency", "label_sharing"]
+    assert chance_pair_sharing_rate(answers, wrong, pool) == summary.loc["chance", "pair_sharing"]
+    assert chance_label_sharing_rate(answers, wrong, pool) == summary.loc["chance", "label_sharing"]
+    assert len(result.plot().axes[0].patches) == 2 * len(summary)  # a pair bar and a label bar per row
+
+
+def test_label_sharing_only_where_some_question_has_a_label(answers, synthetic, tmp_path):
+    assert Neighbors(k=3).evaluate(synthetic).summary.columns.tolist() == ["space", "pair_sharing", "queries", "pool",
+                                                                           "k"]
+    unlabelled = answers_run(tmp_path, labelled=lambda n: False)
+    summary = Neighbors(k=3).evaluate(unlabelled).summary
+    assert "label_sharing" not in summary and summary["pair_sharing"].notna().all()
+    everyone = pa.table({"query_id": [0], "neighbor_id": [1]})
+    for run in (synthetic, unlabelled):
+        with pytest.raises(InputError, match="has no labels to share"):
+            label_sharing_rate(run, everyone)
+    right = np.setdiff1d(answers.sample_ids(), answers.sample_ids("misclassified"))[:2]
+    with pytest.raises(InputError, match=r"no misclassified query, so no \(reference, answer\) pair"):
+        pair_sharing_rate(answers, pa.table({"query_id": right, "neighbor_id": right[::-1]}))
+
+
+def test_command_line_on_an_answer_run(answers, tmp_path, capsys):
+    assert main(["neighbors", str(answers.path), "--k", "3", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    summary = Neighbors(k=3).evaluate(answers).summary.set_index("space")
+    wrong = len(answers.sample_ids("misclassified"))
+    assert f"sharing the query's (reference, answer) pair | its label, {wrong} wrong answers:" in printed
+    pair, label = summary.loc["saliency", ["pair_sharing", "label_sharing"]]
+    assert f"saliency space   {100 * pair:5.1f}% | {100 * label:5.1f}%" in printed
 
 
 def test_save_next_to_the_run_and_load_back(demo_run, tmp_path):

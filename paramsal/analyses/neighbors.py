@@ -9,10 +9,20 @@ not by the number of samples). Its summary is the
 paper's: how often the neighbours of a misclassified sample share its (true,
 predicted) class pair, in each space, against chance.
 
+A run of task "answer" (questions to a chat LLM, :mod:`paramsal.zoo.qa`) has
+no classes: its ``target`` and ``pred`` are the answer's first token. There
+the pair is (reference, answer): the reference answer and the model's greedy
+answer, both as :func:`~paramsal.zoo.qa.normalized` text, shared in either
+order as a class pair is ("3" answered "4" shares the pair of "4" answered
+"3": the same two answers confused); the queries are the wrong answers. Where
+the questions carry labels (error categories), the summary also says how often
+a neighbour has the query's label (``label_sharing``; a question without one
+shares it with no one).
+
 ```python
 result = Neighbors(k=10, among="misclassified").evaluate(run)
 result.table       # space, query_id, rank, neighbor_id, similarity
-result.summary     # space ("saliency", "features", "chance"), pair_sharing, queries, pool, k
+result.summary     # space ("saliency", "features", "chance"), pair_sharing, [label_sharing], queries, pool, k
 ```
 """
 
@@ -36,6 +46,12 @@ from paramsal.errors import InputError, check_choice, check_integer
 from paramsal.jobs.distributed import current_ranks, rank_device
 from paramsal.options import POOLS, PRECISIONS, SPACES
 from paramsal.rundir.run import Run
+from paramsal.zoo.qa import normalized
+
+#: What the pair of a classification run and of an answer run is made of (``config["pair"]`` of an answer run).
+CLASS_PAIR, ANSWER_PAIR = "(true, predicted)", "(reference, answer)"
+#: The summary's sharing rates, with the hatching the figure draws them in.
+RATES = {"pair_sharing": None, "label_sharing": "//"}
 
 
 @dataclass(repr=False)
@@ -45,9 +61,13 @@ class NeighborsResult(Result):
     ``table``: space, query_id, rank (1 = nearest), neighbor_id, similarity
     (cosine, float64, exact in either ``precision``; equal similarities rank
     the smaller sample id first). ``summary``: one row per space and one for
-    chance (random neighbours from the same pool): space, pair_sharing (the
-    share of the neighbours of misclassified queries whose (true, predicted)
-    pair is the query's, in either order), queries (misclassified ones), pool, k.
+    chance (random neighbours from the same pool, a query never its own):
+    space, pair_sharing (the share of the neighbours of misclassified queries
+    whose (true, predicted) pair is the query's, in either order; an answer
+    run's (reference, answer) pair, ``config["pair"]``), label_sharing (an
+    answer run whose questions carry labels only: the share of those
+    neighbours whose label is the query's; a query without a label shares
+    none), queries (misclassified ones), pool, k.
     """
 
     kind: ClassVar[str] = "neighbors"
@@ -62,10 +82,25 @@ class NeighborsResult(Result):
         ax = axes[0]
         colors = {"saliency": "tab:red", "features": "tab:blue", "chance": "0.6"}
         spaces = self.summary["space"].tolist()
-        ax.bar(spaces, self.summary["pair_sharing"], color=[colors.get(space, "0.3") for space in spaces])
-        for x, value in enumerate(self.summary["pair_sharing"]):
-            ax.text(x, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
-        ax.set_ylabel("neighbours sharing the (true, predicted) pair")
+        rates = [column for column in RATES if column in self.summary]
+        width = 0.8 / len(rates)
+        for n, column in enumerate(rates):  # the label bars hatched, beside the pair bars
+            xs = np.arange(len(spaces)) + (n - (len(rates) - 1) / 2) * width
+            ax.bar(xs, self.summary[column], width, color=[colors.get(space, "0.3") for space in spaces],
+                   hatch=RATES[column], edgecolor="white")
+            for x, value in zip(xs, self.summary[column]):
+                ax.text(x, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(spaces)), spaces)
+        pair = f"the {self.config.get('pair', CLASS_PAIR)} pair"
+        if len(rates) == 1:
+            ax.set_ylabel(f"neighbours sharing {pair}")
+        else:
+            from matplotlib.patches import Patch
+
+            ax.set_ylabel("share of neighbours")
+            ax.legend(handles=[Patch(facecolor="0.75", edgecolor="white", hatch=RATES[column], label=text)
+                               for column, text in zip(rates, (f"sharing {pair}", "sharing the label"))],
+                      fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(f"k={self.config['k']}, among {self.config['among']}, layers {self.config['layers']}",
                      fontsize=9)
@@ -109,6 +144,11 @@ class Neighbors(Analysis):
     ``evaluate(run, samples=...)`` takes the queries: "misclassified" (the
     default), "correct", or sample ids (in or out of the pool; a query is never
     its own neighbour, though a duplicate of it may be).
+
+    A run of task "answer" takes the same settings: its misclassified samples
+    are its wrong answers, the shared pair is (reference, answer) and, where
+    its questions carry labels, the summary adds ``label_sharing`` (see
+    :class:`NeighborsResult`).
     """
 
     purpose: ClassVar[str] = "find neighbours of"
@@ -148,8 +188,9 @@ class Neighbors(Analysis):
                 "rank": np.tile(np.arange(1, self.k + 1, dtype=np.int32), len(queries)),
                 "neighbor_id": pool[index].reshape(-1), "similarity": np.clip(similarity, -1.0, 1.0).reshape(-1)}))
         table = pd.concat(tables, ignore_index=True)
+        answers = {"pair": ANSWER_PAIR} if run.task == "answer" else {}
         config = result_config(run, self, layers=_describe_layers(self.layers), pool_size=len(pool),
-                               metric="cosine", name_parts=_name_parts(self.layers, self.among))
+                               metric="cosine", name_parts=_name_parts(self.layers, self.among), **answers)
         return NeighborsResult(table, _summary(run, table, queries, pool, self.k), config)
 
     def _spaces(self, run: Run) -> tuple[str, ...]:
@@ -223,7 +264,9 @@ def pair_sharing_rate(run: Run, neighbors: pa.Table) -> float:
     A neighbour shares the pair of a query with true class t and prediction p
     when its own (true, predicted) pair is (t, p) or (p, t). Queries that are
     correctly classified are ignored; every remaining (query, neighbour) pair
-    counts once.
+    counts once. In a run of task "answer" the pair is (reference, answer),
+    both :func:`~paramsal.zoo.qa.normalized`, and the queries that count are
+    the wrong answers.
 
     Args:
         run: the run the table was computed on (for targets and predictions).
@@ -232,14 +275,11 @@ def pair_sharing_rate(run: Run, neighbors: pa.Table) -> float:
     Returns:
         The fraction in [0, 1].
     """
-    target, pred = _classes_by_id(run)
-    query = neighbors.column("query_id").to_numpy()
-    neighbor = neighbors.column("neighbor_id").to_numpy()
-    wrong = target[query] != pred[query]
-    if not wrong.any():
-        raise InputError("the neighbours table has no misclassified query, so no (true, predicted) pair to share")
-    query, neighbor = query[wrong], neighbor[wrong]
-    return float(_shares_pair(target, pred, query, neighbor).mean())
+    keys = _shared_keys(run)
+    query, neighbor = _ids(neighbors, "query_id"), _ids(neighbors, "neighbor_id")
+    if not keys.wrong[query].any():
+        raise InputError(f"the neighbours table has no misclassified query, so no {keys.pair} pair to share")
+    return _sharing_rate(keys.first, keys.second, keys.wrong, query, neighbor)
 
 
 def chance_pair_sharing_rate(run: Run, query_ids: np.ndarray, pool_ids: np.ndarray) -> float:
@@ -250,40 +290,151 @@ def chance_pair_sharing_rate(run: Run, query_ids: np.ndarray, pool_ids: np.ndarr
         query_ids: ``[Q]`` misclassified sample ids.
         pool_ids: ``[n]`` candidate sample ids.
     """
-    target, pred = _classes_by_id(run)
-    num_classes = int(max(target.max(), pred.max())) + 1
-    pair_counts = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(pair_counts, (target[pool_ids], pred[pool_ids]), 1)
-    t, p = target[query_ids], pred[query_ids]
-    sharing = pair_counts[t, p] + np.where(t != p, pair_counts[p, t], 0)
-    in_pool = np.isin(query_ids, pool_ids)
-    # A query in the pool shares its own pair but is never its own neighbour.
-    return float(((sharing - in_pool) / (len(pool_ids) - in_pool)).mean())
+    keys = _shared_keys(run)
+    return _chance_rate(keys.first, keys.second, np.asarray(query_ids), np.asarray(pool_ids))
+
+
+def label_sharing_rate(run: Run, neighbors: pa.Table) -> float:
+    """Fraction of neighbours of misclassified queries (wrong answers) whose label is the query's.
+
+    A run of task "answer" only, whose questions carry labels: a query without
+    one shares it with no neighbour, and a neighbour without one with no query.
+
+    Args:
+        run: the answer run the table was computed on.
+        neighbors: ``query_id``, ``neighbor_id`` (a :attr:`NeighborsResult.table`).
+    """
+    keys = _shared_keys(run)
+    labels = _labels_of(run, keys)
+    query, neighbor = _ids(neighbors, "query_id"), _ids(neighbors, "neighbor_id")
+    if not keys.wrong[query].any():
+        raise InputError("the neighbours table has no misclassified query, so no label to share")
+    return _sharing_rate(*labels, keys.wrong, query, neighbor)
+
+
+def chance_label_sharing_rate(run: Run, query_ids: np.ndarray, pool_ids: np.ndarray) -> float:
+    """:func:`label_sharing_rate` if each query's neighbours were drawn at random from the pool (itself excluded).
+
+    Args:
+        run: the answer run.
+        query_ids: ``[Q]`` misclassified sample ids.
+        pool_ids: ``[n]`` candidate sample ids.
+    """
+    keys = _shared_keys(run)
+    return _chance_rate(*_labels_of(run, keys), np.asarray(query_ids), np.asarray(pool_ids))
 
 
 def _summary(run: Run, table: pd.DataFrame, queries: np.ndarray, pool_ids: np.ndarray, k: int) -> pd.DataFrame:
-    """Pair-sharing rates per space over the misclassified queries, and chance for the same pool."""
+    """Pair-sharing (and label-sharing) rates per space over the misclassified queries, and chance for the same
+    pool."""
     wrong = np.intersect1d(queries, run.sample_ids("misclassified"))
+    keys = _shared_keys(run)
+    rates = {"pair_sharing": (keys.first, keys.second)}
+    if keys.labels is not None:
+        rates["label_sharing"] = (keys.labels, keys.labels)
     rows = []
     for space, part in table.groupby("space", sort=False):
-        neighbors = pa.table({"query_id": part["query_id"].to_numpy(), "neighbor_id": part["neighbor_id"].to_numpy()})
-        rows.append({"space": space, "pair_sharing": pair_sharing_rate(run, neighbors) if len(wrong) else np.nan})
-    rows.append({"space": "chance",
-                 "pair_sharing": chance_pair_sharing_rate(run, wrong, pool_ids) if len(wrong) else np.nan})
+        query, neighbor = part["query_id"].to_numpy(), part["neighbor_id"].to_numpy()
+        rows.append({"space": space, **{name: _sharing_rate(first, second, keys.wrong, query, neighbor)
+                                        if len(wrong) else np.nan for name, (first, second) in rates.items()}})
+    rows.append({"space": "chance", **{name: _chance_rate(first, second, wrong, pool_ids) if len(wrong) else np.nan
+                                       for name, (first, second) in rates.items()}})
     frame = pd.DataFrame(rows)
     frame["queries"], frame["pool"], frame["k"] = len(wrong), len(pool_ids), k
     return frame
+
+
+@dataclass(frozen=True)
+class _Keys:
+    """What a query and its neighbours may share, as integer codes indexed by sample id (``-1`` where an id is
+    absent): the pair ``(first, second)``; ``labels``, each null label a code of its own (so that it equals no
+    other sample's), or None where the run has no label; ``wrong``, the queries whose neighbours count."""
+
+    pair: str
+    first: np.ndarray
+    second: np.ndarray
+    wrong: np.ndarray
+    labels: np.ndarray | None
+
+
+def _shared_keys(run: Run) -> _Keys:
+    """A classification run's (true, predicted) classes (misclassified: true differs from predicted); an answer
+    run's (reference, answer) texts and labels (misclassified: a wrong, finite answer)."""
+    if run.task != "answer":
+        target, pred = _classes_by_id(run)
+        return _Keys(CLASS_PAIR, target, pred, target != pred, None)
+    table = run.table()
+    ids = table.column("sample_id").to_numpy()
+    texts = [[normalized(text) for text in table.column(name).to_pylist()] for name in ("reference", "answer")]
+    reference, answer = _by_id(ids, _codes(*texts))
+    label_texts = table.column("label").to_pylist()
+    labels = _by_id(ids, _codes(label_texts))[0] if any(text is not None for text in label_texts) else None
+    wrong = np.zeros(len(reference), bool)
+    wrong[run.sample_ids("misclassified")] = True
+    return _Keys(ANSWER_PAIR, reference, answer, wrong, labels)
+
+
+def _labels_of(run: Run, keys: _Keys) -> tuple[np.ndarray, np.ndarray]:
+    """The labels as a pair ``(label, label)``: sharing it in either order is having the same label."""
+    if keys.labels is None:
+        raise InputError(f"{run.path} has no labels to share: only an answer run whose questions carry a "
+                         "\"label\" has them")
+    return keys.labels, keys.labels
+
+
+def _codes(*columns: Sequence[str | None]) -> list[np.ndarray]:
+    """Each column's texts as integer codes, one code per distinct text across all the columns, and a code of its
+    own for each None (it equals nothing else)."""
+    codes, _ = pd.factorize(pd.Series([text for column in columns for text in column], dtype=object))
+    missing = codes < 0
+    codes[missing] = codes.max(initial=-1) + 1 + np.arange(missing.sum())
+    return np.split(codes.astype(np.int64), np.cumsum([len(column) for column in columns])[:-1])
+
+
+def _by_id(ids: np.ndarray, columns: list[np.ndarray]) -> list[np.ndarray]:
+    """Each column indexed by sample id instead of by row (``-1`` where an id is absent)."""
+    out = []
+    for column in columns:
+        by_id = np.full(ids.max() + 1 if len(ids) else 0, -1, np.int64)
+        by_id[ids] = column
+        out.append(by_id)
+    return out
 
 
 def _classes_by_id(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """``target``, ``pred`` indexed by sample id (``-1`` where an id is absent)."""
     table = run.table()
     ids = table.column("sample_id").to_numpy()
-    target = np.full(ids.max() + 1 if len(ids) else 0, -1, np.int64)
-    pred = target.copy()
-    target[ids] = table.column("target").to_numpy()
-    pred[ids] = table.column("pred").to_numpy()
+    target, pred = _by_id(ids, [table.column("target").to_numpy(), table.column("pred").to_numpy()])
     return target, pred
+
+
+def _ids(neighbors: pa.Table, column: str) -> np.ndarray:
+    return neighbors.column(column).to_numpy()
+
+
+def _sharing_rate(first: np.ndarray, second: np.ndarray, wrong: np.ndarray, query: np.ndarray,
+                  neighbor: np.ndarray) -> float:
+    """The share of the (query, neighbour) rows whose query is ``wrong`` that share the query's pair."""
+    keep = wrong[query]
+    return float(_shares_pair(first, second, query[keep], neighbor[keep]).mean())
+
+
+def _chance_rate(first: np.ndarray, second: np.ndarray, query_ids: np.ndarray, pool_ids: np.ndarray) -> float:
+    """The share of :func:`_sharing_rate` for neighbours drawn at random from the pool, each query excluded: from
+    the pool's count of each pair."""
+    size = int(max(first.max(), second.max())) + 1
+    keys, counts = np.unique(first[pool_ids] * size + second[pool_ids], return_counts=True)
+    pair_counts = pd.Series(counts, index=keys)  # only the pairs that occur: codes of texts are many
+
+    def count(pairs: np.ndarray) -> np.ndarray:
+        return pair_counts.reindex(pairs, fill_value=0).to_numpy()
+
+    t, p = first[query_ids], second[query_ids]
+    sharing = count(t * size + p) + np.where(t != p, count(p * size + t), 0)
+    in_pool = np.isin(query_ids, pool_ids)
+    # A query in the pool shares its own pair but is never its own neighbour.
+    return float(((sharing - in_pool) / (len(pool_ids) - in_pool)).mean())
 
 
 def _shares_pair(target: np.ndarray, pred: np.ndarray, query: np.ndarray, neighbor: np.ndarray) -> np.ndarray:

@@ -7,6 +7,14 @@ the run itself: Figures 1-2, the neighbours' pair sharing with galleries of
 the most frequent confusions, and input-space saliency of the most confident
 mistakes. It uses no script and loads nothing from the network: one folder
 of PNGs and one HTML file, to open in any browser or attach to a ticket.
+
+A run of task "answer" (questions to a chat LLM, :mod:`paramsal.zoo.qa`) has
+no images and no classes: its report shows the share of right answers, the
+wrong answers as text (prompt, reference, the model's answer, label, the
+reference's log-probability), the neighbours' sharing of the (reference,
+answer) pair and of the label, and, for a few wrong answers, their nearest
+neighbours in saliency space as text; it reads the run alone (no model, no
+data) and has no gallery and no input-space saliency. All text is escaped.
 """
 
 from __future__ import annotations
@@ -54,6 +62,10 @@ RECORD = "report.json"
 MAX_COLUMNS = 8
 #: The width every figure is drawn at, in pixels, and the page's: one figure per row, its text readable.
 FIGURE_PIXELS = 1400
+#: An answer run's wrong answers listed at most (those whose reference the model finds least likely).
+WRONG_ANSWERS = 50
+#: Characters of a prompt or answer shown at most in a table cell (the rest elided with "…").
+TEXT_CHARS = 400
 
 
 class _Checked(Analysis):
@@ -70,10 +82,14 @@ def write_report(run: Run | str | os.PathLike, out: str | os.PathLike | None = N
     Args:
         run: the run (or its directory).
         out: the report folder; default ``RUN/report``.
-        model, data: the run's model and data set; default rebuilt from the run's manifest.
-        queries: the most frequent (true, predicted) confusions shown in the neighbour galleries, one query each.
-        k: neighbours per query in the galleries.
-        explain: most confident mistakes shown with input-space saliency maps.
+        model, data: the run's model and data set; default rebuilt from the run's manifest (an answer run's
+            report uses neither: they are not rebuilt, and ignored when given).
+        queries: the most frequent (true, predicted) confusions shown in the neighbour galleries, one query each;
+            an answer run's wrong answers shown with their neighbours as text (those whose reference the
+            model finds least likely).
+        k: neighbours per query in the galleries; an answer run's neighbours per query in its tables and in
+            its sharing rates.
+        explain: most confident mistakes shown with input-space saliency maps (none for an answer run).
         **common: as for every analysis (allow_partial, allow_other_weights,
             allow_other_data, trust_run_specs, device): see
             :class:`~paramsal.analyses.base.Analysis`.
@@ -82,15 +98,21 @@ def write_report(run: Run | str | os.PathLike, out: str | os.PathLike | None = N
         InputError: when the folder is not writable, or the model or data is not the run's.
     """
     opened = run if isinstance(run, Run) else open_for_analysis(run, common.get("allow_partial", False))
-    # Every sample: the checks need some, and an all-correct run still has a report.
-    checked = _Checked(model, **common).prepare(opened, data, opened.sample_ids())
-    run = checked.run
-    folder = owned_folder(out if out is not None else run.path / "report", "out")
     files: dict[str, Writer] = {}
-    sections = [_overview(run), _profiles_section(run, files, common),
-                _neighbours_section(checked, files, queries, k, common),
-                *_saved_sections(run, files),
-                _explain_section(checked, files, explain, common)]
+    if opened.task == "answer":  # text, not images: the run alone has all of it
+        run = opened
+        folder = owned_folder(out if out is not None else run.path / "report", "out")
+        sections = [_overview(run), _profiles_section(run, files, common), _wrong_answers_section(run),
+                    _answer_neighbours_section(run, files, queries, k, common), *_saved_sections(run, files)]
+    else:
+        # Every sample: the checks need some, and an all-correct run still has a report.
+        checked = _Checked(model, **common).prepare(opened, data, opened.sample_ids())
+        run = checked.run
+        folder = owned_folder(out if out is not None else run.path / "report", "out")
+        sections = [_overview(run), _profiles_section(run, files, common),
+                    _neighbours_section(checked, files, queries, k, common),
+                    *_saved_sections(run, files),
+                    _explain_section(checked, files, explain, common)]
     page = _page(f"paramsal report: {run.path.name}", [s for s in sections if s])
     files["index.html"] = partial(Path.write_text, data=page)
     if is_main_process():  # under torchrun every rank drew the page; rank 0 alone writes it
@@ -102,9 +124,11 @@ def _overview(run: Run) -> str:
     table = run.table()
     correct = table.column("correct").to_numpy(zero_copy_only=False)[run.selected(table, None)]
     config = run.manifest.config
+    answers = run.task == "answer"
     rows = [("run", str(run.path)), ("model", config.model), ("data", config.data),
-            ("samples", f"{len(correct):,}"), ("accuracy", f"{correct.mean():.4f}"),
-            ("misclassified", f"{int((~correct).sum()):,}"),
+            ("questions" if answers else "samples", f"{len(correct):,}"),
+            ("accuracy (share of right answers)" if answers else "accuracy", f"{correct.mean():.4f}"),
+            ("wrong answers" if answers else "misclassified", f"{int((~correct).sum()):,}"),
             ("units", f"{run.num_units:,} ({config.units}, {run.manifest.aggregation})")]
     skipped = len(run.nonfinite_ids())
     if skipped:
@@ -116,9 +140,11 @@ def _overview(run: Run) -> str:
 def _profiles_section(run: Run, files: dict[str, Writer], common: dict[str, Any]) -> str:
     result = SaliencyProfiles(allow_partial=common.get("allow_partial", False)).evaluate(run)
     files["profiles.png"] = _figure(result)
+    groups = "right vs wrong answers (correct vs misclassified)" if run.task == "answer" else \
+        "correct vs misclassified samples"
     return ("<h2>Saliency profiles (paper Figs. 1-2)</h2>"
             "<p>Mean raw profile per layer, filters sorted within each layer; below, the mean standardized "
-            "profile of correct vs misclassified samples:</p>" + _img("profiles.png", "saliency profiles"))
+            f"profile of {groups}:</p>" + _img("profiles.png", "saliency profiles"))
 
 
 def _neighbours_section(checked: Prepared, files: dict[str, Writer], queries: int, k: int, common: dict[str, Any]) \
@@ -141,6 +167,62 @@ def _neighbours_section(checked: Prepared, files: dict[str, Writer], queries: in
             parts.append(f"<h3>In {space} space: the {len(shown)} most frequent confusions</h3>"
                          + _img(name, f"neighbour gallery, {space} space"))
     return "".join(parts)
+
+
+def _wrong_answers_section(run: Run) -> str:
+    """An answer run's wrong answers as text, those whose reference the model finds least likely first."""
+    wrong = _least_likely_wrong(run)
+    if not len(wrong):
+        return "<h2>Wrong answers</h2><p>Every answer is right.</p>"
+    shown = wrong.head(WRONG_ANSWERS)
+    columns = ["sample_id", "prompt", "reference", "answer", *(["label"] if _has_labels(run) else []),
+               "answer_logprob"]
+    return (f"<h2>Wrong answers</h2><p>The {len(shown):,} of {len(wrong):,} wrong answers whose reference the "
+            "model finds least likely (the lowest log-probability of the reference, answer_logprob) first:</p>"
+            + _text_table(shown.reset_index()[columns]))
+
+
+def _answer_neighbours_section(run: Run, files: dict[str, Writer], queries: int, k: int, common: dict[str, Any]) \
+        -> str:
+    """The neighbours' pair (and label) sharing among an answer run's wrong answers, then a few wrong answers
+    with their nearest neighbours in saliency space, as text."""
+    wrong = _least_likely_wrong(run)
+    if len(wrong) <= k:
+        return ""
+    result = Neighbors(k=k, allow_partial=common.get("allow_partial", False)).evaluate(run)
+    files["neighbors.png"] = _figure(result)
+    labels = "label_sharing" in result.summary
+    parts = ["<h2>Nearest neighbours among wrong answers (paper 3.2)</h2>"
+             f"<p>Share of the {k} nearest neighbours of a wrong answer with its (reference, answer) pair, in either "
+             f"order{' (pair_sharing), and with its label (label_sharing)' if labels else ''}:</p>",
+             _table(result.summary), _img("neighbors.png", "pair sharing per space")]
+    saliency = result.table[result.table["space"] == "saliency"]
+    columns = ["prompt", "reference", "answer", *(["label"] if labels else [])]
+    for query in wrong.index[:queries]:
+        near = saliency[saliency["query_id"] == query]
+        rows = pd.concat([wrong.loc[[query], columns].assign(rank="query", similarity=np.nan),
+                          _run_texts(run).loc[near["neighbor_id"], columns].assign(
+                              rank=near["rank"].to_numpy(), similarity=near["similarity"].to_numpy())])
+        rows = rows.rename_axis("sample_id").reset_index()
+        parts.append(f"<h3>Wrong answer {int(query)} and its {k} nearest wrong answers in saliency space</h3>"
+                     + _text_table(rows[["rank", "sample_id", "similarity", *columns]]))
+    return "".join(parts)
+
+
+def _run_texts(run: Run) -> pd.DataFrame:
+    """An answer run's sample table by sample id."""
+    return run.table().to_pandas().set_index("sample_id")
+
+
+def _least_likely_wrong(run: Run) -> pd.DataFrame:
+    """An answer run's wrong answers, by sample id, the lowest ``answer_logprob`` first (ties by sample id)."""
+    table = _run_texts(run).loc[np.sort(run.sample_ids("misclassified"))]
+    return table.sort_values("answer_logprob", kind="stable")
+
+
+def _has_labels(run: Run) -> bool:
+    labels = run.table().column("label")
+    return labels.null_count < len(labels)
 
 
 def _confusion_queries(checked: Prepared, count: int) -> np.ndarray:
@@ -254,6 +336,21 @@ def _table(frame: pd.DataFrame, caption: str | None = None) -> str:
     return f"<div class='wide'>{body.replace('<thead>', title + '<thead>', 1)}</div>"
 
 
+def _text_table(frame: pd.DataFrame) -> str:
+    """A table of text, every cell escaped (a prompt may hold markup), long texts cut to :data:`TEXT_CHARS`."""
+    def cell(value: Any) -> str:
+        number = isinstance(value, (float, np.floating))
+        if value is None or number and np.isnan(value):
+            return ""
+        text = f"{value:.4g}" if number else str(value)
+        return html.escape(text if len(text) <= TEXT_CHARS else text[:TEXT_CHARS - 1] + "…")
+
+    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(value)}</td>" for value in row) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f"<div class='wide'><table class='texts'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
 def _img(name: str, alt: str) -> str:
     return f"<img src='{html.escape(name)}' alt='{html.escape(alt)}'>"
 
@@ -265,7 +362,8 @@ def _page(title: str, sections: Sequence[str]) -> str:
              "table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.9em}"
              "th,td{padding:2px 8px;text-align:left}caption{text-align:left;font-weight:bold}"
              "table.numbers td{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
-             "table.numbers tr:nth-child(even){background:#f4f4f4}h2{border-bottom:1px solid #ccc}")
+             "table.numbers tr:nth-child(even){background:#f4f4f4}h2{border-bottom:1px solid #ccc}"
+             "table.texts td{vertical-align:top;white-space:pre-wrap;border-top:1px solid #ddd}")
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<link rel='icon' href='data:,'><style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
             + "\n".join(sections) + "</body></html>\n")

@@ -70,17 +70,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="a static HTML report of a run (RUN/report/index.html)")
     add_run_argument(report)
     report.add_argument("--queries", type=positive_int, default=4,
-                        help="most frequent confusions shown in the neighbour galleries (default 4)")
-    report.add_argument("--k", type=positive_int, default=5, help="neighbours per query in the galleries (default 5)")
-    report.add_argument("--explain", type=int, default=4, help="mistakes shown with input saliency (default 4)")
+                        help="most frequent confusions shown in the neighbour galleries; of an answer run, wrong "
+                             "answers shown with their neighbours (default 4)")
+    report.add_argument("--k", type=positive_int, default=5,
+                        help="neighbours per query in the galleries (an answer run's tables) (default 5)")
+    report.add_argument("--explain", type=int, default=4,
+                        help="mistakes shown with input saliency (default 4; none of an answer run)")
     add_source_arguments(report)
     report.add_argument("--out", metavar="DIR", help="report folder (default RUN/report)")
     report.set_defaults(func=report_command, quiet=True)
 
 
 def neighbors_command(args: argparse.Namespace) -> int:
-    """Writes the neighbours of both spaces and prints the pair-sharing rates."""
-    from paramsal.analyses.neighbors import Neighbors, parse_layers
+    """Writes the neighbours of both spaces and prints the pair-sharing rates (and an answer run's label-sharing
+    rates beside them, where its questions carry labels)."""
+    from paramsal.analyses.neighbors import CLASS_PAIR, Neighbors, parse_layers
 
     run, out = opened_run(args)
     result = Neighbors(k=args.k, layers=parse_layers(args.layers), among=args.among, spaces=args.spaces,
@@ -90,14 +94,21 @@ def neighbors_command(args: argparse.Namespace) -> int:
     print(f"neighbours  {run.path}: k={args.k}, among {args.among} ({int(summary['pool'].iloc[0])} samples), "
           f"layers {result.config['layers']} (saliency space)")
     queries = int(summary["queries"].iloc[0])
-    print(f"% of neighbours sharing the query's (true, predicted) pair, {queries} misclassified queries:")
+    pair, labels = result.config.get("pair", CLASS_PAIR), "label_sharing" in summary
+    mistakes = "wrong answers" if run.task == "answer" else "misclassified queries"
+    print(f"% of neighbours sharing the query's {pair} pair{' | its label' if labels else ''}, {queries} "
+          f"{mistakes}:")
+
+    def rates(space: str) -> str:
+        shares = [summary.loc[space, "pair_sharing"], *([summary.loc[space, "label_sharing"]] if labels else [])]
+        return " | ".join(f"{100 * share:5.1f}%" for share in shares)
+
     for space, label in (("saliency", "saliency space"), ("features", "feature space")):
         if space in summary.index:
-            print(f"  {label:<16} {100 * summary.loc[space, 'pair_sharing']:5.1f}%")
+            print(f"  {label:<16} {rates(space)}")
         elif space in args.spaces:
             print(f"  {label:<16}     -  (the run has no features: profile with --features)")
-    print(f"  {'chance':<16} {100 * summary.loc['chance', 'pair_sharing']:5.1f}%  (random neighbours from the same "
-          "pool)")
+    print(f"  {'chance':<16} {rates('chance')}  (random neighbours from the same pool)")
     paths = result.save(out)
     print(f"wrote {paths['table']} ({len(result.table)} rows: space, query_id, rank, neighbor_id, similarity)")
     return 0
@@ -157,7 +168,8 @@ def report_command(args: argparse.Namespace) -> int:
     from paramsal.cli.parsing import loaded_source
 
     run = open_for_analysis(args.run, args.allow_partial)
-    source = loaded_source(args, run)
+    # An answer run's report reads the run alone: its model and data are not rebuilt.
+    source = {"model": None, "data": None} if run.task == "answer" else loaded_source(args, run)
     options = analysis_options(args)
     options.pop("progress")
     path = write_report(run, args.out, model=source["model"], data=source["data"], queries=args.queries, k=args.k,

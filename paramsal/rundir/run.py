@@ -118,6 +118,12 @@ class Run:
         return pa.schema(columns).empty_table()  # no part finished yet: the columns, typed, with no rows
 
     @property
+    def task(self) -> str:
+        """What the profiled model was trained for (:data:`~paramsal.options.TASKS`): "answer" for a chat LLM's
+        answers, whose sample table has the answer columns."""
+        return self.manifest.config.task
+
+    @property
     def accuracy(self) -> float:
         """Share of correctly classified samples among the finite ones."""
         table = self.table()
