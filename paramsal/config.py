@@ -92,12 +92,13 @@ class ProfileOptions:
                                         "(faster convolutions on GPUs); default on for a model on a CUDA device, "
                                         "and a resumed run's own", flag="--channels-last", kind="on-off")
     target: Any = option("label", "the class each sample's loss is taken at: its label (the paper), the model's "
-                         "prediction (explains predictions, needs no label) or a class index",
+                         "prediction (explains predictions, needs no label; task answer: its greedy answer) or a "
+                         "class index",
                          flag="--target", kind="target", metavar="label|predicted|CLASS")
     task: str = option("classification", "what the model is trained for, which gives each sample's loss: "
-                       "classification, token-classification, masked-lm, causal-lm (paramsal.engine.tasks); the "
-                       "command line's default is an hf:DIR model's own head", flag="--task", kind="choice",
-                       choices=TASKS)
+                       "classification, token-classification, masked-lm, causal-lm, answer "
+                       "(paramsal.engine.tasks); the command line's default is an hf:DIR model's own head (answer "
+                       "for a causal LM on qa: data)", flag="--task", kind="choice", choices=TASKS)
 
     def __post_init__(self) -> None:
         for name, choices in (("backend", BACKENDS), ("aggregation", AGGREGATIONS),

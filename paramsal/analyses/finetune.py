@@ -265,7 +265,11 @@ class FineTune(CurvesAnalysis):
     gradient rescaled to the salient units' L2 norm for the same k), or
     every parameter ("all"), and classifies the sample and its nearest
     saliency neighbours with the updated model. The model runs in eval mode
-    throughout (flags restored afterwards) and is never modified.
+    throughout (flags restored afterwards) and is never modified. On a run of
+    task "answer" the step moves every weight of the chosen neurons or heads,
+    and the reference answer's log-probability and the greedy answers are
+    measured instead (:class:`AnswerFineTuneResult`; the model's weights are
+    moved for each step and restored exactly).
 
     Args:
         model: the network the run profiled (None rebuilds it from the run).

@@ -145,7 +145,9 @@ class Pruning(CurvesAnalysis):
     misclassified sample of ``run``, its top-k salient units, k random units
     and its k least salient units, and reports how the confidences change.
     The model runs in eval mode (flags restored afterwards), without
-    gradients, on the device of its parameters.
+    gradients, on the device of its parameters. On a run of task "answer"
+    (units "neurons" or "heads") it measures the reference answer's
+    log-probability and the greedy answers instead (:class:`AnswerPruningResult`).
 
     Args:
         model: the network the run profiled (None rebuilds it from the run).
