@@ -154,5 +154,8 @@ def test_target_predicted_takes_the_loss_at_the_models_own_greedy_answer(tmp_pat
     assert table.column("target").to_pylist() == [int(data[n][1][data.answer_starts[n]]) for n in range(10)]
     assert table.column("correct").to_pylist() == data.judge(model, range(10)).tolist()
     assert table.column("answer").to_pylist() == model.tokenizer.batch_decode(said, skip_special_tokens=True)
+    with pytest.raises(InputError, match="target 'predicted' of task 'answer' is the model's greedy answer, which "
+                                         "profile_dataset decodes"):
+        profile_batch(model, *data.predicted(model, [0])[:2], units="neurons", task="answer", target="predicted")
     with pytest.raises(InputError, match="target='predicted' is not defined for task='causal-lm'"):
         profile_dataset(model, data, tmp_path / "other", task="causal-lm", target="predicted", progress=False)

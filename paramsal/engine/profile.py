@@ -109,9 +109,12 @@ class Profiler:
         self.loss: LossFn | None = options.loss
         self.task = options.task
         self.target = options.target
-        # task "answer"'s target "predicted" is in its labels: profile_dataset makes them the model's greedy answer
+        if self.task == "answer" and self.target == "predicted":
+            raise InputError("target 'predicted' of task 'answer' is the model's greedy answer, which "
+                             "profile_dataset decodes for each batch; to profile a batch at it, pass its tokens as "
+                             "the labels (paramsal.zoo.qa.QADataset.predicted) with target 'label'")
         self._loss = targeted_loss(self.loss if self.loss is not None or self.task == "classification"
-                                   else task_loss(self.task), "label" if self.task == "answer" else self.target)
+                                   else task_loss(self.task), self.target)
         self.chunk_size = options.chunk_size
         self.features = features_module(model, options.features)
         self._run = BACKEND_FUNCTIONS[backend]

@@ -118,10 +118,11 @@ def profile_dataset(model: nn.Module, data: MapDataset, out_dir: str | os.PathLi
     if options.channels_last is None and "channels_last" in own:
         options = dataclasses.replace(options, channels_last=own["channels_last"])
     model = model.to(device)
-    profiler = Profiler(model, options)
-    judge = answer_judge(model, data) if options.task == "answer" else None
     relabel = predicted_answers(model, data) if options.task == "answer" and options.target == "predicted" else None
-    planned = _manifest(model, data, profiler, job, batch_size, device, ranks.world_size)
+    # the model's own answers are the labels relabel makes: the profiler takes the loss at its labels
+    profiler = Profiler(model, options if relabel is None else dataclasses.replace(options, target="label"))
+    judge = answer_judge(model, data) if options.task == "answer" else None
+    planned = _manifest(model, data, profiler, job, batch_size, device, ranks.world_size, options.target)
     check_ranks_agree(ranks, planned)
     lock = RunLock(root, job=ranks.on_main(new_run_id))
     missing = ranks.on_main(lambda: _prepare(lock, root, planned, data, profiler, job, ranks.world_size))
@@ -233,8 +234,9 @@ def _warn_nonfinite(run: Run) -> None:
 
 
 def _manifest(model: nn.Module, data: MapDataset, profiler: Profiler, job: JobOptions, batch_size: int,
-              device: torch.device, world_size: int) -> Manifest:
-    """The manifest this job starts a run with (a resume checks it against the run's own)."""
+              device: torch.device, world_size: int, target: str | int) -> Manifest:
+    """The manifest this job starts a run with (a resume checks it against the run's own); ``target`` is the job's
+    (the profiler's differs where the job makes the labels: task "answer", target "predicted")."""
     batches_per_part = _batches_per_part(job.part_size, batch_size, len(data), world_size)
     options = profiler.options
     config = RunConfig(batch_size, batches_per_part, model=job.model_name or type(model).__name__,
@@ -242,7 +244,7 @@ def _manifest(model: nn.Module, data: MapDataset, profiler: Profiler, job: JobOp
                        backend=options.backend, chunk_size=options.chunk_size, device=device.type,
                        dtype=str(next(iter(model.parameters())).dtype).removeprefix("torch."),
                        features_module=profiler.features, precision=profiler.precision,
-                       channels_last=profiler.channels_last, target=profiler.target, task=profiler.task,
+                       channels_last=profiler.channels_last, target=target, task=profiler.task,
                        world_size=world_size, deterministic=job.deterministic)
     return Manifest(config, num_samples=len(data), num_units=len(profiler.index), aggregation=profiler.aggregation,
                     features=profiler.features is not None, created=now(), updated=now(),
