@@ -64,3 +64,27 @@ def test_qa_data_needs_a_model_with_a_tokenizer(tmp_path):
     for model in (None, nn.Linear(2, 2)):
         with pytest.raises(InputError, match=r"^data spec 'qa:.*' is tokenized by the model's tokenizer"):
             load_data(f"qa:{path}", model=model)
+
+
+def test_hf_dir_with_gguf_is_the_gguf_spec_and_other_models_refuse_it_in_one_line(tmp_path, capsys):
+    from paramsal.cli import main
+    from paramsal.cli.profiling import gguf_spec
+
+    assert gguf_spec("hf:models/smol", "m.gguf") == "gguf:models/smol/m.gguf"
+    assert gguf_spec("demo", None) == "demo"
+    code = main(["profile", "--model", "demo", "--gguf", "m.gguf", "--data", "demo", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--gguf m.gguf names a GGUF file in an hf:DIR folder" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_records_its_qa_and_gguf_paths_absolute(tmp_path, monkeypatch):
+    import argparse
+
+    from paramsal.cli.profiling import _source
+
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(model="gguf:m/x.gguf", data="qa:q.jsonl", weights=None, num_classes=None,
+                              transform="imagenet", decode="torchvision", limit=None)
+    source = _source(args)
+    assert source["model"] == f"gguf:{tmp_path / 'm' / 'x.gguf'}" and source["data"] == f"qa:{tmp_path / 'q.jsonl'}"

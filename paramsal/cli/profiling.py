@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from paramsal.cli.parsing import add_option_flags, given_options, positive_int
 from paramsal.config import JobOptions, ProfileOptions
+from paramsal.errors import InputError
 from paramsal.options import DECODERS, ROW_SELECTIONS, TRANSFORMS
 
 #: The options of ``paramsal profile`` that are the command line's own: what loads the model and data, and the
 #: switches that set a :class:`~paramsal.config.JobOptions` field in other words (--restart, --quiet).
-CLI_ONLY = ("--model", "--weights", "--num-classes", "--data", "--transform", "--decode", "--out", "--limit",
-            "--restart", "--quiet")
+CLI_ONLY = ("--model", "--gguf", "--weights", "--num-classes", "--data", "--transform", "--decode", "--out",
+            "--limit", "--restart", "--quiet")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,13 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "to resume. Its options are paramsal.ProfileOptions and "
                                          "paramsal.JobOptions, as profile_dataset() takes them in Python.")
     profile.add_argument("--model", required=True,
-                         help="demo | usps-mnist | torchvision:NAME | timm:NAME | hf:DIR | module.path:factory | "
-                              "FILE.py:factory (a factory takes no arguments and returns an nn.Module)")
+                         help="demo | usps-mnist | minilm-trec | smollm2-135m | torchvision:NAME | timm:NAME | "
+                              "hf:DIR | gguf:FILE | module.path:factory | FILE.py:factory (a factory takes no "
+                              "arguments and returns an nn.Module)")
+    profile.add_argument("--gguf", metavar="NAME",
+                         help="with --model hf:DIR: the GGUF file NAME in DIR (the same as --model gguf:DIR/NAME)")
     profile.add_argument("--weights", help="state dict file for the model (loaded with weights_only=True)")
     profile.add_argument("--num-classes", type=positive_int,
                          help="classes of a torchvision model (default: its own)")
     profile.add_argument("--data", required=True,
-                         help="demo[:SPLIT] | usps-mnist[:SPLIT] | imagefolder:DIR | module.path:factory | "
+                         help="demo[:SPLIT] | usps-mnist[:SPLIT] | imagefolder:DIR | qa:FILE.jsonl (questions "
+                              "to a chat model) | module.path:factory | "
                               "FILE.py:factory (returns a map-style Dataset of (input, label)), each optionally "
                               "+noise:STD or +blur:SIGMA (a shifted copy, paramsal.zoo.shifts)")
     profile.add_argument("--transform", default="imagenet", choices=TRANSFORMS,
@@ -87,6 +93,7 @@ def profile_command(args: argparse.Namespace) -> int:
 
     given = given_options(args, args.options)
     given["device"] = resolve_device(given.get("device"))  # before the model and data load: a wrong one fails now
+    args.model = gguf_spec(args.model, args.gguf)
     model = load_model(args.model, args.weights, args.num_classes)
     data = first_samples(load_data(args.data, args.transform, args.decode, model), args.limit)
     given.setdefault("task", _default_task(model, args.data))
@@ -103,15 +110,30 @@ def _default_task(model: Any, data: str) -> str:
     return "answer" if task == "causal-lm" and data.startswith("qa:") else task
 
 
+def gguf_spec(model: str, name: str | None) -> str:
+    """The model spec of ``--model hf:DIR --gguf NAME``: ``gguf:DIR/NAME`` (``model`` itself without ``--gguf``)."""
+    if name is None:
+        return model
+    if not model.startswith("hf:"):
+        raise InputError(f"--gguf {name} names a GGUF file in an hf:DIR folder, but --model is {model!r}; pass "
+                         f"--model hf:DIR --gguf {name}, or --model gguf:FILE")
+    return f"gguf:{Path(model[3:]) / name}"
+
+
 def _source(args: argparse.Namespace) -> dict:
     """The specs that rebuild this job's model and data, for the manifest (paths made absolute)."""
-    data = args.data
-    if data.startswith("imagefolder:"):
-        data = "imagefolder:" + os.path.abspath(data.partition(":")[2])
-    model = "hf:" + os.path.abspath(args.model[3:]) if args.model.startswith("hf:") else args.model
+    data = _absolute(args.data, ("imagefolder:", "qa:"))
+    model = _absolute(args.model, ("hf:", "gguf:"))
     return {"model": model, "weights": args.weights and os.path.abspath(args.weights),
             "num_classes": args.num_classes, "data": data, "transform": args.transform, "decode": args.decode,
             "limit": args.limit}
+
+
+def _absolute(spec: str, kinds: tuple[str, ...]) -> str:
+    """``spec`` with its path made absolute where it is one of ``kinds`` (a path after ``KIND:``), so that an analysis
+    run from another folder finds it."""
+    kind, _, path = spec.partition(":")
+    return f"{kind}:{os.path.abspath(path)}" if f"{kind}:" in kinds else spec
 
 
 def merge_command(args: argparse.Namespace) -> int:
