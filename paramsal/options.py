@@ -54,6 +54,8 @@ SAMPLE_SELECTIONS = ("misclassified", "correct")
 UNIT_SELECTIONS = ("salient", "random", "least")
 #: Fine-tuning also steps on every parameter.
 FINETUNE_SELECTIONS = (*UNIT_SELECTIONS, "all")
+#: The k recorded for fine-tuning's "all" (every parameter; no unit choice).
+ALL_K = 0
 #: Input-space saliency boosts a sample's salient units or random ones.
 ATTRIBUTION_SELECTIONS = ("salient", "random")
 #: Pruning turns units off ("zero") or adds Gaussian noise to their weights ("noise", paper A.5).

@@ -10,8 +10,8 @@ from chat import answer_run, chat_model, chat_questions, trained
 
 from paramsal import profile_batch, profile_dataset, units_of
 from paramsal.analyses import FineTune, Pruning
+from paramsal.analyses.answer_finetune import AnswerFineTuneResult
 from paramsal.analyses.base import load_result
-from paramsal.analyses.finetune import AnswerFineTuneResult
 from paramsal.analyses.neighbors import neighbor_ids
 from paramsal.analyses.pruning import AnswerPruningResult
 from paramsal.analyses.selection import select_units, unit_scores

@@ -9,24 +9,23 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from chat import chat_model, trained, write_questions
-from runs import make_run
 from torch.utils.data import Subset
 
 from paramsal import InputError, profile_dataset
 from paramsal.analyses import knn
 from paramsal.analyses.base import load_result
 from paramsal.analyses.knn import Search, cosine_top_k
-from paramsal.analyses.neighbors import (
-    Neighbors,
+from paramsal.analyses.neighbors import Neighbors, parse_layers
+from paramsal.analyses.sharing import (
     chance_label_sharing_rate,
     chance_pair_sharing_rate,
     label_sharing_rate,
     pair_sharing_rate,
-    parse_layers,
 )
 from paramsal.cli import main
 from paramsal.zoo import demo_dataset, demo_model
 from paramsal.zoo.qa import QADataset, normalized
+from runs import make_run
 
 
 def nn(run, k=10, space="saliency", layers=None, among="all", block_size=None, precision="float32", queries=None):

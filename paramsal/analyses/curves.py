@@ -41,12 +41,12 @@ from paramsal.analyses.selection import select_units, unit_scores
 from paramsal.errors import InputError, check_choice, check_integer
 from paramsal.jobs.distributed import current_ranks
 from paramsal.kernels.chunks import chunk_slices
-from paramsal.options import RANKINGS, UNIT_SELECTIONS
+from paramsal.options import FINETUNE_SELECTIONS, RANKINGS, UNIT_SELECTIONS
 from paramsal.ranking.scoring import check_reference
 from paramsal.rundir.run import Run
 
-__all__ = ["CurvesAnalysis", "CurvesResult", "Metric", "append_columns", "ci_table", "format_summary", "sorted_rows",
-           "summarize"]
+__all__ = ["CurvesAnalysis", "CurvesResult", "Metric", "OneStepResult", "append_columns", "ci_table", "format_summary",
+           "sorted_rows", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,20 @@ class CurvesResult(Result):
         axes[0].legend(title="selection", fontsize=8)
         if not figure.get_suptitle():  # a figure of the caller's keeps its own title
             figure.suptitle(self.headline(), fontsize=10)
+
+
+class OneStepResult(CurvesResult):
+    """Curves of one-step fine-tuning (a classifier's or a chat LLM's): its selections include "all"."""
+
+    kind: ClassVar[str] = "one-step"
+    title: ClassVar[str] = "one-step fine-tuning"
+    selections: ClassVar[tuple[str, ...]] = FINETUNE_SELECTIONS
+    #: What each step is taken on, in the headline.
+    per: ClassVar[str] = "sample"
+
+    def headline(self) -> str:
+        return (f"one SGD step (lr={self.config.get('lr')}) per {self.per}, {self.config.get('neighbors')} "
+                f"neighbours each: {self._samples_phrase()}")
 
 
 # ------------------------------------------------------------------------------------------------ summaries

@@ -39,16 +39,8 @@ neighbours). The per-sample gradients come from
 :func:`paramsal.reference.stepped_copy`, a real ``torch.optim.SGD`` step on
 a deep copy.
 
-A run of task ``"answer"`` (a chat LLM's answers, units ``"neurons"`` or
-``"heads"``) is fine-tuned the same way on each wrong answer: the step
-descends the reference answer's loss and moves every weight of the chosen
-units (a neuron's rows of ``gate_proj`` and ``up_proj`` and its column of
-``down_proj``), random and least matched to the salient units' gradient norm.
-One sample at a time, the model's weights are moved in place and restored
-exactly afterwards. What is measured (:class:`AnswerFineTuneResult`) is the
-reference's log-probability, and whether the greedy answers of the sample and
-of its saliency neighbours are now right; the oracle is the same
-:func:`~paramsal.reference.stepped_copy`.
+A run of task ``"answer"`` (a chat LLM's wrong answers, units ``"neurons"``
+or ``"heads"``) is fine-tuned as :mod:`.answer_finetune` describes.
 
 ```python
 tune = FineTune(ks=(1, 5, 25), select=("salient", "random", "least", "all"), lr=1e-3)
@@ -61,8 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -71,22 +62,20 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from paramsal._typing import MapDataset
+from paramsal.analyses.answer_finetune import AnswerFineTuneResult, finetune_answers
 from paramsal.analyses.base import Prepared, result_config
-from paramsal.analyses.curves import CurvesAnalysis, CurvesResult, Metric, append_columns
+from paramsal.analyses.curves import CurvesAnalysis, Metric, OneStepResult, append_columns
 from paramsal.analyses.neighbors import neighbor_ids
 from paramsal.analyses.sources import Samples, recorded_targets
 from paramsal.engine.functional import LossFn, per_sample_gradients
 from paramsal.engine.profile import eval_mode
-from paramsal.engine.tasks import task_loss
-from paramsal.engine.units import UnitIndex, UnitsSpec, unit_owners
+from paramsal.engine.units import UnitIndex, UnitsSpec
 from paramsal.errors import InputError, check_integer
-from paramsal.jobs.bulk import answer_judge
-from paramsal.options import FINETUNE_KS, FINETUNE_SELECTIONS
+from paramsal.options import ALL_K, FINETUNE_KS, FINETUNE_SELECTIONS
 from paramsal.rundir.run import Run
-from paramsal.zoo.qa import answer_scores
 
-__all__ = ["ANSWER_METRICS", "METRICS", "AnswerFineTuneResult", "FineTune", "FineTuneResult", "chosen_norms",
-           "full_step", "unit_norms_squared", "unit_step", "updated_probabilities"]
+__all__ = ["METRICS", "FineTune", "FineTuneResult", "chosen_norms", "full_step", "unit_norms_squared", "unit_step",
+           "updated_probabilities"]
 
 #: The summary's metrics (see :class:`~paramsal.analyses.curves.Metric`).
 METRICS = {
@@ -96,23 +85,6 @@ METRICS = {
     "neighbors_delta_true": Metric("neighbors_delta_true", "Δ true-class confidence, neighbours",
                                    heading="neighbours Δ true"),
 }
-
-#: The summary's metrics of an answer run.
-ANSWER_METRICS = {
-    "corrected": Metric("corrected", "% answers corrected", share=True, heading="% corrected"),
-    "delta_logprob": Metric("delta_logprob", "Δ reference log-probability", heading="Δ log-prob"),
-    "neighbors_corrected": Metric("neighbors_corrected", "% neighbours corrected", share=True,
-                                  heading="% neighbours corrected"),
-    "neighbors_delta_logprob": Metric("neighbors_delta_logprob", "Δ reference log-probability, neighbours",
-                                      heading="neighbours Δ log-prob"),
-}
-
-_ANSWER_COLUMNS = ["sample_id", "selection", "k", "grad_norm", "step_norm", "skipped", "logprob_before",
-                   "logprob_after", "delta_logprob", "answer_after", "corrected", "neighbors", "neighbors_corrected",
-                   "neighbors_delta_logprob"]
-
-#: The k recorded for fine-tuning's "all" (every parameter; no unit choice).
-ALL_K = 0
 
 Grads = dict[str, torch.Tensor]
 
@@ -204,7 +176,7 @@ def updated_probabilities(model: nn.Module, deltas: Grads, inputs: torch.Tensor)
 # --------------------------------------------------------------------------------------------- the analysis
 
 
-class FineTuneResult(CurvesResult):
+class FineTuneResult(OneStepResult):
     """What :class:`~paramsal.analyses.finetune.FineTune` measured.
 
     ``table`` columns: sample_id, target, pred (as profiled), selection, k
@@ -223,36 +195,9 @@ class FineTuneResult(CurvesResult):
     """
 
     kind: ClassVar[str] = "finetune"
-    title: ClassVar[str] = "one-step fine-tuning"
     panels: ClassVar[int] = 3
     metrics: ClassVar[Mapping[str, Metric]] = METRICS
-    selections: ClassVar[tuple[str, ...]] = FINETUNE_SELECTIONS
     x_label: ClassVar[str] = "k (filters updated)"
-
-    def headline(self) -> str:
-        return (f"one SGD step (lr={self.config.get('lr')}) per sample, {self.config.get('neighbors')} "
-                f"neighbours each: {self._samples_phrase()}")
-
-
-class AnswerFineTuneResult(FineTuneResult):
-    """What :class:`~paramsal.analyses.finetune.FineTune` measured on a run of task "answer".
-
-    ``table`` columns: sample_id, selection, k (0 for "all"), grad_norm,
-    step_norm, skipped (as for :class:`FineTuneResult`, over every weight of
-    the chosen units), logprob_before, logprob_after (the reference answer's
-    log-probability given prompt and prefix), delta_logprob, answer_after
-    (the greedy answer after the step), corrected, neighbors,
-    neighbors_corrected (share of them answering right after the step),
-    neighbors_delta_logprob (their mean change of reference log-probability).
-    ``summary``: selection, k, n, skipped and the bootstrap columns of the
-    four metrics.
-    """
-
-    kind: ClassVar[str] = "answer-finetune"
-    title: ClassVar[str] = "one-step fine-tuning (answers)"
-    panels: ClassVar[int] = 4
-    metrics: ClassVar[Mapping[str, Metric]] = ANSWER_METRICS
-    x_label: ClassVar[str] = "k (units updated)"
 
 
 class FineTune(CurvesAnalysis):
@@ -268,7 +213,7 @@ class FineTune(CurvesAnalysis):
     throughout (flags restored afterwards) and is never modified. On a run of
     task "answer" the step moves every weight of the chosen neurons or heads,
     and the reference answer's log-probability and the greedy answers are
-    measured instead (:class:`AnswerFineTuneResult`; the model's weights are
+    measured instead (:class:`~paramsal.analyses.answer_finetune.AnswerFineTuneResult`; the model's weights are
     moved for each step and restored exactly).
 
     Args:
@@ -313,7 +258,7 @@ class FineTune(CurvesAnalysis):
         self.loss = loss
 
     def evaluate(self, run: Run | str | os.PathLike, data: MapDataset | None = None,
-                 samples: Samples = None) -> FineTuneResult:
+                 samples: Samples = None) -> FineTuneResult | AnswerFineTuneResult:
         """Measures every (sample, selection, k).
 
         Args:
@@ -323,12 +268,16 @@ class FineTune(CurvesAnalysis):
             samples: "misclassified" (the default, the paper), "correct", or sample ids.
 
         Returns:
-            The per-sample rows and the bootstrap summary (an :class:`AnswerFineTuneResult` for a run of task
-            "answer").
+            The per-sample rows and the bootstrap summary (an
+            :class:`~paramsal.analyses.answer_finetune.AnswerFineTuneResult` for a run of task "answer").
         """
         prepared = self.prepare(run, data, samples, units=self.units)
         if prepared.task == "answer":
-            return self._answers(prepared, samples)
+            if self.loss is not None:
+                raise InputError("a run of task 'answer' is fine-tuned on its own loss (the reference answer's); "
+                                 "leave loss unset")
+            neighbors = self._neighbors(prepared.run, prepared.ids)
+            return finetune_answers(self, prepared, samples, *self._choices(prepared), neighbors, self.lr)
         index, model, ids = prepared.index, prepared.model, prepared.ids
         _check_rows(index)
         ks, chosen = self._choices(prepared)
@@ -370,77 +319,6 @@ class FineTune(CurvesAnalysis):
         ks = self.usable_ks(self.ks, len(prepared.index))
         return ks, self._chosen_units(prepared, ks[-1], ["salient", *wanted])
 
-    def _answers(self, prepared: Prepared, samples: Samples) -> AnswerFineTuneResult:
-        """Every (wrong answer, selection, k) of an answer run, one sample at a time (see the module docstring)."""
-        if self.loss is not None:
-            raise InputError("a run of task 'answer' is fine-tuned on its own loss (the reference answer's); "
-                             "leave loss unset")
-        index, model, ids = prepared.index, prepared.model, prepared.ids
-        ks, chosen = self._choices(prepared)
-        neighbors = self._neighbors(prepared.run, ids)
-        judge = answer_judge(model, prepared.data)
-        owners = _unit_owners(model, index)
-        columns: dict[str, list[np.ndarray]] = {}
-        with eval_mode(model):
-            for rows in self._batches(len(ids), "finetune"):
-                for n in range(rows.start, rows.stop):
-                    pool = np.concatenate([ids[n:n + 1], neighbors[n]])
-                    inputs, labels = dataclasses.replace(prepared, ids=pool,
-                                                         targets=recorded_targets(prepared.run, pool)).batch()
-                    steps = self._answer_steps(model, index, owners, inputs[:1], labels[:1],
-                                               {s: c[n] for s, c in chosen.items()}, ks)
-                    with torch.no_grad():
-                        base = answer_scores(model(inputs), labels)[0]
-                    for selection, k, deltas, grad_norm, step_norm in steps:
-                        with _moved(model, deltas, self.lr), torch.no_grad():
-                            after = answer_scores(model(inputs), labels)[0]
-                            said = judge(pool, np.zeros(len(pool)), None)
-                        append_columns(columns, _answer_measures(ids[n], selection, k, grad_norm, step_norm,
-                                                                 base, after, said))
-        table = self._rows(columns, FINETUNE_SELECTIONS, _ANSWER_COLUMNS)
-        keys = [(s, k) for s in self.select for k in ((ALL_K,) if s == "all" else ks)]
-        summary = self._summarize(table, ANSWER_METRICS, keys, counts=("skipped",))
-        config = result_config(
-            prepared.run, self, **self._facts(prepared, samples, ks), loss="the reference answer's mean token "
-            "cross-entropy", optimizer="SGD, no momentum, no weight decay, one step", neighbors_among="misclassified",
-            norm_matching="random/least gradients scaled to the L2 norm of the salient units' weight gradients for "
-                          "the same k", name_parts=[f"lr{self.lr:g}", *self._ranking_parts()])
-        return AnswerFineTuneResult(table, summary, config)
-
-    def _answer_steps(self, model: nn.Module, index: UnitIndex, owners: dict[str, tuple[int, torch.Tensor]],
-                      inputs: torch.Tensor, labels: torch.Tensor, chosen: dict[str, np.ndarray],
-                      ks: Sequence[int]) -> list[tuple[str, int, Grads, float, float]]:
-        """``(selection, k, gradients to descend, grad_norm, step_norm)`` of one sample's every step: the gradient
-        of its answer loss masked to the chosen units' weights (rescaled for random and least), or whole."""
-        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        names = list(params) if "all" in self.select else list(owners)
-        loss = task_loss("answer")(model(inputs), labels).sum()
-        grads = dict(zip(names, torch.autograd.grad(loss, [params[name] for name in names], allow_unused=True)))
-        grads = {name: g if g is not None else torch.zeros_like(params[name]) for name, g in grads.items()}
-        squared = torch.zeros(len(index), dtype=torch.float64)
-        for name, (offset, owner) in owners.items():
-            kept = owner >= 0
-            squared.index_add_(0, owner[kept].cpu() + offset, grads[name][kept].double().pow(2).cpu())
-        steps = []
-        for selection in self.select:
-            if selection == "all":
-                norm = float(torch.cat([g.double().flatten().pow(2) for g in grads.values()]).sum().sqrt())
-                steps.append((selection, ALL_K, grads, norm, norm))
-                continue
-            for k in ks:
-                units = torch.as_tensor(chosen[selection][:k])
-                norm = float(squared[units].sum().sqrt())
-                # random and least step as far as salient would; a zero gradient has no direction: no step
-                step_norm = float(squared[torch.as_tensor(chosen["salient"][:k])].sum().sqrt()) if norm > 0 else 0.0
-                scale = step_norm / norm if norm > 0 else 0.0
-                moving = {}
-                for name, (offset, owner) in owners.items():
-                    mask = torch.isin(owner, units.to(owner.device) - offset)
-                    if bool(mask.any()):
-                        moving[name] = grads[name] * mask.to(grads[name].dtype) * scale
-                steps.append((selection, k, moving, norm, step_norm))
-        return steps
-
     def _batch(self, model: nn.Module, index: UnitIndex, names: list[str], inputs: torch.Tensor,
                pool_targets: np.ndarray, base: np.ndarray, where: np.ndarray, chosen: dict[str, np.ndarray],
                ks: Sequence[int]) -> list[dict[str, np.ndarray]]:
@@ -481,45 +359,6 @@ class FineTune(CurvesAnalysis):
                              f"samples, so a sample has at most {pool - 1} neighbours among them; choose "
                              f"neighbors <= {pool - 1} (--neighbors)")
         return neighbor_ids(run, ids, self.neighbors, among="misclassified")
-
-
-def _unit_owners(model: nn.Module, index: UnitIndex) -> dict[str, tuple[int, torch.Tensor]]:
-    """``{param: (offset, owners)}``: each unit-bearing parameter's group offset and the unit (within its group) of
-    each of its elements (:func:`~paramsal.engine.units.unit_owners`), on the parameter's device."""
-    return {part.param_name: (group.offset, unit_owners(part).to(model.get_parameter(part.param_name).device))
-            for group in index for part in group.parts or (group,)}
-
-
-@contextmanager
-def _moved(model: nn.Module, gradients: Grads, lr: float) -> Iterator[None]:
-    """The model with one SGD step ``p -= lr * g`` on the given parameters inside the block (the arithmetic of
-    ``torch.optim.SGD``); their values are restored exactly on leaving."""
-    params = dict(model.named_parameters())
-    saved = {name: params[name].detach().clone() for name in gradients}
-    try:
-        with torch.no_grad():
-            for name, g in gradients.items():
-                params[name].add_(g, alpha=-lr)
-        yield
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
-
-
-def _answer_measures(sample: int, selection: str, k: int, grad_norm: float, step_norm: float, base: np.ndarray,
-                     after: np.ndarray, said: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One row from the reference log-probabilities ``base``, ``after`` ``[1 + K]`` (the sample, then its
-    neighbours) and the judged greedy answers after the step."""
-    correct = np.asarray(said["correct"], bool)
-    return {
-        "sample_id": np.array([sample]), "selection": np.array([selection], dtype=object), "k": np.array([k]),
-        "grad_norm": np.array([grad_norm]), "step_norm": np.array([step_norm]), "skipped": np.array([step_norm == 0]),
-        "logprob_before": base[:1], "logprob_after": after[:1], "delta_logprob": after[:1] - base[:1],
-        "answer_after": np.asarray(said["answer"], dtype=object)[:1], "corrected": correct[:1],
-        "neighbors": np.array([len(base) - 1]), "neighbors_corrected": np.array([correct[1:].mean()]),
-        "neighbors_delta_logprob": np.array([(after[1:] - base[1:]).mean()]),
-    }
 
 
 def _probabilities(model: nn.Module, deltas: Grads, evaluated: torch.Tensor) -> np.ndarray:

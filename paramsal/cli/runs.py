@@ -84,7 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def neighbors_command(args: argparse.Namespace) -> int:
     """Writes the neighbours of both spaces and prints the pair-sharing rates (and an answer run's label-sharing
     rates beside them, where its questions carry labels)."""
-    from paramsal.analyses.neighbors import CLASS_PAIR, Neighbors, parse_layers
+    from paramsal.analyses.neighbors import Neighbors, parse_layers
+    from paramsal.analyses.sharing import CLASS_PAIR
 
     run, out = opened_run(args)
     result = Neighbors(k=args.k, layers=parse_layers(args.layers), among=args.among, spaces=args.spaces,
