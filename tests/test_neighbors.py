@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from chat import chat_model, trained, write_questions
+from runs import make_run
 from torch.utils.data import Subset
 
 from paramsal import InputError, profile_dataset
@@ -25,7 +26,6 @@ from paramsal.analyses.sharing import (
 from paramsal.cli import main
 from paramsal.zoo import demo_dataset, demo_model
 from paramsal.zoo.qa import QADataset, normalized
-from runs import make_run
 
 
 def nn(run, k=10, space="saliency", layers=None, among="all", block_size=None, precision="float32", queries=None):
