@@ -346,7 +346,7 @@ class Analysis:
         if not self.allow_other_data:
             check_run_data(run, data)
         ids, targets, preds = chosen_samples(run, samples, self.purpose)
-        return Prepared(run, model, index, data, ids, targets, preds, run.manifest.config.task)
+        return Prepared(run, model, index, data, ids, targets, preds, run.task)
 
     def usable_ks(self, ks: Sequence[int], num_units: int) -> tuple[int, ...]:
         """``ks`` without the values above the run's unit count, with one note when the user's own are dropped (a

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -102,8 +103,11 @@ def write_report(run: Run | str | os.PathLike, out: str | os.PathLike | None = N
     if opened.task == "answer":  # text, not images: the run alone has all of it
         run = opened
         folder = owned_folder(out if out is not None else run.path / "report", "out")
-        sections = [_overview(run), _profiles_section(run, files, common), _wrong_answers_section(run),
-                    _answer_neighbours_section(run, files, queries, k, common), *_saved_sections(run, files)]
+        table = run.table()  # read once for both sections
+        wrong = _least_likely_wrong(run, table)
+        labelled = table.column("label").null_count < len(table)
+        sections = [_overview(run), _profiles_section(run, files, common), _wrong_answers_section(wrong, labelled),
+                    _answer_neighbours_section(run, wrong, files, queries, k, common), *_saved_sections(run, files)]
     else:
         # Every sample: the checks need some, and an all-correct run still has a report.
         checked = _Checked(model, **common).prepare(opened, data, opened.sample_ids())
@@ -169,24 +173,23 @@ def _neighbours_section(checked: Prepared, files: dict[str, Writer], queries: in
     return "".join(parts)
 
 
-def _wrong_answers_section(run: Run) -> str:
-    """An answer run's wrong answers as text, those whose reference the model finds least likely first."""
-    wrong = _least_likely_wrong(run)
+def _wrong_answers_section(wrong: pd.DataFrame, labelled: bool) -> str:
+    """An answer run's wrong answers as text (:func:`_least_likely_wrong`), with their labels where the run has
+    some."""
     if not len(wrong):
         return "<h2>Wrong answers</h2><p>Every answer is right.</p>"
     shown = wrong.head(WRONG_ANSWERS)
-    columns = ["sample_id", "prompt", "reference", "answer", *(["label"] if _has_labels(run) else []),
+    columns = ["sample_id", "prompt", "reference", "answer", *(["label"] if labelled else []),
                "answer_logprob"]
     return (f"<h2>Wrong answers</h2><p>The {len(shown):,} of {len(wrong):,} wrong answers whose reference the "
             "model finds least likely (the lowest log-probability of the reference, answer_logprob) first:</p>"
             + _text_table(shown.reset_index()[columns]))
 
 
-def _answer_neighbours_section(run: Run, files: dict[str, Writer], queries: int, k: int, common: dict[str, Any]) \
-        -> str:
-    """The neighbours' pair (and label) sharing among an answer run's wrong answers, then a few wrong answers
-    with their nearest neighbours in saliency space, as text."""
-    wrong = _least_likely_wrong(run)
+def _answer_neighbours_section(run: Run, wrong: pd.DataFrame, files: dict[str, Writer], queries: int, k: int,
+                               common: dict[str, Any]) -> str:
+    """The neighbours' pair (and label) sharing among an answer run's wrong answers (:func:`_least_likely_wrong`),
+    then a few wrong answers with their nearest neighbours in saliency space, as text."""
     if len(wrong) <= k:
         return ""
     result = Neighbors(k=k, allow_partial=common.get("allow_partial", False)).evaluate(run)
@@ -201,7 +204,7 @@ def _answer_neighbours_section(run: Run, files: dict[str, Writer], queries: int,
     for query in wrong.index[:queries]:
         near = saliency[saliency["query_id"] == query]
         rows = pd.concat([wrong.loc[[query], columns].assign(rank="query", similarity=np.nan),
-                          _run_texts(run).loc[near["neighbor_id"], columns].assign(
+                          wrong.loc[near["neighbor_id"], columns].assign(
                               rank=near["rank"].to_numpy(), similarity=near["similarity"].to_numpy())])
         rows = rows.rename_axis("sample_id").reset_index()
         parts.append(f"<h3>Wrong answer {int(query)} and its {k} nearest wrong answers in saliency space</h3>"
@@ -209,20 +212,11 @@ def _answer_neighbours_section(run: Run, files: dict[str, Writer], queries: int,
     return "".join(parts)
 
 
-def _run_texts(run: Run) -> pd.DataFrame:
-    """An answer run's sample table by sample id."""
-    return run.table().to_pandas().set_index("sample_id")
-
-
-def _least_likely_wrong(run: Run) -> pd.DataFrame:
-    """An answer run's wrong answers, by sample id, the lowest ``answer_logprob`` first (ties by sample id)."""
-    table = _run_texts(run).loc[np.sort(run.sample_ids("misclassified"))]
-    return table.sort_values("answer_logprob", kind="stable")
-
-
-def _has_labels(run: Run) -> bool:
-    labels = run.table().column("label")
-    return labels.null_count < len(labels)
+def _least_likely_wrong(run: Run, table: pa.Table) -> pd.DataFrame:
+    """An answer run's wrong answers (of its sample ``table``), by sample id, the lowest ``answer_logprob`` first
+    (ties by sample id)."""
+    wrong = table.to_pandas().set_index("sample_id").loc[np.sort(run.sample_ids("misclassified"))]
+    return wrong.sort_values("answer_logprob", kind="stable")
 
 
 def _confusion_queries(checked: Prepared, count: int) -> np.ndarray:

@@ -193,8 +193,8 @@ def run_units(run: Run, model: nn.Module, units: UnitsSpec | UnitIndex | None = 
     task = config.task
     if task not in tasks:
         raise InputError(f"{run.path} profiled a {task!r} model: this analysis evaluates the model again and takes "
-                         f"{' and '.join(map(repr, tasks))} runs only (pruning also takes 'answer' runs); "
-                         "neighbours, statistics and the comparisons of runs take any run")
+                         f"{' and '.join(map(repr, tasks))} runs only (pruning and fine-tuning also take 'answer' "
+                         "runs); neighbours, statistics and the comparisons of runs take any run")
     units = units if units is not None else config.units or "filters"
     index = units if isinstance(units, UnitIndex) else units_of(model, units)
     if index.fingerprint() != run.manifest.units_fingerprint:

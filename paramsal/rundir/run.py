@@ -31,7 +31,6 @@ from paramsal.rundir.manifest import FileRecord, Part, read_manifest
 from paramsal.rundir.ownership import MANIFEST, inside
 from paramsal.rundir.reading import Block, iter_vectors
 
-#: The per-sample columns of a part besides ``profile`` and ``features``.
 
 class Run:
     """A run directory opened for reading (see :func:`open_run`).
