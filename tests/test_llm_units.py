@@ -162,6 +162,17 @@ def test_units_switched_off_per_sample_equal_a_copy_with_their_weights_zeroed(un
         assert torch.equal(edited[1], model(ids)[1])
 
 
+def test_switching_off_units_of_a_weight_shared_by_two_layers_is_refused_in_one_line():
+    from paramsal.analyses.compound_editing import CompoundEditor
+
+    model = llama()
+    layers = model.model.model.layers
+    layers[1].mlp.down_proj.weight = layers[0].mlp.down_proj.weight  # one weight, two layers
+    with pytest.raises(InputError, match=r"down_proj.weight is shared with another module, so switching its units "
+                                         r"off at one layer would not equal zeroing them"):
+        CompoundEditor(model, units_of(model, "neurons"))
+
+
 def test_zeroed_copy_zeroes_exactly_the_weights_of_a_neuron_and_of_a_key_value_head():
     from paramsal.reference import zeroed_copy
 

@@ -23,6 +23,7 @@ off. The tests check the editor against a deep copy whose weights are zeroed.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,7 +70,8 @@ class CompoundEditor:
     def __init__(self, model: nn.Module, index: UnitIndex):
         self.model = model
         self.index = index
-        self._sites = [site for group in index for site in _sites(model, group)]
+        uses = Counter(id(param) for _, param in model.named_parameters(remove_duplicate=False))
+        self._sites = [site for group in index for site in _sites(model, group, uses)]
 
     @contextmanager
     def switched_off(self, off: torch.Tensor) -> Iterator[nn.Module]:
@@ -122,14 +124,20 @@ def _masking_output(kept: torch.Tensor) -> Callable:
     return hook
 
 
-def _sites(model: nn.Module, group: UnitGroup) -> list[_Site]:
-    """The one input site of a group with columns, else the output sites of its rows (see the module docstring)."""
+def _sites(model: nn.Module, group: UnitGroup, uses: Counter) -> list[_Site]:
+    """The one input site of a group with columns, else the output sites of its rows (see the module docstring);
+    ``uses`` counts the modules holding each parameter (by ``id``)."""
     parts = group.parts or (group,)
     modules = [model.get_submodule(part.module_name) for part in parts]
     layers = [m for m, part in zip(modules, parts) if isinstance(m, nn.Linear) and part.attr == "weight"]
     if len(layers) != len(parts):
         raise InputError(f"the units of {group.param_name!r} are not made of Linear layers' weights; "
                          "CompoundEditor switches off neurons and heads (units 'neurons', 'heads')")
+    shared = [part.param_name for layer, part in zip(layers, parts) if uses[id(layer.weight)] > 1]
+    if shared:
+        # a hook at one layer would leave the weight's other uses as they are, where zeroing it changes them all
+        raise InputError(f"{shared[0]} is shared with another module, so switching its units off at one layer "
+                         "would not equal zeroing them; use paramsal.reference.zeroed_copy for this model")
     axes = [_unit_axis(part) for part in parts]
     columns = [n for n, (axis, _) in enumerate(axes) if axis == 1]
     if len(columns) > 1:
